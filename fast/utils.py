@@ -1,0 +1,61 @@
+"""Small shared helpers for ``fast``: backend choice, output allocation (poisoned in tests), input checks.
+
+Output poisoning: when the environment variable ``MGSR_POISON_OUTPUTS=1`` is set (``tests/conftest.py``
+sets it), :func:`empty` returns NaN-filled tensors (integer tensors get their dtype's minimum), so a
+kernel lane that never writes its output shows up as NaN instead of stale memory or zeros.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def poison_enabled() -> bool:
+    return os.environ.get("MGSR_POISON_OUTPUTS", "0") == "1"
+
+
+def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs; NaN/min-filled when poisoning is on (tests)."""
+    if poison_enabled():
+        if dtype.is_floating_point:
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        if dtype == torch.bool:
+            return torch.ones(shape, dtype=dtype, device=device)
+        return torch.full(shape, torch.iinfo(dtype).min, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def triton_usable(t: torch.Tensor) -> bool:
+    """Triton runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``."""
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, ref: torch.Tensor) -> str:
+    """'auto' -> 'triton' for CUDA tensors, 'torch' otherwise; validate explicit choices."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if ref.is_cuda else "torch"
+    if backend == "triton" and not triton_usable(ref):
+        raise ValueError(
+            "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported "
+            f"(got a tensor on {ref.device})"
+        )
+    return backend
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be a float tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
+
+
+def is_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

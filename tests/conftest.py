@@ -1,0 +1,57 @@
+"""Test configuration. Runs before any test module (and so before any ``@triton.jit`` decorator).
+
+* Without CUDA, ``TRITON_INTERPRET=1`` is set so Triton kernels run in the interpreter on CPU.
+* ``MGSR_POISON_OUTPUTS=1``: kernel outputs are allocated NaN-filled (``fast.utils.empty``).
+* A ``gpu`` marker: those tests are skipped without a real CUDA device.
+* Hypothesis profiles: ``default`` (bounded, no deadline, derandomised when ``CI`` is set) and
+  ``fuzz`` (many random examples), chosen with ``HYPOTHESIS_PROFILE=fuzz``.
+"""
+import os
+
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+os.environ["MGSR_POISON_OUTPUTS"] = "1"
+os.environ.setdefault("PYTHONHASHSEED", "0")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_common = dict(
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+settings.register_profile(
+    "default",
+    max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "12")),
+    derandomize=bool(os.environ.get("CI")),
+    print_blob=True,
+    **_common,
+)
+settings.register_profile("fuzz", max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "400")), **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `make gpu-check` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,0 +1,102 @@
+"""The tolerance helper is itself tested: inputs that must pass, and inputs that must fail."""
+import numpy as np
+import pytest
+import torch
+
+from fast.testing import TOLERANCES, assert_close, compare, rel_rms, tolerance_for
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+def test_identical_passes(dtype):
+    x = np.random.default_rng(0).standard_normal((7, 13))
+    assert_close(x, x.copy(), dtype=dtype)
+
+
+def test_small_error_within_tolerance_passes():
+    x = np.random.default_rng(1).standard_normal(1000)
+    assert_close(x * (1 + 1e-6), x, dtype="float32")
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+def test_nan_in_actual_fails(dtype):
+    x = np.ones(10)
+    y = x.copy()
+    y[3] = np.nan
+    with pytest.raises(AssertionError, match="NaN"):
+        assert_close(y, x, dtype=dtype)
+
+
+def test_nan_in_both_fails():
+    x = np.array([1.0, np.nan])
+    with pytest.raises(AssertionError, match="NaN"):
+        assert_close(x, x.copy())
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf])
+def test_inf_against_finite_fails(bad):
+    x = np.ones(10)
+    y = x.copy()
+    y[5] = bad
+    with pytest.raises(AssertionError, match="infinity"):
+        assert_close(y, x, dtype="bfloat16")
+    with pytest.raises(AssertionError, match="infinity"):
+        assert_close(x, y, dtype="bfloat16")
+
+
+def test_matching_infinities_pass_and_opposite_fail():
+    x = np.array([-np.inf, 1.0, np.inf])
+    assert_close(x.copy(), x)
+    with pytest.raises(AssertionError):
+        assert_close(-x, x)
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+def test_single_wrong_element_fails(dtype):
+    x = np.random.default_rng(2).standard_normal((200, 200))
+    y = x.copy()
+    y[17, 23] += 0.5  # one element off: the relative RMS alone (~0.0025) would not notice at bf16
+    ok, report, stats = compare(y, x, dtype=dtype)
+    assert not ok and stats["n_bad"] == 1 and "[17, 23]" in report
+    if dtype == "bfloat16":
+        assert stats["rel_rms"] < tolerance_for(dtype).rms  # caught by the elementwise test alone
+    with pytest.raises(AssertionError):
+        assert_close(y, x, dtype=dtype)
+
+
+def test_spread_error_fails_on_rms():
+    # A scale error below the elementwise bound but above the rms bound.
+    x = np.random.default_rng(3).standard_normal(10000)
+    tol = tolerance_for("float32")
+    y = x * (1 + 0.5 * tol.rtol)  # elementwise passes, rms = 0.5*rtol > rms tol
+    ok, report, _ = compare(y, x, dtype="float32")
+    assert not ok and "relative RMS" in report
+
+
+def test_shape_mismatch_fails():
+    with pytest.raises(AssertionError, match="shape"):
+        assert_close(np.zeros(3), np.zeros(4))
+
+
+def test_accepts_torch_tensors_of_every_dtype():
+    x = torch.linspace(-3, 3, 11)
+    for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        assert_close(x.to(dt), x.to(dt).double().numpy(), dtype=dt)
+
+
+def test_unknown_dtype_is_a_clear_error():
+    with pytest.raises(ValueError, match="no tolerance"):
+        tolerance_for("int8")
+
+
+def test_rel_rms_zero_reference():
+    assert rel_rms(np.zeros(3), np.zeros(3)) == 0.0
+    assert rel_rms(np.ones(3), np.zeros(3)) == float("inf")
+
+
+def test_report_lists_first_mismatches():
+    x = np.zeros(20)
+    y = x.copy()
+    y[[2, 4, 6, 8, 10, 12, 14]] = 1.0
+    ok, report, stats = compare(y, x)
+    assert not ok and stats["n_bad"] == 7
+    assert report.count("at [") == 5  # only the first five are printed
