@@ -1,0 +1,33 @@
+"""`make demo`: the main job on CPU (uses CUDA when present).
+
+1. Token-level divergences: a tiny student fitted to a fixed teacher distribution with each divergence.
+2. Tiny GPTs: the trained teacher and student on a few held-out prompts, with their ROUGE-L.
+"""
+import os
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def main() -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import demo_divergences
+    import demo_tiny
+
+    for title, fn in [("1. Token-level divergences", demo_divergences.main), ("2. Tiny GPT teacher vs student", demo_tiny.main)]:
+        print(f"\n=== {title} ===", flush=True)
+        t0 = time.perf_counter()
+        fn()
+        print(f"({time.perf_counter() - t0:.1f}s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""`make gpu-check`: on a CUDA machine, run the kernel tests compiled + the `gpu` tests + the benchmarks.
+
+Installs nothing (the lent GPU machine has torch/triton/numpy/pytest/hypothesis and no registry) and
+uses whatever ``python3`` runs it. Writes ``gpu_report.md`` (plus the raw pytest log and the benchmark
+report) to ``$OUT`` when set, else to ``benchmarks/results/``. Each stage has its own time limit so
+the whole check ends in under 8 minutes:
+
+    tests       <= TEST_LIMIT_S   (pytest, notebooks deselected, xdist if present)
+    benchmarks  <= BENCH_LIMIT_S  (benchmarks/run_all.py --full)
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+OUT = pathlib.Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
+TEST_LIMIT_S = int(os.environ.get("GPU_CHECK_TEST_LIMIT_S", "270"))
+BENCH_LIMIT_S = int(os.environ.get("GPU_CHECK_BENCH_LIMIT_S", "170"))
+
+
+def sh(cmd: list[str], limit: int, log: pathlib.Path, env=None) -> tuple[int, float, str]:
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
+        rc, text = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        rc, text = 124, out + err + f"\n[gpu-check] TIMED OUT after {limit}s\n"
+    log.write_text(text)
+    return rc, time.perf_counter() - t0, text
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # compiled kernels, never the interpreter
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("CI", "1")  # derandomised hypothesis: a rerun checks the same examples
+    import torch
+
+    if not torch.cuda.is_available():
+        print("make gpu-check needs a CUDA GPU; none is visible here", file=sys.stderr)
+        return 2
+    import triton
+
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip()
+    header = [
+        "# GPU check report",
+        "",
+        f"- date (UTC): {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}",
+        f"- GPU: {smi or torch.cuda.get_device_name()}",
+        f"- python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}",
+        "",
+    ]
+
+    pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not notebook", "-p", "no:cacheprovider",
+                  "-rfE", "--durations=15", "--junitxml", str(OUT / "junit.xml")]
+    try:
+        import xdist  # noqa: F401
+
+        pytest_cmd += ["-n", "8"]
+    except ImportError:
+        pass
+    rc_t, dt_t, text_t = sh(pytest_cmd, TEST_LIMIT_S, OUT / "pytest.log", env)
+    summary = [ln for ln in text_t.splitlines() if ("passed" in ln or "failed" in ln or "error" in ln) and "==" in ln]
+    failures = [ln for ln in text_t.splitlines() if ln.startswith(("FAILED", "ERROR"))]
+
+    rc_b, dt_b, text_b = sh([sys.executable, "benchmarks/run_all.py", "--full", "--out", str(OUT / "bench.md")],
+                            BENCH_LIMIT_S, OUT / "bench.log", env)
+    bench_md = (OUT / "bench.md").read_text() if (OUT / "bench.md").exists() else text_b[-4000:]
+
+    report = header + [
+        f"## Tests (compiled kernels), rc={rc_t}, {dt_t:.0f}s",
+        "",
+        "```",
+        *(summary[-3:] or text_t.splitlines()[-20:]),
+        *failures[:60],
+        "```",
+        "",
+        f"## Benchmarks, rc={rc_b}, {dt_b:.0f}s",
+        "",
+        bench_md,
+    ]
+    (OUT / "gpu_report.md").write_text("\n".join(report) + "\n")
+    print("\n".join(report))
+    return 0 if (rc_t == 0 and rc_b == 0) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
