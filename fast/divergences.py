@@ -1,0 +1,521 @@
+"""Token-level distillation divergences: vectorised PyTorch and Triton fwd/bwd, with autograd.
+
+The oracle is ``reference/divergences.py`` (same names, same conventions: KL not soft-CE, no τ²
+factor, −inf = padded entry shared by teacher and student, log-space mixtures, degenerate ends are
+the formula's values). Entry point::
+
+    loss = divergence("forward_kl", teacher_logits, student_logits, mask=mask, temperature=2.0)
+
+Both backends follow one structure, which is the Triton kernels' structure:
+
+* forward, per row: pass 1 is an online log-sum-exp of ``a = t/τ`` and ``b = s/τ`` over vocabulary
+  chunks (and the input checks); pass 2 accumulates the loss and one or two row scalars ``c0, c1``
+  that the gradient needs (e.g. ``c0 = KL(q‖p)`` for reverse KL). Saved: ``[N]`` loss and ``[N, 6]``
+  stats ``(max t, log z_a, max s, log z_b, c0, c1)`` plus an ``[N]`` int status; nothing ``[N, V]``.
+  ``log p = (t − max t)/τ − log z_a``, never ``t/τ − lse``: a large lse rounds to its own ulp.
+* backward, per row: one pass recomputes ``log p, log q`` chunk by chunk from the saved stats and
+  writes ``grad_output_row / τ · ∂L/∂b`` straight into the ``[N, V]`` gradient (the only ``[N, V]``
+  tensor allocated), in the student's dtype.
+
+Status bits (checked on the host after the forward, so bad input costs no extra pass over ``[N, V]``):
+1 = NaN or +inf, 2 = −inf in one of teacher/student only, 4 = row −inf everywhere. Masked rows are
+skipped entirely (loss 0, gradient 0, never checked), so padding rows may hold anything.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fast.utils import check_float, empty, resolve_backend
+
+__all__ = ["divergence", "DIVERGENCES", "PARAMS", "divergence_fwd_kernel", "divergence_bwd_kernel",
+           "demo_fit", "format_demo_table"]
+
+# name -> (kernel code, {param: default}); the registry has the same keys as reference.DIVERGENCES
+_CODES = {
+    "forward_kl": (0, {}), "reverse_kl": (1, {}), "symmetric_kl": (2, {}),
+    "js_divergence": (3, {"beta": 0.5}), "tv_distance": (4, {}),
+    "skew_forward_kl": (5, {"alpha": 0.1}), "skew_reverse_kl": (6, {"alpha": 0.1}),
+}
+PARAMS = {name: dict(p) for name, (_, p) in _CODES.items()}
+REDUCTIONS = ("mean", "sum", "none")
+_STATUS = {1: "NaN or +inf", 2: "-inf (padded vocabulary) in only one of teacher/student",
+           4: "-inf everywhere (no distribution)"}
+
+
+# =============================================================================================
+# Triton kernels. One program per row; vocabulary in chunks of BLOCK_V; fp32 accumulation.
+# =============================================================================================
+@triton.jit
+def _logaddexp(x, y):
+    # log(e^x + e^y) with x or y possibly -inf (mixture weight 0); never both on valid lanes
+    mx = tl.maximum(x, y)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    return mx + tl.log(tl.exp(x - mx) + tl.exp(y - mx))
+
+
+@triton.jit
+def divergence_fwd_kernel(
+    T, S,  # [N, V] teacher / student logits (any float dtype, upcast to fp32 after load)
+    KEEP,  # [N] int32, 0 = masked row (skipped)
+    LOSS,  # [N] fp32 per-row loss (out)
+    STATS,  # [N, 6] fp32 (max t, log z_a, max s, log z_b, c0, c1) for the backward (out)
+    STATUS,  # [N] int32 input-check bits (out)
+    stride_t, stride_s, V,
+    inv_tau,  # 1 / temperature
+    log_w, log_1mw,  # log(param), log(1 - param): mixture weights in log space (may be -inf)
+    DIV: tl.constexpr,  # divergence code, see _CODES
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    t_row = T + row * stride_t
+    s_row = S + row * stride_s
+    keep = tl.load(KEEP + row)
+    if keep == 0:
+        tl.store(LOSS + row, 0.0)
+        tl.store(STATUS + row, 0)
+        for j in tl.static_range(6):
+            tl.store(STATS + row * 6 + j, 0.0)
+    else:
+        # ---- pass 1: online log-sum-exp of a = t/τ and b = s/τ, plus the input checks -------------
+        # the running maxima are of the raw logits (τ > 0 keeps the argmax), so that later
+        # log p = (t - max t)/τ - log z: the subtraction is exact near the max, and no large
+        # lse = max + log z is ever rounded to its own ulp (which at |logit| ~ 1e3 is ~1e-4 in fp32)
+        m_a = float("-inf")
+        z_a = 0.0
+        m_b = float("-inf")
+        z_b = 0.0
+        bad = 0
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            inb = offs < V
+            t = tl.load(t_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+            s = tl.load(s_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+            nonfinite = (t != t) | (s != s) | (t == float("inf")) | (s == float("inf"))
+            mismatch = (t == float("-inf")) != (s == float("-inf"))
+            bad = bad | tl.max(tl.where(nonfinite, 1, 0) | tl.where(mismatch, 2, 0), axis=0)
+            new_a = tl.maximum(m_a, tl.max(t, axis=0))
+            new_b = tl.maximum(m_b, tl.max(s, axis=0))
+            safe_a = tl.where(new_a == float("-inf"), 0.0, new_a)  # all -inf so far: keep exp() finite
+            safe_b = tl.where(new_b == float("-inf"), 0.0, new_b)
+            z_a = z_a * tl.exp((m_a - safe_a) * inv_tau) + tl.sum(tl.exp((t - safe_a) * inv_tau), axis=0)
+            z_b = z_b * tl.exp((m_b - safe_b) * inv_tau) + tl.sum(tl.exp((s - safe_b) * inv_tau), axis=0)
+            m_a = new_a
+            m_b = new_b
+        bad = bad | tl.where(m_a == float("-inf"), 4, 0)
+        lz_a = tl.log(z_a)  # log p = (t - m_a)/τ - lz_a
+        lz_b = tl.log(z_b)
+
+        # ---- pass 2: the loss and the row scalars the gradient needs ------------------------------
+        acc = 0.0  # the loss, or its first part
+        acc2 = 0.0  # second part (symmetric KL: reverse KL; JSD: KL(q||m))
+        c1 = 0.0
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            inb = offs < V
+            t = tl.load(t_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+            s = tl.load(s_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+            valid = inb & (t != float("-inf"))  # padded and tail lanes contribute exactly 0
+            lp = tl.where(valid, (t - m_a) * inv_tau - lz_a, 0.0)  # log p
+            lq = tl.where(valid, (s - m_b) * inv_tau - lz_b, 0.0)  # log q
+            p = tl.where(valid, tl.exp(lp), 0.0)
+            q = tl.where(valid, tl.exp(lq), 0.0)
+            if DIV == 0:  # forward KL
+                acc += tl.sum(p * (lp - lq), axis=0)
+            elif DIV == 1:  # reverse KL
+                acc += tl.sum(q * (lq - lp), axis=0)
+            elif DIV == 2:  # symmetric KL
+                acc += tl.sum(p * (lp - lq), axis=0)
+                acc2 += tl.sum(q * (lq - lp), axis=0)
+            elif DIV == 3:  # JSD(β): m = βp + (1-β)q
+                lm = _logaddexp(log_w + lp, log_1mw + lq)
+                acc += tl.sum(p * (lp - lm), axis=0)
+                acc2 += tl.sum(q * (lq - lm), axis=0)
+            elif DIV == 4:  # total variation
+                acc += tl.sum(0.5 * tl.abs(p - q), axis=0)
+                sgn = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+                acc2 += tl.sum(q * sgn, axis=0)
+            elif DIV == 5:  # skew forward KL: m = αp + (1-α)q
+                lm = _logaddexp(log_w + lp, log_1mw + lq)
+                acc += tl.sum(p * (lp - lm), axis=0)
+                # k = q(p - q)/m (q/m <= 1/(1-α); unused, and kept finite, at α = 1)
+                k = tl.where(valid & (log_1mw != float("-inf")), tl.exp(lq - lm) * (p - q), 0.0)
+                acc2 += tl.sum(k, axis=0)
+            else:  # skew reverse KL: m = αq + (1-α)p
+                lm = _logaddexp(log_w + lq, log_1mw + lp)
+                acc += tl.sum(q * (lq - lm), axis=0)
+                # h = q(q - p)/m (q/m <= 1/α; unused, and kept finite, at α = 0)
+                h = tl.where(valid & (log_w != float("-inf")), tl.exp(lq - lm) * (q - p), 0.0)
+                c1 += tl.sum(h, axis=0)
+        if DIV == 2:
+            loss = acc + acc2
+            c0 = acc2
+        elif DIV == 3:
+            loss = tl.exp(log_w) * acc + tl.exp(log_1mw) * acc2
+            c0 = acc2
+        elif DIV == 4:
+            loss = acc
+            c0 = acc2
+        elif DIV == 5:
+            loss = acc
+            c0 = acc2
+        else:
+            loss = acc
+            c0 = acc
+        tl.store(LOSS + row, loss)
+        tl.store(STATUS + row, bad)
+        tl.store(STATS + row * 6 + 0, m_a)
+        tl.store(STATS + row * 6 + 1, lz_a)
+        tl.store(STATS + row * 6 + 2, m_b)
+        tl.store(STATS + row * 6 + 3, lz_b)
+        tl.store(STATS + row * 6 + 4, c0)
+        tl.store(STATS + row * 6 + 5, c1)
+
+
+@triton.jit
+def divergence_bwd_kernel(
+    T, S,  # [N, V] teacher / student logits
+    KEEP,  # [N] int32
+    STATS,  # [N, 6] fp32 from the forward
+    GSCALE,  # [N] fp32: grad_output of the row / τ
+    GRAD,  # [N, V] out, the student's dtype
+    stride_t, stride_s, stride_g, V,
+    inv_tau, log_w, log_1mw,
+    DIV: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    t_row = T + row * stride_t
+    s_row = S + row * stride_s
+    g_row = GRAD + row * stride_g
+    keep = tl.load(KEEP + row)
+    if keep == 0:
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            zero = tl.zeros([BLOCK_V], dtype=tl.float32)
+            tl.store(g_row + offs, zero.to(GRAD.dtype.element_ty), mask=offs < V)
+    else:
+        m_a = tl.load(STATS + row * 6 + 0)
+        lz_a = tl.load(STATS + row * 6 + 1)
+        m_b = tl.load(STATS + row * 6 + 2)
+        lz_b = tl.load(STATS + row * 6 + 3)
+        c0 = tl.load(STATS + row * 6 + 4)
+        c1 = tl.load(STATS + row * 6 + 5)
+        scale = tl.load(GSCALE + row)
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            inb = offs < V
+            t = tl.load(t_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+            s = tl.load(s_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+            valid = inb & (t != float("-inf"))
+            lp = tl.where(valid, (t - m_a) * inv_tau - lz_a, 0.0)
+            lq = tl.where(valid, (s - m_b) * inv_tau - lz_b, 0.0)
+            p = tl.where(valid, tl.exp(lp), 0.0)
+            q = tl.where(valid, tl.exp(lq), 0.0)
+            # ∂L/∂b (b = s/τ); the docstring of reference/divergences.py derives each line
+            if DIV == 0:
+                g = q - p
+            elif DIV == 1:
+                g = q * (lq - lp - c0)
+            elif DIV == 2:
+                g = (q - p) + q * (lq - lp - c0)
+            elif DIV == 3:
+                lm = _logaddexp(log_w + lp, log_1mw + lq)
+                g = tl.exp(log_1mw) * q * (lq - lm - c0)
+            elif DIV == 4:
+                sgn = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+                g = q * (sgn - c0)
+            elif DIV == 5:  # -(1-α)² (k - q Σk): the O(1) parts of q·p/m cancelled analytically
+                lm = _logaddexp(log_w + lp, log_1mw + lq)
+                k = tl.where(valid & (log_1mw != float("-inf")), tl.exp(lq - lm) * (p - q), 0.0)
+                g = -tl.exp(2.0 * log_1mw) * (k - q * c0)
+            else:  # q(log q - log m - L) - α(1-α)(h - q Σh)
+                lm = _logaddexp(log_w + lq, log_1mw + lp)
+                h = tl.where(valid & (log_w != float("-inf")), tl.exp(lq - lm) * (q - p), 0.0)
+                g = q * (lq - lm - c0) - tl.exp(log_w + log_1mw) * (h - q * c1)
+            g = tl.where(valid, g, 0.0) * scale
+            tl.store(g_row + offs, g.to(GRAD.dtype.element_ty), mask=inb)
+
+
+def _block_and_warps(V: int, block_v: int | None):
+    if block_v is None:
+        block_v = min(triton.next_power_of_2(V), 2048)
+    if block_v < 1 or block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two, got {block_v}")
+    return block_v, (4 if block_v <= 1024 else 8)
+
+
+def _triton_fwd(t, s, keep, code, log_w, log_1mw, inv_tau, block_v):  # [N,V] x2, [N] -> [N], [N,6], [N]
+    N, V = s.shape
+    loss = empty((N,), dtype=torch.float32, device=s.device)
+    stats = empty((N, 6), dtype=torch.float32, device=s.device)
+    status = empty((N,), dtype=torch.int32, device=s.device)
+    BLOCK_V, warps = _block_and_warps(V, block_v)
+    divergence_fwd_kernel[(N,)](t, s, keep, loss, stats, status, t.stride(0), s.stride(0), V,
+                                inv_tau, log_w, log_1mw, DIV=code, BLOCK_V=BLOCK_V, num_warps=warps)
+    return loss, stats, status
+
+
+def _triton_bwd(t, s, keep, stats, gscale, code, log_w, log_1mw, inv_tau, block_v):  # -> [N, V]
+    N, V = s.shape
+    grad = empty((N, V), dtype=s.dtype, device=s.device)
+    BLOCK_V, warps = _block_and_warps(V, block_v)
+    divergence_bwd_kernel[(N,)](t, s, keep, stats, gscale, grad, t.stride(0), s.stride(0), grad.stride(0), V,
+                                inv_tau, log_w, log_1mw, DIV=code, BLOCK_V=BLOCK_V, num_warps=warps)
+    return grad
+
+
+# =============================================================================================
+# Vectorised PyTorch backend: the same two-pass structure on whole [N, V] tensors (CPU default).
+# =============================================================================================
+def _lae(x, y):  # logaddexp that tolerates -inf in one argument
+    return torch.logaddexp(x, y)
+
+
+def _torch_terms(t, s, st, inv_tau):  # st [N, 6] -> valid, log p, log q, p, q  (each [N, V])
+    valid = t != float("-inf")
+    lp = torch.where(valid, (t - st[:, 0:1]) * inv_tau - st[:, 1:2], 0.0)  # same rounding as the kernel
+    lq = torch.where(valid, (s - st[:, 2:3]) * inv_tau - st[:, 3:4], 0.0)
+    return valid, lp, lq, torch.where(valid, lp.exp(), 0.0), torch.where(valid, lq.exp(), 0.0)
+
+
+def _skew_k(valid, lq, lm, diff, log_coef):  # q/m ⊙ diff, 0 where padded or when its weight is 0
+    if log_coef == float("-inf"):
+        return torch.zeros_like(lq)
+    return torch.where(valid, (lq - lm).exp() * diff, 0.0)
+
+
+def _torch_fwd(t, s, keep, code, log_w, log_1mw, inv_tau):  # [N,V] x2, [N] -> [N], [N,6], [N]
+    cd = torch.float64 if torch.float64 in (t.dtype, s.dtype) else torch.float32
+    t, s = t.to(cd), s.to(cd)
+    kb = keep.bool()
+    nonfinite = (t.isnan() | s.isnan() | (t == float("inf")) | (s == float("inf"))).any(-1)
+    mismatch = ((t == float("-inf")) != (s == float("-inf"))).any(-1)
+    all_ninf = (t == float("-inf")).all(-1)
+    status = (nonfinite.int() | (mismatch.int() * 2) | (all_ninf.int() * 4)) * kb.int()
+    # masked rows: replace by zeros so nothing below sees their (possibly bad) values
+    t = torch.where(kb[:, None], t, 0.0)
+    s = torch.where(kb[:, None], s, 0.0)
+    m_a, m_b = t.amax(-1), s.amax(-1)
+    lz_a = torch.logsumexp((t - m_a[:, None]) * inv_tau, -1)
+    lz_b = torch.logsumexp((s - m_b[:, None]) * inv_tau, -1)
+    st = torch.stack([m_a, lz_a, m_b, lz_b], -1)
+    valid, lp, lq, p, q = _torch_terms(t, s, st, inv_tau)
+    zero = torch.zeros_like(lz_a)
+    c1 = zero
+    if code in (0, 1, 2):
+        fkl = (p * (lp - lq)).sum(-1)
+        rkl = (q * (lq - lp)).sum(-1)
+        loss, c0 = {0: (fkl, zero), 1: (rkl, rkl), 2: (fkl + rkl, rkl)}[code]
+    elif code == 3:
+        lm = _lae(log_w + lp, log_1mw + lq)
+        kl_q = (q * (lq - lm)).sum(-1)
+        loss, c0 = math.exp(log_w) * (p * (lp - lm)).sum(-1) + math.exp(log_1mw) * kl_q, kl_q
+    elif code == 4:
+        loss = 0.5 * (p - q).abs().sum(-1)
+        c0 = (q * 0.5 * torch.sign(q - p)).sum(-1)
+    elif code == 5:
+        lm = _lae(log_w + lp, log_1mw + lq)
+        loss = (p * (lp - lm)).sum(-1)
+        c0 = _skew_k(valid, lq, lm, p - q, log_1mw).sum(-1)
+    else:
+        lm = _lae(log_w + lq, log_1mw + lp)
+        loss = (q * (lq - lm)).sum(-1)
+        c0 = loss
+        c1 = _skew_k(valid, lq, lm, q - p, log_w).sum(-1)
+    stats = torch.where(kb[:, None], torch.cat([st, c0[:, None], c1[:, None]], -1), 0.0)
+    return loss * kb, stats, status
+
+
+def _torch_bwd(t, s, keep, stats, gscale, code, log_w, log_1mw, inv_tau):  # -> [N, V]
+    cd = stats.dtype
+    kb = keep.bool()
+    t = torch.where(kb[:, None], t.to(cd), 0.0)
+    s = torch.where(kb[:, None], s.to(cd), 0.0)
+    valid, lp, lq, p, q = _torch_terms(t, s, stats, inv_tau)
+    c0, c1 = stats[:, 4:5], stats[:, 5:6]
+    if code == 0:
+        g = q - p
+    elif code == 1:
+        g = q * (lq - lp - c0)
+    elif code == 2:
+        g = (q - p) + q * (lq - lp - c0)
+    elif code == 3:
+        g = math.exp(log_1mw) * q * (lq - _lae(log_w + lp, log_1mw + lq) - c0)
+    elif code == 4:
+        g = q * (0.5 * torch.sign(q - p) - c0)
+    elif code == 5:
+        k = _skew_k(valid, lq, _lae(log_w + lp, log_1mw + lq), p - q, log_1mw)
+        g = -math.exp(2 * log_1mw) * (k - q * c0)
+    else:
+        lm = _lae(log_w + lq, log_1mw + lp)
+        h = _skew_k(valid, lq, lm, q - p, log_w)
+        g = q * (lq - lm - c0) - math.exp(log_w + log_1mw) * (h - q * c1)
+    g = torch.where(valid & kb[:, None], g, 0.0) * gscale.to(cd)[:, None]
+    return g  # in the compute dtype; the autograd wrapper casts to the student dtype
+
+
+# =============================================================================================
+# autograd + public API
+# =============================================================================================
+class _DivergenceRows(torch.autograd.Function):
+    """Per-row losses [N] of teacher/student [N, V]; gradient only to the student logits."""
+
+    @staticmethod
+    def forward(ctx, t, s, keep, code, log_w, log_1mw, inv_tau, backend, block_v):
+        if backend == "triton":
+            loss, stats, status = _triton_fwd(t, s, keep, code, log_w, log_1mw, inv_tau, block_v)
+        else:
+            loss, stats, status = _torch_fwd(t, s, keep, code, log_w, log_1mw, inv_tau)
+        _raise_on_status(status)
+        ctx.save_for_backward(t, s, keep, stats)
+        ctx.cfg = (code, log_w, log_1mw, inv_tau, backend, block_v)
+        ctx.student_dtype = s.dtype
+        return loss.to(torch.float64 if s.dtype == torch.float64 else torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_rows):  # grad_rows [N]
+        t, s, keep, stats = ctx.saved_tensors
+        code, log_w, log_1mw, inv_tau, backend, block_v = ctx.cfg
+        gscale = (grad_rows.to(stats.dtype) * inv_tau).contiguous()
+        if backend == "triton":
+            grad = _triton_bwd(t, s, keep, stats, gscale, code, log_w, log_1mw, inv_tau, block_v)
+        else:
+            grad = _torch_bwd(t, s, keep, stats, gscale, code, log_w, log_1mw, inv_tau).to(ctx.student_dtype)
+        return None, grad, None, None, None, None, None, None, None
+
+
+def _raise_on_status(status: torch.Tensor) -> None:
+    if not bool((status != 0).any()):
+        return
+    bad = torch.nonzero(status).flatten()
+    row = int(bad[0])
+    bits = int(status[row])
+    what = "; ".join(msg for bit, msg in _STATUS.items() if bits & bit)
+    raise ValueError(f"bad logits in {bad.numel()} unmasked row(s), first row {row} (flattened): {what}")
+
+
+def divergence(name, teacher_logits, student_logits, *, mask=None, labels=None, ignore_index=-100,
+               reduction="mean", temperature=1.0, backend="auto", block_v=None, **params):
+    """Divergence ``name`` between softmax(teacher/τ) and softmax(student/τ) over the last axis.
+
+    teacher_logits, student_logits: ``[..., V]``, fp32/fp16/bf16/fp64 (dtypes may differ). The teacher
+    is detached; autograd flows to the student logits. ``mask`` (``[...]``, True = keep) and/or
+    ``labels`` (``[...]``, tokens equal to ``ignore_index`` are excluded) drop tokens.
+    ``reduction``: "mean" over kept tokens (0 with zero gradient when none is kept), "sum", or "none"
+    (``[...]``, 0 at dropped tokens). ``params``: ``beta`` for ``js_divergence``, ``alpha`` for the
+    skew KLs (see ``PARAMS`` for defaults). No τ² factor is applied. The loss is float32 (float64 for a
+    float64 student); the gradient has the student's dtype. The Triton backend computes in fp32;
+    the torch backend in fp32, or fp64 when an input is fp64. ``block_v`` (Triton only) overrides the
+    vocabulary chunk, a power of two. Bad input raises ``ValueError`` naming the problem.
+    """
+    if name not in _CODES:
+        raise ValueError(f"unknown divergence {name!r}; known: {sorted(_CODES)}")
+    code, defaults = _CODES[name]
+    unknown = set(params) - set(defaults)
+    if unknown:
+        raise ValueError(f"{name} takes parameters {sorted(defaults) or 'none'}, got {sorted(unknown)}")
+    pv = {**defaults, **params}
+    w = float(next(iter(pv.values()))) if pv else 0.5
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"{next(iter(pv))} must lie in [0, 1], got {w!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite positive number, got {temperature!r}")
+    check_float("teacher_logits", teacher_logits)
+    check_float("student_logits", student_logits)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher and student logits must have the same shape, got "
+                         f"{tuple(teacher_logits.shape)} vs {tuple(student_logits.shape)}")
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(f"teacher on {teacher_logits.device} but student on {student_logits.device}")
+    if student_logits.dim() < 1 or student_logits.shape[-1] < 1:
+        raise ValueError(f"logits need a non-empty last (vocabulary) axis, got {tuple(student_logits.shape)}")
+    lead, V = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
+    be = resolve_backend(backend, student_logits)
+
+    keep = torch.ones(lead, dtype=torch.bool, device=student_logits.device)
+    for nm, m in (("mask", mask), ("labels", labels)):
+        if m is None:
+            continue
+        if not isinstance(m, torch.Tensor) or tuple(m.shape) != lead:
+            raise ValueError(f"{nm} must be a tensor of shape {lead} (the logits without V), "
+                             f"got {getattr(m, 'shape', type(m).__name__)}")
+        keep = keep & (m.to(keep.device).bool() if nm == "mask" else (m.to(keep.device) != ignore_index))
+    t = teacher_logits.detach().reshape(-1, V)
+    s = student_logits.reshape(-1, V)
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    if s.stride(-1) != 1:
+        s = s.contiguous()
+    keep_i = keep.reshape(-1).to(torch.int32).contiguous()
+    log_w = math.log(w) if w > 0 else float("-inf")  # mixture weights in log space (-inf at the ends)
+    log_1mw = math.log1p(-w) if w < 1 else float("-inf")
+    rows = _DivergenceRows.apply(t, s, keep_i, code, log_w, log_1mw, 1.0 / temperature, be, block_v)
+    if reduction == "none":
+        return rows.reshape(lead)
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / keep_i.sum().clamp(min=1).to(rows.dtype)
+
+
+DIVERGENCES = {name: (lambda t, s, _n=name, **kw: divergence(_n, t, s, **kw)) for name in _CODES}
+
+
+# =============================================================================================
+# demo: a tiny unimodal student fitted to a fixed teacher with each divergence (``make demo``)
+# =============================================================================================
+def demo_fit(*, V: int = 64, steps: int = 200, lr: float = 0.05, seed: int = 0, backend: str = "torch"):
+    """Fit a unimodal student (a discretised Gaussian over ``V`` bins: two parameters, centre and width)
+    to a fixed bimodal teacher with each divergence (Adam, full batch). A student that could represent
+    the teacher exactly would make every divergence agree; a unimodal one shows what each divergence
+    gives up: forward KL covers both modes (mode covering), reverse KL picks one (mode seeking).
+
+    Returns one dict per divergence: final loss, forward KL(p‖q) and reverse KL(q‖p) of the fitted
+    student, its probability mass near each teacher mode, its centre (in units of V) and entropy."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.arange(V, dtype=torch.float32)
+    bump = lambda c, w: torch.exp(-0.5 * ((x - c) / w) ** 2)
+    p = 0.6 * bump(V * 0.25, V / 24) + 0.4 * bump(V * 0.75, V / 24) + 1e-6
+    teacher = (p / p.sum()).log()[None] + 0.01 * torch.randn(1, V, generator=g)  # [1, V]
+    modes = [(x - V * 0.25).abs() < V / 8, (x - V * 0.75).abs() < V / 8]
+    rows = []
+    for name in _CODES:
+        centre = torch.tensor(0.45, requires_grad=True)  # in units of V, a little left of the middle
+        log_width = torch.tensor(math.log(0.2), requires_grad=True)  # in units of V
+        opt = torch.optim.Adam([centre, log_width], lr=lr)
+
+        def student(centre=centre, log_width=log_width):  # [1, V] logits of the discretised Gaussian
+            return (-0.5 * ((x / V - centre) / log_width.exp()) ** 2)[None]
+
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = divergence(name, teacher, student(), backend=backend)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            s = student()
+            q = torch.softmax(s, -1)[0].double()
+            rows.append({
+                "divergence": name,
+                "final_loss": float(divergence(name, teacher, s, backend=backend)),
+                "KL(p||q)": float(divergence("forward_kl", teacher, s, backend=backend)),
+                "KL(q||p)": float(divergence("reverse_kl", teacher, s, backend=backend)),
+                "mass_mode_1": float(q[modes[0]].sum()), "mass_mode_2": float(q[modes[1]].sum()),
+                "centre": float(centre), "entropy_q": float(-(q * q.clamp_min(1e-30).log()).sum()),
+            })
+    return rows
+
+
+def format_demo_table(rows) -> str:
+    cols = list(rows[0])
+    out = [" | ".join(f"{c:>15}" for c in cols)]
+    out.append("-" * len(out[0]))
+    for r in rows:
+        out.append(" | ".join(f"{r[c]:>15}" if isinstance(r[c], str) else f"{r[c]:>15.4f}" for c in cols))
+    return "\n".join(out)

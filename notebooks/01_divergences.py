@@ -1,0 +1,241 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · Token-level distillation divergences
+#
+# A teacher gives a distribution `p = softmax(t/τ)` over the vocabulary at every token, the student
+# `q = softmax(s/τ)`. Distillation minimises a divergence between them. This notebook covers:
+#
+# 1. **mode covering vs mode seeking**: a unimodal student fitted to a bimodal teacher with each divergence;
+# 2. **the gradients**, derived by hand and checked against finite differences;
+# 3. **the Triton kernel**, walked through with its memory traffic counted;
+# 4. **an odd-shape check** of the kernel (interpreted on CPU) against the NumPy oracle.
+#
+# Code: `reference/divergences.py` (NumPy, float64, the spec) and `fast/divergences.py` (torch + Triton).
+# Conventions (all tested): KL is KL, not soft cross-entropy; **no τ² factor**; −inf marks a padded vocabulary
+# entry shared by teacher and student and contributes exactly 0; mixtures are formed in log space.
+
+# %%
+import os
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
+sys.path.insert(0, os.path.abspath(".."))  # the repo root, when run from notebooks/
+
+import matplotlib  # noqa: E402
+
+matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fast.divergences import divergence  # noqa: E402
+from reference import divergences as R  # noqa: E402
+
+NAMES = list(R.DIVERGENCES)
+T0 = time.perf_counter()
+print("Triton interpreter:", os.environ.get("TRITON_INTERPRET") == "1")
+
+# %% [markdown]
+# ## 1. Mode covering vs mode seeking
+#
+# The teacher has two modes (weights 0.6 / 0.4). The student can only be one discretised Gaussian
+# (two parameters: centre and width), so it cannot match the teacher and each divergence decides what to give up:
+#
+# * **forward KL** `Σ p log(p/q)` is infinite-ish wherever `p > 0` and `q ≈ 0`: the student must *cover* every mode;
+# * **reverse KL** `Σ q log(q/p)` is infinite-ish wherever `q > 0` and `p ≈ 0`: the student must avoid the valley
+#   between the modes, so it *seeks* one mode;
+# * JSD, TV and the skew KLs sit in between (skew forward KL with small α behaves like forward KL).
+
+# %%
+V = 64
+x = torch.arange(V, dtype=torch.float32)
+
+
+def bump(c, w):
+    return torch.exp(-0.5 * ((x - c) / w) ** 2)
+
+
+p_teacher = 0.6 * bump(V * 0.25, V / 24) + 0.4 * bump(V * 0.75, V / 24) + 1e-6
+teacher = (p_teacher / p_teacher.sum()).log()[None]  # [1, V] teacher logits
+
+
+def fit(name, steps=200, lr=0.05, **params):
+    centre = torch.tensor(0.45, requires_grad=True)  # units of V
+    log_width = torch.tensor(np.log(0.2), dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.Adam([centre, log_width], lr=lr)
+
+    def student():
+        return (-0.5 * ((x / V - centre) / log_width.exp()) ** 2)[None]  # [1, V] logits
+
+    for _ in range(steps):
+        opt.zero_grad()
+        divergence(name, teacher, student(), backend="torch", **params).backward()
+        opt.step()
+    return torch.softmax(student().detach(), -1)[0]
+
+
+fits = {name: fit(name) for name in NAMES}
+
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.5), sharey=True)
+p_plot = torch.softmax(teacher, -1)[0]
+GROUPS = [["forward_kl", "reverse_kl", "symmetric_kl"],
+          ["js_divergence", "tv_distance", "skew_forward_kl", "skew_reverse_kl"]]
+for ax, group in zip(axes, GROUPS, strict=True):
+    ax.fill_between(x, p_plot, color="lightgray", label="teacher p")
+    for name in group:
+        ax.plot(x, fits[name], label=name)
+    ax.set_xlabel("token id")
+    ax.legend(fontsize=8)
+axes[0].set_ylabel("probability")
+fig.suptitle("A unimodal student fitted to a bimodal teacher")
+plt.show()
+
+for name, q in fits.items():
+    left, right = float(q[: V // 2].sum()), float(q[V // 2:].sum())
+    print(f"{name:16s} mass left {left:.3f}  right {right:.3f}")
+assert min(float(fits["forward_kl"][: V // 2].sum()), float(fits["forward_kl"][V // 2:].sum())) > 0.2
+assert min(float(fits["reverse_kl"][: V // 2].sum()), float(fits["reverse_kl"][V // 2:].sum())) < 0.02
+
+# %% [markdown]
+# ## 2. The gradients, derived and checked
+#
+# Write `b = s/τ`, so `q = softmax(b)` and `∂q_v/∂b_k = q_v(δ_vk − q_k)`. For any loss `L(q)` with
+# `g_v = ∂L/∂q_v`, the chain rule gives the **softmax VJP**
+#
+# $$\frac{\partial L}{\partial b_k} = q_k\Big(g_k - \sum_v q_v g_v\Big), \qquad \frac{\partial L}{\partial s} = \frac1\tau \frac{\partial L}{\partial b}.$$
+#
+# * forward KL: `g = −p/q` → `∂L/∂b = q − p`.
+# * reverse KL: `g = log q − log p + 1`; the constant cancels → `∂L/∂b = q ⊙ (log q − log p − KL(q‖p))`.
+#   The kernel needs the *row scalar* `KL(q‖p)`, which is why the forward saves it.
+# * JSD(β), `m = βp + (1−β)q`: `g = (1−β)(log q − log m)` (the `±1` terms cancel because `Σm = 1`).
+# * TV: `g = ½ sign(q − p)` (a subgradient at ties).
+# * skew KLs: see `reference/divergences.py`. As α → 1 both gradients are small differences of `O(q)` terms;
+#   the fast path rewrites them (e.g. `q/m − 1 = (1−α)(q−p)/m` for skew reverse KL) so that those `O(q)` parts
+#   cancel *on paper*, not in fp32, where they would cost a factor 1/(1−α) in relative accuracy.
+#
+# Check each hand-derived gradient against central finite differences in float64:
+
+# %%
+rng = np.random.default_rng(0)
+t_np, s_np = rng.normal(size=(3, 9)) * 2, rng.normal(size=(3, 9)) * 2
+t_np[:, 4] = s_np[:, 4] = -np.inf  # a padded vocabulary entry
+
+
+def fd_grad(f, t, s, h=1e-6, **kw):
+    g = np.zeros_like(s)
+    for i, j in np.ndindex(*s.shape):
+        if np.isfinite(s[i, j]):
+            sp, sm = s.copy(), s.copy()
+            sp[i, j] += h
+            sm[i, j] -= h
+            g[i, j] = (f(t, sp, **kw)[i] - f(t, sm, **kw)[i]) / (2 * h)
+    return g
+
+
+print(f"{'divergence':16s} {'τ':>4s}  max |analytic − finite difference|")
+for name, (f, g) in R.DIVERGENCES.items():
+    for tau in (0.5, 2.0):
+        kw = {k: 0.3 for k in R.PARAMS[name]}
+        err = np.abs(g(t_np, s_np, temperature=tau, **kw) - fd_grad(f, t_np, s_np, temperature=tau, **kw)).max()
+        print(f"{name:16s} {tau:4.1f}  {err:.2e}")
+        assert err < 1e-7
+
+# %% [markdown]
+# ## 3. The Triton kernel, walked through
+#
+# `divergence_fwd_kernel` runs **one program per row** (token) and streams the vocabulary in chunks of `BLOCK_V`:
+#
+# 1. **pass 1** keeps a running max and a rescaled sum (online log-sum-exp) of `t/τ` and `s/τ`, and ORs the
+#    input checks (NaN/+inf, unshared −inf, all −inf) into a status word. It stores the *raw* max and `log z`,
+#    so that later `log p = (t − max t)/τ − log z`: no large `lse = max + log z` is ever rounded to its own ulp;
+# 2. **pass 2** re-reads both rows and accumulates the loss and one or two row scalars the gradient needs
+#    (`KL(q‖p)` for reverse KL, `Σ q·½sign(q−p)` for TV, ...).
+#
+# `divergence_bwd_kernel` makes **one pass**: it recomputes `log p, log q` chunk by chunk from the six saved
+# row scalars and writes `grad_output/τ · ∂L/∂b` straight into the gradient. No `[N, V]` temporary exists
+# besides the gradient itself. Here is the heart of pass 1:
+
+# %%
+import inspect  # noqa: E402
+
+from fast import divergences as Fd  # noqa: E402
+
+src = inspect.getsource(Fd.divergence_fwd_kernel.fn)
+start = src.index("# ---- pass 1")
+print(src[start: src.index("# ---- pass 2")])
+
+# %% [markdown]
+# **Memory traffic.** Per row of `V` logits in `b` bytes each (bf16: 2), counting HBM reads and writes:
+#
+# | step | kernel (fwd + bwd) | a straightforward PyTorch version |
+# |---|---|---|
+# | forward | read t, s twice: `4V·b` | `log_softmax` ×2 (read `2V·b`, write `2V·4`), then the loss terms (read `2V·4` + fp32 temporaries) |
+# | backward | read t, s once, write grad: `3V·b` | autograd re-reads the saved `[N, V]` fp32 log-probs and temporaries, writes grad |
+# | saved between them | `6` fp32 per row | `≥ 2V` fp32 per row (`log p`, `log q`) |
+#
+# At the benchmark's largest size the difference is what decides whether the loss fits at all:
+
+# %%
+for N, V_big in [(4096, 32000), (16384, 128256)]:
+    b = 2  # bf16 logits
+    kernel_bytes = (4 + 3) * N * V_big * b  # fwd reads t, s twice; bwd reads t, s and writes grad
+    saved_torch = 2 * N * V_big * 4  # log p, log q in fp32 kept for autograd
+    print(f"N={N:6d} V={V_big:6d}: kernel moves {kernel_bytes / 2**30:6.2f} GiB; "
+          f"the inputs alone are {2 * N * V_big * b / 2**30:5.2f} GiB; a naive torch autograd graph keeps "
+          f"≥ {saved_torch / 2**30:5.2f} GiB of fp32 log-probs between forward and backward (kernel: "
+          f"{N * 6 * 4 / 2**20:.2f} MiB)")
+
+# %% [markdown]
+# ## 4. An odd shape against the oracle
+#
+# 37 tokens × a vocabulary of 1 271 (not a power of two), a vocabulary chunk of 256 (so five chunks with a
+# ragged tail), padded entries, a mask, temperature 2, and bf16 inputs. On CPU the kernel runs in the
+# Triton interpreter; outputs are compared with the float64 oracle fed the *same bf16-rounded* inputs.
+
+# %%
+from fast.testing import assert_close  # noqa: E402
+
+rng = np.random.default_rng(1)
+N_odd, V_odd = 37, 1271
+t_odd = torch.tensor(rng.normal(size=(N_odd, V_odd)) * 4.0, dtype=torch.bfloat16)
+s_odd = torch.tensor(rng.normal(size=(N_odd, V_odd)) * 4.0, dtype=torch.bfloat16)
+t_odd[:, 1000:] = s_odd[:, 1000:] = float("-inf")  # a padded tail of the vocabulary
+keep = torch.tensor(rng.random(N_odd) < 0.8)
+device = "cuda" if torch.cuda.is_available() else "cpu"
+
+for name in NAMES:
+    kw = {k: 0.3 for k in R.PARAMS[name]}
+    s_in = s_odd.to(device).clone().requires_grad_(True)
+    loss = divergence(name, t_odd.to(device), s_in, mask=keep.to(device), reduction="sum", temperature=2.0,
+                      backend="triton", block_v=256, **kw)
+    loss.backward()
+    tr, sr = t_odd.double().numpy(), s_odd.double().numpy()
+    k = keep.numpy()
+    want = R.DIVERGENCES[name][0](tr[k], sr[k], temperature=2.0, **kw).sum()
+    want_grad = np.zeros_like(sr)
+    want_grad[k] = R.DIVERGENCES[name][1](tr[k], sr[k], temperature=2.0, **kw)
+    got_grad = s_in.grad.double().cpu().numpy()
+    if name == "tv_distance":  # sign(q − p) at fp32 ties: compare the unambiguous entries only
+        lp, lq = R.log_softmax(tr / 2.0), R.log_softmax(sr / 2.0)
+        amb = np.abs(np.exp(lp) - np.exp(lq)) <= 1e-5 * (np.exp(lp) + np.exp(lq))
+        got_grad, want_grad = np.where(amb, 0, got_grad), np.where(amb, 0, want_grad)
+    s_loss = assert_close(loss.detach(), np.array(want), dtype="bfloat16", name=f"{name} loss")
+    s_grad = assert_close(got_grad, want_grad, dtype="bfloat16", name=f"{name} grad")
+    print(f"{name:16s} loss {float(loss):10.4f}  max|Δloss| {s_loss['max_abs']:.1e}  "
+          f"grad rel-RMS {s_grad['rel_rms']:.1e}")
+
+print(f"notebook ran in {time.perf_counter() - T0:.1f}s")
