@@ -63,3 +63,16 @@ def fmt_table(rows: list[dict], cols: list[str]) -> str:
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(out)
+
+
+def cli(run, cols: list[str], description: str = "", argv=None) -> list[dict]:
+    """The shared ``main()`` of a benchmark script: ``--device`` (default cuda when present), ``--quick``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args(argv)
+    rows = run(device=a.device, quick=a.quick)
+    print(fmt_table(rows, cols))
+    return rows

@@ -18,7 +18,6 @@ the script is exercised on CPU (Triton interpreted there); CPU times mean nothin
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks._timing import fmt_table, median_ms, peak_mb  # noqa: E402
+from benchmarks._timing import cli, median_ms, peak_mb  # noqa: E402
 from fast.divergences import divergence  # noqa: E402
 from fast.utils import is_interpreting  # noqa: E402
 
@@ -117,12 +116,7 @@ def run(*, device: str, quick: bool) -> list[dict]:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args()
-    rows = run(device=a.device, quick=a.quick)
-    print(fmt_table(rows, ["op", "impl", "shape", "median_ms", "gbps", "peak_mb", "note"]))
+    cli(run, ["op", "impl", "shape", "median_ms", "gbps", "peak_mb", "note"], __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ so the script is exercised on CPU (Triton runs interpreted there, so only at a t
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -21,7 +20,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks._timing import fmt_table, median_ms, peak_mb  # noqa: E402
+from benchmarks._timing import cli, median_ms, peak_mb  # noqa: E402
 from fast.dac_kl import dac_kl  # noqa: E402
 from fast.span import span_loss, spans_to_tensor  # noqa: E402
 from fast.utils import is_interpreting  # noqa: E402
@@ -92,12 +91,7 @@ def run(*, device: str, quick: bool) -> list[dict]:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args()
-    rows = run(device=a.device, quick=a.quick)
-    print(fmt_table(rows, ["op", "impl", "shape", "median_ms", "gbps", "peak_mb"]))
+    cli(run, ["op", "impl", "shape", "median_ms", "gbps", "peak_mb"], __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

@@ -61,10 +61,11 @@ def main(argv=None) -> int:
     from _timing import fmt_table
 
     stems = args.only.split(",") if args.only else discover()
+    dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else (platform.processor() or "cpu")
     lines = [
         "# Benchmarks",
         "",
-        f"- device: {torch.cuda.get_device_name() if device.startswith('cuda') else platform.processor() or 'cpu'}",
+        f"- device: {dev_name}",
         f"- torch {torch.__version__}; python {platform.python_version()}; quick={quick}",
         "- median of timed repetitions after warm-up; ratio = time / fastest impl of the same op and shape",
         "",

@@ -21,7 +21,9 @@ def main() -> int:
     import demo_divergences
     import demo_tiny
 
-    for title, fn in [("1. Token-level divergences", demo_divergences.main), ("2. Tiny GPT teacher vs student", demo_tiny.main)]:
+    parts = [("1. Token-level divergences", demo_divergences.main),
+             ("2. Tiny GPT teacher vs student", demo_tiny.main)]
+    for title, fn in parts:
         print(f"\n=== {title} ===", flush=True)
         t0 = time.perf_counter()
         fn()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pathlib
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -38,30 +39,37 @@ def sh(cmd: list[str], limit: int, log: pathlib.Path, env=None) -> tuple[int, fl
 
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # compiled kernels, never the interpreter
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("CI", "1")  # derandomised hypothesis: a rerun checks the same examples
     import torch
 
-    if not torch.cuda.is_available():
+    # GPU_CHECK_ALLOW_CPU=1 is for tests/test_gpu_check.py only: it checks this script's plumbing on CPU
+    plumbing_only = os.environ.get("GPU_CHECK_ALLOW_CPU") == "1"
+    env = dict(os.environ)
+    if torch.cuda.is_available():
+        env.pop("TRITON_INTERPRET", None)  # compiled kernels, never the interpreter
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("CI", "1")  # derandomised hypothesis: a rerun checks the same examples
+    if not torch.cuda.is_available() and not plumbing_only:
         print("make gpu-check needs a CUDA GPU; none is visible here", file=sys.stderr)
         return 2
     import triton
 
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout.strip()
+    query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+    try:
+        smi = subprocess.run(query, capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:
+        smi = "no nvidia-smi"
     header = [
         "# GPU check report",
         "",
         f"- date (UTC): {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}",
-        f"- GPU: {smi or torch.cuda.get_device_name()}",
+        f"- GPU: {smi or (torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')}",
         f"- python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}",
         "",
     ]
 
     pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not notebook", "-p", "no:cacheprovider",
                   "-rfE", "--durations=15", "--junitxml", str(OUT / "junit.xml")]
+    pytest_cmd += os.environ.get("GPU_CHECK_PYTEST_ARGS", "").split()
     try:
         import xdist  # noqa: F401
 
@@ -69,11 +77,12 @@ def main() -> int:
     except ImportError:
         pass
     rc_t, dt_t, text_t = sh(pytest_cmd, TEST_LIMIT_S, OUT / "pytest.log", env)
-    summary = [ln for ln in text_t.splitlines() if ("passed" in ln or "failed" in ln or "error" in ln) and "==" in ln]
+    summary = [ln for ln in text_t.splitlines() if re.search(r"\d+ (passed|failed|errors?)\b", ln)]
     failures = [ln for ln in text_t.splitlines() if ln.startswith(("FAILED", "ERROR"))]
 
-    rc_b, dt_b, text_b = sh([sys.executable, "benchmarks/run_all.py", "--full", "--out", str(OUT / "bench.md")],
-                            BENCH_LIMIT_S, OUT / "bench.log", env)
+    bench_cmd = [sys.executable, "benchmarks/run_all.py", "--out", str(OUT / "bench.md")]
+    bench_cmd += os.environ.get("GPU_CHECK_BENCH_ARGS", "--full").split()
+    rc_b, dt_b, text_b = sh(bench_cmd, BENCH_LIMIT_S, OUT / "bench.log", env)
     bench_md = (OUT / "bench.md").read_text() if (OUT / "bench.md").exists() else text_b[-4000:]
 
     report = header + [

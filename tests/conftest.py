@@ -30,7 +30,9 @@ settings.register_profile(
     print_blob=True,
     **_common,
 )
-settings.register_profile("fuzz", max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "400")), **_common)
+settings.register_profile(
+    "fuzz", max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "400")), **_common
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
@@ -55,3 +57,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: OpenMP threads only add synchronisation cost, badly so on a shared 2-core machine.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -4,7 +4,6 @@ import json
 import pathlib
 
 import pytest
-import torch
 
 from fast.train import load_model
 from tiny_models.evaluate import evaluate
@@ -19,13 +18,7 @@ NAMES = ("teacher", "student")
 ROUGE_TOL = 1.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: OpenMP threads only add synchronisation cost, badly so on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _card(name):

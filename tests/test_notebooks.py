@@ -26,7 +26,8 @@ def test_notebook_executes(path, tmp_path):
     t0 = time.perf_counter()
     client.execute()
     elapsed = time.perf_counter() - t0
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    errors = [o for c in nb.cells if c.cell_type == "code"
+              for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, errors
     assert elapsed < HARD_LIMIT_S, f"{path.name} took {elapsed:.0f}s (target {BUDGET_S}s)"
     print(f"{path.name}: {elapsed:.1f}s")
