@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo bench gpu-check notebooks lint clean
+.PHONY: venv test demo bench gpu-check compile-check notebooks lint clean
 
 venv: $(STAMP)
 
@@ -40,3 +40,8 @@ gpu-check:
 
 clean:
 	rm -rf $(VENV) .hypothesis .pytest_cache
+
+# Compile every Triton kernel for sm_90 without a GPU (all dtypes and autotune configs; `make test`
+# runs the --quick variant). Catches what the interpreter cannot: type, tile and backend errors.
+compile-check: $(STAMP)
+	env -u TRITON_INTERPRET $(BIN)/python -m fast.compile_check

@@ -1,0 +1,233 @@
+"""Compile every Triton kernel of ``fast/`` for a Hopper GPU (sm_90) on a machine WITHOUT a GPU.
+
+Why: the interpreter (``TRITON_INTERPRET=1``) runs kernels as NumPy and misses whole classes of bugs
+that only the compiler sees — a loop-carried variable whose type changes (``acc = 0`` then a float
+tensor), a ``tl.dot`` tile under 16, a shape/layout the backend rejects, an op the PTX assembler
+refuses. ``triton.compile`` with an explicit ``GPUTarget`` runs the whole pipeline (TTIR → TTGIR →
+LLVM IR → PTX → cubin with the ``ptxas`` that ships in the Triton wheel) and needs no driver.
+
+How: the public ops are called as usual on small CPU tensors in a process where the interpreter is
+OFF. Every launch ``kernel[grid](*args, **kwargs)`` is intercepted: the arguments are turned into a
+compile signature (tensor → ``*fp32``/``*bf16``/…, int → ``i32``/``i64``, float → ``fp32``), the
+constexprs and launch options (``num_warps``, ``num_stages``, …) are kept, and the kernel is compiled
+for sm_90 instead of launched. An autotuned kernel is compiled once per config. Outputs are left as
+zeros (``fast.utils.empty`` is patched), so the host code after a launch keeps going and the backward
+kernels are reached too. Numbers are not checked here: the interpreter tests do that.
+
+Limits: it compiles with the local Triton (3.7 here; the lent GPU machine has 3.6) and without the
+runtime's value specialisations (``== 1`` / divisible-by-16 hints), so it proves the kernels compile,
+not that every specialisation the runtime picks does.
+
+    python -m fast.compile_check            # every dtype, every autotune config (~5 min on 2 cores)
+    python -m fast.compile_check --quick    # fp32 + bf16, first autotune config only (~1.5 min; `make test`)
+
+Run it without ``TRITON_INTERPRET``; it prints one line per compiled kernel variant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+
+CAPABILITY = 90  # H100 / H200
+_DT = {
+    "float32": "fp32",
+    "float16": "fp16",
+    "bfloat16": "bf16",
+    "float64": "fp64",
+    "int32": "i32",
+    "int64": "i64",
+    "int8": "i8",
+    "uint8": "u8",
+    "bool": "i1",
+    "int16": "i16",
+}
+_LAUNCH_OPTS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
+
+
+class CompileLog:
+    def __init__(self):
+        self.done: dict[tuple, float] = {}  # (kernel, signature, constexprs, options) -> seconds
+        self.failures: list[tuple[str, str]] = []
+
+
+def _arg_type(v):
+    import torch
+
+    if isinstance(v, torch.Tensor):
+        return "*" + _DT[str(v.dtype).replace("torch.", "")]
+    if isinstance(v, bool):
+        return "i1"
+    if isinstance(v, int):
+        return "i32" if -(2**31) <= v < 2**31 else "i64"
+    if isinstance(v, float):
+        return "fp32"
+    if v is None:
+        return "constexpr"
+    raise TypeError(f"cannot type kernel argument {v!r}")
+
+
+def _compile(log: CompileLog, fn, args, kwargs):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = [p.name for p in fn.params]
+    bound = dict(zip(names, args, strict=False))  # the rest come as keywords
+    opts = {k: kwargs.pop(k) for k in list(kwargs) if k in _LAUNCH_OPTS}
+    bound.update(kwargs)
+    for p in fn.params:  # defaults of omitted parameters
+        if p.name not in bound and p.has_default:
+            bound[p.name] = p.default
+    signature, constexprs = {}, {}
+    for p in fn.params:
+        v = bound[p.name]
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = v
+        else:
+            t = _arg_type(v)
+            signature[p.name] = t
+            if t == "constexpr":
+                constexprs[p.name] = v
+    key = (
+        fn.__name__,
+        tuple(signature.items()),
+        tuple(sorted(constexprs.items())),
+        tuple(sorted(opts.items())),
+    )
+    if key in log.done:
+        return
+    t0 = time.perf_counter()
+    try:
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        triton.compile(src, target=GPUTarget("cuda", CAPABILITY, 32), options=opts)
+    except Exception as e:  # collect every failure, report all of them at the end
+        msg = str(e).strip().splitlines()
+        log.failures.append((f"{fn.__name__} {constexprs} {opts}", "\n".join(msg[-12:])))
+    log.done[key] = time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def compile_instead_of_launch(log: CompileLog, all_configs: bool = True):
+    """Within this context every Triton launch compiles for sm_90 and returns without running."""
+    import torch
+    from triton.runtime import autotuner as at
+    from triton.runtime import jit
+
+    import fast.utils as fu
+
+    saved = (jit.JITFunction.run, at.Autotuner.run, fu.triton_usable, fu.empty)
+
+    def jit_run(self, *args, grid, warmup, **kwargs):
+        _compile(log, self, args, dict(kwargs))
+
+    def tuner_run(self, *args, **kwargs):
+        kwargs.pop("grid", None)
+        kwargs.pop("warmup", None)
+        for cfg in self.configs if all_configs else self.configs[:1]:
+            self.fn.run(*args, grid=None, warmup=False, **{**kwargs, **cfg.all_kwargs()})
+
+    def zeros(shape, *, dtype, device):
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    jit.JITFunction.run = jit_run
+    at.Autotuner.run = tuner_run
+    fu.triton_usable = lambda t: True
+    fu.empty = zeros
+    patched_modules = [
+        m
+        for m in list(sys.modules.values())
+        if getattr(m, "__name__", "").startswith("fast.") and getattr(m, "empty", None) is saved[3]
+    ]
+    for m in patched_modules:
+        m.empty = zeros
+    try:
+        yield log
+    finally:
+        jit.JITFunction.run, at.Autotuner.run, fu.triton_usable, fu.empty = saved
+        for m in patched_modules:
+            m.empty = saved[3]
+
+
+def _workload(dtypes):
+    """Call every public Triton op forward + backward over the dtypes and flags that select kernels."""
+    import torch
+
+    from fast import attention, dac_kl, divergences, span
+
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    for dtype in dtypes:
+        # divergences: every name (one kernel code each)
+        for name in divergences.PARAMS:
+            t, s = rnd(3, 300, dtype=dtype), rnd(3, 300, dtype=dtype).requires_grad_()
+            divergences.divergence(name, t, s, backend="triton").backward()
+        # attention: causal, sliding window, non-causal, odd head dim, GQA
+        for causal, window, D, hq, hkv in (
+            (True, None, 64, 2, 2),
+            (True, 7, 64, 4, 2),
+            (False, None, 32, 2, 1),
+            (True, 5, 20, 2, 2),
+            (True, None, 128, 1, 1),
+        ):
+            if dtype == torch.float32 and D == 128:
+                continue
+            q = rnd(1, hq, 40, D, dtype=dtype).requires_grad_()
+            k = rnd(1, hkv, 40, D, dtype=dtype).requires_grad_()
+            v = rnd(1, hkv, 40, D, dtype=dtype).requires_grad_()
+            out, lse = attention.flash_attention_with_lse(
+                q, k, v, causal=causal, window=window, backend="triton"
+            )
+            (out.float().sum() + lse.sum()).backward()
+        # DAC-KL: both bound semantics, the options that change the kernels
+        for cfg in (
+            {"bounds": "value"},
+            {"bounds": "mass"},
+            {"bounds": "value", "normalize": False},
+            {"bounds": "mass", "target": False},
+        ):
+            t, s = rnd(4, 300, dtype=dtype), rnd(4, 300, dtype=dtype).requires_grad_()
+            up = torch.full((4,), 0.9, requires_grad=True)
+            lo = torch.full((4,), 0.2, requires_grad=True)
+            loss, kept, _ = dac_kl.dac_kl(t, s, up, lo, backend="triton", **cfg)
+            (loss.sum() + kept.sum()).backward()
+        # span loss, plain and squared
+        for squared in (False, True):
+            t, s = rnd(2, 9, 300, dtype=dtype), rnd(2, 9, 300, dtype=dtype).requires_grad_()
+            spans = span.spans_to_tensor([[(0, 3), (4, 8)], [(2, 9)]])
+            span.span_loss(t, s, spans, squared=squared, backend="triton").backward()
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print(
+            "run without TRITON_INTERPRET: this compiles kernels, it does not interpret them", file=sys.stderr
+        )
+        return 2
+    import torch
+
+    quick = "--quick" in sys.argv[1:]
+    dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.bfloat16, torch.float16)
+    log = CompileLog()
+    t0 = time.perf_counter()
+    with compile_instead_of_launch(log, all_configs=not quick):
+        _workload(dtypes)
+    for (name, _sig, cx, opts), dt in sorted(log.done.items(), key=lambda kv: kv[0][0]):
+        print(f"compiled {name:28s} {dt:6.2f}s  constexprs={dict(cx)} options={dict(opts)}")
+    for what, msg in log.failures:
+        print(f"FAILED {what}\n{msg}\n")
+    print(
+        f"{len(log.done)} kernel variants for sm_{CAPABILITY}, {len(log.failures)} failed, "
+        f"{time.perf_counter() - t0:.1f}s"
+    )
+    return 1 if log.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
