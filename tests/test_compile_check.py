@@ -53,7 +53,7 @@ def test_the_check_catches_a_compile_only_bug(tmp_path):
         def broken_kernel(x, y, n, B: tl.constexpr):
             o = tl.arange(0, B)
             v = tl.load(x + o, mask=o < n, other=0.0)
-            acc = 0  # int32 here, a float tensor after the loop: the compiler refuses, the interpreter does not
+            acc = 0  # int32 here, float after the loop: the compiler refuses, the interpreter does not
             for i in range(0, 3):
                 acc += v
             tl.store(y + o, acc, mask=o < n)
