@@ -20,8 +20,8 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = pathlib.Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
-TEST_LIMIT_S = int(os.environ.get("GPU_CHECK_TEST_LIMIT_S", "270"))
-BENCH_LIMIT_S = int(os.environ.get("GPU_CHECK_BENCH_LIMIT_S", "170"))
+TEST_LIMIT_S = int(os.environ.get("GPU_CHECK_TEST_LIMIT_S", "240"))
+BENCH_LIMIT_S = int(os.environ.get("GPU_CHECK_BENCH_LIMIT_S", "200"))
 
 
 def sh(cmd: list[str], limit: int, log: pathlib.Path, env=None) -> tuple[int, float, str]:

@@ -7,6 +7,9 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+import torch
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KERNELS = [
     "divergence_fwd_kernel",
@@ -33,6 +36,7 @@ def _run(args, tmp_path, script=None):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel tests compile and run")
 def test_every_kernel_compiles_for_sm90(tmp_path):
     p = _run(["--quick"], tmp_path)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
