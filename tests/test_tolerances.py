@@ -100,3 +100,14 @@ def test_report_lists_first_mismatches():
     ok, report, stats = compare(y, x)
     assert not ok and stats["n_bad"] == 7
     assert report.count("at [") == 5  # only the first five are printed
+
+
+def test_all_zero_reference_uses_atol_only():
+    z = np.zeros(50)
+    assert_close(z + 1e-12, z, dtype="float32")  # within atol: passes although the relative RMS is infinite
+    with pytest.raises(AssertionError, match="exceed atol"):
+        assert_close(z + 1e-3, z, dtype="float32")
+    y = z.copy()
+    y[7] = np.nan
+    with pytest.raises(AssertionError, match="NaN"):
+        assert_close(y, z, dtype="float32")
