@@ -231,6 +231,24 @@ def test_fast_vs_reference(backend, B, Hkv, G, T, D, causal, wkind, dtype, seed)
     _run(backend, B, Hkv, G, T, D, causal, window, DTYPES[dtype], seed)
 
 
+_MANY = [(300, 1, 1, 3, True, None), (1, 75, 4, 5, True, 2), (3, 100, 1, 1, False, 1)]
+
+
+@given(B=st.integers(1, 300), Hkv=st.integers(1, 300), G=st.sampled_from([1, 2, 4]), T=st.integers(1, 5),
+       causal=st.booleans(), window=st.sampled_from([None, 1, 2]), seed=st.integers(0, 2**16))
+def test_many_batches_and_heads_torch(B, Hkv, G, T, causal, window, seed):
+    # The B, H in [1, 300] (B*H*G capped at 300 to keep the oracle cheap; T tiny for the same reason)
+    Hkv = max(1, min(Hkv, 300 // (B * G)))
+    _run("torch", B, Hkv, G, T, 16, causal, window, torch.float32, seed)
+
+
+@pytest.mark.parametrize("B,Hkv,G,T,causal,window", _MANY, ids=["B300", "Hq300-gqa4", "H300-T1"])
+def test_many_batches_and_heads_triton(B, Hkv, G, T, causal, window):
+    # The grid spans B*H programs: batch/head stride math and the GQA head mapping far past the small
+    # B, H of test_fast_vs_reference. Pinned cases only: each is 300 interpreted programs per kernel.
+    _run("triton", B, Hkv, G, T, 16, causal, window, torch.float32, seed=B + Hkv)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("D", [100, 128])
 def test_big_and_odd_head_dims(backend, D):
