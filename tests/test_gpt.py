@@ -6,6 +6,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from fast.testing import assert_close
 from reference import gpt as ref
 from tiny_models.gpt import (
     ATTENTION,
@@ -207,6 +208,29 @@ def test_register_attention_routes_every_layer():
             register_attention("full", spy)
     finally:
         ATTENTION.pop("spy_test", None)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_gpt_with_the_triton_attention_kernel_matches_sdpa(window):
+    # What the model runs on CUDA (fast.attention.flash_attention, Triton), here through the interpreter on
+    # the model's own q/k/v layout (a view of the fused qkv projection after RoPE), against the SDPA path.
+    from fast.attention import flash_attention
+
+    def triton_attn(q, k, v, *, window, key_valid, scale):  # [B,H,T,D] x3 -> [B,H,T,D]
+        assert key_valid is None
+        return flash_attention(q, k, v, causal=True, window=window, scale=scale, backend="triton")
+
+    register_attention("triton_test", triton_attn, overwrite=True)
+    try:
+        kw = {"n_embd": 32, "window": window, "attention": "full" if window is None else "sliding"}
+        base = _model(dtype=torch.float32, **kw)
+        m = _model(dtype=torch.float32, **{**kw, "attention": "triton_test"})
+        m.load_state_dict(base.state_dict())
+        x = torch.randint(0, 256, (2, 21), device=DEVICE)
+        with torch.no_grad():
+            assert_close(m(x), base(x), dtype=torch.float32, name="logits")
+    finally:
+        ATTENTION.pop("triton_test", None)
 
 
 @pytest.mark.parametrize(

@@ -106,13 +106,12 @@ def attention_mask(tq: int, tk: int, *, window: int | None, key_valid, device) -
 
 def _sdpa_attention(q, k, v, *, window, key_valid, scale):  # [B, H, Tq, D] x3 -> [B, H, Tq, D]
     tq, tk = q.shape[-2], k.shape[-2]
-    if q.is_cuda and key_valid is None and tq == tk and q.dtype != torch.float64 and q.shape[-1] <= 256:
-        try:  # the Triton kernels of fast/attention.py, once they exist
-            from fast.attention import flash_attention
-        except ImportError:
-            flash_attention = None
-        if flash_attention is not None:
-            return flash_attention(q, k, v, causal=True, window=window, scale=scale)
+    # The Triton kernels of fast/attention.py take fp16/bf16/fp32, equal query/key lengths (no KV cache),
+    # no padding mask and head dims up to 128; everything else goes to SDPA with an explicit mask.
+    if q.is_cuda and key_valid is None and tq == tk and q.dtype != torch.float64 and q.shape[-1] <= 128:
+        from fast.attention import flash_attention  # lazy: importing triton is not free
+
+        return flash_attention(q, k, v, causal=True, window=window, scale=scale)
     mask = attention_mask(tq, tk, window=window, key_valid=key_valid, device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
