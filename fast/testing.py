@@ -28,6 +28,22 @@ bfloat16   1.6e-2    5e-2      1e-2
 
 fp32 on a GPU: ``tl.dot`` on fp32 uses TF32 unless told otherwise; kernels in this project request
 ``input_precision="ieee"`` for fp32 dots so the fp32 row above also holds compiled.
+
+Two explicit widenings, each to be justified where it is used, never picked to make a test pass:
+
+* ``scale`` (``tolerance_for``): all three numbers times a factor derived from the computation, e.g.
+  a log-ratio of size R resolves to R·eps only.
+* ``slack`` (``compare`` / ``assert_close``): the **conditioning** of the oracle itself. Some results
+  are ill-conditioned by construction (a quantile threshold, a cancelling sum): perturbing the inputs
+  by a few units of the fast path's precision moves the *exact* answer by more than the dtype's atol.
+  The caller measures that movement with the oracle (e.g. by re-running it on perturbed inputs) and
+  passes it as ``slack`` (a number, or an array broadcast against ``expected`` for a per-element
+  bound). It is added to the elementwise bound, and the RMS budget becomes
+  ``max(rms, ||slack|| / ||expected||)``, the relative RMS that a shift of exactly ``slack`` gives.
+  NaN and infinity rules are unchanged, whatever the slack.
+
+``rms=math.inf`` switches the RMS metric off; callers say why (the RMS of a cancelling sum, or of a
+value below fp32's normal range, measures the cancellation, not the error).
 """
 from __future__ import annotations
 
@@ -95,8 +111,21 @@ def rel_rms(actual, expected) -> float:
     return num / den
 
 
-def compare(actual, expected, *, dtype="float64", atol=None, rtol=None, rms=None):
-    """Return (ok: bool, report: str, stats: dict). See the module docstring for the rules."""
+def _slack_array(slack, shape) -> np.ndarray:
+    sl = np.asarray(_to_f64(slack), dtype=np.float64)
+    try:
+        sl = np.broadcast_to(sl, shape)
+    except ValueError:
+        raise ValueError(f"slack of shape {sl.shape} does not broadcast to the shape {shape}") from None
+    if not np.all(np.isfinite(sl)) or np.any(sl < 0):
+        raise ValueError(f"slack must be finite and >= 0, got min {sl.min() if sl.size else 0!r}, "
+                         f"non-finite {int((~np.isfinite(sl)).sum())}")
+    return sl
+
+
+def compare(actual, expected, *, dtype="float64", atol=None, rtol=None, rms=None, slack=0.0):
+    """Return (ok: bool, report: str, stats: dict). See the module docstring for the rules
+    (``slack``: the oracle's own conditioning, measured by the caller)."""
     a, e = _to_f64(actual), _to_f64(expected)
     if a.shape != e.shape:
         return False, f"shape mismatch: actual {a.shape} vs expected {e.shape}", {}
@@ -104,6 +133,7 @@ def compare(actual, expected, *, dtype="float64", atol=None, rtol=None, rms=None
     atol = tol.atol if atol is None else atol
     rtol = tol.rtol if rtol is None else rtol
     rms = tol.rms if rms is None else rms
+    sl = _slack_array(slack, e.shape)
 
     problems = []
     nan_a, nan_e = np.isnan(a), np.isnan(e)
@@ -121,13 +151,18 @@ def compare(actual, expected, *, dtype="float64", atol=None, rtol=None, rms=None
     fin = np.isfinite(a) & np.isfinite(e)
     err = np.zeros_like(a)
     err[fin] = np.abs(a[fin] - e[fin])
-    bound = atol + rtol * np.abs(np.where(fin, e, 0.0))
+    bound = atol + rtol * np.abs(np.where(fin, e, 0.0)) + sl
     bad = fin & (err > bound)
     max_abs = float(err.max()) if err.size else 0.0
     r = rel_rms(np.where(fin, a, 0.0), np.where(fin, e, 0.0)) if err.size else 0.0
+    if sl.size and sl.any():
+        e_norm = float(np.sqrt(np.sum(np.where(fin, e, 0.0) ** 2)))
+        if e_norm > 0:  # the relative RMS that a shift of exactly `slack` gives
+            rms = max(rms, float(np.sqrt(np.sum(np.where(fin, sl, 0.0) ** 2))) / e_norm)
     stats = {"max_abs": max_abs, "rel_rms": r, "n_bad": int(bad.sum()), "n": int(a.size)}
     if bad.any():
-        lines = [f"{int(bad.sum())}/{a.size} elements exceed atol={atol:g} + rtol={rtol:g}*|expected|"]
+        extra = f" + slack (max {float(sl.max()):.3g})" if sl.any() else ""
+        lines = [f"{int(bad.sum())}/{a.size} elements exceed atol={atol:g} + rtol={rtol:g}*|expected|{extra}"]
         for idx in np.argwhere(bad)[:5]:
             t = tuple(int(i) for i in idx)
             lines.append(f"  at {list(t)}: actual {a[t]!r} expected {e[t]!r} |diff| {err[t]:.3g}")
@@ -139,9 +174,10 @@ def compare(actual, expected, *, dtype="float64", atol=None, rtol=None, rms=None
     return (not problems), head + ("\n" + "\n".join(problems) if problems else ""), stats
 
 
-def assert_close(actual, expected, *, dtype="float64", name: str = "", atol=None, rtol=None, rms=None):
+def assert_close(actual, expected, *, dtype="float64", name: str = "", atol=None, rtol=None, rms=None,
+                 slack=0.0):
     """Raise AssertionError with a readable report unless ``actual`` matches ``expected``."""
-    ok, report, stats = compare(actual, expected, dtype=dtype, atol=atol, rtol=rtol, rms=rms)
+    ok, report, stats = compare(actual, expected, dtype=dtype, atol=atol, rtol=rtol, rms=rms, slack=slack)
     if not ok:
         raise AssertionError(f"{name or 'value'} mismatch: {report}")
     return stats

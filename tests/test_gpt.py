@@ -273,4 +273,4 @@ def test_loss_ignores_masked_labels():
     y[:, :4] = -100
     logits, loss = m(x, targets=y)
     want = torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, logits.size(-1)), y[:, 4:].reshape(-1))
-    torch.testing.assert_close(loss, want)
+    assert_close(loss, want, dtype="float32", name="masked-label loss")

@@ -111,3 +111,61 @@ def test_all_zero_reference_uses_atol_only():
     y[7] = np.nan
     with pytest.raises(AssertionError, match="NaN"):
         assert_close(y, z, dtype="float32")
+
+
+# ---- slack: the oracle's measured conditioning, an explicit widening --------------------------------
+def test_slack_admits_exactly_its_size_and_no_more():
+    x = np.random.default_rng(5).standard_normal(500)
+    tol = tolerance_for("float32")
+    y = x.copy()
+    y[7] += 1e-3  # far above fp32's atol + rtol·|x|
+    assert not compare(y, x, dtype="float32")[0]
+    bound7 = tol.atol + tol.rtol * abs(x[7])
+    assert compare(y, x, dtype="float32", slack=1e-3 - bound7 + 1e-9)[0]
+    ok, report, _ = compare(y, x, dtype="float32", slack=1e-3 - bound7 - 1e-7)
+    assert not ok and "slack" in report
+
+
+def test_slack_per_element_applies_where_it_is_given():
+    x = np.random.default_rng(6).standard_normal((4, 50))
+    y = x.copy()
+    y[2, 10] += 1e-3
+    sl = np.zeros((4, 1))
+    sl[2] = 2e-3  # row 2 is ill-conditioned, the others are not
+    assert compare(y, x, dtype="float32", slack=sl)[0]
+    y[1, 10] += 1e-3  # a row without slack: must still fail
+    ok, report, stats = compare(y, x, dtype="float32", slack=sl)
+    assert not ok and stats["n_bad"] == 1 and "[1, 10]" in report
+
+
+def test_slack_widens_rms_to_what_the_slack_alone_gives():
+    x = np.random.default_rng(7).standard_normal(10000)
+    tol = tolerance_for("float32")
+    y = x * (1 + 0.5 * tol.rtol)  # fails on the relative RMS alone (test_spread_error_fails_on_rms)
+    err = np.abs(y - x).max()
+    assert compare(y, x, dtype="float32", slack=err)[0]
+    assert not compare(y, x, dtype="float32", slack=1e-3 * err)[0]  # a tiny slack does not excuse it
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_slack_never_excuses_nan_or_inf(bad):
+    x = np.ones(10)
+    y = x.copy()
+    y[4] = bad
+    with pytest.raises(AssertionError):
+        assert_close(y, x, dtype="bfloat16", slack=1e6)
+
+
+@pytest.mark.parametrize("slack", [-1e-3, np.nan, np.inf, np.ones(3)])
+def test_bad_slack_is_a_value_error(slack):
+    with pytest.raises(ValueError, match="slack"):
+        compare(np.zeros(4), np.zeros(4), slack=slack)
+
+
+def test_rms_inf_switches_the_rms_metric_off_but_not_the_elementwise_one():
+    x = np.random.default_rng(8).standard_normal(10000)
+    tol = tolerance_for("float32")
+    assert compare(x * (1 + 0.5 * tol.rtol), x, dtype="float32", rms=np.inf)[0]
+    y = x.copy()
+    y[3] += 1.0
+    assert not compare(y, x, dtype="float32", rms=np.inf)[0]
