@@ -1,7 +1,8 @@
 """Benchmark: token-level divergences, forward + backward through the student logits.
 
 Implementations side by side: the Triton kernels, the vectorised torch backend, ``torch.compile`` of
-the torch backend (CUDA only, at the first size only: compilation per shape costs tens of seconds), and
+the torch backend (inductor, one graph: see ``fast.divergences.divergence``; at the first size only,
+since compilation per shape costs tens of seconds; on CPU ``--quick`` for forward KL only), and
 Liger-Kernel's KL / JSD when ``liger_kernel`` is importable (it takes log-probabilities, so its rows
 include a ``log_softmax`` of both inputs).
 
@@ -68,10 +69,11 @@ def run(*, device: str, quick: bool) -> list[dict]:
     else:
         shapes, dtype = [(4096, 32000), (16384, 32000), (4096, 128256), (16384, 128256)], torch.bfloat16
         warmup, rep = 2, 5
-    # phase 1: the kernels vs the eager torch backend at every size; phase 2 (CUDA only): the extras,
-    # torch.compile at the first size (its compile time would dominate the budget) and Liger if present
+    # phase 1: the kernels vs the eager torch backend at every size; phase 2: the extras, torch.compile
+    # at the first size (its compile time would dominate the budget) and Liger if present. On CPU the
+    # extras run only with --quick, for forward KL (one inductor compile, ~30 s on 2 cores)
     phases = [["triton", "torch"] if (cuda or is_interpreting()) else ["torch"]]
-    if cuda:
+    if cuda or quick:
         phases.append(["torch.compile", "liger"])
     rows = []
     for phase in phases:
@@ -79,7 +81,7 @@ def run(*, device: str, quick: bool) -> list[dict]:
             for N, V in shapes:
                 shape = f"N={N} V={V} {str(dtype)[6:]}"
                 extra = phase[0] == "torch.compile"
-                if extra and (N, V) != shapes[0]:
+                if extra and ((N, V) != shapes[0] or (not cuda and name != "forward_kl")):
                     continue
                 g = torch.Generator(device="cpu").manual_seed(0)
                 t = (3 * torch.randn(N, V, generator=g)).to(device=device, dtype=dtype)
@@ -102,7 +104,9 @@ def run(*, device: str, quick: bool) -> list[dict]:
                         fwd = (lambda a, b, _n=name, _i=impl: divergence(_n, a, b, backend=_i))
                     fn = _fwd_bwd(fwd, t, s)
                     try:
-                        ms = median_ms(fn, device=device, warmup=warmup, rep=rep)
+                        # the first compiled call is the compilation: never time it
+                        w = max(warmup, 1) if impl == "torch.compile" else warmup
+                        ms = median_ms(fn, device=device, warmup=w, rep=rep)
                         row.update(median_ms=ms, gbps=nbytes / ms / 1e6, peak_mb=peak_mb(fn, device=device))
                     except torch.OutOfMemoryError:
                         row["note"] = "out of memory"

@@ -370,7 +370,10 @@ class _DivergenceRows(torch.autograd.Function):
             loss, stats, status = _triton_fwd(t, s, keep, code, log_w, log_1mw, inv_tau, block_v)
         else:
             loss, stats, status = _torch_fwd(t, s, keep, code, log_w, log_1mw, inv_tau)
-        _raise_on_status(status)
+        if not torch.compiler.is_compiling():
+            # reading the status back is a host sync and, under torch.compile, a graph break: compiled
+            # code skips the input check (see ``divergence``), eager code always runs it
+            _raise_on_status(status)
         ctx.save_for_backward(t, s, keep, stats)
         ctx.cfg = (code, log_w, log_1mw, inv_tau, backend, block_v)
         ctx.student_dtype = s.dtype
@@ -411,6 +414,11 @@ def divergence(name, teacher_logits, student_logits, *, mask=None, labels=None, 
     float64 student); the gradient has the student's dtype. The Triton backend computes in fp32;
     the torch backend in fp32, or fp64 when an input is fp64. ``block_v`` (Triton only) overrides the
     vocabulary chunk, a power of two. Bad input raises ``ValueError`` naming the problem.
+
+    Under ``torch.compile`` the whole call traces as one graph (``fullgraph=True`` works): the checks on
+    shapes, dtypes and options still run at trace time, but the check of the logits' *values* (NaN,
+    +inf, a row that is -inf everywhere) is skipped there, because it reads a per-row status back to the
+    host. Run a step eagerly to validate data; compiled, such rows give NaN instead of an error.
     """
     if name not in _CODES:
         raise ValueError(f"unknown divergence {name!r}; known: {sorted(_CODES)}")

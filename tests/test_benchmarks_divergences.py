@@ -15,8 +15,11 @@ def test_quick_run_returns_rows():
     rows = run(device="cuda" if cuda else "cpu", quick=True)
     assert {r["op"] for r in rows} == {"forward_kl fwd+bwd", "js_divergence fwd+bwd"}
     assert {r["impl"] for r in rows} >= {"torch", "triton"}
-    rows = [r for r in rows if r["impl"] in ("torch", "triton")]  # torch.compile/liger: CUDA extras
+    compiled = [r for r in rows if r["impl"] == "torch.compile"]
+    assert compiled and "median_ms" in compiled[0], compiled  # inductor ran (CPU: forward KL only)
     for r in rows:
+        if r["impl"] == "liger" and "note" in r:
+            continue  # "liger_kernel not importable" (it is not a requirement)
         assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0, r
         assert r["gbps"] > 0
 

@@ -324,6 +324,32 @@ def test_auto_backend_and_backends_agree():
         assert_close(outs[be][1], outs["torch"][1], dtype="float32")
 
 
+# ---- torch.compile: the torch backend traces as one graph and equals eager -------------------------
+@pytest.mark.parametrize("name,params", [("forward_kl", {}), ("js_divergence", {"beta": 0.3})])
+def test_torch_compile_fullgraph_equals_eager(name, params):
+    """``fullgraph=True`` fails on any graph break (e.g. the eager value check's host read-back), so
+    this pins that a compiled training step is one graph. ``aot_eager`` traces forward and backward
+    exactly as inductor would, without generating C++ (the benchmark runs inductor itself)."""
+    torch._dynamo.reset()
+    rng = np.random.default_rng(21)
+    t64, s64 = _make(rng, (2, 5), 37, n_pad=3)
+    keep = torch.tensor(rng.random((2, 5)) > 0.3)
+    t = torch.tensor(t64, dtype=torch.float32)
+
+    def step(a, b, m):
+        return F.divergence(name, a, b, mask=m, temperature=1.5, backend="torch", **params)
+
+    outs = []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        s = torch.tensor(s64, dtype=torch.float32, requires_grad=True)
+        loss = fn(t, s, keep)
+        (-1.7 * loss).backward()
+        outs.append((loss.detach(), s.grad))
+    assert_close(outs[1][0], outs[0][0], dtype="float32", name="compiled loss")
+    assert_close(outs[1][1], outs[0][1], dtype="float32", name="compiled grad")
+    assert torch.isfinite(outs[0][1]).all() and outs[0][1].abs().sum() > 0
+
+
 # ---- demo: mode covering (forward KL) vs mode seeking (reverse KL) ----------------------------------
 def test_demo_fit_mode_covering_vs_seeking():
     rows = {r["divergence"]: r for r in F.demo_fit(V=32, steps=120)}
