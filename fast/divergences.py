@@ -377,7 +377,10 @@ class _DivergenceRows(torch.autograd.Function):
         ctx.save_for_backward(t, s, keep, stats)
         ctx.cfg = (code, log_w, log_1mw, inv_tau, backend, block_v)
         ctx.student_dtype = s.dtype
-        return loss.to(torch.float64 if s.dtype == torch.float64 else torch.float32)
+        out_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+        # not ``loss.to(out_dtype)`` when it is a no-op: torch 2.11's dynamo then loses the gradient of
+        # the Function's output (compiled backward got grad_rows = 0; seen in 2.11.0, fine in 2.13.0)
+        return loss if loss.dtype == out_dtype else loss.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_rows):  # grad_rows [N]

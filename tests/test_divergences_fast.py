@@ -329,7 +329,9 @@ def test_auto_backend_and_backends_agree():
 def test_torch_compile_fullgraph_equals_eager(name, params):
     """``fullgraph=True`` fails on any graph break (e.g. the eager value check's host read-back), so
     this pins that a compiled training step is one graph. ``aot_eager`` traces forward and backward
-    exactly as inductor would, without generating C++ (the benchmark runs inductor itself)."""
+    exactly as inductor would, without generating C++ (the benchmark runs inductor itself). Under
+    torch 2.11 this caught a compiled backward that received a zero output gradient (see
+    ``_DivergenceRows.forward``)."""
     torch._dynamo.reset()
     rng = np.random.default_rng(21)
     t64, s64 = _make(rng, (2, 5), 37, n_pad=3)
