@@ -65,11 +65,13 @@ def main() -> int:
         f"- date (UTC): {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}",
         f"- GPU: {smi or (torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')}",
         f"- python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}",
+        f"- capability: {torch.cuda.get_device_capability() if torch.cuda.is_available() else 'none'}; "
+        f"TRITON_INTERPRET for the tests: {env.get('TRITON_INTERPRET', 'unset (compiled kernels)')}",
         "",
     ]
 
     pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not notebook", "-p", "no:cacheprovider",
-                  "-rfE", "--durations=15", "--junitxml", str(OUT / "junit.xml")]
+                  "-rfEs", "--durations=15", "--junitxml", str(OUT / "junit.xml")]
     pytest_cmd += os.environ.get("GPU_CHECK_PYTEST_ARGS", "").split()
     try:
         import xdist  # noqa: F401
@@ -80,6 +82,7 @@ def main() -> int:
     rc_t, dt_t, text_t = sh(pytest_cmd, TEST_LIMIT_S, OUT / "pytest.log", env)
     summary = [ln for ln in text_t.splitlines() if re.search(r"\d+ (passed|failed|errors?)\b", ln)]
     failures = [ln for ln in text_t.splitlines() if ln.startswith(("FAILED", "ERROR"))]
+    skips = [ln for ln in text_t.splitlines() if ln.startswith("SKIPPED")]  # a gpu test must not be here
 
     bench_cmd = [sys.executable, "benchmarks/run_all.py", "--out", str(OUT / "bench.md")]
     bench_cmd += os.environ.get("GPU_CHECK_BENCH_ARGS", "--full").split()
@@ -92,6 +95,7 @@ def main() -> int:
         "```",
         *(summary[-3:] or text_t.splitlines()[-20:]),
         *failures[:60],
+        *skips[:30],
         "```",
         "",
         f"## Benchmarks, rc={rc_b}, {dt_b:.0f}s",

@@ -38,3 +38,17 @@ def test_plumbing_writes_a_report(tmp_path):
     assert " passed" in report and "failed" not in report.split("## Benchmarks")[0]
     assert "## attention" in report and "FAILED" not in report
     assert (tmp_path / "pytest.log").exists() and (tmp_path / "junit.xml").exists()
+    assert "TRITON_INTERPRET for the tests: 1" in report  # plumbing mode on CPU: interpreted, and it says so
+
+
+def test_report_lists_failures_and_skips(tmp_path):
+    planted = tmp_path / "test_planted.py"
+    planted.write_text("import pytest\n\n\ndef test_planted_failure():\n    assert 1 == 2\n\n\n"
+                       "@pytest.mark.skip(reason='planted skip')\ndef test_planted_skip():\n    pass\n")
+    p = _run(tmp_path, GPU_CHECK_ALLOW_CPU="1", GPU_CHECK_PYTEST_ARGS=str(planted),
+             GPU_CHECK_BENCH_ARGS="--only attention")
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
+    tests_part = (tmp_path / "gpu_report.md").read_text().split("## Benchmarks")[0]
+    assert "## Tests (compiled kernels), rc=1" in tests_part
+    assert "FAILED" in tests_part and "test_planted_failure" in tests_part
+    assert "SKIPPED" in tests_part and "planted skip" in tests_part
