@@ -47,11 +47,13 @@ value below fp32's normal range, measures the cancellation, not the error).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Tolerance", "TOLERANCES", "tolerance_for", "compare", "assert_close", "rel_rms"]
+__all__ = ["Tolerance", "TOLERANCES", "tolerance_for", "compare", "assert_close", "rel_rms",
+           "fuzz_examples", "examples"]
 
 
 @dataclass(frozen=True)
@@ -181,3 +183,14 @@ def assert_close(actual, expected, *, dtype="float64", name: str = "", atol=None
     if not ok:
         raise AssertionError(f"{name or 'value'} mismatch: {report}")
     return stats
+
+
+def fuzz_examples() -> int:
+    """Examples per property test under ``HYPOTHESIS_PROFILE=fuzz`` (``HYPOTHESIS_MAX_EXAMPLES``, 400)."""
+    return int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "400"))
+
+
+def examples(n: int) -> int:
+    """``max_examples`` for a property test too expensive for the default profile's count: ``n`` in
+    ``make test``, the fuzz count under ``HYPOTHESIS_PROFILE=fuzz``, so fuzzing reaches every test."""
+    return fuzz_examples() if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else n

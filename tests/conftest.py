@@ -19,6 +19,8 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+from fast.testing import fuzz_examples  # noqa: E402  (NumPy only: no kernel module is imported here)
+
 _common = dict(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
@@ -30,9 +32,7 @@ settings.register_profile(
     print_blob=True,
     **_common,
 )
-settings.register_profile(
-    "fuzz", max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "400")), **_common
-)
+settings.register_profile("fuzz", max_examples=fuzz_examples(), **_common)  # fast.testing.examples() agrees
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 

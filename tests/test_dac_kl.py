@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import reference.dac_kl as R
 from fast.dac_kl import DACKL, dac_kl, teacher_features
-from fast.testing import assert_close, tolerance_for
+from fast.testing import assert_close, examples, tolerance_for
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # interpreter: exp overflow in the sigmoid tails and -inf - -inf before a where (both intended)
@@ -288,7 +288,7 @@ def test_triton_large_vocab_multi_chunk(bounds):
     _run_fast(t, s, u, l, g, "triton", bounds=bounds)
 
 
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(N=st.integers(1, 5), V=st.integers(2, 300), seed=st.integers(0, 2**16),
        bounds=st.sampled_from(["value", "mass"]), target=st.booleans(), normalize=st.booleans())
 @example(N=1, V=2, seed=0, bounds="value", target=True, normalize=True)
@@ -299,7 +299,7 @@ def test_torch_backend_property(N, V, seed, bounds, target, normalize):
     _run_fast(t, s, u, l, g, "torch", bounds=bounds, target=target, normalize=normalize)
 
 
-@settings(max_examples=3)
+@settings(max_examples=examples(3))
 @given(N=st.integers(1, 3), V=st.integers(2, 200), seed=st.integers(0, 2**16),
        bounds=st.sampled_from(["value", "mass"]))
 @example(N=1, V=3, seed=2, bounds="mass")

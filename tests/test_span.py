@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import reference.span as R
 from fast.span import pair_rows, span_loss, spans_to_tensor
-from fast.testing import assert_close
+from fast.testing import assert_close, examples
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -184,7 +184,7 @@ def test_triton_multi_chunk_vocab():
     _run(t, s, [[(0, 4)]], "triton")
 
 
-@settings(max_examples=4)
+@settings(max_examples=examples(4))
 @given(B=st.integers(1, 2), T=st.integers(2, 6), V=st.integers(1, 70), seed=st.integers(0, 2**16),
        squared=st.booleans(), backend=st.sampled_from(["torch", "triton"]))
 @example(B=1, T=2, V=1, seed=0, squared=False, backend="triton")  # V = 1: every product is 1, loss 0

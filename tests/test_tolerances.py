@@ -169,3 +169,13 @@ def test_rms_inf_switches_the_rms_metric_off_but_not_the_elementwise_one():
     y = x.copy()
     y[3] += 1.0
     assert not compare(y, x, dtype="float32", rms=np.inf)[0]
+
+
+def test_expensive_property_tests_follow_the_fuzz_profile(monkeypatch):
+    from fast.testing import examples
+
+    monkeypatch.delenv("HYPOTHESIS_PROFILE", raising=False)
+    assert examples(3) == 3  # make test: the test's own small count
+    monkeypatch.setenv("HYPOTHESIS_PROFILE", "fuzz")
+    monkeypatch.setenv("HYPOTHESIS_MAX_EXAMPLES", "77")
+    assert examples(3) == 77  # fuzzing reaches the pinned tests too
