@@ -155,11 +155,11 @@ def _level_envelope(tr, sr, ur, lr, g, cfg):
     ``(x - d)/x`` can be -30 and more (a dominant top token), so this envelope can exceed fp32's atol
     (seen: loss rel. 6e-5)."""
     if not cfg.get("band", True):
-        return 0.0, 0.0, 0.0
+        return 0.0, 0.0, 0.0, 0.0, 0.0
     d = 4 * np.finfo(np.float32).eps
     base = R.dac_kl_parts(tr, sr, ur, lr, **cfg)
-    gbase = R.dac_kl_grad(tr, sr, ur, lr, g=g, **cfg)[0]
-    out = [0.0, 0.0, 0.0]
+    gbase = R.dac_kl_grad(tr, sr, ur, lr, g=g, **cfg)
+    out = [0.0] * 5  # loss, kept, d student, d upper, d lower
     # the teacher's log-probabilities carry fp32 rounding too (relative eps on p = absolute eps on log p),
     # which the band's sigmoids amplify by beta p: two sign patterns of that size on the teacher logits
     r = np.random.default_rng(0).choice([-1.0, 1.0], size=tr.shape) * d * np.maximum(1.0, np.abs(tr))
@@ -168,10 +168,11 @@ def _level_envelope(tr, sr, ur, lr, g, cfg):
         u2, l2 = np.clip(ur + su, 0, 1), np.clip(lr + sl, 0, 1)
         l2 = np.minimum(l2, u2 - d)
         f = R.dac_kl_parts(tr + dt, sr, u2, l2, **cfg)
-        g2 = R.dac_kl_grad(tr + dt, sr, u2, l2, g=g, **cfg)[0]
+        g2 = R.dac_kl_grad(tr + dt, sr, u2, l2, g=g, **cfg)
         out[0] = max(out[0], float(np.abs(f["loss"] - base["loss"]).max()))
         out[1] = max(out[1], float(np.abs(f["kept"] - base["kept"]).max()))
-        out[2] = max(out[2], float(np.abs(g2 - gbase).max()))
+        for k in range(3):
+            out[2 + k] = max(out[2 + k], float(np.abs(g2[k] - gbase[k]).max()))
     return tuple(out)
 
 
@@ -210,32 +211,49 @@ def _run_fast(t, s, u, l, g, backend, dtype=torch.float32, **cfg):
     ref = R.dac_kl_parts(tr, sr, ur, lr, **cfg)
     rds, rdu, rdl, (mag_u, mag_l) = R.dac_kl_grad(tr, sr, ur, lr, g=g, scale=True, **cfg)
     name = f"{backend}/{dtype}/{cfg}"
-    env_loss, env_kept, env_ds = _level_envelope(tr, sr, ur, lr, g, cfg)
+    env_loss, env_kept, env_ds, env_du, env_dl = _level_envelope(tr, sr, ur, lr, g, cfg)
     _close(loss, ref["loss"], dtype, f"loss {name}", slack=env_loss)
-    _close(kept, ref["kept"], dtype, f"kept {name}", slack=env_kept)
+    kept_slack = env_kept
+    if cfg.get("band", True):
+        # kept = sum mk p with m = sigma(z1) sigma(z2), z1 = beta (p - tau_lo), z2 = beta (tau_hi - p). In
+        # fp32, p and tau are rounded independently (the envelope's perturbations move them together), so
+        # z1 is off by up to 2 eps beta (p + tau_lo), and a sigmoid moves its value relatively by
+        # sigma(-z) times that: only weights in a sigmoid's tail are affected. Fuzzing found a V = 2 row
+        # (beta 1.9e4) whose kept mass of 1.3e-30 came out 1.2e-3 off relatively; this bound allows 4.5e-3
+        eps2b = 2 * np.finfo(np.float32).eps * ref["beta"][:, None]
+        rel_m = eps2b * (R.sigmoid(-ref["z1"]) * (ref["p"] + ref["tau_lo"][:, None])
+                         + R.sigmoid(-ref["z2"]) * (ref["p"] + ref["tau_hi"][:, None]))
+        kept_slack = env_kept + np.sum(ref["p"] * ref["mk"] * rel_m, axis=-1)
+    _close(kept, ref["kept"], dtype, f"kept {name}", slack=kept_slack)
     assert np.array_equal(cls.cpu().numpy(), ref["target_class"]), "target class"
     assert S.grad.dtype == dtype
     if ref["A"].size and cfg.get("normalize", True):
         terms = ref["w"] * (ref["q"] / ref["B"][:, None] + ref["p"] / ref["A"][:, None])
     else:
-        terms = ref["w"] * (ref["q"] + ref["p"]) + np.abs(ref["A"] - ref["B"])[:, None] * ref["q"]
+        # d student = w (q - p) + q (A - B): A and B are fp32 sums, each rounded to ~eps of its own
+        # size, so their difference is only as exact as eps (A + B), not eps |A - B| (fuzzing: a V = 2
+        # row with A ~ B was 1e-4 off relatively on a 5e-4 gradient)
+        terms = ref["w"] * (ref["q"] + ref["p"]) + (ref["A"] + ref["B"])[:, None] * ref["q"]
     _close(S.grad, rds, dtype, f"d student {name}", terms=terms * np.abs(g)[:, None], slack=env_ds)
-    _close_bound_grad(U.grad, rdu, mag_u, dtype, f"d upper {name}")
-    _close_bound_grad(L.grad, rdl, mag_l, dtype, f"d lower {name}")
+    _close_bound_grad(U.grad, rdu, mag_u, dtype, f"d upper {name}", env_du)
+    _close_bound_grad(L.grad, rdl, mag_l, dtype, f"d lower {name}", env_dl)
 
 
-def _close_bound_grad(actual, expected, mag, dtype, name):
+def _close_bound_grad(actual, expected, mag, dtype, name, envelope=0.0):
     """d upper / d lower are ill-conditioned by construction (reference.dac_kl.dac_kl_grad, scale=True):
     a sum over V of G dm/dtau with heavy cancellation, each term's sigmoid argument amplifying the fp32
     rounding of p by beta p (beta up to 1/(gamma (tau_hi - tau_lo))), times a quantile slope that is a
     difference of neighbouring order statistics ((V-1)(s[k+1] - s[k]) loses eps (V-1)(|s[k]| + |s[k+1]|)).
     On the H200 a V=2500 row missed the plain fp32 budget by exactly that slope term (rel. 2.5e-4).
-    So: the dtype's atol/rtol plus 8 fp32 epsilons times the oracle's own error magnitude ``mag``; no RMS
+    So: the dtype's atol/rtol plus a slack, the larger of 8 fp32 epsilons times the oracle's own error
+    magnitude ``mag`` and the measured ``envelope`` (how far the oracle's value moves under the fp32-sized
+    perturbations of _level_envelope: fuzzing found a V=291 mass-quantile row where the fp32 result was
+    2.1e-3 off, the mag estimate allowed 4.3e-4, and the oracle itself moves 7.7e-3..1.3e-2); no RMS
     check (the RMS of a cancelling sum measures the cancellation, not the error). The float64 torch run
     (test_torch_backend_float64_is_the_same_formula) matches at the float64 budget, so the formula is the
     same and what is left is rounding. Every fast path computes in fp32, whatever its input dtype."""
-    assert_close(actual, expected, dtype=dtype, name=name, rms=np.inf,
-                 slack=8 * np.finfo(np.float32).eps * np.asarray(mag, np.float64))
+    slack = np.maximum(8 * np.finfo(np.float32).eps * np.asarray(mag, np.float64), envelope)
+    assert_close(actual, expected, dtype=dtype, name=name, rms=np.inf, slack=slack)
 
 
 @pytest.mark.parametrize("cfg", CFGS[::3], ids=str)
