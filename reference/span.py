@@ -174,17 +174,24 @@ def span_loss(t, s, spans, squared=False):  # [T, V], [T, V], list -> float
     return float(d.mean()) if len(d) else 0.0
 
 
-def span_loss_grad(t, s, spans, squared=False):  # [T, V], [T, V], list -> [T, V]
+def span_loss_grad(t, s, spans, squared=False, scale=False):  # [T, V], [T, V], list -> [T, V]
     """Hand-derived ``d span_loss / d s``. With ``e_k = r^s_k - r^t_k`` and ``D_k = ||e_k||``:
     ``dD_k/dr^s_k = e_k / D_k`` (0 when ``D_k = 0``, convention: the zero subgradient) or ``2 e_k`` squared;
     ``dr^s_k/dq_k = q_{k+1}``, ``dr^s_k/dq_{k+1} = q_k``; then the softmax backward per position,
-    ``ds = q * (gq - <gq, q>)``."""
+    ``ds = q * (gq - <gq, q>)``.
+
+    ``scale=True`` also returns ``mag`` [T, V]: the size of the rounding error a float computation of the
+    gradient must be allowed, in units of its epsilon. Two places cancel: ``gq - <gq, q>`` at a dominant
+    token (q near 1: terms of size |gq| leave a result of size |gq| (1 - q)), and ``e = q q' - p p'`` when
+    the two products nearly agree (each rounded to ~eps of its size ``q q' + p p'``), which ``e / D``
+    divides by a small ``D``. So ``mag = q (|gq| + <|gq|, q>) + q (|dgq| + <|dgq|, q>)`` with ``dgq`` the
+    same scatter of ``de = (qq' + pp') / D + |e / D| ||qq' + pp'|| / D`` (``2 (qq' + pp')`` squared)."""
     t, s = np.asarray(t, np.float64), np.asarray(s, np.float64)
     check_spans(spans, t.shape[0])
     k = pairs(spans)
     grad = np.zeros_like(s)
     if len(k) == 0:
-        return grad
+        return (grad, np.zeros_like(s)) if scale else grad
     p, q = np.exp(log_softmax(t)), np.exp(log_softmax(s))
     e = q[k] * q[k + 1] - p[k] * p[k + 1]  # [P, V]
     if squared:
@@ -197,4 +204,18 @@ def span_loss_grad(t, s, spans, squared=False):  # [T, V], [T, V], list -> [T, V
     np.add.at(gq, k, ge * q[k + 1])
     np.add.at(gq, k + 1, ge * q[k])
     grad = q * (gq - np.sum(gq * q, -1, keepdims=True))
-    return grad
+    if not scale:
+        return grad
+    size = q[k] * q[k + 1] + p[k] * p[k + 1]  # [P, V] the size of the two products e is the difference of
+    if squared:
+        de = 2.0 * size
+    else:
+        Dn = np.where(D > 0, D, np.inf)  # D = 0: the zero subgradient, exact
+        de = size / Dn + np.abs(e) / Dn * np.sqrt(np.sum(size * size, -1, keepdims=True)) / Dn
+    de = de / len(k)
+    dgq = np.zeros_like(q)
+    np.add.at(dgq, k, de * q[k + 1])
+    np.add.at(dgq, k + 1, de * q[k])
+    agq = np.abs(gq)
+    mag = q * (agq + np.sum(agq * q, -1, keepdims=True)) + q * (dgq + np.sum(dgq * q, -1, keepdims=True))
+    return grad, mag

@@ -327,6 +327,10 @@ def test_triton_large_vocab_multi_chunk(bounds):
 @example(N=1, V=2, seed=0, bounds="value", target=True, normalize=True)
 @example(N=1, V=2, seed=0, bounds="mass", target=False, normalize=True)
 @example(N=3, V=257, seed=1, bounds="mass", target=True, normalize=False)
+# found by fuzzing (tests' bounds, see _weight_rounding and _close_bound_grad): weights in the sigmoid
+# tails; a d lower far more ill-conditioned than the mag estimate alone allowed
+@example(N=1, V=2, seed=44737, bounds="value", target=False, normalize=False)
+@example(N=1, V=291, seed=65536, bounds="mass", target=False, normalize=False)
 def test_torch_backend_property(N, V, seed, bounds, target, normalize):
     t, s, u, l, g = _inputs(seed, N, V)
     _run_fast(t, s, u, l, g, "torch", bounds=bounds, target=target, normalize=normalize)
@@ -336,6 +340,8 @@ def test_torch_backend_property(N, V, seed, bounds, target, normalize):
 @given(N=st.integers(1, 3), V=st.integers(2, 200), seed=st.integers(0, 2**16),
        bounds=st.sampled_from(["value", "mass"]))
 @example(N=1, V=3, seed=2, bounds="mass")
+@example(N=1, V=2, seed=809, bounds="mass")  # fuzzing: a kept mass of 1.3e-30 in a sigmoid tail
+@example(N=1, V=2, seed=228, bounds="mass")  # fuzzing: a cancelling d student
 def test_triton_backend_property(N, V, seed, bounds):
     t, s, u, l, g = _inputs(seed, N, V)
     _run_fast(t, s, u, l, g, "triton", bounds=bounds)
