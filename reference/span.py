@@ -174,7 +174,7 @@ def span_loss(t, s, spans, squared=False):  # [T, V], [T, V], list -> float
     return float(d.mean()) if len(d) else 0.0
 
 
-def span_loss_grad(t, s, spans, squared=False, scale=False):  # [T, V], [T, V], list -> [T, V]
+def span_loss_grad(t, s, spans, squared=False, scale=False):  # [T, V], [T, V], list -> [T, V] (, mag [T, V])
     """Hand-derived ``d span_loss / d s``. With ``e_k = r^s_k - r^t_k`` and ``D_k = ||e_k||``:
     ``dD_k/dr^s_k = e_k / D_k`` (0 when ``D_k = 0``, convention: the zero subgradient) or ``2 e_k`` squared;
     ``dr^s_k/dq_k = q_{k+1}``, ``dr^s_k/dq_{k+1} = q_k``; then the softmax backward per position,
