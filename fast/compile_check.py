@@ -52,6 +52,7 @@ class CompileLog:
     def __init__(self):
         self.done: dict[tuple, float] = {}  # (kernel, signature, constexprs, options) -> seconds
         self.failures: list[tuple[str, str]] = []
+        self.compiled: list[tuple] = []  # (kernel, signature, constexprs, options, CompiledKernel)
 
 
 def _arg_type(v):
@@ -104,7 +105,8 @@ def _compile(log: CompileLog, fn, args, kwargs):
     t0 = time.perf_counter()
     try:
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        triton.compile(src, target=GPUTarget("cuda", CAPABILITY, 32), options=opts)
+        ck = triton.compile(src, target=GPUTarget("cuda", CAPABILITY, 32), options=opts)
+        log.compiled.append((fn.__name__, signature, constexprs, opts, ck))
     except Exception as e:  # collect every failure, report all of them at the end
         msg = str(e).strip().splitlines()
         log.failures.append((f"{fn.__name__} {constexprs} {opts}", "\n".join(msg[-12:])))
