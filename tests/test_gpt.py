@@ -274,3 +274,16 @@ def test_loss_ignores_masked_labels():
     logits, loss = m(x, targets=y)
     want = torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, logits.size(-1)), y[:, 4:].reshape(-1))
     assert_close(loss, want, dtype="float32", name="masked-label loss")
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampling_frequencies_follow_the_tempered_distribution(temperature):
+    # softmax(logits / T): at T=0.5 the probabilities sharpen to p^2 / sum p^2, at T=2 flatten to sqrt(p) / sum
+    probs = torch.tensor([0.1, 0.6, 0.3], dtype=torch.float64)
+    tempered = probs ** (1.0 / temperature)
+    tempered = tempered / tempered.sum()
+    logits = probs.log().expand(20000, 3)
+    draws = sample_next(logits, temperature=temperature, generator=torch.Generator().manual_seed(1))
+    freq = torch.bincount(draws, minlength=3).double() / 20000
+    assert torch.allclose(freq, tempered, atol=0.015)  # 3 sigma of a binomial with n = 20000 is < 0.011
+    assert not torch.allclose(freq, probs, atol=0.05)  # and visibly not the untempered distribution

@@ -179,3 +179,34 @@ def test_expensive_property_tests_follow_the_fuzz_profile(monkeypatch):
     monkeypatch.setenv("HYPOTHESIS_PROFILE", "fuzz")
     monkeypatch.setenv("HYPOTHESIS_MAX_EXAMPLES", "77")
     assert examples(3) == 77  # fuzzing reaches the pinned tests too
+
+
+# ---- paths that a broken helper would silently pass -------------------------------------------------
+# (Liger-Kernel once shipped a wrong kernel because its compare helper was wrong: the helper is the root
+# of trust of every other test, so each of its branches has an input that must fail.)
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+def test_nan_in_expected_alone_fails(dtype):
+    e = np.linspace(1.0, 2.0, 9)
+    e[4] = np.nan  # a broken oracle: the finite-only metrics would never look at this element
+    ok, report, _ = compare(np.linspace(1.0, 2.0, 9), e, dtype=dtype)
+    assert not ok and "expected (oracle) has 1 NaN" in report
+
+
+def test_partly_zero_reference_still_checks_the_zero_elements():
+    e = np.ones(40)
+    e[::4] = 0.0  # exact zeros, as a padded vocabulary or a masked row gives
+    a = e.copy()
+    a[8] = 1e-3  # wrong only where the reference is exactly zero
+    ok, report, stats = compare(a, e, dtype="float32")
+    assert not ok and stats["n_bad"] == 1 and "at [8]" in report
+
+
+def test_partly_zero_reference_keeps_the_rms_metric():
+    # A 3e-5 relative error on every nonzero element: under fp32's elementwise bound (2e-5 + 2e-4 |e|) but
+    # over its 2e-5 relative RMS. Some exact zeros in the reference must not switch the RMS metric off.
+    e = np.ones(40)
+    e[::4] = 0.0
+    ok, report, stats = compare(e * (1 + 3e-5), e, dtype="float32")
+    assert stats["n_bad"] == 0 and not ok and "relative RMS" in report
