@@ -27,14 +27,12 @@
 
 # %%
 import os
-import sys
 import time
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
-sys.path.insert(0, os.path.abspath(".."))  # the repo root, when run from notebooks/
 
 import matplotlib  # noqa: E402
 
