@@ -1,0 +1,710 @@
+"""MATCH (arXiv 2606.29844) Triton kernels: sliding-window attention plus top-k retrieval of out-of-window keys.
+
+Called by ``fast/match.py`` (which validates the inputs); the oracle is ``reference/match.py``. Entry points::
+
+    retrieve_triton(q, k, *, window, top_k, block_size, scale)                          -> idx [B, H_kv, T, top_k]
+    match_attention_triton(q, k, v, *, window, top_k, block_size, mode, gate_logit, scale)  -> out [B, H_q, T, D]
+    match_decode_triton(q, k_cache, v_cache, *, ..., summaries)                         -> out [B, H_q, 1, D]
+
+Shapes ``q [B, H_q, T, D]``, ``k, v [B, H_kv, T, D]``; fp16/bf16/fp32, D <= 128. Window ``w``: query i sees
+keys ``i - w < j <= i``; retrieval candidates are ``j <= i - w`` (tokens, ``block_size == 1``) or the blocks
+``[bB, (b + 1)B)`` with ``bB <= i - w`` scored by their mean key (``block_size = B <= w``, so a candidate
+block lies wholly in the past and is always a full block).
+
+Kernels and design choices
+--------------------------
+1. ``match_summary_kernel``: mean key of every full block, fp32 ``[B, H_kv, T // B, D]``.
+2. ``match_select_kernel``: one program per (query tile, batch, kv head). The group's query heads are summed
+   first (``sum_g q_g . kbar = (sum_g q_g) . kbar``, so this is the GQA rule "scores summed over the group"
+   up to fp32 rounding), then the candidate summaries (keys for ``block_size == 1``) are streamed in
+   chunks of ``BLOCK_N`` and a running top-k is kept in registers (``[BLOCK_M, KP]`` values + indices);
+   no [T, T/B] score matrix is ever stored. Exact tie rule (lower index wins), by construction:
+     * chunks arrive in increasing index order, and inside a chunk the candidates are extracted in
+       (score descending, index ascending) order, so every candidate offered to the list has a larger index
+       than every equal-scored entry already in it; it is therefore inserted only if its score is
+       *strictly* larger than the list's worst entry;
+     * the entry evicted is the worst one: the lowest score, and among equal lowest scores the highest
+       index (empty slots hold -inf and count as worst);
+     * the extraction of a chunk stops as soon as no row has a chunk score above its worst entry (a
+       ``while`` over the tile), so after the first chunks most chunks cost one comparison;
+     * the final list is written in (score descending, index ascending) order, -1 where a slot stayed empty.
+   ``top_k <= 32`` (``MAX_TOP_K``): larger values raise ``ValueError`` (use ``backend="torch"``).
+   Token retrieval (``block_size == 1``) uses the same kernel with the keys as "summaries": its scoring
+   is O(T^2 D), as for any exact token top-k; block retrieval scores O(T (T / B) D).
+3. ``match_fwd_kernel``: one program per (query tile, batch, query head), one kernel for both parts.
+   The window part is the sliding-window loop of ``fast/attention.py`` (only the key blocks that intersect
+   the tile's window are visited; tensor-core ``tl.dot``). The retrieved part differs per query row, so it
+   is processed **per query row with gathered keys**: the flattened list of a row's retrieved keys
+   (slot ``e // B``, offset ``e % B``: key ``idx * B + e % B``) is walked in chunks of ``BLOCK_R``; each chunk
+   is a gathered ``[BLOCK_M, BLOCK_R, BLOCK_D]`` tile multiplied elementwise (no ``tl.dot``, so block sizes
+   below 16, token retrieval included, need no padding). Keys beyond ``i - w`` (a selected block's in-window
+   tail) and sentinel slots (-1) are masked. [RECON] alternative: per query tile over the union of the
+   tile's selected blocks with a mask (MoBA-style), tensor cores but a cost that grows with the union.
+   ``joint``: one online softmax over window then retrieved keys; ``gated``: two online softmaxes, mixed
+   by ``sigmoid(gate_logit)`` in the epilogue (``o = o_W`` where nothing is retrieved). exp2 with
+   ``scale * log2(e)`` folded into the logits, fp32 accumulation, fully masked rows guarded (no NaN).
+4. backward. Each part (window W, retrieved R) is a partial attention with its own output cotangent
+   ``dO_P``, log-sum-exp ``L_P`` and ``delta_P = rowsum(dO_P * O_P)``: joint uses ``dO, L, rowsum(dO * O)``
+   for both; gated uses ``dO_W = c_W dO``, ``dO_R = c_R dO`` with ``c_R = g`` (0 where R is empty),
+   ``c_W = 1 - c_R``, and ``d gate_logit = g (1 - g) rowsum(dO (O_R - O_W))`` (0 where R is empty). Then
+     * window: the sliding-window backward kernels of ``fast/attention.py`` are launched as they are
+       (they accept any lse / delta), into fp32 buffers;
+     * dq of the retrieved part: ``match_bwd_dq_kernel``, per (query tile, query head) with the same gathered
+       tiles as the forward; it adds the window's fp32 dq and writes dq in the input dtype;
+     * dk/dv of the retrieved part: a **reverse index** (CSR lists, built with one torch sort: for every
+       (batch, kv head, block) the query positions that selected it, ascending). ``match_bwd_dkdv_kernel``
+       runs one program per (block chunk, batch, kv head), gathers the listed queries in tiles of
+       ``BLOCK_M`` (tensor-core ``tl.dot`` against the block's keys), sums the G query heads inside the
+       program, adds the window's fp32 dk/dv and writes the result: no atomics, deterministic, every key
+       row written exactly once. For ``block_size < 16`` the key tile is padded to 16 (masked columns).
+5. decode: one query at position ``T - 1`` against the cache; the same select and forward kernels with a
+   query offset (``q_start``), cached block summaries used as given. Forward only (no autograd).
+
+Kernels are launched with fixed tiles (one config): the dq / dk-dv retrieval kernels read-modify-write
+their outputs, which an autotuner's repeated launches would corrupt. GPU tile sizes are untuned.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fast.attention import _block_d, _lowp, _t_bucket, attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
+from fast.utils import empty, is_interpreting
+
+__all__ = ["retrieve_triton", "match_attention_triton", "match_decode_triton", "block_summaries_triton",
+           "reverse_index", "MAX_TOP_K"]
+
+MAX_TOP_K = 32  # running top-k lives in registers: [BLOCK_M, next_pow2(top_k)] values + indices
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def match_summary_kernel(
+    k_ptr,  # [B, Hkv, T, D] keys
+    s_ptr,  # [B, Hkv, NB, D] fp32 block means (contiguous)
+    skb, skh, skt, skd,
+    Hkv, NB, D, BS,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (full block, batch, kv head): the mean of the block's BS keys."""
+    blk = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for t0 in range(0, BS, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = offs_t < BS
+        pos = blk * BS + offs_t
+        kk = tl.load(k_ptr + b * skb + hk * skh + pos[:, None] * skt + offs_d[None, :] * skd,
+                     mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(kk, axis=0)
+    tl.store(s_ptr + (pid_bh * NB + blk) * D + offs_d, acc / BS, mask=d_ok)
+
+
+@triton.jit
+def match_select_kernel(
+    q_ptr,  # [B, Hq, TQ, D] queries
+    c_ptr,  # [B, Hkv, N, D] candidates: block summaries (fp32) or the keys themselves (block_size 1)
+    idx_ptr,  # [B, Hkv, TQ, TOP_K] int64 selection (contiguous)
+    sqb, sqh, sqt, sqd,
+    scb, sch, sct, scd,
+    Hkv, G, TQ, q_start, D, W, BS,
+    scale,
+    TOP_K: tl.constexpr, KP: tl.constexpr, LOWP_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Running top-k over streamed candidate chunks (see the module docstring for the tie proof)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows
+    pos = q_start + offs_m  # query positions
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < TQ
+    d_ok = offs_d < D
+    qsum = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for g in range(0, G):
+        h = hk * G + g
+        qsum += tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    slot = tl.arange(0, KP)
+    slot_real = slot < TOP_K
+    # empty slots: -inf with distinct negative indices (so exactly one is the eviction target); padding
+    # slots beyond TOP_K: +inf, never evicted, never written
+    top_v = tl.where(slot_real[None, :], float("-inf"), float("inf")) + tl.zeros([BLOCK_M, KP], tl.float32)
+    top_i = (-1 - slot)[None, :].to(tl.int64) + tl.zeros([BLOCK_M, KP], tl.int64)
+    # candidates of the tile: indices n with n * BS <= pos_last - W
+    pos_last = q_start + tl.minimum(pid_m * BLOCK_M + BLOCK_M, TQ) - 1
+    n_hi = tl.maximum(pos_last - W + BS, 0) // BS
+    for start_n in range(0, n_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_hi
+        cand = tl.load(c_ptr + b * scb + hk * sch + offs_n[:, None] * sct + offs_d[None, :] * scd,
+                       mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BN, BD]
+        if LOWP_DOT:
+            s = tl.dot(qsum, tl.trans(cand), input_precision="tf32")
+        else:
+            s = tl.dot(qsum, tl.trans(cand), input_precision="ieee")  # [BM, BN]
+        s = s * scale
+        ok = row_ok[:, None] & n_ok[None, :] & (offs_n[None, :] * BS <= pos[:, None] - W)
+        s = tl.where(ok, s, float("-inf"))
+        worst = tl.min(top_v, axis=1)  # [BM]
+        go = tl.max(tl.max(tl.where(s > worst[:, None], 1, 0), axis=1), axis=0)
+        while go > 0:
+            best = tl.max(s, axis=1)  # [BM] the chunk's best remaining candidate per row
+            best_n = tl.min(tl.where(s == best[:, None], offs_n[None, :], 2147483647), axis=1).to(tl.int64)
+            ins = best > worst  # strict: the list's equal scores have lower indices
+            is_worst = top_v == worst[:, None]
+            evict_i = tl.max(tl.where(is_worst, top_i, -KP - 2), axis=1)  # highest index among the worst
+            hit = ins[:, None] & is_worst & (top_i == evict_i[:, None])
+            top_v = tl.where(hit, best[:, None], top_v)
+            top_i = tl.where(hit, best_n[:, None], top_i)
+            s = tl.where(offs_n[None, :] == best_n[:, None], float("-inf"), s)
+            worst = tl.min(top_v, axis=1)
+            go = tl.max(tl.max(tl.where(s > worst[:, None], 1, 0), axis=1), axis=0)
+    # write in (score desc, index asc) order; taken entries become -inf, so empties come last as -1
+    top_v = tl.where(slot_real[None, :], top_v, float("-inf"))
+    out_base = idx_ptr + (pid_bh * TQ + offs_m) * TOP_K
+    for r in range(0, TOP_K):
+        best = tl.max(top_v, axis=1)
+        have = best > float("-inf")
+        best_i = tl.min(tl.where((top_v == best[:, None]) & have[:, None], top_i, 9223372036854775807), axis=1)
+        tl.store(out_base + r, tl.where(have, best_i, -1), mask=row_ok)
+        top_v = tl.where(have[:, None] & (top_i == best_i[:, None]), float("-inf"), top_v)
+
+
+@triton.jit
+def match_fwd_kernel(
+    q_ptr,  # [B, Hq, TQ, D] queries (positions q_start + row)
+    k_ptr,  # [B, Hkv, TK, D] keys
+    v_ptr,  # [B, Hkv, TK, D] values
+    idx_ptr,  # [B, Hkv, TQ, TOP_K] int64 selection (contiguous), -1 = empty slot
+    gate_ptr,  # [B, Hq, TQ] fp32 gate logits (contiguous; gated only)
+    o_ptr,  # [B, Hq, TQ, D] output, input dtype
+    lse_ptr,  # [B, Hq, TQ] fp32: joint lse (joint) or window lse (gated), natural log (contiguous)
+    lse_r_ptr,  # [B, Hq, TQ] fp32 retrieved-part lse, -inf where empty (gated only)
+    ow_ptr,  # [B, Hq, TQ, D] fp32 window output (gated only, contiguous)
+    or_ptr,  # [B, Hq, TQ, D] fp32 retrieved output, 0 where empty (gated only, contiguous)
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    sob, soh, sot, sod,
+    Hq, G, TQ, TK, q_start, D, W, BS,
+    qk_scale,  # scale * log2(e)
+    TOP_K: tl.constexpr, GATED: tl.constexpr, STORE_PARTS: tl.constexpr, LOWP_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // G
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    pos = q_start + offs_m
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < TQ
+    d_ok = offs_d < D
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BM, BD]
+    if LOWP_DOT:
+        q_dot = q.to(k_ptr.dtype.element_ty)
+    else:
+        q_dot = q
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # log2-domain running max
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # ---- window part: key blocks intersecting [pos_first - W + 1, pos_last] (key_block_range)
+    pos_first = q_start + start_m
+    pos_end = q_start + tl.minimum(start_m + BLOCK_M, TQ)  # exclusive
+    lo = tl.maximum(pos_first - W + 1, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    for start_n in range(lo, pos_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < TK
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        kk = tl.load(k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
+                     mask=kv_mask, other=0.0).to(tl.float32)
+        vv = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
+                     mask=kv_mask, other=0.0).to(tl.float32)
+        if LOWP_DOT:
+            s = tl.dot(q_dot, tl.trans(kk.to(k_ptr.dtype.element_ty)))
+        else:
+            s = tl.dot(q_dot, tl.trans(kk), input_precision="ieee")
+        s = s * qk_scale
+        ok = row_ok[:, None] & col_ok[None, :] & (offs_n[None, :] <= pos[:, None])
+        ok = ok & (pos[:, None] - offs_n[None, :] < W)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if LOWP_DOT:
+            pv = tl.dot(p.to(v_ptr.dtype.element_ty), vv.to(v_ptr.dtype.element_ty))
+        else:
+            pv = tl.dot(p, vv, input_precision="ieee")
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    # ---- retrieved part: per-row gathered keys, flattened (slot, offset) list of TOP_K * BS entries
+    m_r = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_r = tl.zeros([BLOCK_M], tl.float32)
+    acc_r = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_ret = TOP_K * BS
+    r_hi = tl.where(pos_end - 1 >= W, n_ret, 0)  # no row of the tile has a candidate: skip
+    idx_row = idx_ptr + (b * (Hq // G) + hk) * TQ * TOP_K + offs_m * TOP_K  # [BM]
+    for e0 in range(0, r_hi, BLOCK_R):
+        e = e0 + tl.arange(0, BLOCK_R)
+        e_ok = e < n_ret
+        slot = e // BS
+        blk = tl.load(idx_row[:, None] + slot[None, :], mask=row_ok[:, None] & e_ok[None, :], other=-1)
+        kpos = blk * BS + (e - slot * BS)[None, :]  # [BM, BR] int64
+        ok = (blk >= 0) & (kpos <= pos[:, None] - W)
+        ok3 = ok[:, :, None] & d_ok[None, None, :]
+        kk = tl.load(k_ptr + b * skb + hk * skh + kpos[:, :, None] * skt + offs_d[None, None, :] * skd,
+                     mask=ok3, other=0.0).to(tl.float32)  # [BM, BR, BD]
+        s = tl.sum(q[:, None, :] * kk, axis=2) * qk_scale  # [BM, BR]
+        s = tl.where(ok, s, float("-inf"))
+        vv = tl.load(v_ptr + b * svb + hk * svh + kpos[:, :, None] * svt + offs_d[None, None, :] * svd,
+                     mask=ok3, other=0.0).to(tl.float32)  # [BM, BR, BD]
+        if GATED:
+            m_new = tl.maximum(m_r, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_r - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_r = l_r * alpha + tl.sum(p, axis=1)
+            acc_r = acc_r * alpha[:, None] + tl.sum(p[:, :, None] * vv, axis=1)
+            m_r = m_new
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vv, axis=1)
+            m_i = m_new
+    # ---- epilogue (l_i > 0 for every real row: the window holds the query itself)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o_w = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    stat = pid_bh * TQ + offs_m
+    qd_mask = row_ok[:, None] & d_ok[None, :]
+    if GATED:
+        has = l_r > 0.0
+        lr_safe = tl.where(has, l_r, 1.0)
+        o_r = acc_r / lr_safe[:, None]  # 0 where nothing was retrieved
+        glog = tl.load(gate_ptr + stat, mask=row_ok, other=0.0)
+        gate = 1.0 / (1.0 + tl.exp(-glog))
+        out = tl.where(has[:, None], gate[:, None] * o_r + (1.0 - gate[:, None]) * o_w, o_w)
+        tl.store(lse_r_ptr + stat, tl.where(has, (m_r + tl.log2(lr_safe)) * 0.6931471805599453, float("-inf")), mask=row_ok)
+        if STORE_PARTS:
+            part = stat[:, None] * D + offs_d[None, :]
+            tl.store(ow_ptr + part, o_w, mask=qd_mask)
+            tl.store(or_ptr + part, o_r, mask=qd_mask)
+    else:
+        out = o_w
+    tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod,
+             out.to(o_ptr.dtype.element_ty), mask=qd_mask)
+    tl.store(lse_ptr + stat, lse, mask=row_ok)
+
+
+@triton.jit
+def match_bwd_dq_kernel(
+    q_ptr,  # [B, Hq, T, D]
+    k_ptr,  # [B, Hkv, T, D]
+    v_ptr,  # [B, Hkv, T, D]
+    do_ptr,  # [B, Hq, T, D] retrieved-part cotangent dO_R (contiguous)
+    lse_ptr,  # [B, Hq, T] fp32 lse of the retrieved part's softmax (natural log; contiguous)
+    delta_ptr,  # [B, Hq, T] fp32 rowsum(dO_R * O_R) (contiguous)
+    idx_ptr,  # [B, Hkv, T, TOP_K] int64
+    dqw_ptr,  # [B, Hq, T, D] fp32 window dq (contiguous), already multiplied by scale
+    dq_ptr,  # [B, Hq, T, D] dq output, input dtype (contiguous)
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    Hq, G, T, D, W, BS,
+    scale,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dq += scale * sum_j dS_ij k_j over the row's retrieved keys (gathered tiles, as in the forward)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < T
+    d_ok = offs_d < D
+    qd_mask = row_ok[:, None] & d_ok[None, :]
+    stat = pid_bh * T + offs_m
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
+                mask=qd_mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + stat[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0).to(tl.float32)
+    lse2 = tl.load(lse_ptr + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # empty R: every p below is masked to 0 anyway
+    delta = tl.load(delta_ptr + stat, mask=row_ok, other=0.0)
+    qk_scale = scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_ret = TOP_K * BS
+    pos_end = tl.minimum(pid_m * BLOCK_M + BLOCK_M, T)
+    r_hi = tl.where(pos_end - 1 >= W, n_ret, 0)
+    idx_row = idx_ptr + (b * (Hq // G) + hk) * T * TOP_K + offs_m * TOP_K
+    for e0 in range(0, r_hi, BLOCK_R):
+        e = e0 + tl.arange(0, BLOCK_R)
+        e_ok = e < n_ret
+        slot = e // BS
+        blk = tl.load(idx_row[:, None] + slot[None, :], mask=row_ok[:, None] & e_ok[None, :], other=-1)
+        kpos = blk * BS + (e - slot * BS)[None, :]
+        ok = (blk >= 0) & (kpos <= offs_m[:, None] - W)
+        ok3 = ok[:, :, None] & d_ok[None, None, :]
+        kk = tl.load(k_ptr + b * skb + hk * skh + kpos[:, :, None] * skt + offs_d[None, None, :] * skd,
+                     mask=ok3, other=0.0).to(tl.float32)
+        vv = tl.load(v_ptr + b * svb + hk * svh + kpos[:, :, None] * svt + offs_d[None, None, :] * svd,
+                     mask=ok3, other=0.0).to(tl.float32)
+        s = tl.sum(q[:, None, :] * kk, axis=2) * qk_scale
+        p = tl.exp2(tl.where(ok, s - lse2[:, None], float("-inf")))  # [BM, BR]
+        dp = tl.sum(do[:, None, :] * vv, axis=2)
+        ds = p * (dp - delta[:, None])
+        dq += tl.sum(ds[:, :, None] * kk, axis=1)
+    dqw = tl.load(dqw_ptr + stat[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
+    tl.store(dq_ptr + stat[:, None] * D + offs_d[None, :], (dqw + dq * scale).to(dq_ptr.dtype.element_ty),
+             mask=qd_mask)
+
+
+@triton.jit
+def match_bwd_dkdv_kernel(
+    q_ptr,  # [B, Hq, T, D]
+    k_ptr,  # [B, Hkv, T, D]
+    v_ptr,  # [B, Hkv, T, D]
+    do_ptr,  # [B, Hq, T, D] dO_R (contiguous)
+    lse_ptr,  # [B, Hq, T] fp32 natural-log lse of the retrieved part (contiguous)
+    delta_ptr,  # [B, Hq, T] fp32 (contiguous)
+    list_ptr,  # [n_pairs] int32 query positions, grouped by (batch, kv head, block), ascending
+    start_ptr,  # [B * Hkv * NB + 1] int64 CSR offsets into list_ptr
+    dkw_ptr,  # [B, Hkv, T, D] fp32 window dk (contiguous), already multiplied by scale
+    dvw_ptr,  # [B, Hkv, T, D] fp32 window dv (contiguous)
+    dk_ptr,  # [B, Hkv, T, D] dk output, input dtype (contiguous)
+    dv_ptr,  # [B, Hkv, T, D] dv output, input dtype (contiguous)
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    Hq, Hkv, G, T, D, W, BS, NB, NSUB,
+    scale,
+    LOWP_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (chunk of a block, batch, kv head): the queries that selected the block, from the
+    reverse index, gathered BLOCK_M at a time for each of the G query heads of the group."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    blk = pid // NSUB
+    sub = pid % NSUB
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    offs_in = sub * BLOCK_N + tl.arange(0, BLOCK_N)  # offsets inside the block
+    kpos = blk * BS + offs_in
+    col_ok = (offs_in < BS) & (kpos < T)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    kk = tl.load(k_ptr + b * skb + hk * skh + kpos[:, None] * skt + offs_d[None, :] * skd,
+                 mask=kv_mask, other=0.0).to(tl.float32)  # [BN, BD]
+    vv = tl.load(v_ptr + b * svb + hk * svh + kpos[:, None] * svt + offs_d[None, :] * svd,
+                 mask=kv_mask, other=0.0).to(tl.float32)
+    if LOWP_DOT:
+        k_dot = kk.to(k_ptr.dtype.element_ty)
+        v_dot = vv.to(v_ptr.dtype.element_ty)
+    else:
+        k_dot = kk
+        v_dot = vv
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    seg = pid_bh * NB + blk
+    lst_lo = tl.load(start_ptr + seg)
+    lst_hi = tl.load(start_ptr + seg + 1)
+    qk_scale = scale * 1.4426950408889634
+    for g in range(0, G):
+        h = hk * G + g
+        stat_base = (b * Hq + h) * T
+        for t0 in range(lst_lo, lst_hi, BLOCK_M):
+            offs_t = t0 + tl.arange(0, BLOCK_M)
+            t_ok = offs_t < lst_hi
+            qi = tl.load(list_ptr + offs_t, mask=t_ok, other=0).to(tl.int64)  # [BM] query positions
+            qd_mask = t_ok[:, None] & d_ok[None, :]
+            qq = tl.load(q_ptr + b * sqb + h * sqh + qi[:, None] * sqt + offs_d[None, :] * sqd,
+                         mask=qd_mask, other=0.0).to(tl.float32)  # [BM, BD]
+            do = tl.load(do_ptr + (stat_base + qi)[:, None] * D + offs_d[None, :],
+                         mask=qd_mask, other=0.0).to(tl.float32)
+            lse2 = tl.load(lse_ptr + stat_base + qi, mask=t_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(delta_ptr + stat_base + qi, mask=t_ok, other=0.0)
+            if LOWP_DOT:
+                s = tl.dot(qq.to(k_ptr.dtype.element_ty), tl.trans(k_dot))
+                dp = tl.dot(do.to(v_ptr.dtype.element_ty), tl.trans(v_dot))
+            else:
+                s = tl.dot(qq, tl.trans(k_dot), input_precision="ieee")  # [BM, BN]
+                dp = tl.dot(do, tl.trans(v_dot), input_precision="ieee")
+            ok = t_ok[:, None] & col_ok[None, :] & (kpos[None, :] <= qi[:, None] - W)
+            p = tl.exp2(tl.where(ok, s * qk_scale - lse2[:, None], float("-inf")))
+            ds = p * (dp - delta[:, None])
+            if LOWP_DOT:
+                dv += tl.dot(tl.trans(p.to(v_ptr.dtype.element_ty)), do.to(v_ptr.dtype.element_ty))
+                dk += tl.dot(tl.trans(ds.to(k_ptr.dtype.element_ty)), qq.to(k_ptr.dtype.element_ty))
+            else:
+                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
+                dk += tl.dot(tl.trans(ds), qq, input_precision="ieee")
+    out_off = (pid_bh * T + kpos)[:, None] * D + offs_d[None, :]
+    dkw = tl.load(dkw_ptr + out_off, mask=kv_mask, other=0.0)
+    dvw = tl.load(dvw_ptr + out_off, mask=kv_mask, other=0.0)
+    tl.store(dk_ptr + out_off, (dkw + dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + out_off, (dvw + dv).to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+
+
+def _kp(top_k):
+    return max(2, triton.next_power_of_2(max(top_k, 1)))
+
+
+def _check_top_k(top_k):
+    if top_k > MAX_TOP_K:
+        raise ValueError(
+            f"the Triton MATCH kernels keep the running top-k in registers and support top_k <= {MAX_TOP_K}, "
+            f"got top_k={top_k} (use backend='torch')"
+        )
+
+
+def _tiles(D):
+    """(BLOCK_M, BLOCK_N, BLOCK_R, num_warps) of the forward / dq kernels. Interpreter: big tiles (cost ~
+    number of programs x loop iterations). GPU: the gathered [BLOCK_M, BLOCK_R, BLOCK_D] tiles bound the
+    register use, so BLOCK_R shrinks as D grows (untuned)."""
+    if is_interpreting():
+        return 64, 64, 32, 4
+    return (64, 64, 8, 8) if _block_d(D) <= 64 else (64, 64, 4, 8)
+
+
+def block_summaries_triton(k, block_size):
+    """Mean key of each full block: fp32 [B, H_kv, T // block_size, D] (partial last block left out:
+    it is never a candidate)."""
+    B, Hkv, T, D = k.shape
+    NB = T // block_size
+    summ = empty((B, Hkv, NB, D), dtype=torch.float32, device=k.device)
+    if NB > 0:
+        BLOCK_T = min(64, max(2, triton.next_power_of_2(block_size)))
+        match_summary_kernel[(NB, B * Hkv)](
+            k, summ, *k.stride(), Hkv, NB, D, block_size, BLOCK_T=BLOCK_T, BLOCK_D=_block_d(D),
+        )
+    return summ
+
+
+def _select(q, k, *, window, top_k, block_size, scale, q_start=0, summaries=None):
+    B, Hq, TQ, D = q.shape
+    Hkv = k.shape[1]
+    idx = empty((B, Hkv, TQ, top_k), dtype=torch.int64, device=q.device)
+    if top_k == 0:
+        return idx
+    if block_size == 1:
+        cand = k
+    else:
+        cand = block_summaries_triton(k, block_size) if summaries is None else summaries
+    if is_interpreting():
+        BM, BN, warps = 64, 64, 4
+    else:
+        BM, BN, warps = 32, 64, 4
+    match_select_kernel[(triton.cdiv(TQ, BM), B * Hkv)](
+        q, cand, idx, *q.stride(), *cand.stride(),
+        Hkv, Hq // Hkv, TQ, q_start, D, window, block_size, float(scale),
+        TOP_K=top_k, KP=_kp(top_k), LOWP_DOT=_lowp(q),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D), num_warps=warps,
+    )
+    return idx
+
+
+def retrieve_triton(q, k, *, window, top_k, block_size, scale):
+    """Top-k retrieval per (batch, kv head, query): idx [B, H_kv, T, top_k] int64 (tokens for block_size 1,
+    else blocks), descending score, ties -> lower index, -1 in empty slots. GQA: one selection per kv head
+    by the scores summed over its query heads. Not differentiable (integers)."""
+    _check_top_k(top_k)
+    return _select(q, k, window=window, top_k=top_k, block_size=block_size, scale=scale)
+
+
+def _fwd(q, k, v, idx, gate, *, window, block_size, gated, scale, q_start=0, store_parts=True):
+    B, Hq, TQ, D = q.shape
+    TK = k.shape[2]
+    top_k = idx.shape[-1]
+    dev = q.device
+    o = empty((B, Hq, TQ, D), dtype=q.dtype, device=dev)
+    lse = empty((B, Hq, TQ), dtype=torch.float32, device=dev)
+    if gated:
+        lse_r = empty((B, Hq, TQ), dtype=torch.float32, device=dev)
+        if store_parts:
+            o_w = empty((B, Hq, TQ, D), dtype=torch.float32, device=dev)
+            o_r = empty((B, Hq, TQ, D), dtype=torch.float32, device=dev)
+        else:
+            o_w = o_r = lse_r  # unused pointers
+        gate = gate.float().contiguous()
+    else:
+        lse_r = o_w = o_r = gate = lse  # unused pointers
+    BM, BN, BR, warps = _tiles(D)
+    BR = min(BR, max(2, triton.next_power_of_2(max(top_k * block_size, 1))))
+    if top_k == 0:  # no retrieval: a valid pointer that is never read
+        idx = torch.zeros(1, dtype=torch.int64, device=dev)
+    match_fwd_kernel[(triton.cdiv(TQ, BM), B * Hq)](
+        q, k, v, idx, gate, o, lse, lse_r, o_w, o_r,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        Hq, Hq // k.shape[1], TQ, TK, q_start, D, window, block_size, float(scale) * LOG2E,
+        TOP_K=top_k, GATED=gated, STORE_PARTS=gated and store_parts, LOWP_DOT=_lowp(q),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, BLOCK_D=_block_d(D), num_warps=warps,
+    )
+    return o, lse, lse_r, o_w, o_r
+
+
+def reverse_index(idx, T, block_size):
+    """CSR lists of the queries that selected each (batch, kv head, block): ``(qlist int32, starts int64)``,
+    ``qlist[starts[s]:starts[s + 1]]`` ascending query positions of segment ``s = (b * H_kv + h) * NB + blk``
+    with ``NB = ceil(T / block_size)``. One sort of the valid (query, slot) pairs."""
+    B, Hkv, TQ, K = idx.shape
+    NB = triton.cdiv(T, block_size)
+    dev = idx.device
+    seg = torch.arange(B * Hkv, device=dev, dtype=torch.int64).view(B, Hkv, 1, 1) * NB + idx
+    key = seg * T + torch.arange(TQ, device=dev, dtype=torch.int64).view(1, 1, TQ, 1)
+    key = torch.sort(key[idx >= 0]).values
+    qlist = (key % T).to(torch.int32)
+    bounds = torch.arange(B * Hkv * NB + 1, device=dev, dtype=torch.int64)
+    starts = torch.searchsorted(key // T, bounds)
+    if qlist.numel() == 0:  # a valid pointer for the kernel (never read: every list is empty)
+        qlist = torch.zeros(1, dtype=torch.int32, device=dev)
+    return qlist, starts
+
+
+def _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, *, window, block_size, gated, scale):
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    dev = q.device
+    top_k = idx.shape[-1]
+    dof = do.float()
+    dgate = None
+    if gated:
+        g = torch.sigmoid(gate.float())
+        has = torch.isfinite(lse_r)
+        c_r = torch.where(has, g, torch.zeros_like(g))
+        do_w = dof * (1.0 - c_r)[..., None]
+        do_r = dof * c_r[..., None]
+        delta_w = (do_w * o_w).sum(-1)
+        delta_r = (do_r * o_r).sum(-1)
+        dgate = torch.where(has, g * (1.0 - g) * (dof * (o_r - o_w)).sum(-1), torch.zeros_like(g))
+        lse_w = lse
+        do_w, do_r = do_w.to(q.dtype), do_r.to(q.dtype).contiguous()
+        delta_w, delta_r = delta_w.contiguous(), delta_r.contiguous()
+    else:
+        delta_w = delta_r = (dof * o.float()).sum(-1).contiguous()
+        lse_w = lse_r = lse
+        do_w = do_r = do.contiguous()
+    # window part: the sliding-window backward kernels of fast/attention.py, into fp32 buffers
+    dq_w = empty((B, Hq, T, D), dtype=torch.float32, device=dev)
+    dk_w = empty((B, Hkv, T, D), dtype=torch.float32, device=dev)
+    dv_w = empty((B, Hkv, T, D), dtype=torch.float32, device=dev)
+    W = min(window, T)
+    common = dict(IS_CAUSAL=True, HAS_WINDOW=W < T, LOWP_DOT=_lowp(q), BLOCK_D=_block_d(D))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do_w.stride())
+    attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](
+        q, k, v, do_w, lse_w, delta_w, dk_w, dv_w, *strides, Hq, Hkv, G, T, D, W, scale, _t_bucket(T),
+        **common,
+    )
+    attention_bwd_dq_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)](
+        q, k, v, do_w, lse_w, delta_w, dq_w, *strides, Hq, G, T, D, W, scale, _t_bucket(T), **common,
+    )
+    # retrieved part: dq per query tile (gathered), dk/dv per block through the reverse index
+    dq = empty((B, Hq, T, D), dtype=q.dtype, device=dev)
+    dk = empty((B, Hkv, T, D), dtype=k.dtype, device=dev)
+    dv = empty((B, Hkv, T, D), dtype=v.dtype, device=dev)
+    BM, _, BR, warps = _tiles(D)
+    BR = min(BR, max(2, triton.next_power_of_2(max(top_k * block_size, 1))))
+    idx_arg = idx if top_k > 0 else torch.zeros(1, dtype=torch.int64, device=dev)  # never read if empty
+    match_bwd_dq_kernel[(triton.cdiv(T, BM), B * Hq)](
+        q, k, v, do_r, lse_r, delta_r, idx_arg, dq_w, dq, *q.stride(), *k.stride(), *v.stride(),
+        Hq, G, T, D, window, block_size, float(scale),
+        TOP_K=top_k, BLOCK_M=BM, BLOCK_R=BR, BLOCK_D=_block_d(D), num_warps=warps,
+    )
+    qlist, starts = reverse_index(idx, T, block_size)
+    NB = triton.cdiv(T, block_size)
+    BN = min(64, max(16, triton.next_power_of_2(block_size)))
+    NSUB = triton.cdiv(block_size, BN)
+    BM_L = 64 if is_interpreting() else 32
+    match_bwd_dkdv_kernel[(NB * NSUB, B * Hkv)](
+        q, k, v, do_r, lse_r, delta_r, qlist, starts, dk_w, dv_w, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(),
+        Hq, Hkv, G, T, D, window, block_size, NB, NSUB, float(scale),
+        LOWP_DOT=_lowp(q), BLOCK_M=BM_L, BLOCK_N=BN, BLOCK_D=_block_d(D), num_warps=4,
+    )
+    return dq, dk, dv, dgate
+
+
+class _MatchAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, gate, window, top_k, block_size, gated, scale):
+        idx = _select(q, k, window=window, top_k=top_k, block_size=block_size, scale=scale)
+        o, lse, lse_r, o_w, o_r = _fwd(q, k, v, idx, gate, window=window, block_size=block_size,
+                                       gated=gated, scale=scale)
+        if gated:
+            ctx.save_for_backward(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx)
+        else:
+            ctx.save_for_backward(q, k, v, o, lse, idx)
+        ctx.cfg = (window, block_size, gated, scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        window, block_size, gated, scale = ctx.cfg
+        if gated:
+            q, k, v, o, lse, lse_r, o_w, o_r, gate, idx = ctx.saved_tensors
+        else:
+            q, k, v, o, lse, idx = ctx.saved_tensors
+            lse_r = o_w = o_r = gate = None
+        dq, dk, dv, dgate = _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, window=window,
+                                 block_size=block_size, gated=gated, scale=scale)
+        if dgate is not None:
+            dgate = dgate.to(gate.dtype)
+        return dq, dk, dv, dgate, None, None, None, None, None
+
+
+def match_attention_triton(q, k, v, *, window, top_k, block_size, mode, gate_logit, scale):
+    """MATCH attention (joint or gated), differentiable in q, k, v and gate_logit ([B, H_q, T] or None)."""
+    _check_top_k(top_k)
+    gated = mode == "gated"
+    if gated and gate_logit is None:
+        raise ValueError("mode='gated' needs gate_logit [B, H_q, T]")
+    gate = gate_logit if gated else None
+    return _MatchAttention.apply(q, k, v, gate, int(window), int(top_k), int(block_size), gated, float(scale))
+
+
+def match_decode_triton(q, k_cache, v_cache, *, window, top_k, block_size, mode, gate_logit, scale,
+                        summaries=None):
+    """One new query (q [B, H_q, 1, D], position T - 1 of the cache k/v [B, H_kv, T, D]): out [B, H_q, 1, D],
+    equal to the last row of ``match_attention_triton`` over the cache. ``summaries``: cached block means
+    [B, H_kv, nblocks, D] (any float dtype; at least the candidate blocks), or None to compute them."""
+    _check_top_k(top_k)
+    T = k_cache.shape[2]
+    gated = mode == "gated"
+    if gated and gate_logit is None:
+        raise ValueError("mode='gated' needs gate_logit [B, H_q, 1]")
+    with torch.no_grad():
+        idx = _select(q, k_cache, window=window, top_k=top_k, block_size=block_size, scale=scale,
+                      q_start=T - 1, summaries=summaries if block_size > 1 else None)
+        o = _fwd(q, k_cache, v_cache, idx, gate_logit if gated else None, window=window,
+                 block_size=block_size, gated=gated, scale=scale, q_start=T - 1, store_parts=False)[0]
+    return o
