@@ -1,10 +1,12 @@
-"""MATCH (arXiv 2606.29844) Triton kernels: sliding-window attention plus top-k retrieval of out-of-window keys.
+"""MATCH (arXiv 2606.29844) Triton kernels: sliding-window attention plus top-k retrieval of out-of-window
+keys.
 
 Called by ``fast/match.py`` (which validates the inputs); the oracle is ``reference/match.py``. Entry points::
 
-    retrieve_triton(q, k, *, window, top_k, block_size, scale)                          -> idx [B, H_kv, T, top_k]
-    match_attention_triton(q, k, v, *, window, top_k, block_size, mode, gate_logit, scale)  -> out [B, H_q, T, D]
-    match_decode_triton(q, k_cache, v_cache, *, ..., summaries)                         -> out [B, H_q, 1, D]
+    retrieve_triton(q, k, *, window, top_k, block_size, scale)               -> idx [B, H_kv, T, top_k]
+    match_attention_triton(q, k, v, *, window, top_k, block_size, mode, gate_logit, scale)
+                                                                             -> out [B, H_q, T, D]
+    match_decode_triton(q, k_cache, v_cache, *, ..., summaries)              -> out [B, H_q, 1, D]
 
 Shapes ``q [B, H_q, T, D]``, ``k, v [B, H_kv, T, D]``; fp16/bf16/fp32, D <= 128. Window ``w``: query i sees
 keys ``i - w < j <= i``; retrieval candidates are ``j <= i - w`` (tokens, ``block_size == 1``) or the blocks
@@ -64,8 +66,6 @@ Kernels are launched with fixed tiles (one config): the dq / dk-dv retrieval ker
 their outputs, which an autotuner's repeated launches would corrupt. GPU tile sizes are untuned.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -179,7 +179,8 @@ def match_select_kernel(
     for r in range(0, TOP_K):
         best = tl.max(top_v, axis=1)
         have = best > float("-inf")
-        best_i = tl.min(tl.where((top_v == best[:, None]) & have[:, None], top_i, 9223372036854775807), axis=1)
+        best_i = tl.min(tl.where((top_v == best[:, None]) & have[:, None], top_i, 9223372036854775807),
+                        axis=1)
         tl.store(out_base + r, tl.where(have, best_i, -1), mask=row_ok)
         top_v = tl.where(have[:, None] & (top_i == best_i[:, None]), float("-inf"), top_v)
 
@@ -307,7 +308,8 @@ def match_fwd_kernel(
         glog = tl.load(gate_ptr + stat, mask=row_ok, other=0.0)
         gate = 1.0 / (1.0 + tl.exp(-glog))
         out = tl.where(has[:, None], gate[:, None] * o_r + (1.0 - gate[:, None]) * o_w, o_w)
-        tl.store(lse_r_ptr + stat, tl.where(has, (m_r + tl.log2(lr_safe)) * 0.6931471805599453, float("-inf")), mask=row_ok)
+        lse_r = tl.where(has, (m_r + tl.log2(lr_safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(lse_r_ptr + stat, lse_r, mask=row_ok)
         if STORE_PARTS:
             part = stat[:, None] * D + offs_d[None, :]
             tl.store(ow_ptr + part, o_w, mask=qd_mask)
