@@ -374,3 +374,22 @@ def test_gpu_large_vocab(name, dtype):
     rng = np.random.default_rng(15)
     t, s = _make(rng, (64,), 128256, scale=5.0, n_pad=256)
     _check(name, "triton", t, s, dtype=dtype, tau=2.0, reduction="mean")
+
+
+@pytest.mark.parametrize("t_dtype,s_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32)])
+def test_torch_backend_mixed_dtypes_compute_in_float64(t_dtype, s_dtype):
+    # The documented rule: the torch backend computes in fp64 when either input is fp64; the loss is fp64
+    # for an fp64 student (else fp32) and the gradient has the student's dtype. With one fp32 input the
+    # fp32 values are exact in fp64, so an fp64 computation meets the fp64 tolerance; an fp32 one cannot.
+    rng = np.random.default_rng(7)
+    t, s = _make(rng, (5,), 37, near=True)
+    tt = torch.tensor(t).to(t_dtype)
+    ss = torch.tensor(s).to(s_dtype).requires_grad_(True)
+    tr, sr = tt.double().numpy(), ss.detach().double().numpy()  # the oracle sees the rounded inputs
+    loss = F.divergence("forward_kl", tt, ss, backend="torch", reduction="sum")
+    assert loss.dtype == (torch.float64 if s_dtype == torch.float64 else torch.float32)
+    (g,) = torch.autograd.grad(loss * -1.3, ss)
+    assert g.dtype == s_dtype
+    out_dtype = "float64" if s_dtype == torch.float64 else "float32"
+    assert_close(loss, R.forward_kl(tr, sr).sum(), dtype=out_dtype, name="loss")
+    assert_close(g, -1.3 * R.forward_kl_grad(tr, sr), dtype=out_dtype, name="grad")
