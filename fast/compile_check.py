@@ -159,7 +159,7 @@ def _workload(dtypes):
     """Call every public Triton op forward + backward over the dtypes and flags that select kernels."""
     import torch
 
-    from fast import attention, dac_kl, divergences, span
+    from fast import attention, dac_kl, divergences, match_triton, span
 
     g = torch.Generator().manual_seed(0)
 
@@ -200,6 +200,27 @@ def _workload(dtypes):
             lo = torch.full((4,), 0.2, requires_grad=True)
             loss, kept, _ = dac_kl.dac_kl(t, s, up, lo, backend="triton", **cfg)
             (loss.sum() + kept.sum()).backward()
+        # MATCH: token / block retrieval, joint / gated, GQA, D = 128, top_k = 0; decode (cached summaries)
+        for bs, K, mode, hq, hkv, D, w in (
+            (1, 3, "joint", 2, 2, 64, 7),
+            (4, 2, "gated", 4, 2, 32, 8),
+            (16, 2, "joint", 2, 1, 128, 16),
+            (8, 0, "joint", 1, 1, 64, 8),
+        ):
+            if dtype == torch.float32 and D == 128:
+                continue
+            q = rnd(1, hq, 300, D, dtype=dtype).requires_grad_()
+            k = rnd(1, hkv, 300, D, dtype=dtype).requires_grad_()
+            v = rnd(1, hkv, 300, D, dtype=dtype).requires_grad_()
+            gl = torch.zeros(1, hq, 300, requires_grad=True) if mode == "gated" else None
+            cfg = dict(window=w, top_k=K, block_size=bs, mode=mode, scale=D**-0.5)
+            out = match_triton.match_attention_triton(q, k, v, gate_logit=gl, **cfg)
+            out.float().sum().backward()
+            if K == 0 or D == 128:
+                continue
+            summ = match_triton.block_summaries_triton(k.detach(), bs) if bs > 1 else None
+            match_triton.match_decode_triton(q[:, :, -1:].detach(), k.detach(), v.detach(), summaries=summ,
+                                             gate_logit=None if gl is None else gl[:, :, -1:].detach(), **cfg)
         # span loss, plain and squared
         for squared in (False, True):
             t, s = rnd(2, 9, 300, dtype=dtype), rnd(2, 9, 300, dtype=dtype).requires_grad_()

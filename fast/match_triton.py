@@ -18,9 +18,10 @@ Kernels and design choices
 1. ``match_summary_kernel``: mean key of every full block, fp32 ``[B, H_kv, T // B, D]``.
 2. ``match_select_kernel``: one program per (query tile, batch, kv head). The group's query heads are summed
    first (``sum_g q_g . kbar = (sum_g q_g) . kbar``, so this is the GQA rule "scores summed over the group"
-   up to fp32 rounding), then the candidate summaries (keys for ``block_size == 1``) are streamed in
-   chunks of ``BLOCK_N`` and a running top-k is kept in registers (``[BLOCK_M, KP]`` values + indices);
-   no [T, T/B] score matrix is ever stored. Exact tie rule (lower index wins), by construction:
+   up to fp32 rounding; the scores are fp32 "ieee" dots for every input dtype), then the candidate
+   summaries (keys for ``block_size == 1``) are streamed in chunks of ``BLOCK_N`` and a running top-k
+   is kept in registers (``[BLOCK_M, KP]`` values + indices); no [T, T/B] score matrix is ever stored.
+   Exact tie rule (lower index wins), by construction:
      * chunks arrive in increasing index order, and inside a chunk the candidates are extracted in
        (score descending, index ascending) order, so every candidate offered to the list has a larger index
        than every equal-scored entry already in it; it is therefore inserted only if its score is
@@ -120,7 +121,7 @@ def match_select_kernel(
     scb, sch, sct, scd,
     Hkv, G, TQ, q_start, D, W, BS,
     scale,
-    TOP_K: tl.constexpr, KP: tl.constexpr, LOWP_DOT: tl.constexpr,
+    TOP_K: tl.constexpr, KP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Running top-k over streamed candidate chunks (see the module docstring for the tie proof)."""
@@ -152,11 +153,8 @@ def match_select_kernel(
         n_ok = offs_n < n_hi
         cand = tl.load(c_ptr + b * scb + hk * sch + offs_n[:, None] * sct + offs_d[None, :] * scd,
                        mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BN, BD]
-        if LOWP_DOT:
-            s = tl.dot(qsum, tl.trans(cand), input_precision="tf32")
-        else:
-            s = tl.dot(qsum, tl.trans(cand), input_precision="ieee")  # [BM, BN]
-        s = s * scale
+        # fp32 "ieee" for every input dtype: a discrete choice, TF32 / bf16 rounding would move near-ties
+        s = tl.dot(qsum, tl.trans(cand), input_precision="ieee") * scale  # [BM, BN]
         ok = row_ok[:, None] & n_ok[None, :] & (offs_n[None, :] * BS <= pos[:, None] - W)
         s = tl.where(ok, s, float("-inf"))
         worst = tl.min(top_v, axis=1)  # [BM]
@@ -489,13 +487,16 @@ def _check_top_k(top_k):
         )
 
 
-def _tiles(D):
+def _tiles(q):
     """(BLOCK_M, BLOCK_N, BLOCK_R, num_warps) of the forward / dq kernels. Interpreter: big tiles (cost ~
     number of programs x loop iterations). GPU: the gathered [BLOCK_M, BLOCK_R, BLOCK_D] tiles bound the
-    register use, so BLOCK_R shrinks as D grows (untuned)."""
+    register use, so BLOCK_R shrinks as D grows; fp32 "ieee" dots run on CUDA cores, unrolled: a small
+    tile (as in fast/attention.py). Untuned."""
     if is_interpreting():
         return 64, 64, 32, 4
-    return (64, 64, 8, 8) if _block_d(D) <= 64 else (64, 64, 4, 8)
+    if not _lowp(q):
+        return 32, 32, 4, 4
+    return (64, 64, 8, 8) if _block_d(q.shape[-1]) <= 64 else (64, 64, 4, 8)
 
 
 def block_summaries_triton(k, block_size):
@@ -522,14 +523,11 @@ def _select(q, k, *, window, top_k, block_size, scale, q_start=0, summaries=None
         cand = k
     else:
         cand = block_summaries_triton(k, block_size) if summaries is None else summaries
-    if is_interpreting():
-        BM, BN, warps = 64, 64, 4
-    else:
-        BM, BN, warps = 32, 64, 4
+    BM, BN, warps = (64, 64, 4) if is_interpreting() else (32, 32, 4)  # fp32 dots: small GPU tile
     match_select_kernel[(triton.cdiv(TQ, BM), B * Hkv)](
         q, cand, idx, *q.stride(), *cand.stride(),
         Hkv, Hq // Hkv, TQ, q_start, D, window, block_size, float(scale),
-        TOP_K=top_k, KP=_kp(top_k), LOWP_DOT=_lowp(q),
+        TOP_K=top_k, KP=_kp(top_k),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D), num_warps=warps,
     )
     return idx
@@ -560,7 +558,7 @@ def _fwd(q, k, v, idx, gate, *, window, block_size, gated, scale, q_start=0, sto
         gate = gate.float().contiguous()
     else:
         lse_r = o_w = o_r = gate = lse  # unused pointers
-    BM, BN, BR, warps = _tiles(D)
+    BM, BN, BR, warps = _tiles(q)
     BR = min(BR, max(2, triton.next_power_of_2(max(top_k * block_size, 1))))
     if top_k == 0:  # no retrieval: a valid pointer that is never read
         idx = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -634,7 +632,7 @@ def _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, *, window, block_size,
     dq = empty((B, Hq, T, D), dtype=q.dtype, device=dev)
     dk = empty((B, Hkv, T, D), dtype=k.dtype, device=dev)
     dv = empty((B, Hkv, T, D), dtype=v.dtype, device=dev)
-    BM, _, BR, warps = _tiles(D)
+    BM, _, BR, warps = _tiles(q)
     BR = min(BR, max(2, triton.next_power_of_2(max(top_k * block_size, 1))))
     idx_arg = idx if top_k > 0 else torch.zeros(1, dtype=torch.int64, device=dev)  # never read if empty
     match_bwd_dq_kernel[(triton.cdiv(T, BM), B * Hq)](
@@ -647,6 +645,9 @@ def _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, *, window, block_size,
     BN = min(64, max(16, triton.next_power_of_2(block_size)))
     NSUB = triton.cdiv(block_size, BN)
     BM_L = 64 if is_interpreting() else 32
+    if not is_interpreting() and not _lowp(q):
+        BN = min(BN, 32)
+        NSUB = triton.cdiv(block_size, BN)
     match_bwd_dkdv_kernel[(NB * NSUB, B * Hkv)](
         q, k, v, do_r, lse_r, delta_r, qlist, starts, dk_w, dv_w, dk, dv,
         *q.stride(), *k.stride(), *v.stride(),
