@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _error_bounds import dac_kl_bound_grad_scale
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -108,7 +109,7 @@ def test_reference_mass_quantile_by_hand():
     valid = np.ones_like(p, bool)
     for q, want, slope in [(0.25, 0.5, 0.0), (0.65, 0.5 + 0.5 * (0.3 - 0.5), (0.3 - 0.5) / 0.3),
                            (0.9, 0.3 + 0.5 * (0.2 - 0.3), (0.2 - 0.3) / 0.2)]:
-        tau, d, _ = R.mass_quantile(p, valid, np.array([q]))
+        tau, d = R.mass_quantile(p, valid, np.array([q]))
         assert_close(tau, [want], name=f"tau({q})")
         assert_close(d, [slope], name=f"slope({q})")
 
@@ -223,7 +224,8 @@ def _run_fast(t, s, u, l, g, backend, dtype=torch.float32, **cfg):
     tr, sr = T.double().cpu().numpy(), S.detach().double().cpu().numpy()
     ur, lr = U.detach().double().cpu().numpy(), L.detach().double().cpu().numpy()
     ref = R.dac_kl_parts(tr, sr, ur, lr, **cfg)
-    rds, rdu, rdl, (mag_u, mag_l) = R.dac_kl_grad(tr, sr, ur, lr, g=g, scale=True, **cfg)
+    rds, rdu, rdl = R.dac_kl_grad(tr, sr, ur, lr, g=g, **cfg)
+    mag_u, mag_l = dac_kl_bound_grad_scale(tr, sr, ur, lr, g=g, **cfg)
     name = f"{backend}/{dtype}/{cfg}"
     env_loss, env_kept, env_ds, env_du, env_dl = _level_envelope(tr, sr, ur, lr, g, cfg)
     _close(loss, ref["loss"], dtype, f"loss {name}", slack=env_loss)
@@ -253,7 +255,7 @@ def _run_fast(t, s, u, l, g, backend, dtype=torch.float32, **cfg):
 
 
 def _close_bound_grad(actual, expected, mag, dtype, name, envelope=0.0):
-    """d upper / d lower are ill-conditioned by construction (reference.dac_kl.dac_kl_grad, scale=True):
+    """d upper / d lower are ill-conditioned by construction (tests/_error_bounds.dac_kl_bound_grad_scale):
     a sum over V of G dm/dtau with heavy cancellation, each term's sigmoid argument amplifying the fp32
     rounding of p by beta p (beta up to 1/(gamma (tau_hi - tau_lo))), times a quantile slope that is a
     difference of neighbouring order statistics ((V-1)(s[k+1] - s[k]) loses eps (V-1)(|s[k]| + |s[k+1]|)).
@@ -453,3 +455,28 @@ def test_empty_batch():
             z = torch.zeros(0, device=DEVICE)
             loss, kept, cls = dac_kl(e, e, z, z, backend=be)
             assert loss.shape == (0,) and kept.shape == (0,) and cls.shape == (0,)
+
+
+def test_module_features_and_bounds_with_a_padded_vocabulary():
+    # A -inf padded vocabulary (teacher and student share the padding): the features (top-k and entropy)
+    # must ignore the padded entries (0 * log 0 = 0, not NaN), the bounds and the loss must match the oracle.
+    gen = torch.Generator().manual_seed(3)
+    mod = DACKL(k=8, hidden=16, generator=gen, backend="torch").double()
+    t, s, _, _, _ = _inputs(12, 5, 29)
+    t[:, 23:] = s[:, 23:] = -np.inf  # 6 padded vocabulary entries in every row
+    t[2, :20] = s[2, :20] = -np.inf  # a row with only 3 real entries: fewer than k
+    T = torch.tensor(t, dtype=torch.float64)
+    S = torch.tensor(s, dtype=torch.float64, requires_grad=True)
+    x = R.features(t, 8)
+    assert np.isfinite(x).all()
+    assert_close(teacher_features(T, 8), x, dtype=torch.float32, name="features, padded vocabulary")
+    params = {"W1": mod.mlp[0].weight.detach().T.numpy(), "b1": mod.mlp[0].bias.detach().numpy(),
+              "W2": mod.mlp[2].weight.detach().T.numpy(), "b2": mod.mlp[2].bias.detach().numpy(),
+              "W3": mod.mlp[4].weight.detach().T.numpy(), "b3": mod.mlp[4].bias.detach().numpy()}
+    up, lo, _ = R.mlp_bounds(params, x)
+    loss, info = mod(T, S)
+    assert_close(info["upper"], up, dtype=torch.float32, name="upper, padded vocabulary")
+    assert_close(info["lower"], lo, dtype=torch.float32, name="lower, padded vocabulary")
+    assert_close(loss, R.dac_kl(t, s, up, lo).mean(), dtype=torch.float32, name="loss, padded vocabulary")
+    loss.backward()
+    assert torch.isfinite(S.grad).all() and (S.grad[:, 23:] == 0).all()
