@@ -1,13 +1,13 @@
-"""DAC-KL (distribution-adaptive clipping KL), the token-level loss of MGSR, in plain NumPy float64.
+"""DAC-KL (distribution-adaptive clipping KL), the token-level loss of MGSR (arXiv 2407.10068), NumPy float64.
 
-Spec: ``shared/papers/mgsr.md`` §2 and the ambiguity table §6 (rows 6-10). The paper's equations were not
-available; everything below is the [RECON] of §2.2 unless noted. Per token (row) ``i``:
+The paper describes the loss in words; its exact equations are reconstructed here, so every step below is
+[RECON] unless noted (docs/papers.md lists each choice and the alternative). Per token (row) ``i``:
 
 1. ``p = softmax(t_i)`` (teacher, constant), ``q = softmax(s_i)`` (student), temperature 1.
 2. Two *levels* ``0 <= lower < upper <= 1`` (from the bounds sub-network, :func:`mlp_bounds`) become two
    *value thresholds* ``tau_lo <= tau_hi`` on the teacher probabilities:
 
-   * ``bounds="value"`` (default, §6 row 7): value quantiles of the multiset of probabilities,
+   * ``bounds="value"`` (default): value quantiles of the multiset of probabilities,
      ``tau_hi = Q_upper(p)``, ``tau_lo = Q_lower(p)`` with linear interpolation between order statistics;
    * ``bounds="mass"`` (alternative): a cumulative-mass window on the descending-sorted distribution,
      ``tau_lo = Qm(upper)`` (the tail beyond cumulative mass ``upper`` is cut), ``tau_hi = Qm(lower)`` (the
@@ -19,9 +19,9 @@ available; everything below is the [RECON] of §2.2 unless noted. Per token (row
 4. Target class ``c = argmax_v t_v`` (teacher logits; the lowest index wins a tie). With ``target=True`` the
    vectors are ``[m * p ; p_c]`` and ``[m * q ; q_c]`` with ``m_c := 0`` (V+1 entries); with ``target=False``
    they are ``m * p`` and ``m * q`` (``m_c`` keeps its sigmoid value).
-5. ``normalize=True`` (default, §6 row 8): KL between the renormalised vectors; ``normalize=False``: the
+5. ``normalize=True`` (default): KL between the renormalised vectors; ``normalize=False``: the
    generalised KL ``sum a log(a/b) - a + b`` of the literal unnormalised vectors.
-6. ``floor=True`` (default; a labelled DEVIATION from the paper, §2.2 step 7): add
+6. ``floor=True`` (default; a DEVIATION from the paper, which has no such term): add
    ``lam_m * relu(rho_min - kept)``, ``kept = sum_{v != c} m_v p_v`` (the teacher mass the band keeps), so the
    sub-network cannot shrink the band to nothing. It depends on the bounds only, not on the student.
 
@@ -30,7 +30,7 @@ ratio ``(w_v p_v) / (w_v q_v) = p_v / q_v``, the normalised KL is
 ``(1/A) sum_v w_v p_v (log p_v - log q_v) + log B - log A`` with ``A = sum w p``, ``B = sum w q``; no epsilon
 is needed and everything stays in log-space. The same identity lets the Triton kernel stream over V.
 
-Ablations (§2.2 step 8, Table 3b): ``band=False`` ("w/o high-density") sets ``m == 1`` (no clipping; the
+Ablations (the paper's Table 3b): ``band=False`` ("w/o high-density") sets ``m == 1`` (no clipping; the
 target entry plus the whole rest of the distribution, i.e. plain KL when ``target=True`` and normalised);
 ``target=False`` ("w/o target-class"); fixed clipping = constant ``upper, lower`` (no sub-network).
 
@@ -38,6 +38,8 @@ target entry plus the whole rest of the distribution, i.e. plain KL when ``targe
 contribute nothing; the student must be -inf at least where the teacher is (checked).
 """
 import numpy as np
+
+from reference.nn import gelu, gelu_grad, log_softmax, sigmoid
 
 BOUNDS = ("value", "mass")
 DEFAULTS = dict(bounds="value", gamma=0.05, eps=1e-8, target=True, band=True, normalize=True,
@@ -52,18 +54,6 @@ def _cfg(cfg):  # dict -> dict
     if out["bounds"] not in BOUNDS:
         raise ValueError(f"bounds must be one of {BOUNDS}, got {out['bounds']!r}")
     return out
-
-
-def log_softmax(x):  # [N, V] -> [N, V]
-    m = np.max(x, axis=-1, keepdims=True)  # [N, 1]
-    m = np.where(np.isfinite(m), m, 0.0)  # a fully -inf row stays -inf, not NaN
-    z = x - m
-    with np.errstate(divide="ignore"):
-        return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
-
-
-def sigmoid(z):  # [...] -> [...]
-    return np.exp(-np.logaddexp(0.0, -z))
 
 
 def check_inputs(t, s, upper, lower):  # [N, V], [N, V], [N], [N] -> None
@@ -85,7 +75,7 @@ def check_inputs(t, s, upper, lower):  # [N, V], [N, V], [N], [N] -> None
         raise ValueError("student logits are -inf where the teacher's are finite; padding must be shared")
 
 
-def value_quantile(p, valid, q):  # [N, V], [N, V] bool, [N] -> ([N] tau, [N] dtau/dq, [N] |slope| scale)
+def value_quantile(p, valid, q):  # [N, V], [N, V] bool, [N] -> ([N] tau, [N] dtau/dq)
     """q-quantile of the multiset of valid probabilities, linear interpolation between order statistics
     (numpy's default 'linear' method): ``idx = q (n-1)``, ``Q = s[lo] + (idx - lo) (s[lo+1] - s[lo])``."""
     n = valid.sum(-1)  # [N]
@@ -97,11 +87,10 @@ def value_quantile(p, valid, q):  # [N, V], [N, V] bool, [N] -> ([N] tau, [N] dt
     r = np.arange(len(q))
     s_lo, s_hi = s[r, lo], s[r, hi]  # [N], [N]
     # convention: at an exact order statistic (frac = 0) the derivative is the right-hand slope
-    # the third output bounds the slope's own rounding: (n-1) * (s_hi - s_lo) loses eps * (n-1)(|s_lo|+|s_hi|)
-    return s_lo + frac * (s_hi - s_lo), (n - 1) * (s_hi - s_lo), (n - 1) * (np.abs(s_lo) + np.abs(s_hi))
+    return s_lo + frac * (s_hi - s_lo), (n - 1) * (s_hi - s_lo)
 
 
-def mass_quantile(p, valid, q):  # [N, V], [N, V] bool, [N] -> ([N] tau, [N] dtau/dq, [N] |slope| scale)
+def mass_quantile(p, valid, q):  # [N, V], [N, V] bool, [N] -> ([N] tau, [N] dtau/dq)
     """Cumulative-mass quantile: the value threshold at which the descending-sorted distribution has
     accumulated mass ``q``, made continuous by linear interpolation between the knots ``(C_k, d_k)``
     (``d_k`` the k-th largest probability, ``C_k = d_1 + ... + d_k``, plus the knot ``(0, d_1)``).
@@ -109,7 +98,7 @@ def mass_quantile(p, valid, q):  # [N, V], [N, V] bool, [N] -> ([N] tau, [N] dta
     Written the way the Triton kernel finds it without sorting: ``x* = min{x in {0} U p : M(x) <= q}`` with
     ``M(x) = sum_v p_v [p_v > x]`` (monotone in x), ``d = min{p_v > x*}`` (``x*`` if none), then
     ``tau = d + min((q - M(x*)) / x*, 1) (x* - d)`` (``tau = x*`` when ``x* = 0``)."""
-    tau, dtau, kappa = np.zeros(len(q)), np.zeros(len(q)), np.zeros(len(q))
+    tau, dtau = np.zeros(len(q)), np.zeros(len(q))
     for i in range(len(q)):  # by the definition, one row at a time
         v = np.sort(p[i][valid[i]])  # [n] ascending
         cand = np.concatenate([[0.0], v])  # [n+1]
@@ -118,23 +107,22 @@ def mass_quantile(p, valid, q):  # [N, V], [N, V] bool, [N] -> ([N] tau, [N] dta
         m_x = v[v > x].sum()
         d = v[v > x].min() if np.any(v > x) else x
         if x > 0 and (q[i] - m_x) < x:
-            tau[i], dtau[i], kappa[i] = d + (q[i] - m_x) / x * (x - d), (x - d) / x, (x + d) / x
+            tau[i], dtau[i] = d + (q[i] - m_x) / x * (x - d), (x - d) / x
         else:
             tau[i], dtau[i] = x, 0.0
-    return tau, dtau, kappa
+    return tau, dtau
 
 
-def thresholds(p, valid, upper, lower, bounds):  # [N, V], [N, V], [N], [N], str -> 6 x [N]
-    """Return ``(tau_lo, tau_hi, dtau_lo/d(level), dtau_hi/d(level), kappa_lo, kappa_hi)``; which level feeds
-    which threshold depends on ``bounds`` (value: lower->tau_lo, upper->tau_hi; mass: upper->tau_lo,
-    lower->tau_hi). ``kappa`` is the rounding scale of the slope (see :func:`value_quantile`)."""
+def thresholds(p, valid, upper, lower, bounds):  # [N, V], [N, V], [N], [N], str -> 4 x [N]
+    """Return ``(tau_lo, tau_hi, dtau_lo/d(level), dtau_hi/d(level))``; which level feeds which threshold
+    depends on ``bounds`` (value: lower->tau_lo, upper->tau_hi; mass: upper->tau_lo, lower->tau_hi)."""
     if bounds == "value":
-        lo, dlo, klo = value_quantile(p, valid, lower)
-        hi, dhi, khi = value_quantile(p, valid, upper)
+        lo, dlo = value_quantile(p, valid, lower)
+        hi, dhi = value_quantile(p, valid, upper)
     else:
-        lo, dlo, klo = mass_quantile(p, valid, upper)
-        hi, dhi, khi = mass_quantile(p, valid, lower)
-    return lo, hi, dlo, dhi, klo, khi
+        lo, dlo = mass_quantile(p, valid, upper)
+        hi, dhi = mass_quantile(p, valid, lower)
+    return lo, hi, dlo, dhi
 
 
 def _forward(t, s, upper, lower, cfg):  # [N, V], [N, V], [N], [N], dict -> dict of [N] / [N, V]
@@ -147,7 +135,7 @@ def _forward(t, s, upper, lower, cfg):  # [N, V], [N, V], [N], [N], dict -> dict
     p, q = np.exp(lp), np.exp(lq)  # [N, V]
     c = np.argmax(t, axis=-1)  # [N]  convention: argmax of the teacher *logits*, lowest index on ties
     onehot = np.arange(V)[None, :] == c[:, None]  # [N, V]
-    tau_lo, tau_hi, dlo, dhi, klo, khi = thresholds(p, valid, upper, lower, cfg["bounds"])
+    tau_lo, tau_hi, dlo, dhi = thresholds(p, valid, upper, lower, cfg["bounds"])
     beta = 1.0 / (cfg["gamma"] * (tau_hi - tau_lo) + cfg["eps"])  # [N]
     z1 = beta[:, None] * (p - tau_lo[:, None])  # [N, V]
     z2 = beta[:, None] * (tau_hi[:, None] - p)  # [N, V]
@@ -168,7 +156,6 @@ def _forward(t, s, upper, lower, cfg):  # [N, V], [N, V], [N], [N], dict -> dict
     reg = np.where(active, cfg["lam_m"] * (cfg["rho_min"] - kept), 0.0)
     return dict(loss=kl + reg, kl=kl, reg=reg, kept=kept, p=p, q=q, d=d, w=w, m=m, mk=mk, A=A, B=B,
                 cross=cross, z1=z1, z2=z2, beta=beta, tau_lo=tau_lo, tau_hi=tau_hi, dlo=dlo, dhi=dhi,
-                klo=klo, khi=khi,
                 active=active, onehot=onehot, valid=valid, target_class=c)
 
 
@@ -182,21 +169,16 @@ def dac_kl_parts(t, s, upper, lower, **cfg):  # [N, V], [N, V], [N], [N] -> dict
     return _forward(t, s, upper, lower, _cfg(cfg))
 
 
-def dac_kl_grad(t, s, upper, lower, g=None, scale=False, **cfg):  # [N,V],[N,V],[N],[N],[N] -> [N,V],[N],[N]
+def dac_kl_grad(t, s, upper, lower, g=None, **cfg):  # [N, V], [N, V], [N], [N], [N] -> [N, V], [N], [N]
     """Hand-derived gradient of ``sum_i g_i * dac_kl(...)_i`` w.r.t. student logits, upper and lower.
 
     Student: ``dL/ds_j = w_j (q_j / B - p_j / A)`` (normalised) or ``w_j (q_j - p_j) + (A - B) q_j``.
     Bounds: ``dL/dw_v = (p_v / A)(d_v - cross/A) + q_v / B - p_v / A`` (normalised) or
     ``p_v d_v - p_v + q_v``, plus ``-lam_m p_v`` from an active floor; then through
-    ``m = sigma(z1) sigma(z2)`` (with ``beta`` depending on both thresholds) and the quantile slopes.
-
-    ``scale=True`` also returns ``(mag_upper, mag_lower)`` [N]: the size of the rounding error a float
-    computation of d upper / d lower must be allowed, in units of its epsilon. These gradients are sums of
-    V terms with cancellation, each term's sigmoid argument amplifies a relative error of p by ``beta p``,
-    ``G_v`` is itself a difference of terms as large as ``p_v / A`` (huge when the band keeps almost nothing),
-    and the quantile slope is a difference of neighbouring order statistics; so
-    ``mag = |slope| sum_v G_abs_v |dm_v/dtau| (1 + beta p_v) + kappa |sum_v G_v dm_v/dtau|`` with ``G_abs``
-    the sum of the absolute values of ``G``'s terms."""
+    ``m = sigma(z1) sigma(z2)`` (with ``beta`` depending on both thresholds) and the quantile slopes:
+    ``dm/dtau_lo = m [(1 - sigma(z1)) (-beta + gamma beta^2 a1) + (1 - sigma(z2)) gamma beta^2 a2]``,
+    ``dm/dtau_hi = m [-(1 - sigma(z1)) gamma beta^2 a1 + (1 - sigma(z2)) (beta - gamma beta^2 a2)]``
+    with ``a1 = p - tau_lo``, ``a2 = tau_hi - p``."""
     cfg = _cfg(cfg)
     f = _forward(t, s, upper, lower, cfg)
     N = f["p"].shape[0]
@@ -205,13 +187,10 @@ def dac_kl_grad(t, s, upper, lower, g=None, scale=False, **cfg):  # [N,V],[N,V],
     if cfg["normalize"]:
         ds = w * (q / B - p / A)
         G = (p / A) * (d - f["cross"][:, None] / A) + q / B - p / A  # [N, V] dL/dw
-        G_abs = (p / A) * (np.abs(d) + np.abs(f["cross"][:, None] / A)) + q / B + p / A  # its terms' size
     else:
         ds = w * (q - p) + (A - B) * q
         G = p * d - p + q
-        G_abs = p * np.abs(d) + p + q
     G = G - np.where(f["active"][:, None], cfg["lam_m"] * p, 0.0)
-    G_abs = G_abs + np.where(f["active"][:, None], cfg["lam_m"] * p, 0.0)
     G = np.where(f["onehot"], 0.0, G) if cfg["target"] else G  # m_c is not used when target
     G = np.where(f["valid"], G, 0.0)
     if cfg["band"]:
@@ -224,17 +203,12 @@ def dac_kl_grad(t, s, upper, lower, g=None, scale=False, **cfg):  # [N,V],[N,V],
         s_lo, s_hi = np.sum(G * dm_dlo, -1), np.sum(G * dm_dhi, -1)  # [N] dL/dtau_lo, dL/dtau_hi
         d_lo = s_lo * f["dlo"]  # [N] dL / d(level feeding tau_lo)
         d_hi = s_hi * f["dhi"]
-        amp = 1.0 + beta * p  # [N, V] how much a relative error of p grows in the sigmoid argument
-        mag_lo = np.abs(f["dlo"]) * np.sum(G_abs * np.abs(dm_dlo) * amp, -1) + f["klo"] * np.abs(s_lo)
-        mag_hi = np.abs(f["dhi"]) * np.sum(G_abs * np.abs(dm_dhi) * amp, -1) + f["khi"] * np.abs(s_hi)
     else:
-        d_lo = d_hi = mag_lo = mag_hi = np.zeros(N)
+        d_lo = d_hi = np.zeros(N)
     if cfg["bounds"] == "value":
-        d_upper, d_lower, mag_u, mag_l = d_hi, d_lo, mag_hi, mag_lo
+        d_upper, d_lower = d_hi, d_lo
     else:
-        d_upper, d_lower, mag_u, mag_l = d_lo, d_hi, mag_lo, mag_hi
-    if scale:
-        return ds * g[:, None], d_upper * g, d_lower * g, (mag_u * np.abs(g), mag_l * np.abs(g))
+        d_upper, d_lower = d_lo, d_hi
     return ds * g[:, None], d_upper * g, d_lower * g
 
 
@@ -249,16 +223,6 @@ def features(t, k):  # [N, V], int -> [N, k+1]
     top = np.pad(top, ((0, 0), (0, k - top.shape[1])))  # [N, k]
     ent = -np.sum(np.where(p > 0, p * lp, 0.0), -1, keepdims=True)  # [N, 1]
     return np.concatenate([top, ent], -1)
-
-
-def gelu(x):  # [...] -> [...]  convention: the tanh approximation (torch GELU(approximate="tanh"))
-    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
-
-
-def gelu_grad(x):  # [...] -> [...]
-    c = np.sqrt(2.0 / np.pi)
-    th = np.tanh(c * (x + 0.044715 * x**3))
-    return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th**2) * c * (1.0 + 3 * 0.044715 * x**2)
 
 
 def mlp_init(rng, n_in, hidden=256):  # Generator, int, int -> dict of arrays

@@ -54,6 +54,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from reference.nn import log_softmax
+
 __all__ = [
     "forward_kl", "forward_kl_grad", "reverse_kl", "reverse_kl_grad", "symmetric_kl", "symmetric_kl_grad",
     "js_divergence", "js_divergence_grad", "tv_distance", "tv_distance_grad",
@@ -90,12 +92,6 @@ def validate_logits(t, s, temperature=1.0, **params):  # [..., V], [..., V] -> (
         if not (0.0 <= v <= 1.0):
             raise ValueError(f"{k} must lie in [0, 1], got {v!r}")
     return t, s
-
-
-def log_softmax(x):  # [..., V] -> [..., V]
-    m = np.max(x, axis=-1, keepdims=True)  # [..., 1], finite: no all -inf row after validation
-    z = x - m
-    return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
 
 
 def _logs(t, s, temperature, **params):  # [..., V] x2 -> log p, log q, valid  (each [..., V])

@@ -1,10 +1,13 @@
-"""Span-level correlation consistency of MGSR (spec ``shared/papers/mgsr.md`` §3, §6 rows 11-13), float64.
+"""Span-level correlation consistency of MGSR (arXiv 2407.10068), NumPy float64.
+
+The paper names the idea (span priors; probability correlations within spans kept consistent between teacher
+and student) but its equations were not available; the choices below are [RECON] (docs/papers.md).
 
 Two parts:
 
 **Span priors** (which token ranges count as a span). The paper uses an external chunker (noun/verb
-phrases; the reviews cite NLTK Punkt). No tagger is available here, so this module has a *deterministic
-rule-based* stand-in, [RECON], working on byte offsets of sub-word tokens:
+phrases). This module has a *deterministic rule-based* stand-in, [RECON] (the alternative: an NLTK or spaCy
+part-of-speech chunker, a dependency this project does not take), working on byte offsets of sub-word tokens:
 
 * ``mode="word"``: the sub-word tokens of one word (a word = a maximal run of letters/digits/apostrophes;
   every non-ASCII byte counts as a letter, so UTF-8 words stay whole);
@@ -17,12 +20,14 @@ A chunk's span is the half-open range of tokens whose bytes overlap it. Only spa
 (a 1-token span has no adjacent pair). Spans are sorted and never overlap (a token in two chunks, e.g.
 "don't" split oddly, goes to the first one).
 
-**Loss** (Eq. 10, reconstructed). For each adjacent in-span pair ``(k, k+1)``:
-``r_k = p_k * p_{k+1}`` (Hadamard product of full softmax distributions, temperature 1, §6 row 13) for the
-teacher and the student; the loss is ``mean_pairs ||r^t_k - r^s_k||_2`` (``squared=True``: the squared norm,
-§6 row 12). No pairs -> 0. The teacher side is a constant.
+**Loss** ([RECON]). For each adjacent in-span pair ``(k, k+1)``: ``r_k = p_k * p_{k+1}`` (Hadamard product of
+the full softmax distributions at temperature 1, not the DAC-KL-clipped ones) for the teacher and the student;
+the loss is ``mean_pairs ||r^t_k - r^s_k||_2`` (``squared=True``: the squared norm, the alternative reading of
+"L2 distance"). No pairs -> 0. The teacher side is a constant.
 """
 import numpy as np
+
+from reference.nn import log_softmax
 
 # convention: a small closed-class list; it decides where the phrase chunker splits.
 STOP_WORDS = frozenset("""
@@ -34,14 +39,6 @@ and or but nor so yet if then than because while although though as
 is am are was were be been being do does did have has had will would shall should can could may might must
 not there here very too also just
 """.split())
-
-
-def log_softmax(x):  # [T, V] -> [T, V]
-    m = np.max(x, axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)  # a fully -inf row stays -inf, not NaN
-    z = x - m
-    with np.errstate(divide="ignore"):
-        return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
 
 
 def _is_word_byte(b):  # int -> bool
@@ -174,24 +171,16 @@ def span_loss(t, s, spans, squared=False):  # [T, V], [T, V], list -> float
     return float(d.mean()) if len(d) else 0.0
 
 
-def span_loss_grad(t, s, spans, squared=False, scale=False):  # [T, V], [T, V], list -> [T, V] (, mag [T, V])
+def span_loss_grad(t, s, spans, squared=False):  # [T, V], [T, V], list -> [T, V]
     """Hand-derived ``d span_loss / d s``. With ``e_k = r^s_k - r^t_k`` and ``D_k = ||e_k||``:
     ``dD_k/dr^s_k = e_k / D_k`` (0 when ``D_k = 0``, convention: the zero subgradient) or ``2 e_k`` squared;
     ``dr^s_k/dq_k = q_{k+1}``, ``dr^s_k/dq_{k+1} = q_k``; then the softmax backward per position,
-    ``ds = q * (gq - <gq, q>)``.
-
-    ``scale=True`` also returns ``mag`` [T, V]: the size of the rounding error a float computation of the
-    gradient must be allowed, in units of its epsilon. Two places cancel: ``gq - <gq, q>`` at a dominant
-    token (q near 1: terms of size |gq| leave a result of size |gq| (1 - q)), and ``e = q q' - p p'`` when
-    the two products nearly agree (each rounded to ~eps of its size ``q q' + p p'``), which ``e / D``
-    divides by a small ``D``. So ``mag = q (|gq| + <|gq|, q>) + q (|dgq| + <|dgq|, q>)`` with ``dgq`` the
-    same scatter of ``de = (qq' + pp') / D + |e / D| ||qq' + pp'|| / D`` (``2 (qq' + pp')`` squared)."""
+    ``ds = q * (gq - <gq, q>)``."""
     t, s = np.asarray(t, np.float64), np.asarray(s, np.float64)
     check_spans(spans, t.shape[0])
     k = pairs(spans)
-    grad = np.zeros_like(s)
     if len(k) == 0:
-        return (grad, np.zeros_like(s)) if scale else grad
+        return np.zeros_like(s)
     p, q = np.exp(log_softmax(t)), np.exp(log_softmax(s))
     e = q[k] * q[k + 1] - p[k] * p[k + 1]  # [P, V]
     if squared:
@@ -203,19 +192,4 @@ def span_loss_grad(t, s, spans, squared=False, scale=False):  # [T, V], [T, V], 
     gq = np.zeros_like(q)  # [T, V]
     np.add.at(gq, k, ge * q[k + 1])
     np.add.at(gq, k + 1, ge * q[k])
-    grad = q * (gq - np.sum(gq * q, -1, keepdims=True))
-    if not scale:
-        return grad
-    size = q[k] * q[k + 1] + p[k] * p[k + 1]  # [P, V] the size of the two products e is the difference of
-    if squared:
-        de = 2.0 * size
-    else:
-        Dn = np.where(D > 0, D, np.inf)  # D = 0: the zero subgradient, exact
-        de = size / Dn + np.abs(e) / Dn * np.sqrt(np.sum(size * size, -1, keepdims=True)) / Dn
-    de = de / len(k)
-    dgq = np.zeros_like(q)
-    np.add.at(dgq, k, de * q[k + 1])
-    np.add.at(dgq, k + 1, de * q[k])
-    agq = np.abs(gq)
-    mag = q * (agq + np.sum(agq * q, -1, keepdims=True)) + q * (dgq + np.sum(dgq * q, -1, keepdims=True))
-    return grad, mag
+    return q * (gq - np.sum(gq * q, -1, keepdims=True))
