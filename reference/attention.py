@@ -1,5 +1,10 @@
 """Softmax attention with a causal / sliding-window mask: the NumPy oracle of ``fast/attention.py``.
 
+Shapes: ``q [..., H_q, T, D]`` and ``k, v [..., H_kv, T, D]`` with ``H_q`` a multiple of ``H_kv``
+(grouped-query attention, GQA: query head ``h`` reads kv head ``h // G``, ``G = H_q // H_kv``, i.e. each kv
+head is repeated G times in place, ``np.repeat``). ``H_q = H_kv`` is plain multi-head attention, and any
+equal shapes ``[..., T, D]`` work too (no head axis needed).
+
 Per head, with ``S = scale * Q K^T`` and ``M`` the boolean mask of allowed (query, key) pairs::
 
     P   = softmax(S masked to -inf outside M)   # row-wise
@@ -14,9 +19,9 @@ Mask (``attention_mask`` / the predicate ``allowed``)::
 
 convention: ``window=w`` counts the query's own key, so ``w = 1`` is the diagonal only and
 ``w >= T`` equals full causal. This is the convention of native-sparse-attention's naive code and of
-issue 4's tiny GPTs. attention-gym / zoology / FlexAttention examples write ``i - j <= w`` instead,
-i.e. ``w + 1`` keys; their ``window_size=w`` is our ``window=w + 1`` (mlx-lm #390 is a bug thread over
-exactly this off-by-one). Every query row keeps at least its diagonal, so no row is ever empty.
+this project's tiny GPTs. attention-gym / zoology / FlexAttention examples write ``i - j <= w`` instead,
+i.e. ``w + 1`` keys; their ``window_size=w`` is our ``window=w + 1``. Every query row keeps at least its
+diagonal, so no row is ever empty.
 
 Gradients (``attention_grad``), derived by hand (``dlse`` is the optional cotangent of ``lse``)::
 
@@ -24,6 +29,8 @@ Gradients (``attention_grad``), derived by hand (``dlse`` is the optional cotang
     dP = dO V^T
     dS = P * (dP - delta),   delta_i = sum_d dO_id O_id - dlse_i      # softmax Jacobian + d lse/dS = P
     dQ = scale * dS K,       dK = scale * dS^T Q
+
+With GQA, ``dK`` and ``dV`` of a kv head are the sums over the G query heads that read it.
 
 ``attention_by_definition`` is the oracle of the oracle: one query at a time, one key at a time.
 """
@@ -52,11 +59,22 @@ def attention_mask(T, *, causal=True, window=None):  # int -> [T, T] bool
     return allowed(idx[:, None], idx[None, :], causal=causal, window=window)  # [T, T]
 
 
-def _check(q, k, v, window):  # [..., T, D] x3 -> None
-    if q.shape != k.shape or k.shape != v.shape:
-        raise ValueError(f"q, k, v must share a shape [..., T, D]; got {q.shape}, {k.shape}, {v.shape}")
+def _check(q, k, v, window):  # [..., H_q, T, D], [..., H_kv, T, D] x2 -> None
+    if k.shape != v.shape or (q.shape != k.shape and not (
+            q.ndim >= 3 and q.shape[:-3] == k.shape[:-3] and q.shape[-2:] == k.shape[-2:]
+            and q.shape[-3] % k.shape[-3] == 0)):
+        raise ValueError(f"need q [..., H_q, T, D] and k, v [..., H_kv, T, D] with H_q a multiple of H_kv "
+                         f"(or three equal shapes); got {q.shape}, {k.shape}, {v.shape}")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 (w keys including the query itself), got {window}")
+
+
+def _groups(q, k):  # [..., H_q, T, D], [..., H_kv, T, D] -> int G = H_q // H_kv (1 when shapes are equal)
+    return 1 if q.shape == k.shape else q.shape[-3] // k.shape[-3]
+
+
+def repeat_kv(x, G):  # [..., H_kv, T, D], int -> [..., H_kv * G, T, D]  kv head h // G serves query head h
+    return x if G == 1 else np.repeat(x, G, axis=-3)
 
 
 def _scores(q, k, scale, causal, window):  # [..., T, D], [..., T, D] -> [..., T, T], [T, T]
@@ -67,10 +85,13 @@ def _scores(q, k, scale, causal, window):  # [..., T, D], [..., T, D] -> [..., T
     return np.where(mask, s, -np.inf), mask
 
 
-def attention(q, k, v, *, causal=True, window=None, scale=None):  # [..., T, D] x3 -> [..., T, D], [..., T]
-    """Masked softmax attention; returns (out, lse). ``scale`` defaults to 1/sqrt(D)."""
+def attention(q, k, v, *, causal=True, window=None, scale=None):
+    # q [..., H_q, T, D], k, v [..., H_kv, T, D] -> out [..., H_q, T, D], lse [..., H_q, T]
+    """Masked softmax attention; returns (out, lse). ``scale`` defaults to 1/sqrt(D); GQA as above."""
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     _check(q, k, v, window)
+    G = _groups(q, k)
+    k, v = repeat_kv(k, G), repeat_kv(v, G)  # [..., H_q, T, D]
     s, _ = _scores(q, k, scale, causal, window)  # [..., T, T], -inf where masked
     m = s.max(axis=-1, keepdims=True)  # [..., T, 1], finite: the diagonal is always allowed
     p = np.exp(s - m)  # [..., T, T], exactly 0 where masked
@@ -81,10 +102,12 @@ def attention(q, k, v, *, causal=True, window=None, scale=None):  # [..., T, D] 
 
 
 def attention_grad(q, k, v, dout, *, causal=True, window=None, scale=None, dlse=None):
-    # [..., T, D] x4 (+ [..., T]) -> [..., T, D] x3
+    # q, dout [..., H_q, T, D], k, v [..., H_kv, T, D] (+ dlse [..., H_q, T]) -> dq, dk, dv shaped as q, k, v
     """Hand-derived (dq, dk, dv) of ``attention``; ``dlse`` (optional) is the cotangent of ``lse``."""
     q, k, v, dout = (np.asarray(x, dtype=np.float64) for x in (q, k, v, dout))
     _check(q, k, v, window)
+    kv_shape, G = k.shape, _groups(q, k)
+    k, v = repeat_kv(k, G), repeat_kv(v, G)  # [..., H_q, T, D]
     D = q.shape[-1]
     scale = 1.0 / np.sqrt(D) if scale is None else scale
     s, _ = _scores(q, k, scale, causal, window)  # [..., T, T]
@@ -99,7 +122,10 @@ def attention_grad(q, k, v, dout, *, causal=True, window=None, scale=None, dlse=
         delta = delta - np.asarray(dlse, dtype=np.float64)[..., None]  # d lse_i / d S_ij = P_ij
     ds = p * (dp - delta)  # [..., T, T]
     dq = scale * (ds @ k)  # [..., T, D]
-    dk = scale * (np.swapaxes(ds, -1, -2) @ q)  # [..., T, D]
+    dk = scale * (np.swapaxes(ds, -1, -2) @ q)  # [..., H_q, T, D]
+    if G > 1:  # each kv head collects the gradients of the G query heads that read it
+        dk = dk.reshape(*kv_shape[:-2], G, *kv_shape[-2:]).sum(-3)  # [..., H_kv, T, D]
+        dv = dv.reshape(*kv_shape[:-2], G, *kv_shape[-2:]).sum(-3)
     return dq, dk, dv
 
 

@@ -4,8 +4,10 @@
 ``h.0.ln_1.weight``, ``h.0.attn.c_attn.weight`` ...). Linear weights keep torch's ``[out, in]`` layout,
 so a linear layer is ``x @ w.T``.
 
+Attention is ``reference.attention.attention`` (causal, optional sliding window), GELU ``reference.nn.gelu``.
+
 convention: window w = query i sees keys j with i - w < j <= i (w keys including itself), as in
-tiny_models/gpt.py and fast/attention.py.
+tiny_models/gpt.py and fast/attention.py (``reference.attention.allowed``).
 convention: RoPE is rotate-half (GPT-NeoX layout): pairs (x[i], x[i + D/2]) rotate by pos * base^(-2i/D).
 convention: GELU is the tanh approximation (GPT-2).
 """
@@ -14,6 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from reference.attention import attention
+from reference.nn import gelu
+
 
 def layer_norm(x, g, b, eps=1e-5):  # [T, C], [C], [C] -> [T, C]
     mu = x.mean(-1, keepdims=True)
@@ -21,51 +26,27 @@ def layer_norm(x, g, b, eps=1e-5):  # [T, C], [C], [C] -> [T, C]
     return g * (x - mu) / np.sqrt(var + eps) + b
 
 
-def gelu(x):  # [...] -> [...]
-    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
-
-
-def softmax(x):  # [..., N] -> [..., N]
-    m = np.max(x, axis=-1, keepdims=True)  # max-subtracted; every row has >= 1 finite entry (the diagonal)
-    e = np.exp(x - m)
-    return e / e.sum(-1, keepdims=True)
-
-
-def rope(x, pos, base):  # [T, D], [T] -> [T, D]
+def rope(x, pos, base):  # [..., T, D], [T] -> [..., T, D]
     d = x.shape[-1]
     inv_freq = base ** (-np.arange(0, d, 2, dtype=np.float64) / d)  # [D/2]
     ang = pos[:, None].astype(np.float64) * inv_freq  # [T, D/2]
     cos, sin = np.cos(ang), np.sin(ang)
-    x1, x2 = x[:, : d // 2], x[:, d // 2 :]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
-def causal_mask(t, window):  # int, int|None -> [T, T] bool
-    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
-    allowed = j <= i
-    if window is not None:
-        allowed &= j > i - window  # convention: w keys including the query itself
-    return allowed
+def mha(x, w_attn, w_proj, n_head, window, pos, base):  # [T, C], [3C, C], [C, C] -> [T, C]
+    T, C = x.shape
+    heads = lambda t: t.reshape(T, n_head, C // n_head).transpose(1, 0, 2)  # [T, C] -> [H, T, D]
+    q, k, v = (heads(t) for t in np.split(x @ w_attn.T, 3, axis=-1))  # [H, T, D] each
+    out, _ = attention(rope(q, pos, base), rope(k, pos, base), v, causal=True, window=window)  # [H, T, D]
+    return out.transpose(1, 0, 2).reshape(T, C) @ w_proj.T
 
 
-def attention(q, k, v, allowed):  # [T, D], [T, D], [T, D], [T, T] -> [T, D]
-    s = q @ k.T / np.sqrt(q.shape[-1])  # [T, T]
-    s = np.where(allowed, s, -np.inf)
-    return softmax(s) @ v
-
-
-def mha(x, w_attn, w_proj, n_head, allowed, pos, base):  # [T, C], [3C, C], [C, C] -> [T, C]
-    q, k, v = np.split(x @ w_attn.T, 3, axis=-1)  # [T, C] each
-    heads = []
-    for qh, kh, vh in zip(*(np.split(t, n_head, axis=-1) for t in (q, k, v)), strict=True):  # [T, D] each
-        heads.append(attention(rope(qh, pos, base), rope(kh, pos, base), vh, allowed))
-    return np.concatenate(heads, axis=-1) @ w_proj.T
-
-
-def block(x, p, i, n_head, allowed, pos, base, eps):  # [T, C] -> [T, C]
+def block(x, p, i, n_head, window, pos, base, eps):  # [T, C] -> [T, C]
     pre = f"h.{i}."
     a = layer_norm(x, p[pre + "ln_1.weight"], p[pre + "ln_1.bias"], eps)
-    x = x + mha(a, p[pre + "attn.c_attn.weight"], p[pre + "attn.c_proj.weight"], n_head, allowed, pos, base)
+    x = x + mha(a, p[pre + "attn.c_attn.weight"], p[pre + "attn.c_proj.weight"], n_head, window, pos, base)
     m = layer_norm(x, p[pre + "ln_2.weight"], p[pre + "ln_2.bias"], eps)
     return x + gelu(m @ p[pre + "mlp.c_fc.weight"].T) @ p[pre + "mlp.c_proj.weight"].T
 
@@ -75,10 +56,9 @@ def gpt(ids, p, *, n_layer, n_head, window=None, rope_base=10000.0, ln_eps=1e-5)
     ids = np.asarray(ids)
     t = len(ids)
     pos = np.arange(t)
-    allowed = causal_mask(t, window)
     x = p["wte.weight"][ids]  # [T, C]
     for i in range(n_layer):
-        x = block(x, p, i, n_head, allowed, pos, rope_base, ln_eps)
+        x = block(x, p, i, n_head, window, pos, rope_base, ln_eps)
     return layer_norm(x, p["ln_f.weight"], p["ln_f.bias"], ln_eps) @ p["wte.weight"].T  # tied head
 
 

@@ -7,6 +7,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from fast.testing import assert_close
+from reference import attention as ref_attention
 from reference import gpt as ref
 from tiny_models.gpt import (
     ATTENTION,
@@ -78,7 +79,7 @@ def test_window_convention_counts_w_keys_including_self():
     mask = attention_mask(4, 4, window=2, key_valid=None, device="cpu")[0, 0]
     want = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
     assert torch.equal(mask, want)
-    assert np.array_equal(ref.causal_mask(4, 2), want.numpy())
+    assert np.array_equal(ref_attention.attention_mask(4, causal=True, window=2), want.numpy())
     # bottom-right alignment for decoding: one query at key index 3
     assert torch.equal(attention_mask(1, 4, window=2, key_valid=None, device="cpu")[0, 0], want[3:])
 
