@@ -438,19 +438,21 @@ class _null:
 _CSV_COLS = ["step", "loss", "lr", "grad_norm", "tokens", "time_s", "val_loss"]
 
 
-def _log(out_dir: str, rec: dict) -> None:
+def _log(out_dir: str, rec: dict, cols=None) -> None:
+    """Append ``rec`` to log.jsonl and its ``cols`` (default: this trainer's) to log.csv."""
+    cols = _CSV_COLS if cols is None else cols
     with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(rec) + "\n")
     path = os.path.join(out_dir, "log.csv")
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=_CSV_COLS)
+        w = csv.DictWriter(f, fieldnames=cols)
         if new:
             w.writeheader()
-        w.writerow({k: rec.get(k, "") for k in _CSV_COLS})
+        w.writerow({k: rec.get(k, "") for k in cols})
 
 
-def _truncate_logs(out_dir: str, step: int) -> None:
+def _truncate_logs(out_dir: str, step: int, cols=None) -> None:
     """Drop log lines after the checkpoint step (a killed run may have logged steps it never saved)."""
     path = os.path.join(out_dir, "log.jsonl")
     if not os.path.exists(path):
@@ -462,7 +464,7 @@ def _truncate_logs(out_dir: str, step: int) -> None:
     if os.path.exists(csv_path):
         os.remove(csv_path)
     for r in recs:
-        _log(out_dir, r)
+        _log(out_dir, r, cols)
 
 
 def read_log(out_dir: str) -> list[dict]:
