@@ -158,3 +158,22 @@ def test_init_from_starts_from_given_weights(tmp_path):
         assert torch.equal(x, y), k
     with pytest.raises(CheckpointError, match="different model config"):
         train(_cfg(tmp_path, "c", n_embd=32, init_from=str(tmp_path / "a" / "model.safetensors")))
+
+
+def test_weight_decay_reaches_matrices_only(tmp_path):
+    # AdamW's decoupled weight decay belongs on the weight matrices (and the tied embedding); LayerNorm
+    # weights and biases get none. The saved optimizer state records each group's decay and its
+    # parameters, whose moment shapes tell matrices (2-D) from vectors.
+    from fast.train import _load
+
+    cfg = _cfg(tmp_path, "wd", steps=1, weight_decay=0.1)
+    model = train(cfg)["model"]
+    tensors, meta = _load(str(tmp_path / "wd" / "state.safetensors"))
+    groups = json.loads(meta["param_groups"])
+    by_decay = {g["weight_decay"]: g["params"] for g in groups}
+    assert set(by_decay) == {0.1, 0.0}
+    dims = {i: tensors[f"opt.{i}.exp_avg"].dim() for g in groups for i in g["params"]}
+    assert all(dims[i] >= 2 for i in by_decay[0.1]) and all(dims[i] < 2 for i in by_decay[0.0])
+    n_mat = sum(p.dim() >= 2 for p in model.parameters())
+    n_vec = sum(p.dim() < 2 for p in model.parameters())
+    assert (len(by_decay[0.1]), len(by_decay[0.0])) == (n_mat, n_vec) and n_mat > 0 and n_vec > 0
