@@ -31,6 +31,9 @@ Kernels and design choices
      * the extraction of a chunk stops as soon as no row has a chunk score above its worst entry (a
        ``while`` over the tile), so after the first chunks most chunks cost one comparison;
      * the final list is written in (score descending, index ascending) order, -1 where a slot stayed empty.
+   "Equal" means equal computed fp32 scores: identical keys score identically when every element of the
+   dot reduces over D in the same order (the compiled FMA dot; the interpreter's BLAS matmul may round a
+   tile-edge row differently, so the tests pin ties with grid-valued inputs whose scores are exact).
    ``top_k <= 32`` (``MAX_TOP_K``): larger values raise ``ValueError`` (use ``backend="torch"``).
    Token retrieval (``block_size == 1``) uses the same kernel with the keys as "summaries": its scoring
    is O(T^2 D), as for any exact token top-k; block retrieval scores O(T (T / B) D).

@@ -1,0 +1,370 @@
+"""MATCH Triton kernels (fast/match_triton.py) against the NumPy oracle (reference/match.py).
+
+Kernel tests run on ``DEVICE`` (CUDA when present, else the Triton interpreter on CPU); outputs are
+NaN-poisoned by conftest (integer outputs: the dtype's minimum), so a lane a kernel forgets to write fails.
+
+The oracle is one head per call; grouped-query attention (GQA) is checked against a dense float64 torch
+implementation that takes its masks from the oracle (``retrieve(..., grouped=True)``, ``retrieved_mask``)
+and is itself checked against ``reference.match`` for G = 1.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from fast.attention import flash_attention
+from fast.match_triton import (
+    MAX_TOP_K,
+    block_summaries_triton,
+    match_attention_triton,
+    match_decode_triton,
+    retrieve_triton,
+    reverse_index,
+)
+from fast.testing import assert_close, examples
+from reference import match as ref
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _inputs(B, Hq, Hkv, T, D, dtype, seed, normal=False):
+    """q, k on the grid {-1, -1/2, 0, 1/2, 1} (unless ``normal``): every selection score (a power-of-two
+    scale, see ``_scale``) is then exact in fp32 and float64 alike, even summed over a GQA group or averaged
+    over a power-of-two block, so the selection compares exactly, with many exact ties (lower index wins).
+    v, gate logits and the output cotangent are standard normal."""
+    g = torch.Generator().manual_seed(seed)
+    if normal:
+        q = torch.randn(B, Hq, T, D, generator=g)
+        k = torch.randn(B, Hkv, T, D, generator=g)
+    else:
+        q = torch.randint(-2, 3, (B, Hq, T, D), generator=g) / 2.0
+        k = torch.randint(-2, 3, (B, Hkv, T, D), generator=g) / 2.0
+    v = torch.randn(B, Hkv, T, D, generator=g)
+    gl = torch.randn(B, Hq, T, generator=g)
+    do = torch.randn(B, Hq, T, D, generator=g)
+    return [x.to(dtype) for x in (q, k, v)] + [gl, do.to(dtype)]
+
+
+def _scale(D):  # the power of two nearest 1/sqrt(D): exact products (see _inputs)
+    return 2.0 ** -round(math.log2(math.sqrt(D)))
+
+
+def _np(x):
+    return x.detach().double().cpu().numpy()
+
+
+def _grouped(q, Hkv):  # [B, Hq, T, D] -> [B, Hkv, G, T, D] (query head h reads kv head h // G)
+    B, Hq, T, D = q.shape
+    return q.reshape(B, Hkv, Hq // Hkv, T, D)
+
+
+def oracle_idx(q, k, *, window, top_k, block_size, scale):
+    return ref.retrieve(_np(_grouped(q, k.shape[1])), _np(k), window=window, top_k=top_k,
+                        block_size=block_size, scale=scale, grouped=True)
+
+
+def dense_match(q, k, v, gate, idx, *, window, block_size, mode, scale):
+    """float64 torch, autograd-able: MATCH with the selection ``idx`` [B, Hkv, T, K] held fixed (GQA by
+    repeating k, v). Masks from the oracle."""
+    B, Hq, T, D = q.shape
+    G = Hq // k.shape[1]
+    kk, vv = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    m_w = torch.from_numpy(ref.window_mask(T, window=window))
+    m_r = torch.from_numpy(ref.retrieved_mask(idx.cpu().numpy(), T, window=window, block_size=block_size))
+    m_r = m_r.repeat_interleave(G, dim=1)  # [B, Hq, T, T]
+    s = scale * q @ kk.transpose(-1, -2)
+
+    def part(mask):
+        sm = s.masked_fill(~mask, -math.inf)
+        lse = torch.logsumexp(sm, dim=-1, keepdim=True)
+        p = torch.exp(sm - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
+        return p @ vv
+
+    if mode == "joint":
+        return part(m_w | m_r)
+    g = torch.sigmoid(gate)[..., None]
+    has = m_r.any(-1, keepdim=True)
+    return torch.where(has, g * part(m_r) + (1 - g) * part(m_w), part(m_w))
+
+
+def expected(q, k, v, gl, do, *, window, top_k, block_size, mode, scale):
+    """(idx, out, dq, dk, dv, dgate) of the float64 oracle on the (rounded) inputs."""
+    idx = torch.from_numpy(oracle_idx(q, k, window=window, top_k=top_k, block_size=block_size, scale=scale))
+    qq, kk, vv, gg = (x.detach().double().cpu().requires_grad_() for x in (q, k, v, gl))
+    out = dense_match(qq, kk, vv, gg, idx, window=window, block_size=block_size, mode=mode, scale=scale)
+    out.backward(do.double().cpu())
+    return idx, out.detach(), qq.grad, kk.grad, vv.grad, (gg.grad if mode == "gated" else None)
+
+
+def run_triton(q, k, v, gl, do, *, window, top_k, block_size, mode, scale):
+    qq, kk, vv = (x.detach().to(DEVICE).requires_grad_() for x in (q, k, v))
+    gg = gl.detach().to(DEVICE).requires_grad_() if mode == "gated" else None
+    out = match_attention_triton(qq, kk, vv, window=window, top_k=top_k, block_size=block_size, mode=mode,
+                                 gate_logit=gg, scale=scale)
+    out.backward(do.to(DEVICE))
+    return out, qq.grad, kk.grad, vv.grad, (gg.grad if gg is not None else None)
+
+
+def check_all(B, Hq, Hkv, T, D, window, top_k, block_size, mode, dtype, seed=0):
+    scale = _scale(D)
+    q, k, v, gl, do = _inputs(B, Hq, Hkv, T, D, dtype, seed)
+    cfg = dict(window=window, top_k=top_k, block_size=block_size, scale=scale)
+    idx_e, *exp = expected(q, k, v, gl, do, mode=mode, **cfg)
+    idx = retrieve_triton(q.to(DEVICE), k.to(DEVICE), **cfg)
+    assert torch.equal(idx.cpu(), idx_e), "selection differs from the oracle"
+    got = run_triton(q, k, v, gl, do, mode=mode, **cfg)
+    for name, a, e in zip(("out", "dq", "dk", "dv", "dgate"), got, exp, strict=True):
+        if e is None:
+            assert a is None
+            continue
+        assert a.dtype == (gl.dtype if name == "dgate" else dtype)
+        assert_close(a, e, dtype=dtype, name=f"{name} (T={T} w={window} K={top_k} B={block_size} {mode})")
+
+
+# ----------------------------------------------------------------------------------------------
+# the float64 GQA helper agrees with the oracle (G = 1)
+
+
+@pytest.mark.parametrize("mode", ["joint", "gated"])
+def test_dense_helper_matches_oracle(mode):
+    T, D, w, K, bs = 23, 8, 5, 2, 4
+    q, k, v, gl, do = _inputs(1, 2, 2, T, D, torch.float64, 3)
+    cfg = dict(window=w, top_k=K, block_size=bs, scale=_scale(D))
+    idx, out, dq, dk, dv, dg = expected(q, k, v, gl, do, mode=mode, **cfg)
+    o_ref = ref.match_attention(_np(q), _np(k), _np(v), mode=mode, gate_logit=_np(gl), **cfg)
+    g_ref = ref.match_attention_grad(_np(q), _np(k), _np(v), _np(do), mode=mode, gate_logit=_np(gl), **cfg)
+    assert_close(out, o_ref, name="out")
+    for a, e in zip((dq, dk, dv, dg), g_ref, strict=True):
+        if e is not None:
+            assert_close(a, e)
+
+
+# ----------------------------------------------------------------------------------------------
+# selection: exact
+
+
+def _score_gap(q, k, *, window, top_k, block_size, scale):
+    """Smallest gap between consecutive oracle scores among each row's top_k + 1 candidates (the data
+    must not hold near-ties for an exact comparison of an fp32 selection with a float64 one)."""
+    s = ref.retrieval_scores(_np(_grouped(q, k.shape[1])), _np(k), window=window, block_size=block_size,
+                             scale=scale, grouped=True)
+    s = -np.sort(-s, axis=-1)[..., : top_k + 1]
+    s = np.where(np.isfinite(s), s, np.nan)
+    d = -np.diff(s, axis=-1)
+    d = d[np.isfinite(d)]
+    return d.min() if d.size else np.inf
+
+
+def test_select_generic_data_matches_oracle():
+    # standard normal q, k (no exact ties): the data has score gaps far above fp32's error (~1e-6 here)
+    T, D, w, K = 77, 20, 9, 5
+    q, k, *_ = _inputs(2, 4, 2, T, D, torch.float32, 3, normal=True)
+    cfg = dict(window=w, top_k=K, block_size=1, scale=D ** -0.5)
+    assert _score_gap(q, k, **cfg) > 1e-4  # test data sanity, not a tolerance
+    idx = retrieve_triton(q.to(DEVICE), k.to(DEVICE), **cfg)
+    assert torch.equal(idx.cpu(), torch.from_numpy(oracle_idx(q, k, **cfg)))
+
+
+@pytest.mark.parametrize(
+    "T, D, Hq, Hkv, window, top_k, block_size",
+    [
+        (37, 16, 2, 2, 8, 3, 1),
+        (77, 20, 4, 2, 9, 5, 1),
+        (64, 16, 1, 1, 8, 4, 4),
+        (77, 24, 3, 1, 16, 3, 8),
+        (77, 16, 2, 1, 16, 2, 16),
+        (200, 32, 1, 1, 16, 32, 1),  # top_k = MAX_TOP_K, several candidate chunks
+        (1, 16, 1, 1, 1, 2, 1),
+    ],
+)
+def test_select_matches_oracle(T, D, Hq, Hkv, window, top_k, block_size):
+    q, k, *_ = _inputs(2, Hq, Hkv, T, D, torch.float32, T + top_k)
+    cfg = dict(window=window, top_k=top_k, block_size=block_size, scale=_scale(D))
+    idx = retrieve_triton(q.to(DEVICE), k.to(DEVICE), **cfg)
+    assert idx.dtype == torch.int64 and idx.shape == (2, Hkv, T, top_k)
+    assert torch.equal(idx.cpu(), torch.from_numpy(oracle_idx(q, k, **cfg)))
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_select_ties_lower_index_wins(block_size):
+    # keys (or whole blocks) repeat 3 vectors: many equal scores. Grid values (see _inputs) make them
+    # exactly equal in every arithmetic (the interpreter's BLAS matmul may round identical rows of generic
+    # floats differently at a tile edge, so identical generic keys are not a reliable tie there)
+    T, D, w, K = 70, 16, 8, 5
+    g = torch.Generator().manual_seed(1)
+    base = torch.randint(-2, 3, (3, D), generator=g) / 2.0
+    k = base[(torch.arange(T) // block_size) % 3].reshape(1, 1, T, D)
+    q = torch.randint(-2, 3, (1, 1, T, D), generator=g) / 2.0
+    cfg = dict(window=w, top_k=K, block_size=block_size, scale=_scale(D))
+    e = torch.from_numpy(oracle_idx(q, k, **cfg))
+    idx = retrieve_triton(q.to(DEVICE), k.to(DEVICE), **cfg).cpu()
+    assert torch.equal(idx, e)
+    # the tie rule is visible: the last query picks the K lowest indices of the best of the 3 vectors
+    row = idx[0, 0, -1]
+    assert row.tolist() == sorted(row.tolist()) and row[0] < 3 and (row % 3 == row[0] % 3).all(), row
+
+
+def test_select_top_k_exceeds_candidates_pads_minus_one():
+    T, D, w, bs, K = 37, 16, 8, 4, 9  # at most 8 candidate blocks (position 36: blocks 0..7)
+    q, k, *_ = _inputs(1, 2, 1, T, D, torch.float32, 5)
+    cfg = dict(window=w, top_k=K, block_size=bs, scale=_scale(D))
+    idx = retrieve_triton(q.to(DEVICE), k.to(DEVICE), **cfg).cpu()
+    assert torch.equal(idx, torch.from_numpy(oracle_idx(q, k, **cfg)))
+    assert (idx[..., :w, :] == -1).all()  # no candidates inside the first window
+    assert (idx[0, 0, -1, 8:] == -1).all() and (idx[0, 0, -1, :8] >= 0).all()
+
+
+def test_top_k_over_limit_raises():
+    q, k, v, *_ = _inputs(1, 1, 1, 8, 16, torch.float32, 0)
+    with pytest.raises(ValueError, match="top_k"):
+        retrieve_triton(q, k, window=2, top_k=MAX_TOP_K + 1, block_size=1, scale=0.25)
+    with pytest.raises(ValueError, match="top_k"):
+        match_attention_triton(q, k, v, window=2, top_k=MAX_TOP_K + 1, block_size=1, mode="joint",
+                               gate_logit=None, scale=0.25)
+
+
+def test_block_summaries_are_block_means():
+    k = _inputs(2, 1, 3, 45, 20, torch.float32, 2)[1]
+    s = block_summaries_triton(k.to(DEVICE), 8).cpu()
+    assert s.shape == (2, 3, 5, 20) and s.dtype == torch.float32  # the partial last block is left out
+    assert_close(s, ref.block_summaries(_np(k), 8)[..., :5, :], dtype=torch.float32)
+
+
+def test_reverse_index_lists_every_selection_once():
+    idx = torch.tensor([[[[2, -1], [0, 2], [-1, -1], [1, 0]]]])  # [1, 1, T=4, K=2]
+    qlist, starts = reverse_index(idx, 4, 1)
+    lists = [qlist[starts[s]:starts[s + 1]].tolist() for s in range(4)]
+    assert lists == [[1, 3], [3], [0, 1], []]
+
+
+# ----------------------------------------------------------------------------------------------
+# forward and every gradient vs the oracle
+
+
+@pytest.mark.parametrize(
+    "B, Hq, Hkv, T, D, window, top_k, block_size, mode, dtype",
+    [
+        (1, 2, 2, 37, 16, 8, 3, 1, "joint", "fp32"),
+        (2, 2, 1, 37, 20, 8, 3, 1, "gated", "fp32"),
+        (1, 1, 1, 64, 16, 16, 2, 4, "joint", "fp32"),
+        (1, 4, 2, 77, 16, 16, 3, 8, "gated", "fp32"),
+        (1, 2, 1, 77, 16, 16, 2, 16, "joint", "fp32"),
+        (1, 1, 1, 77, 24, 20, 2, 16, "gated", "fp32"),
+        (1, 3, 1, 77, 16, 9, 5, 8, "joint", "fp32"),  # B does not divide w, G = 3
+        (1, 1, 1, 1, 16, 1, 2, 1, "gated", "fp32"),  # T = 1: nothing retrieved
+        (1, 2, 2, 5, 16, 1, 1, 1, "joint", "fp32"),  # w = 1
+        (1, 2, 1, 77, 16, 12, 4, 4, "joint", "bf16"),
+        (1, 2, 1, 64, 16, 8, 3, 1, "gated", "fp16"),
+        (1, 1, 1, 200, 64, 64, 2, 64, "gated", "fp32"),  # big blocks: several gathered chunks per slot
+    ],
+)
+def test_forward_and_grads_match_oracle(B, Hq, Hkv, T, D, window, top_k, block_size, mode, dtype):
+    check_all(B, Hq, Hkv, T, D, window, top_k, block_size, mode, DTYPES[dtype])
+
+
+@settings(max_examples=examples(5))
+@given(
+    T=st.integers(1, 70),
+    window=st.integers(1, 20),
+    top_k=st.integers(0, 6),
+    bs=st.sampled_from([1, 4, 8, 16]),
+    mode=st.sampled_from(["joint", "gated"]),
+    G=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+@example(T=33, window=16, top_k=6, bs=16, mode="gated", G=2, seed=0)
+@example(T=17, window=4, top_k=0, bs=4, mode="joint", G=1, seed=1)
+def test_property_forward_and_grads(T, window, top_k, bs, mode, G, seed):
+    bs = min(bs, window)
+    check_all(1, G, 1, T, 12, window, top_k, bs, mode, torch.float32, seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# identities on the Triton path
+
+
+def _grads(fn, q, k, v, do):
+    qq, kk, vv = (x.detach().to(DEVICE).requires_grad_() for x in (q, k, v))
+    out = fn(qq, kk, vv)
+    out.backward(do.to(DEVICE))
+    return out, qq.grad, kk.grad, vv.grad
+
+
+@pytest.mark.parametrize("T, block_size, K", [(30, 1, 22), (45, 4, 12)])  # K = the most candidates a row has
+def test_top_k_covering_every_candidate_is_full_causal(T, block_size, K):
+    D, w = 16, 8
+    q, k, v, _, do = _inputs(1, 2, 1, T, D, torch.float32, 7)
+    scale = _scale(D)
+    got = _grads(lambda a, b, c: match_attention_triton(a, b, c, window=w, top_k=K, block_size=block_size,
+                                                         mode="joint", gate_logit=None, scale=scale),
+                 q, k, v, do)
+    want = _grads(lambda a, b, c: flash_attention(a, b, c, causal=True, scale=scale, backend="triton"),
+                  q, k, v, do)
+    for a, e in zip(got, want, strict=True):
+        assert_close(a, e, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["joint", "gated"])
+def test_top_k_zero_is_sliding_window(mode):
+    T, D, w = 40, 16, 7
+    q, k, v, gl, do = _inputs(1, 2, 2, T, D, torch.float32, 8)
+    scale = _scale(D)
+    gg = gl.to(DEVICE).requires_grad_()
+    got = _grads(lambda a, b, c: match_attention_triton(a, b, c, window=w, top_k=0, block_size=4, mode=mode,
+                                                         gate_logit=gg, scale=scale), q, k, v, do)
+    want = _grads(lambda a, b, c: flash_attention(a, b, c, window=w, scale=scale, backend="triton"),
+                  q, k, v, do)
+    for a, e in zip(got, want, strict=True):
+        assert_close(a, e, dtype=torch.float32)
+    if mode == "gated":
+        assert torch.equal(gg.grad, torch.zeros_like(gg))  # nothing retrieved: zero gate gradient
+
+
+# ----------------------------------------------------------------------------------------------
+# decode
+
+
+@pytest.mark.parametrize(
+    "T, Hq, Hkv, window, top_k, block_size, mode, cached",
+    [
+        (37, 2, 1, 8, 3, 1, "joint", False),
+        (50, 2, 2, 8, 2, 4, "gated", True),
+        (77, 4, 2, 16, 3, 16, "joint", True),
+        (77, 1, 1, 16, 3, 8, "gated", False),
+        (5, 1, 1, 8, 2, 4, "joint", False),  # T <= w: nothing to retrieve
+    ],
+)
+def test_decode_is_last_row(T, Hq, Hkv, window, top_k, block_size, mode, cached):
+    D = 16
+    scale = _scale(D)
+    q, k, v, gl, do = _inputs(1, Hq, Hkv, T, D, torch.float32, 9)
+    cfg = dict(window=window, top_k=top_k, block_size=block_size, mode=mode, scale=scale)
+    _, want, *_ = expected(q, k, v, gl, do, **cfg)
+    summ = None
+    if cached and block_size > 1:  # the oracle's means, ceil(T / B) blocks, as a decoder would cache them
+        summ = torch.from_numpy(ref.block_summaries(_np(k), block_size)).float().to(DEVICE)
+    got = match_decode_triton(q[:, :, -1:].to(DEVICE), k.to(DEVICE), v.to(DEVICE), summaries=summ,
+                              gate_logit=gl[:, :, -1:].to(DEVICE) if mode == "gated" else None, **cfg)
+    assert got.shape == (1, Hq, 1, D)
+    assert_close(got, want[:, :, -1:], dtype=torch.float32)
+    full = match_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), gate_logit=gl.to(DEVICE), **cfg)
+    assert_close(got, full[:, :, -1:], dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# compiled only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("mode", ["joint", "gated"])
+def test_gpu_larger_shapes(dtype, mode):
+    # tensor-core tiles, several tiles per row of programs, D = 64 and 128, GQA
+    check_all(1, 4, 2, 700, 64, 128, 4, 32, mode, DTYPES[dtype], seed=11)
+    check_all(1, 2, 1, 333, 128, 64, 6, 1, mode, DTYPES[dtype], seed=12)
