@@ -8,7 +8,7 @@ TFLOP/s count only the *allowed* (query, key) pairs: forward 4 * pairs * D FLOPs
 PV), forward+backward 3.5x that (the backward does 2.5x the forward's matmul work). So a sliding-window
 row and a full-causal row are comparable as "useful work per second".
 
-    python benchmarks/attention.py --device cuda          # issue sizes, bf16, T = 1K..32K
+    python benchmarks/attention.py --device cuda          # full sizes, bf16, T = 1K..32K
     python benchmarks/attention.py --device cpu --quick   # tiny, proves the script runs
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each ``benchmarks/<stem>.py`` exposes ``run(*, device, quick) -> list[dict]``. On CPU (``--quick``,
 the default without CUDA) the sizes are tiny: this only proves the scripts run; absolute CPU times
-mean nothing, compare the ratios within one table. On CUDA the issue-sized problems run.
+mean nothing, compare the ratios within one table. On CUDA the full-sized problems run.
 
     python benchmarks/run_all.py                 # auto device, quick on CPU
     python benchmarks/run_all.py --full --out benchmarks/results/gpu.md
@@ -47,7 +47,7 @@ def add_ratios(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--full", action="store_true", help="issue-sized problems (CUDA)")
+    ap.add_argument("--full", action="store_true", help="full-sized problems (CUDA)")
     ap.add_argument("--only", default=None, help="comma-separated benchmark stems")
     ap.add_argument("--out", default=None, help="write the markdown report here")
     args = ap.parse_args(argv)

@@ -14,7 +14,7 @@ for sm_90 instead of launched. An autotuned kernel is compiled once per config. 
 zeros (``fast.utils.empty`` is patched), so the host code after a launch keeps going and the backward
 kernels are reached too. Numbers are not checked here: the interpreter tests do that.
 
-Limits: it compiles with the local Triton (3.7 here; the lent GPU machine has 3.6: CONTRIBUTING.md says
+Limits: it compiles with the local Triton (3.7 as pinned; for a GPU machine with 3.6, CONTRIBUTING.md says
 how to run this with 3.6 in a throwaway env, done once with 237 variants, 0 failed) and without the
 runtime's value specialisations (``== 1`` / divisible-by-16 hints), so it proves the kernels compile,
 not that every specialisation the runtime picks does.

@@ -1,6 +1,6 @@
 """MGSR token + span distillation terms in one call, for the distillation trainer.
 
-``L = w_dac * L_DAC-KLD + w_span * L_span`` (spec §4.1: the paper sums the terms with weight 1; the SFT term
+``L = w_dac * L_DAC-KLD + w_span * L_span`` (the paper sums the terms with weight 1: docs/papers.md; SFT
 and SCRG live elsewhere). Both terms are computed teacher-forced on the same sequence; the teacher logits are
 treated as constants. The DAC-KL term is the mean over response tokens (``mask``); the span term is the mean
 over all adjacent in-span pairs of the batch (0 if there are none).

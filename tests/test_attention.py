@@ -249,7 +249,7 @@ _MANY = [(300, 1, 1, 3, True, None), (1, 75, 4, 5, True, 2), (3, 100, 1, 1, Fals
 @given(B=st.integers(1, 300), Hkv=st.integers(1, 300), G=st.sampled_from([1, 2, 4]), T=st.integers(1, 5),
        causal=st.booleans(), window=st.sampled_from([None, 1, 2]), seed=st.integers(0, 2**16))
 def test_many_batches_and_heads_torch(B, Hkv, G, T, causal, window, seed):
-    # The B, H in [1, 300] (B*H*G capped at 300 to keep the oracle cheap; T tiny for the same reason)
+    # B, H in [1, 300] (B*H*G capped at 300 to keep the oracle cheap; T tiny for the same reason)
     Hkv = max(1, min(Hkv, 300 // (B * G)))
     _run("torch", B, Hkv, G, T, 16, causal, window, torch.float32, seed)
 

@@ -5,13 +5,13 @@ Architecture (mirrored line for line by the NumPy oracle ``reference/gpt.py``):
 * byte-level token embedding ``wte`` (tied with the output head, to keep checkpoints small);
 * ``n_layer`` pre-LN blocks: ``x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))``;
 * **rotary positions** (RoPE, rotate-half / GPT-NeoX layout, base ``rope_base``) applied to q and k.
-  Chosen over learned positions because (a) the MATCH issue keeps *post-RoPE* keys in its retrieval
+  Chosen over learned positions because (a) MATCH keeps *post-RoPE* keys in its retrieval
   store, so a retrieval score equals the attention logit, (b) nothing has to be learned per position,
   so the long-range tasks can run past the training length;
 * linear layers without bias, LayerNorm with weight and bias (eps 1e-5), tanh-approximate GELU, no dropout
   (dropout would make the NumPy oracle and exact resume harder for no gain at this size).
 
-Attention is chosen by name from a registry (``ATTENTION``), so a later issue can plug in MATCH with
+Attention is chosen by name from a registry (``ATTENTION``), so MATCH plugs in with
 :func:`register_attention`. Every attention function has the signature::
 
     fn(q, k, v, *, window, key_valid, scale, **attn_kwargs) -> out    # [B, H, Tq, D] x3 -> [B, H, Tq, D]
@@ -21,7 +21,7 @@ with ``q: [B, H, Tq, D]``, ``k, v: [B, H, Tk, D]`` (Tk >= Tq) and ``key_valid: [
 convention (bottom-right alignment): the Tq queries are the *last* Tq of the Tk key positions, so query
 row t sits at key index ``Tk - Tq + t``. This is what KV-cache decoding needs (Tq = 1).
 
-convention (window, shared with ``fast/attention.py`` and the MATCH issue): with window ``w`` a query at
+convention (window, shared with ``fast/attention.py`` and MATCH): with window ``w`` a query at
 index i sees keys j with ``i - w < j <= i`` -- **w keys including itself** (the NSA convention; zoology,
 attention-gym and FlashAttention's ``window_size=(w, 0)`` count w + 1 keys). ``w >= 1``.
 
