@@ -802,7 +802,7 @@ def validate(d: Distiller, valid, *, rouge: bool) -> dict:
 
 
 LOG_COLS = ["step", "loss", "lr", "grad_norm", "source", "threshold", "buffer", "sft", "ce", "token", "span",
-            "kept", "upper", "lower", "time_s", "val_loss", "val_rougeL"]
+            "kept", "upper", "lower", "step_s", "time_s", "val_loss", "val_rougeL"]
 
 
 def train(cfg: DistillConfig, *, teacher=None, student=None) -> dict:
@@ -862,7 +862,9 @@ def train(cfg: DistillConfig, *, teacher=None, student=None) -> dict:
     for step in bar:
         idx = step_indices(cfg.seed, step, len(train_set), cfg.batch_size * world)
         mine = idx[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
+        ts = time.perf_counter()
         rec = d.step(step, [train_set[i] for i in mine])
+        rec["step_s"] = round(time.perf_counter() - ts, 4)  # this update alone (no validation)
         rec["time_s"] = round(elapsed + time.perf_counter() - t0, 3)
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
             v = validate(d, valid, rouge=rank == 0)

@@ -1,0 +1,276 @@
+"""Every distillation method and ablation from the same teacher/student checkpoints, evaluated alike.
+
+    python -m tiny_models.distill_grid                  # the full main table (+ ablations: --ablations)
+    python -m tiny_models.distill_grid --quick          # a short end-to-end check of the grid
+    python -m tiny_models.distill_grid --timing 12      # seconds per training step of every method
+    nohup python -m tiny_models.distill_grid --steps 150 > grid.log 2>&1 &     # background-friendly
+
+Each (method, training seed) is one run of ``fast.distill.train`` in ``<runs>/<method>/seed<k>/`` from the
+same
+initial student (``tiny_models/checkpoints/student.safetensors``) and frozen teacher, for the same number of
+steps (SFT is the student's SFT continued for those steps: the equal-steps baseline). The run keeps its best
+validation-ROUGE-L checkpoint (``best.safetensors``), which is then scored on every evaluation set: greedy
+ROUGE-L and exact match, and sampled ROUGE-L (T = 1, sampling seeds 0/1/2). Tables report mean ± std over the
+training seeds (for sampled decoding: over training seeds x sampling seeds). Seconds per training step is the
+median of the runs' per-step times (the update alone, validation excluded).
+
+Resumable: a finished run leaves ``eval.json`` and is skipped; an unfinished one resumes from its checkpoint.
+Writes ``results.json``, ``results.md``, ``rouge.png`` and ``command.txt`` to ``--results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python tiny_models/distill_grid.py`
+    sys.path.insert(0, ROOT)
+
+from fast.distill import BASELINES, DistillConfig, read_log, train  # noqa: E402
+from fast.train import load_model  # noqa: E402
+from tiny_models.evaluate import evaluate  # noqa: E402
+from tiny_models.tasks import EVAL_SETS, build_dataset  # noqa: E402
+
+ABLATIONS = ("mgsr-no-scrg", "mgsr-no-dackl", "mgsr-no-span", "mgsr-scrg3", "mgsr-scrg5", "mgsr-reverse_kl",
+             "mgsr-symmetric_kl", "mgsr-js_divergence", "mgsr-tv_distance", "mgsr-skew_forward_kl",
+             "mgsr-skew_reverse_kl")
+# not run separately (same config as a run above): mgsr-scrg0 = mgsr-no-scrg, mgsr-scrg1 = mgsr,
+# mgsr-forward_kl = mgsr-no-dackl
+SAME_AS = {"mgsr-scrg0": "mgsr-no-scrg", "mgsr-scrg1": "mgsr", "mgsr-forward_kl": "mgsr-no-dackl"}
+SETS = ("valid", *EVAL_SETS)
+
+
+def run_one(args, method: str, seed: int, sets) -> dict:
+    out_dir = os.path.join(args.runs, method, f"seed{seed}")
+    done = os.path.join(out_dir, "eval.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            return json.load(f)
+    cfg = DistillConfig(method=method, out_dir=out_dir, seed=seed, steps=args.steps,
+                        batch_size=args.batch_size, eval_every=args.eval_every,
+                        eval_examples=args.eval_examples, ckpt_every=args.eval_every,
+                        max_new_tokens=args.max_new_tokens, n_per_family=args.n_per_family, threads=1,
+                        progress=not args.no_progress, resume=True, teacher=args.teacher,
+                        student=args.student)
+    cfg = dataclasses.replace(cfg, **args.override)
+    train(cfg)
+    path = os.path.join(out_dir, "best.safetensors")
+    if not os.path.exists(path):
+        path = os.path.join(out_dir, "model.safetensors")
+    model, meta = load_model(path)
+    res = score_model(model, sets, args)
+    recs = read_log(out_dir)
+    res.update(method=method, seed=seed, steps=args.steps, checkpoint=os.path.basename(path),
+               best_step=meta.get("step"), step_s=statistics.median(r["step_s"] for r in recs),
+               config=dataclasses.asdict(cfg))
+    with open(done, "w") as f:
+        json.dump(res, f, indent=1)
+    return res
+
+
+def score_model(model, sets, args) -> dict:
+    return {"greedy": evaluate(model, sets, temperature=0.0, max_new_tokens=args.max_new_tokens),
+            "sampled": evaluate(model, sets, temperature=1.0, seeds=tuple(args.sample_seeds),
+                                max_new_tokens=args.max_new_tokens)}
+
+
+def _ms(vals):
+    return (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def summarise(results: dict, sets) -> dict:
+    """{method: {"n_seeds", "step_s", greedy/sampled {set: {metric: (mean, std)}}}}."""
+    out = {}
+    for method, runs in results.items():
+        row = {"n_seeds": len(runs), "step_s": statistics.median(r["step_s"] for r in runs)
+               if all("step_s" in r for r in runs) else None}
+        for mode in ("greedy", "sampled"):
+            row[mode] = {}
+            for s in sets:
+                row[mode][s] = {"rougeL": _ms([r[mode][s]["rougeL"] for r in runs]),
+                                "exact_match": _ms([r[mode][s]["exact_match"] for r in runs])}
+                if mode == "sampled":  # pool training seeds and sampling seeds: the within-run spread too
+                    m = [r[mode][s]["rougeL"] for r in runs]
+                    w = [r[mode][s]["rougeL_std"] for r in runs]
+                    row[mode][s]["rougeL_within"] = statistics.fmean(w)
+                    row[mode][s]["rougeL"] = _ms(m)
+            held = [s for s in sets if s != "valid"]
+            row[mode]["avg"] = {"rougeL": _ms([statistics.fmean(r[mode][s]["rougeL"] for s in held)
+                                               for r in runs])}
+        out[method] = row
+    return out
+
+
+def table(summary, sets, mode, metric, title) -> str:
+    cols = [s for s in sets] + ["avg (held-out)"]
+    lines = [f"**{title}**", "", "| method | seeds | s/step | " + " | ".join(cols) + " |",
+             "|---|---|---|" + "---|" * len(cols)]
+    for m, row in summary.items():
+        cells = []
+        for s in sets:
+            mu, sd = row[mode][s][metric]
+            cells.append(f"{mu:.1f} ± {sd:.1f}")
+        if metric == "rougeL":
+            mu, sd = row[mode]["avg"]["rougeL"]
+            cells.append(f"{mu:.1f} ± {sd:.1f}")
+        else:
+            cells.append("")
+        sps = f"{row['step_s']:.2f}" if row.get("step_s") is not None else "-"
+        lines.append(f"| {m} | {row['n_seeds']} | {sps} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    mu = [summary[n]["greedy"]["avg"]["rougeL"][0] for n in names]
+    sd = [summary[n]["greedy"]["avg"]["rougeL"][1] for n in names]
+    fig, ax = plt.subplots(figsize=(max(5, 0.55 * len(names) + 2), 3.6))
+    colors = ["tab:red" if n.startswith("mgsr") else "tab:gray" if n in ("teacher", "student (init)")
+              else "tab:blue" for n in names]
+    ax.bar(range(len(names)), mu, yerr=sd, color=colors, capsize=3)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("greedy ROUGE-L, mean of held-out sets")
+    ax.set_title("tiny teacher -> tiny student (mean ± std over training seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def timing(args, methods) -> None:
+    """Median seconds per training step of each method (N steps from the same student, validation off)."""
+    import tempfile
+
+    rows = ["| method | s/step (median) | s/step (mean) | steps |", "|---|---|---|---|"]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in methods:
+            cfg = DistillConfig(method=m, out_dir=os.path.join(tmp, m), steps=args.timing, eval_every=0,
+                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, threads=1,
+                                progress=False, teacher=args.teacher, student=args.student,
+                                n_per_family=args.n_per_family, ckpt_every=10**9)
+            cfg = dataclasses.replace(cfg, **args.override)
+            train(cfg)
+            t = [r["step_s"] for r in read_log(cfg.out_dir)]
+            out[m] = (statistics.median(t), statistics.fmean(t))
+            rows.append(f"| {m} | {out[m][0]:.3f} | {out[m][1]:.3f} | {len(t)} |")
+            print(rows[-1], flush=True)
+    cmd = "python -m tiny_models.distill_grid " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    text = "\n".join([f"Command: `{cmd}`", "",
+                      f"batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, "
+                      f"one CPU thread (torch {torch.__version__})", "", *rows, ""])
+    with open(os.path.join(args.results, "timing.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", nargs="+", default=list(BASELINES))
+    p.add_argument("--ablations", action="store_true", help="also run the MGSR ablations")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--eval_every", type=int, default=50)
+    p.add_argument("--eval_examples", type=int, default=64,
+                   help="validation examples for checkpoint selection")
+    p.add_argument("--n_eval_per_family", type=int, default=30, help="evaluation-set size per task family")
+    p.add_argument("--sample_seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--max_new_tokens", type=int, default=48)
+    p.add_argument("--n_per_family", type=int, default=2000)
+    p.add_argument("--teacher", default=os.path.join(ROOT, "tiny_models/checkpoints/teacher.safetensors"))
+    p.add_argument("--student", default=os.path.join(ROOT, "tiny_models/checkpoints/student.safetensors"))
+    p.add_argument("--runs", default=os.path.join(ROOT, "runs/distill_grid"))
+    p.add_argument("--results", default=os.path.join(ROOT, "tiny_models/results/mgsr"))
+    p.add_argument("--set", dest="override", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a DistillConfig field for every run (e.g. --set init_threshold=0.5)")
+    p.add_argument("--quick", action="store_true",
+                   help="2 methods x 1 seed x 4 steps, 1 evaluation example per family")
+    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--summarise_only", action="store_true",
+                   help="write the tables from the finished runs only (train and evaluate nothing new)")
+    p.add_argument("--timing", type=int, default=0, metavar="N",
+                   help="only time N training steps of every method (no validation) and write timing.md")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    fields = {f.name: f for f in dataclasses.fields(DistillConfig)}
+    over = {}
+    for kv in args.override:
+        k, v = kv.split("=", 1)
+        if k not in fields:
+            raise ValueError(f"--set {k}: not a DistillConfig field")
+        over[k] = type(getattr(DistillConfig(), k))(v) if getattr(DistillConfig(), k) is not None else v
+    args.override = over
+    if args.quick:
+        args.methods, args.seeds, args.steps, args.eval_every = ["sft", "mgsr"], [1], 4, 2
+        args.eval_examples, args.n_eval_per_family, args.sample_seeds, args.max_new_tokens = 4, 1, [0], 16
+        args.n_per_family, args.ablations = 40, False
+    methods = list(args.methods) + (list(ABLATIONS) if args.ablations else [])
+    if args.timing:
+        return timing(args, methods)
+    ds = build_dataset(0, n_eval_per_family=args.n_eval_per_family)
+    sets = {s: ds[s] for s in SETS}
+    os.makedirs(args.results, exist_ok=True)
+    t0 = time.perf_counter()
+    results = {}
+    for ref, path in (("teacher", args.teacher), ("student (init)", args.student)):
+        cache = os.path.join(args.runs, "_ref", ref.split()[0] + ".json")
+        if not os.path.exists(cache):
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            with open(cache, "w") as f:
+                json.dump(score_model(load_model(path)[0], sets, args), f)
+        with open(cache) as f:
+            results[ref] = [json.load(f)]
+    for method in methods:
+        results[method] = []
+        for seed in args.seeds:
+            if args.summarise_only:  # tables from the runs that finished, nothing trained
+                path = os.path.join(args.runs, method, f"seed{seed}", "eval.json")
+                if os.path.exists(path):
+                    with open(path) as f:
+                        results[method].append(json.load(f))
+                continue
+            print(f"[{time.perf_counter() - t0:7.0f}s] {method} seed {seed}", flush=True)
+            results[method].append(run_one(args, method, seed, sets))
+        if not results[method]:
+            del results[method]
+    summary = summarise(results, list(sets))
+    cmd = "python -m tiny_models.distill_grid " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    with open(os.path.join(args.results, "results.json"), "w") as f:
+        json.dump({"command": cmd, "steps": args.steps, "seeds": args.seeds,
+                   "sample_seeds": args.sample_seeds,
+                   "batch_size": args.batch_size, "n_eval_per_family": args.n_eval_per_family,
+                   "overrides": args.override, "summary": summary,
+                   "sizes": {s: len(v) for s, v in sets.items()}}, f, indent=1)
+    names = list(sets)
+    md = [f"Command: `{cmd}`", "",
+          f"{args.steps} steps x {args.batch_size} examples per run from the same student; training seeds "
+          f"{args.seeds}; evaluation sets ({', '.join(f'{s}: {len(v)}' for s, v in sets.items())}); "
+          "teacher and init student are evaluated once (no training seed).", "",
+          table(summary, names, "greedy", "rougeL", "ROUGE-L (x100), greedy"), "",
+          table(summary, names, "sampled", "rougeL",
+                f"ROUGE-L (x100), sampled T=1, sampling seeds {args.sample_seeds}"), "",
+          table(summary, names, "greedy", "exact_match", "Exact match (x100), greedy"), ""]
+    with open(os.path.join(args.results, "results.md"), "w") as f:
+        f.write("\n".join(md))
+    with open(os.path.join(args.results, "command.txt"), "w") as f:
+        f.write(cmd + "\n")
+    plot(summary, os.path.join(args.results, "rouge.png"))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
