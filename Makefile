@@ -33,11 +33,12 @@ notebooks: $(STAMP)
 	$(BIN)/jupytext --to ipynb notebooks/*.py
 
 # JupyterLab on notebooks/; a double click opens a percent-format .py as a notebook (jupytext's viewer,
-# set in this venv's own config, not in ~/.jupyter). Outputs are not saved into the .py files.
+# set in this venv's own config, not in ~/.jupyter). Outputs are not saved into the .py files. As root (a
+# container), Jupyter needs --allow-root.
 lab: $(STAMP)
 	$(BIN)/jupytext-config --settings-file $(VENV)/etc/jupyter/labconfig/default_setting_overrides.json \
 		set-default-viewer python
-	cd notebooks && ../$(BIN)/jupyter lab
+	cd notebooks && ../$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check . || true
