@@ -2,6 +2,7 @@
 
 1. Token-level divergences: a tiny student fitted to a fixed teacher distribution with each divergence.
 2. Tiny GPTs: the trained teacher and student on a few held-out prompts, with their ROUGE-L.
+3. The distilled students of the MGSR grid (KD, DistiLLM, MGSR), when committed.
 """
 import os
 import pathlib
@@ -18,11 +19,13 @@ def main() -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    import demo_distill
     import demo_divergences
     import demo_tiny
 
     parts = [("1. Token-level divergences", demo_divergences.main),
-             ("2. Tiny GPT teacher vs student", demo_tiny.main)]
+             ("2. Tiny GPT teacher vs student", demo_tiny.main),
+             ("3. Distilled students (KD, DistiLLM, MGSR)", demo_distill.main)]
     for title, fn in parts:
         print(f"\n=== {title} ===", flush=True)
         t0 = time.perf_counter()
