@@ -63,8 +63,9 @@ def _check(q, k, v, window):  # [..., H_q, T, D], [..., H_kv, T, D] x2 -> None
     if k.shape != v.shape or (q.shape != k.shape and not (
             q.ndim >= 3 and q.shape[:-3] == k.shape[:-3] and q.shape[-2:] == k.shape[-2:]
             and q.shape[-3] % k.shape[-3] == 0)):
-        raise ValueError(f"need q [..., H_q, T, D] and k, v [..., H_kv, T, D] with H_q a multiple of H_kv "
-                         f"(or three equal shapes); got {q.shape}, {k.shape}, {v.shape}")
+        raise ValueError(f"q, k, v must share a shape [..., T, D], or be q [..., H_q, T, D] and "
+                         f"k, v [..., H_kv, T, D] with H_q a multiple of H_kv; "
+                         f"got {q.shape}, {k.shape}, {v.shape}")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 (w keys including the query itself), got {window}")
 
