@@ -1,9 +1,9 @@
 """`make gpu-check`: on a CUDA machine, run the kernel tests compiled + the `gpu` tests + the benchmarks.
 
 Installs nothing (it expects torch/triton/numpy/pytest/hypothesis to be there, and works on a machine
-without a package registry) and uses whatever ``python3`` runs it. Writes ``gpu_report.md`` (plus the raw pytest log and the benchmark
-report) to ``$OUT`` when set, else to ``benchmarks/results/``. Each stage has its own time limit so
-the whole check ends in under 8 minutes:
+without a package registry) and uses whatever ``python3`` runs it. Writes ``gpu_report.md`` (plus the raw
+pytest log and the benchmark report) to ``$OUT`` when set, else to ``benchmarks/results/``. Each stage has
+its own time limit so the whole check ends in under 8 minutes:
 
     tests       <= TEST_LIMIT_S   (pytest, notebooks deselected, xdist if present)
     benchmarks  <= BENCH_LIMIT_S  (benchmarks/run_all.py --full)
