@@ -178,6 +178,13 @@ def test_mad_fuzzy_oracle(seed):
     assert bool(((lab >= 7) & (lab < 14)).all())
 
 
+def test_mad_fuzzy_many_examples_fit_seq_len():
+    # a repeated key brings its own value motif size, not the freshly drawn one: every example must still fit
+    for test in (True, False):
+        x, y = mad_fuzzy_recall(300, seed=2, seq_len=50, test=test)
+        assert x.shape == y.shape == (300, 50)
+
+
 def test_mad_lm_targets_are_shifted_inputs():
     x, y = mad_fuzzy_recall(4, seed=1, seq_len=40, targets="lm", test=False)
     pad = 15

@@ -18,6 +18,8 @@ differ from them are marked [RECON] with the alternative named.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -234,10 +236,12 @@ def mad_recall(
                 continue
             key = tuple(rng.choice(m, size=ks, replace=False).tolist())
             seen = key in kv
+            val = kv[key] if seen else tuple((m + rng.choice(m, size=vs, replace=False)).tolist())
+            if len(seq) + len(key) + len(val) + pair_max > budget:  # a repeated key keeps its own value size
+                break
             if not seen:
-                kv[key] = tuple((m + rng.choice(m, size=vs, replace=False)).tolist())
+                kv[key] = val
                 order.append(key)
-            val = kv[key]
             seq += list(key) + list(val)
             tgt += [IGNORE] * len(key) + (list(val) if seen else [IGNORE] * len(val))
         if order:
@@ -317,6 +321,13 @@ def mad_fuzzy_recall(
 _KEY_LETTERS = "BCDFGHJKLMNPQRSTVWXZ"  # uppercase consonants: three of them in a row are rare in the plays
 
 
+@functools.lru_cache(maxsize=1)
+def _default_text() -> str:
+    from tiny_models.tasks import shakespeare_text
+
+    return shakespeare_text(300_000)
+
+
 def fact_text(key: str, value: str) -> str:
     """The byte string of one fact (and of its query): ``" QZK is 481."``."""
     return f" {key} is {value}."
@@ -352,9 +363,7 @@ def shakespeare_recall(
             f"min_distance={min_distance}"
         )
     if text is None:
-        from tiny_models.tasks import shakespeare_text
-
-        text = shakespeare_text(300_000)
+        text = _default_text()
     data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
     if len(data) < seq_len + 1:
         raise ValueError(f"text has {len(data)} bytes, need more than seq_len={seq_len}")
