@@ -1,0 +1,147 @@
+"""The recall experiment driver (tiny_models/match_grid.py) and the MATCH demo: the model variant, the loss
+slice, the attended-fraction accounting, save/load, determinism, grid resumption, the shipped checkpoints."""
+
+import json
+import os
+import pathlib
+import sys
+
+import pytest
+import torch
+
+import tiny_models.match_grid as mg
+from tiny_models.gpt import GPT
+from tiny_models.recall import IGNORE
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = dict(
+    seq_len=16,
+    num_kv_pairs=2,
+    vocab_size=16,
+    n_embd=16,
+    n_head=2,
+    batch_size=4,
+    eval_n=16,
+    eval_every=3,
+    steps=6,
+    warmup=2,
+    lr=3e-3,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_attended_fraction_by_hand():
+    assert mg.attended_fraction(8, "full", None) == 1.0
+    assert mg.attended_fraction(8, "sliding", 8) == 1.0
+    # T = 4, w = 1: every query sees 1 key of 1, 2, 3, 4
+    assert mg.attended_fraction(4, "sliding", 1) == pytest.approx(4 / 10)
+    # plus one retrieved token where one exists: 1, 2, 2, 2
+    assert mg.attended_fraction(4, "match", 1, (("top_k", 1), ("block_size", 1))) == pytest.approx(7 / 10)
+    # one block of 2: 1, 2, 3, 3
+    assert mg.attended_fraction(4, "match", 1, (("top_k", 1), ("block_size", 2))) == pytest.approx(9 / 10)
+
+
+def test_logits_at_is_the_model_forward_sliced():
+    torch.manual_seed(0)
+    cfg = mg.RunConfig(**TINY)
+    model = mg.new_model(cfg).double()
+    x, y = mg.make_batch(cfg, 3, seed=1)
+    mask = y != IGNORE
+    full = GPT.forward(model, x)  # the plain tiny GPT's forward (prev_mix off)
+    torch.testing.assert_close(mg.logits_at(model, x, mask), full[mask], rtol=0, atol=1e-12)
+
+
+def test_prev_mix_starts_as_the_plain_model_and_looks_one_token_back():
+    torch.manual_seed(0)
+    cfg = mg.RunConfig(**TINY, prev_mix=True)
+    model = mg.new_model(cfg).double()
+    x, _ = mg.make_batch(cfg, 2, seed=1)
+    torch.testing.assert_close(model(x), GPT.forward(model, x), rtol=0, atol=1e-12)  # W_prev = 0 at init
+    torch.nn.init.normal_(model.prev.weight)
+    e = model.embed(x)
+    x2 = x.clone()
+    x2[:, 5] = (x2[:, 5] + 1) % cfg.vocab_size
+    changed = (model.embed(x2) - e).abs().amax(-1) > 0  # [B, T]
+    assert changed[:, 5].all() and changed[:, 6].all()
+    assert not changed[:, :5].any() and not changed[:, 7:].any()
+
+
+def test_save_load_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    cfg = mg.RunConfig(**TINY, prev_mix=True, attention="sliding", window=4)
+    model = mg.new_model(cfg)
+    torch.nn.init.normal_(model.prev.weight)
+    path = str(tmp_path / "m.safetensors")
+    mg.save_run(model, cfg, path, acc=0.5)
+    loaded, cfg2 = mg.load_run(path)
+    assert cfg2 == cfg
+    x, _ = mg.make_batch(cfg, 2, seed=3)
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError):
+        mg.load_run(str(tmp_path / "missing.safetensors"))
+
+
+def test_train_run_is_deterministic_and_swap_to_itself_is_identity():
+    cfg = mg.RunConfig(**TINY, prev_mix=True)
+    a = mg.train_run(cfg, progress=False)
+    b = mg.train_run(cfg, progress=False)
+    assert a["curve"] == b["curve"] and a["steps"] == cfg.steps
+    for pa, pb in zip(a["model"].parameters(), b["model"].parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    x, y = mg.heldout(cfg)
+    same = mg.plugin_eval(a["model"], x, y, [("full", "full", None, ())])[0]
+    assert same["acc"] == a["acc"] and same["attended"] == 1.0
+
+
+def test_unknown_task_raises():
+    with pytest.raises(ValueError, match="unknown task"):
+        mg.make_batch(mg.RunConfig(task="nope"), 2, seed=0)
+
+
+def test_grid_runs_each_config_once_and_resumes(tmp_path, monkeypatch):
+    spec = mg.GridSpec(
+        seq_len=16,
+        pairs=(2,),
+        window=4,
+        top_ks=(1,),
+        block_size=2,
+        seeds=(0,),
+        steps=3,
+        base={k: v for k, v in TINY.items() if k not in ("seq_len", "num_kv_pairs", "steps")},
+    )
+    runs = mg.grid_runs(spec)
+    assert len({mg.run_name(c) for c in runs}) == len(runs) == 3 + 4  # full, SWA w, SWA w+kB, 4 MATCH
+    assert {c.n_embd for c in runs} == {16} and {c.n_layer for c in runs} == {2}
+    first = mg.run_grid(spec, str(tmp_path), progress=False)
+    names = {r["name"] for r in first}
+    assert {mg.run_name(c) for c in runs if c.attention != "match"} <= names
+
+    def boom(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(mg, "train_run", boom)
+    again = mg.run_grid(spec, str(tmp_path), progress=False)
+    assert [r["name"] for r in again] == [r["name"] for r in first]
+    rec = json.loads((tmp_path / first[0]["name"] / "result.json").read_text())
+    assert mg.RunConfig.from_dict(rec["config"]) == runs[0] and 0.0 <= rec["acc"] <= 1.0
+    rows = mg.summarise(again)
+    assert all(r["n_seeds"] == 1 for r in rows) and mg.markdown_table(rows).count("\n") == len(rows) + 1
+
+
+CKPTS = [pathlib.Path(mg.CKPT_DIR) / f"{n}.safetensors" for n in ("full", "swa", "match")]
+
+
+@pytest.mark.skipif(not all(p.exists() for p in CKPTS), reason="the MATCH checkpoints are not built yet")
+def test_shipped_checkpoints_and_demo(capsys):
+    for p in CKPTS:
+        assert p.stat().st_size <= 1024 * 1024
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import demo_match
+
+    out = demo_match.main(n=128)
+    text = capsys.readouterr().out
+    assert "trained full" in text and "trained match" in text
+    # the shipped models show the effect the demo is about: full attention recalls, the window alone cannot
+    assert out["full"] >= 0.9 and out["swa"] < out["full"] - 0.3
+    assert os.path.exists(CKPTS[0])
