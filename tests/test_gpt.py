@@ -95,6 +95,8 @@ def test_pad_query_rows_are_not_nan():
     valid = torch.tensor([[False, True, True], [True, True, True]])
     out = ATTENTION["full"](q, k, v, key_valid=valid)
     assert torch.isfinite(out).all()
+    # the convention that makes it so: a pad query sees itself (and, causally, nothing else)
+    torch.testing.assert_close(out[0, 0, 0], v[0, 0, 0])
 
 
 # ----------------------------------------------------------------------------------------------------

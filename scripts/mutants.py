@@ -1,0 +1,286 @@
+"""`make mutants`: would the tests catch a wrong kernel? Plant plausible bugs one at a time and see.
+
+Each entry of ``MUTANTS`` is one small, plausible bug: a wrong loop bound, a wrong gradient factor, a
+missing mask, a swapped convention. It names the file, an *anchor* (exact text that must occur exactly
+once in that file), its replacement, and the tests that cover it. For each mutant this script
+
+1. copies the working tree to a scratch folder (one per worker, reused),
+2. replaces the anchor, runs only the covering tests (``pytest -x``, notebooks excluded),
+3. restores the file and reports **killed** (the tests failed), **survived** (they passed) or **stale**
+   (the anchor no longer occurs exactly once: the code moved, so the entry needs updating).
+
+A survivor is re-run against the whole suite (``--no-full`` skips that) before it counts as survived.
+A mutant listed with ``equivalent=...`` is not a bug (it changes no result the project promises); it
+is run and reported but left out of the score, and the reason is printed beside it.
+
+The score is killed / (killed + survived) over the non-equivalent mutants; the target is >= 90 %.
+Writes a markdown report (``--out``, default ``benchmarks/results/mutants.md``). Runs with two
+workers on a 2-core CPU in about a quarter of an hour; ``--only ID[,ID]`` runs a subset.
+
+    python scripts/mutants.py [--only ids] [--workers 2] [--no-full] [--out PATH] [--list]
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT_S = 420  # a mutant that hangs its tests (e.g. a loop that never ends) counts as killed
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    id: str
+    file: str
+    find: str
+    replace: str
+    tests: tuple[str, ...]  # pytest arguments: files / node ids, optionally "-k", "expr"
+    what: str
+    equivalent: str = ""  # why this change is not a bug (then it does not count)
+
+
+def M(id, file, find, replace, tests, what, equivalent=""):  # noqa: N802 (a table constructor)
+    return Mutant(id, file, find, replace, tuple(tests.split()), what, equivalent)
+
+
+T_DIV = "tests/test_divergences_fast.py"
+T_DIV_TRITON = f"{T_DIV} -k triton"
+T_DIV_TORCH = f"{T_DIV} -k torch"
+
+MUTANTS: list[Mutant] = [
+    # ---- the tolerance helper: the root of trust -------------------------------------------------------
+    M("tol-nan-expected", "fast/testing.py", "    if nan_e.any():", "    if False and nan_e.any():",
+      "tests/test_tolerances.py", "a NaN in the oracle's value is not reported"),
+    M("tol-zero-ref", "fast/testing.py", "zero_ref = not np.any(np.where(fin, e, 0.0))",
+      "zero_ref = not np.all(np.where(fin, e, 0.0))", "tests/test_tolerances.py",
+      "one exact zero in the reference switches the RMS metric off"),
+    M("tol-inf-sign", "fast/testing.py", "inf_a & inf_e & (np.sign(a) == np.sign(e))", "inf_a & inf_e",
+      "tests/test_tolerances.py", "+inf accepted against -inf"),
+    M("tol-rms-10x", "fast/testing.py", "if r > rms and not zero_ref:", "if r > 10 * rms and not zero_ref:",
+      "tests/test_tolerances.py", "the RMS budget is silently 10x wider"),
+    # ---- divergences: Triton kernels ---------------------------------------------------------------------
+    M("div-fwd-kl-weight", "fast/divergences.py",
+      "            if DIV == 0:  # forward KL\n                acc += tl.sum(p * (lp - lq), axis=0)",
+      "            if DIV == 0:  # forward KL\n                acc += tl.sum(q * (lp - lq), axis=0)",
+      T_DIV_TRITON, "forward KL weighted by the student instead of the teacher (kernel)"),
+    M("div-rkl-grad-no-L", "fast/divergences.py",
+      "                g = q * (lq - lp - c0)\n            elif DIV == 2:",
+      "                g = q * (lq - lp)\n            elif DIV == 2:",
+      T_DIV_TRITON, "reverse-KL gradient without its -L term (kernel backward)"),
+    M("div-lse-tau", "fast/divergences.py",
+      "tl.sum(tl.exp((t - safe_a) * inv_tau), axis=0)", "tl.sum(tl.exp(t - safe_a), axis=0)",
+      T_DIV_TRITON, "the teacher's normaliser ignores the temperature (kernel pass 1)"),
+    M("div-jsd-mix", "fast/divergences.py",
+      "            g = tl.where(valid, g, 0.0) * scale",
+      "            g = g * scale",
+      T_DIV_TRITON, "padded vocabulary entries get a gradient (kernel backward)"),
+    # ---- DAC-KL: Triton kernels ------------------------------------------------------------------------
+    M("dac-argmax-tie", "fast/dac_kl.py",
+      "cidx = tl.where(cmax > best, cfirst, cidx)", "cidx = tl.where(cmax >= best, cfirst, cidx)",
+      "tests/test_dac_kl.py -k triton", "target class: a later chunk wins a tie (convention: lowest index)"),
+    M("dac-bwd-normalize", "fast/dac_kl.py", "dsv = w * (q / B - p / A)", "dsv = w * (q / B - p / B)",
+      "tests/test_dac_kl.py -k triton", "normalised DAC-KL gradient divides the teacher by the student mass"),
+    M("dac-bisect-steps", "fast/dac_kl.py", "        for _ in range(31):", "        for _ in range(15):",
+      "tests/test_dac_kl.py -k triton", "value-threshold bisection stops 16 bits early"),
+    # ---- span: Triton kernels --------------------------------------------------------------------------
+    M("span-fwd-product", "fast/span.py", "e = qc * qd - pa * pb", "e = qc * qd - pa * pa",
+      "tests/test_span.py", "span distance multiplies the wrong teacher rows"),
+    M("span-bwd-softmax", "fast/span.py", "ds = tl.where(act, qc * (gq - dot), 0.0)",
+      "ds = tl.where(act, qc * gq, 0.0)", "tests/test_span.py",
+      "span backward forgets the softmax Jacobian's row term"),
+    # ---- oracles (checked against finite differences and definitions) -----------------------------------
+    M("ref-fkl-grad-tau", "reference/divergences.py",
+      "return (np.exp(lq) - np.exp(lp)) / temperature", "return (np.exp(lq) - np.exp(lp))",
+      "tests/test_divergences.py", "oracle forward-KL gradient forgets 1/τ"),
+    M("ref-jsd-grad-weight", "reference/divergences.py",
+      "g = (1 - beta) * np.where(valid, lq - np.where(valid, lm, 0.0), 0.0)",
+      "g = beta * np.where(valid, lq - np.where(valid, lm, 0.0), 0.0)",
+      "tests/test_divergences.py", "oracle JSD gradient uses β for the student's weight"),
+    M("ref-dac-quantile", "reference/dac_kl.py", "idx = q * (n - 1)", "idx = q * n",
+      "tests/test_dac_kl.py", "value quantile indexes n instead of n - 1 order statistics"),
+    M("ref-dac-target", "reference/dac_kl.py", "c = np.argmax(t, axis=-1)", "c = np.argmax(s, axis=-1)",
+      "tests/test_dac_kl.py", "the appended target class is the student's argmax"),
+    M("ref-span-vjp", "reference/span.py", "return q * (gq - np.sum(gq * q, -1, keepdims=True))",
+      "return q * gq", "tests/test_span.py", "oracle span gradient forgets the softmax row term"),
+    M("ref-attn-window", "reference/attention.py", "        ok &= (i - j) < window\n",
+      "        ok &= (i - j) <= window\n", "tests/test_attention.py -k torch",
+      "oracle window counts w + 1 keys (the FlexAttention convention, not ours)"),
+    # ---- attention: host-side loop bounds, shared by the kernels and the torch backend -------------------
+    M("attn-key-range", "fast/attention.py", "lo = 0 if window is None else max(0, start_m - W + 1)",
+      "lo = 0 if window is None else max(0, start_m - W + 2)", "tests/test_attention.py -k torch",
+      "the first key of the window is skipped"),
+    # ---- the tiny GPT ----------------------------------------------------------------------------------
+    M("gpt-window", "tiny_models/gpt.py", "allowed = allowed & (kj > qi - window)",
+      "allowed = allowed & (kj >= qi - window)", "tests/test_gpt.py",
+      "model window counts w + 1 keys"),
+    M("gpt-rope-sign", "tiny_models/gpt.py", "x1 * cos - x2 * sin, x1 * sin + x2 * cos",
+      "x1 * cos + x2 * sin, x1 * sin + x2 * cos", "tests/test_gpt.py", "RoPE rotates by the wrong sign"),
+    M("gpt-pad-self", "tiny_models/gpt.py", "allowed = allowed | (kj == qi)[None, None]", "allowed = allowed",
+      "tests/test_gpt.py", "a padded query row is fully masked (NaN)"),
+    M("gpt-key-valid", "tiny_models/gpt.py", "allowed = allowed & key_valid[:, None, None, :].bool()",
+      "allowed = allowed", "tests/test_gpt.py", "padding keys are attended"),
+    M("gpt-ignore-index", "tiny_models/gpt.py", "targets.reshape(-1), ignore_index=-100)",
+      "targets.reshape(-1).clamp_min(0))", "tests/test_gpt.py", "masked labels (-100) count in the loss"),
+    # ---- sampling and generation -------------------------------------------------------------------------
+    M("sample-temperature", "tiny_models/gpt.py", "logits.double() / temperature", "logits.double()",
+      "tests/test_gpt.py", "sampling ignores the temperature"),
+    M("sample-top-p", "tiny_models/gpt.py", "drop_sorted = mass_before >= top_p",
+      "drop_sorted = mass_before > top_p", "tests/test_gpt.py", "top-p keeps one token too many"),
+    M("sample-top-k", "tiny_models/gpt.py", "logits.masked_fill(logits < kth, float(\"-inf\"))",
+      "logits.masked_fill(logits <= kth, float(\"-inf\"))", "tests/test_gpt.py",
+      "top-k drops the k-th token"),
+    M("sample-greedy-tie", "tiny_models/gpt.py", "        return logits.argmax(-1)\n",
+      "        return logits.size(-1) - 1 - logits.flip(-1).argmax(-1)\n", "tests/test_gpt.py",
+      "greedy picks the highest id on ties (convention: lowest)"),
+    M("gen-positions", "tiny_models/gpt.py", "new_pos = pos[:, -1:] + 1", "new_pos = pos[:, -1:]",
+      "tests/test_gpt.py", "generated tokens repeat the last RoPE position"),
+    # ---- the trainer -------------------------------------------------------------------------------------
+    M("train-wd-groups", "fast/train.py",
+      '{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}',
+      '{"params": decay, "weight_decay": 0.0}, {"params": no_decay, "weight_decay": cfg.weight_decay}',
+      "tests/test_train.py", "weight decay on LayerNorm and biases instead of the matrices"),
+    M("train-warmup", "fast/train.py", "return cfg.lr * step / max(cfg.warmup, 1)",
+      "return cfg.lr * (step + 1) / max(cfg.warmup, 1)", "tests/test_train.py",
+      "warmup is one step ahead"),
+    M("train-cosine", "fast/train.py", "(1.0 + math.cos(math.pi * min(frac, 1.0)))",
+      "(1.0 + math.cos(math.pi * frac))", "tests/test_train.py",
+      "cosine schedule climbs back up after the last step"),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _tree_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    return [f for f in out if f and (ROOT / f).is_file()]
+
+
+def _copy_tree(dst: pathlib.Path) -> None:
+    for f in _tree_files():
+        target = dst / f
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, target)
+
+
+def anchor_count(m: Mutant, root: pathlib.Path = ROOT) -> int:
+    path = root / m.file
+    return path.read_text().count(m.find) if path.exists() else 0
+
+
+def _pytest(work: pathlib.Path, args: list[str], timeout: int) -> tuple[str, float, str]:
+    env = dict(os.environ, PYTHONPATH=str(work), OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not notebook", *args]
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "killed", time.perf_counter() - t0, "timeout"
+    dt = time.perf_counter() - t0
+    tail = (p.stdout + p.stderr).strip().splitlines()[-1:] or [""]
+    if p.returncode == 0:
+        return "survived", dt, tail[0]
+    if p.returncode == 1:
+        return "killed", dt, tail[0]
+    return "error", dt, f"pytest exit {p.returncode}: {tail[0]}"
+
+
+def run_one(m: Mutant, work: pathlib.Path, full: bool) -> dict:
+    path = work / m.file
+    original = path.read_text() if path.exists() else ""
+    if original.count(m.find) != 1:
+        return dict(id=m.id, result="stale", seconds=0.0, detail=f"anchor found {original.count(m.find)}x")
+    path.write_text(original.replace(m.find, m.replace))
+    try:
+        result, dt, detail = _pytest(work, list(m.tests), TIMEOUT_S)
+        if result == "survived" and full:
+            result, dt2, detail = _pytest(work, ["tests"], 3 * TIMEOUT_S)
+            dt += dt2
+            detail = "whole suite: " + detail
+    finally:
+        path.write_text(original)
+    return dict(id=m.id, result=result, seconds=dt, detail=detail)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default="", help="comma-separated mutant ids")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--no-full", action="store_true", help="do not re-run survivors on the whole suite")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mutants.md"))
+    ap.add_argument("--list", action="store_true", help="list the mutants and their anchor status, run none")
+    a = ap.parse_args(argv)
+    todo = [m for m in MUTANTS if not a.only or m.id in a.only.split(",")]
+    if a.list:
+        for m in todo:
+            print(f"{m.id:24s} {m.file:28s} anchor x{anchor_count(m)}  {m.what}")
+        return 0
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    scratch = [pathlib.Path(tempfile.mkdtemp(prefix=f"mutants-{i}-")) for i in range(max(1, a.workers))]
+    for d in scratch:
+        _copy_tree(d)
+    free = list(scratch)
+    results: dict[str, dict] = {}
+    t0 = time.perf_counter()
+
+    def job(m):
+        work = free.pop()
+        try:
+            return run_one(m, work, not a.no_full)
+        finally:
+            free.append(work)
+
+    bar = tqdm(total=len(todo), desc="mutants") if tqdm else None
+    with cf.ThreadPoolExecutor(max_workers=len(scratch)) as ex:
+        for fut in cf.as_completed([ex.submit(job, m) for m in todo]):
+            r = fut.result()
+            results[r["id"]] = r
+            if bar:
+                bar.update(1)
+                bar.set_postfix_str(f"{r['id']}: {r['result']}")
+    if bar:
+        bar.close()
+    for d in scratch:
+        shutil.rmtree(d, ignore_errors=True)
+
+    counted = [m for m in todo if not m.equivalent and results[m.id]["result"] in ("killed", "survived")]
+    killed = sum(results[m.id]["result"] == "killed" for m in counted)
+    score = killed / len(counted) if counted else 0.0
+    n = {k: sum(r["result"] == k for r in results.values()) for k in ("killed", "survived", "stale", "error")}
+    lines = [
+        "# Mutation report (`make mutants`)",
+        "",
+        f"{len(todo)} mutants: {n['killed']} killed, {n['survived']} survived, {n['stale']} stale, "
+        f"{n['error']} errors; score {killed}/{len(counted)} = {100 * score:.0f} % of the non-equivalent "
+        f"mutants (target >= 90 %). Wall time {time.perf_counter() - t0:.0f} s with {len(scratch)} workers.",
+        "",
+        "| id | file | planted bug | result | s | detail |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in todo:
+        r = results[m.id]
+        res = r["result"] + (f" (equivalent: {m.equivalent})" if m.equivalent else "")
+        lines.append(f"| {m.id} | `{m.file}` | {m.what} | {res} | {r['seconds']:.0f} | {r['detail']} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(a.out).write_text(text)
+    bad = n["stale"] + n["error"]
+    return 0 if (score >= 0.9 and not bad) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
