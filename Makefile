@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo bench gpu-check compile-check notebooks lab lint clean
+.PHONY: venv test demo bench gpu-check compile-check notebooks lab lint clean mutants
 
 venv: $(STAMP)
 
@@ -56,3 +56,8 @@ clean:
 # runs the --quick variant). Catches what the interpreter cannot: type, tile and backend errors.
 compile-check: $(STAMP)
 	env -u TRITON_INTERPRET $(BIN)/python -m fast.compile_check
+
+# Would the tests catch a wrong kernel? Plants each curated bug of scripts/mutants.py in a scratch copy
+# and runs the tests that cover it; writes benchmarks/results/mutants.md (about 15 minutes on 2 cores).
+mutants: $(STAMP)
+	$(BIN)/python scripts/mutants.py
