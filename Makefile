@@ -61,3 +61,9 @@ compile-check: $(STAMP)
 # and runs the tests that cover it; writes benchmarks/results/mutants.md (about 15 minutes on 2 cores).
 mutants: $(STAMP)
 	$(BIN)/python scripts/mutants.py
+
+# Static cost of every kernel x config on sm_90a without a GPU (registers, spills, ptxas warnings, SASS per
+# hot loop); writes benchmarks/results/kernel_stats.md. `make kernel-stats KS_ARGS="--quick"`: attention only.
+KS_ARGS ?=
+kernel-stats: $(STAMP)
+	env -u TRITON_INTERPRET $(BIN)/python -m fast.kernel_stats $(KS_ARGS) --md benchmarks/results/kernel_stats.md
