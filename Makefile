@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo bench gpu-check compile-check notebooks lab lint clean mutants
+.PHONY: venv test demo bench gpu-check compile-check notebooks lab lint clean mutants kernel-stats
 
 venv: $(STAMP)
 
