@@ -191,7 +191,7 @@ def merge_partials(o_w, lse_w, o_r, lse_r):  # [..., T, D], [..., T] x2 -> [...,
     return a_w[..., None] * o_w + a_r[..., None] * o_r, lse
 
 
-def _setup(q, k, v, window, top_k, block_size, mode, gate_logit, scale):
+def _setup(q, k, v, window, top_k, block_size, mode, gate_logit, scale, idx):
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     if q.shape != k.shape or k.shape != v.shape:
         raise ValueError(f"q, k, v must share a shape [..., T, D]; got {q.shape}, {k.shape}, {v.shape}")
@@ -205,16 +205,23 @@ def _setup(q, k, v, window, top_k, block_size, mode, gate_logit, scale):
             raise ValueError("mode='gated' needs gate_logit (broadcastable to [..., T])")
         g = np.broadcast_to(np.asarray(gate_logit, dtype=np.float64), q.shape[:-1])  # [..., T]
     scale = _scale(D, scale)
-    idx = retrieve(q, k, window=window, top_k=top_k, block_size=block_size, scale=scale)
+    if idx is None:
+        idx = retrieve(q, k, window=window, top_k=top_k, block_size=block_size, scale=scale)
+    elif np.shape(idx) != q.shape[:-1] + (top_k,):
+        raise ValueError(f"idx must have shape [..., T, top_k] = {q.shape[:-1] + (top_k,)}, "
+                         f"got {np.shape(idx)}")
     m_w = np.broadcast_to(window_mask(T, window=window), q.shape[:-1] + (T,))
     m_r = retrieved_mask(idx, T, window=window, block_size=block_size)
     return q, k, v, g, scale, m_w, m_r
 
 
-def match_attention(q, k, v, *, window, top_k, block_size=1, mode="joint", gate_logit=None, scale=None):
+def match_attention(q, k, v, *, window, top_k, block_size=1, mode="joint", gate_logit=None, scale=None,
+                    idx=None):
     # [..., T, D] x3 (+ gate_logit broadcastable to [..., T]) -> [..., T, D]
-    """MATCH attention of one head (see the module docstring)."""
-    q, k, v, g, scale, m_w, m_r = _setup(q, k, v, window, top_k, block_size, mode, gate_logit, scale)
+    """MATCH attention of one head (see the module docstring). ``idx`` (optional): a selection made
+    elsewhere, e.g. ``retrieve(q_group, k, grouped=True)`` shared by a GQA group; default
+    ``retrieve(q, k)``."""
+    q, k, v, g, scale, m_w, m_r = _setup(q, k, v, window, top_k, block_size, mode, gate_logit, scale, idx)
     o_w, lse_w = partial_attention(q, k, v, m_w, scale)
     o_r, lse_r = partial_attention(q, k, v, m_r, scale)
     if mode == "joint":
@@ -241,10 +248,10 @@ def _unbroadcast(g, shape):  # sum a broadcast gradient back to the operand's sh
 
 
 def match_attention_grad(q, k, v, dout, *, window, top_k, block_size=1, mode="joint", gate_logit=None,
-                         scale=None):
+                         scale=None, idx=None):
     # [..., T, D] x4 -> dq, dk, dv [..., T, D], dgate_logit (gate_logit's shape, or None in joint mode)
     """Hand-derived gradients of ``match_attention`` (the selection is held constant)."""
-    q, k, v, g, scale, m_w, m_r = _setup(q, k, v, window, top_k, block_size, mode, gate_logit, scale)
+    q, k, v, g, scale, m_w, m_r = _setup(q, k, v, window, top_k, block_size, mode, gate_logit, scale, idx)
     dout = np.asarray(dout, dtype=np.float64)
     if mode == "joint":
         return (*_partial_grad(q, k, v, m_w | m_r, dout, scale), None)
