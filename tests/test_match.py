@@ -1,11 +1,24 @@
 """MATCH: the NumPy oracle against its by-definition loop, identities and finite differences; then the torch
 backend of fast/match.py against the oracle; then the tiny GPT with attention="match"."""
+import importlib.util
+import math
+
 import numpy as np
 import pytest
+import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from fast.testing import assert_close
+from fast.attention import flash_attention
+from fast.match import (
+    block_summaries,
+    match_attention,
+    match_attention_kv,
+    match_decode,
+    retrieve,
+    update_block_summaries,
+)
+from fast.testing import assert_close, tolerance_for
 from reference import match as ref
 from reference.attention import attention as ref_attention
 
@@ -211,3 +224,339 @@ def test_oracle_gate_gradient_is_zero_without_retrieval():
     dout = np.ones((T, D))
     *_, dg = ref.match_attention_grad(q, k, v, dout, window=w, top_k=2, mode="gated", gate_logit=np.zeros(T))
     assert (dg[:w] == 0).all() and (dg[w:] != 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# torch backend vs oracle
+
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _group_idx(qn, kn, window, K, bs, scale):
+    """Oracle selection per (batch, kv head) from the group's stacked queries: [B, H_kv, T, K]."""
+    B, Hkv = kn.shape[:2]
+    G = qn.shape[1] // Hkv
+    qg = qn.reshape(B, Hkv, G, *qn.shape[2:])
+    return ref.retrieve(qg, kn, window=window, top_k=K, block_size=bs, scale=scale, grouped=True)
+
+
+def _margin_ok(qn, kn, window, K, bs, scale, rel=1e-4):
+    """Clear score gaps: the first K + 1 ranked candidate scores of every row differ by more than ``rel``
+    (relative), so rounding in any tested dtype cannot reorder the selection."""
+    B, Hkv = kn.shape[:2]
+    G = qn.shape[1] // Hkv
+    s = ref.retrieval_scores(qn.reshape(B, Hkv, G, *qn.shape[2:]), kn, window=window, block_size=bs,
+                             scale=scale, grouped=True)
+    top = -np.sort(-s, axis=-1)[..., :K + 1]
+    with np.errstate(invalid="ignore"):  # -inf - -inf past the last candidate: not a gap
+        gap = -np.diff(top, axis=-1)
+    fin = np.isfinite(gap)
+    return bool((gap[fin] > rel * (1 + np.abs(top[..., 1:][fin]))).all())
+
+
+def _draw(B, Hkv, G, T, D, window, K, bs, dtype, seed, scale, gate_shape=None):
+    """Inputs rounded to ``dtype`` with clear selection gaps (re-drawn with the next seed until so)."""
+    for attempt in range(50):
+        gen = torch.Generator().manual_seed(seed + 7919 * attempt)
+        q = torch.randn(B, Hkv * G, T, D, generator=gen).to(dtype)
+        k = torch.randn(B, Hkv, T, D, generator=gen).to(dtype)
+        v = torch.randn(B, Hkv, T, D, generator=gen).to(dtype)
+        do = torch.randn(B, Hkv * G, T, D, generator=gen).to(dtype)  # random cotangent, not ones
+        gate = None if gate_shape is None else torch.randn(gate_shape, generator=gen).to(dtype)
+        qn, kn = q.double().numpy(), k.double().numpy()
+        if _margin_ok(qn, kn, window, K, bs, scale):
+            return q, k, v, do, gate
+    raise AssertionError("no draw with clear score gaps")  # pragma: no cover
+
+
+def _oracle(q, k, v, do, gate, window, K, bs, mode, scale):
+    """Oracle forward and gradients on the rounded inputs, GQA through the group's shared selection."""
+    qn, kn, vn, don = (x.double().numpy() for x in (q, k, v, do))
+    B, Hq, T, D = qn.shape
+    Hkv = kn.shape[1]
+    G = Hq // Hkv
+    idx = _group_idx(qn, kn, window, K, bs, scale)
+    gfull = None if gate is None else np.broadcast_to(gate.double().numpy(), (B, Hq, T))
+    out, dq = np.zeros_like(qn), np.zeros_like(qn)
+    dk, dv = np.zeros_like(kn), np.zeros_like(vn)
+    dg = None if gate is None else np.zeros((B, Hq, T))
+    for b in range(B):
+        for h in range(Hq):
+            hk = h // G
+            kw = dict(window=window, top_k=K, block_size=bs, mode=mode, scale=scale, idx=idx[b, hk],
+                      gate_logit=None if gate is None else gfull[b, h])
+            out[b, h] = ref.match_attention(qn[b, h], kn[b, hk], vn[b, hk], **kw)
+            gq, gk, gv, gg = ref.match_attention_grad(qn[b, h], kn[b, hk], vn[b, hk], don[b, h], **kw)
+            dq[b, h] += gq
+            dk[b, hk] += gk
+            dv[b, hk] += gv
+            if gate is not None:
+                dg[b, h] = gg
+    if gate is not None:  # sum the broadcast axes back to gate_logit's shape
+        shape = tuple(gate.shape)
+        dg = dg.sum(axis=tuple(range(3 - len(shape))))
+        dg = dg.sum(axis=tuple(a for a, n in enumerate(shape) if n == 1), keepdims=True).reshape(shape)
+    return idx, out, dq, dk, dv, dg
+
+
+def _check_fast(B, Hkv, G, T, D, window, K, bs, mode, dtype, seed, *, scale=None, gate_shape="full",
+                chunk=None):
+    sc = 1 / math.sqrt(D) if scale is None else scale
+    if mode == "gated":
+        gate_shape = {"full": (B, Hkv * G, T), "heads": (1, Hkv * G, T), "time": (T,)}[gate_shape]
+    else:
+        gate_shape = None
+    q, k, v, do, gate = _draw(B, Hkv, G, T, D, window, K, bs, dtype, seed, sc, gate_shape)
+    idx, *ref_vals = _oracle(q, k, v, do, gate, window, K, bs, mode, sc)
+    assert np.array_equal(retrieve(q, k, window=window, top_k=K, block_size=bs, scale=scale).numpy(), idx)
+    qd, kd, vd = (x.clone().requires_grad_() for x in (q, k, v))
+    gd = None if gate is None else gate.clone().requires_grad_()
+    kw = dict(window=window, top_k=K, block_size=bs, mode=mode, gate_logit=gd, scale=scale)
+    if chunk is None:
+        out = match_attention(qd, kd, vd, **kw, backend="torch")
+    else:
+        out = match_attention_kv(qd, kd, vd, **kw, chunk=chunk)
+    assert out.dtype == dtype and out.shape == q.shape
+    out.backward(do)
+    got = (out, qd.grad, kd.grad, vd.grad, None if gd is None else gd.grad)
+    for name, a, e in zip(("out", "dq", "dk", "dv", "dgate"), got, ref_vals, strict=True):
+        if e is not None:
+            # An exact zero that the fp64 oracle leaves as rounding residue (e.g. dq where every softmax
+            # has a single key, so dP - delta cancels): every entry is below atol, and a relative RMS would
+            # compare noise with noise. As for an all-zero reference, the elementwise atol alone decides.
+            noise = np.abs(e).max(initial=0.0) < tolerance_for(dtype).atol
+            assert_close(a, e, dtype=dtype, name=name, rms=math.inf if noise else None)
+
+
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.sampled_from([1, 2, 3]), T=st.integers(1, 45),
+       D=st.sampled_from([1, 4, 7]), window=st.integers(1, 9), K=st.integers(0, 5), bs=st.integers(1, 4),
+       mode=st.sampled_from(ref.MODES), dtype=st.sampled_from(sorted(DTYPES)),
+       gate_shape=st.sampled_from(["full", "heads", "time"]), seed=st.integers(0, 2**16))
+@example(B=1, Hkv=1, G=1, T=1, D=1, window=1, K=1, bs=1, mode="joint", dtype="fp64", gate_shape="full",
+         seed=0)  # a single token, nothing to retrieve
+@example(B=2, Hkv=2, G=3, T=45, D=7, window=5, K=3, bs=4, mode="gated", dtype="fp32", gate_shape="heads",
+         seed=1)  # GQA, blocks with a partial last block, broadcast gate
+@example(B=1, Hkv=1, G=2, T=40, D=4, window=3, K=5, bs=1, mode="joint", dtype="bf16", gate_shape="full",
+         seed=2)
+@example(B=1, Hkv=2, G=1, T=30, D=4, window=9, K=5, bs=3, mode="gated", dtype="fp64", gate_shape="time",
+         seed=3)  # top_k beyond the candidate blocks
+def test_torch_vs_oracle(B, Hkv, G, T, D, window, K, bs, mode, dtype, gate_shape, seed):
+    _check_fast(B, Hkv, G, T, D, window, K, min(bs, window), mode, DTYPES[dtype], seed, gate_shape=gate_shape)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 300])
+@pytest.mark.parametrize("mode,bs", [("joint", 1), ("gated", 2), ("joint", 3)])
+def test_torch_chunks_and_scale(chunk, mode, bs):
+    # chunk boundaries inside the window and inside blocks; an explicit scale
+    _check_fast(1, 2, 2, 50, 6, 5, 3, bs, mode, torch.float64, seed=chunk + bs, scale=0.37, chunk=chunk)
+
+
+@pytest.mark.parametrize("bs", [1, 2, 3])
+@pytest.mark.parametrize("G", [1, 3])
+def test_torch_ties_go_to_the_lower_index(bs, G):
+    # identical keys: every score ties (token and block summaries alike), so the lowest indices win
+    T, D, w, K = 23, 4, 3, 4
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 2 * G, T, D, generator=gen)
+    k = torch.randn(2, 2, 1, D, generator=gen).expand(2, 2, T, D).contiguous()
+    got = retrieve(q, k, window=w, top_k=K, block_size=bs)
+    want = _group_idx(q.double().numpy(), k.double().numpy(), w, K, bs, 1 / math.sqrt(D))
+    assert np.array_equal(got.numpy(), want)
+    for i in range(T):
+        n = min(K, len([b for b in range(-(-T // bs)) if b * bs <= i - w]))
+        assert got[0, 0, i].tolist() == list(range(n)) + [-1] * (K - n)
+    # half the keys tied, half distinct: ties still go to the lower index, order stays descending
+    k2 = k.clone()
+    k2[:, :, ::2] = torch.randn(2, 2, (T + 1) // 2, D, generator=gen)
+    assert np.array_equal(retrieve(q, k2, window=w, top_k=K, block_size=bs).numpy(),
+                          _group_idx(q.double().numpy(), k2.double().numpy(), w, K, bs, 1 / math.sqrt(D)))
+
+
+@pytest.mark.parametrize("bs", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_torch_identities(bs, dtype):
+    gen = torch.Generator().manual_seed(12)
+    T, D, w = 37, 8, 5
+    q, k, v = (torch.randn(2, 2, T, D, generator=gen).to(dtype) for _ in range(3))
+    full = flash_attention(q, k, v, backend="torch")
+    sliding = flash_attention(q, k, v, window=w, backend="torch")
+    assert_close(match_attention(q, k, v, window=w, top_k=T, block_size=bs), full.double(), dtype=dtype,
+                 name="top_k >= candidates = full causal")
+    assert_close(match_attention(q, k, v, window=w, top_k=0, block_size=bs), sliding.double(), dtype=dtype,
+                 name="top_k = 0 = sliding")
+    gate = torch.full((T,), 2.0, dtype=dtype, requires_grad=True)
+    out = match_attention(q, k, v, window=w, top_k=0, block_size=bs, mode="gated", gate_logit=gate)
+    assert_close(out, sliding.double(), dtype=dtype, name="gated, nothing retrieved = sliding")
+    out.sum().backward()
+    assert (gate.grad == 0).all(), "no retrieval: zero gate gradient"
+    qs, ks, vs = q[:, :, :w], k[:, :, :w], v[:, :, :w]
+    assert_close(match_attention(qs, ks, vs, window=w, top_k=3, block_size=bs), flash_attention(
+        qs, ks, vs, backend="torch").double(), dtype=dtype, name="T <= w = full causal")
+
+
+@pytest.mark.parametrize("mode,bs,G", [("joint", 1, 1), ("gated", 1, 2), ("joint", 3, 2), ("gated", 4, 1)])
+def test_decode_equals_last_row(mode, bs, G):
+    # decoding token by token with incrementally updated block summaries = the rows of the full computation
+    T, D, w, K = 29, 6, 4, 3
+    gen = torch.Generator().manual_seed(13)
+    q = torch.randn(2, 2 * G, T, D, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, T, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    gate = torch.randn(2, 2 * G, T, generator=gen, dtype=torch.float64) if mode == "gated" else None
+    full = match_attention(q, k, v, window=w, top_k=K, block_size=bs, mode=mode, gate_logit=gate)
+    summ = block_summaries(k[:, :, :1], bs)
+    for t in range(T):
+        if t:
+            summ = update_block_summaries(summ, k[:, :, :t + 1], bs)
+        assert_close(summ, block_summaries(k[:, :, :t + 1], bs), name=f"summaries t={t}")
+        for s in (None, summ):
+            out = match_decode(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], window=w, top_k=K,
+                               block_size=bs, mode=mode, summaries=s,
+                               gate_logit=None if gate is None else gate[:, :, t:t + 1])
+            assert_close(out, full[:, :, t:t + 1], name=f"decode t={t}")
+
+
+@pytest.mark.parametrize("bs", [1, 2])
+def test_padding_and_longer_keys(bs):
+    # left padding by a multiple of the block size: the valid rows equal the unpadded computation
+    T, D, w, K, pad = 21, 4, 3, 2, 4
+    gen = torch.Generator().manual_seed(14)
+    q, k, v = (torch.randn(1, 2, T, D, generator=gen, dtype=torch.float64) for _ in range(3))
+    want = match_attention(q, k, v, window=w, top_k=K, block_size=bs)
+    noise = [torch.randn(1, 2, pad, D, generator=gen, dtype=torch.float64) for _ in range(3)]
+    qp, kp, vp = (torch.cat([n, x], dim=2) for n, x in zip(noise, (q, k, v), strict=True))
+    valid = torch.arange(T + pad)[None] >= pad
+    got = match_attention_kv(qp, kp, vp, window=w, top_k=K, block_size=bs, key_valid=valid, chunk=5)
+    assert_close(got[:, :, pad:], want, name="padded")
+    assert torch.isfinite(got).all(), "pad rows see themselves: finite"
+    # T_q < T_k, bottom-right aligned: the last rows of the full computation
+    last = match_attention_kv(q[:, :, -6:], k, v, window=w, top_k=K, block_size=bs, key_valid=None)
+    assert_close(last, want[:, :, -6:], name="T_q < T_k")
+
+
+def test_bad_inputs_raise():
+    q = torch.randn(1, 4, 10, 8)
+    k = torch.randn(1, 2, 10, 8)
+    ok = dict(window=3, top_k=2)
+    bad = [
+        (dict(window=0, top_k=1), "window"),
+        (dict(window=3, top_k=-1), "top_k"),
+        (dict(window=3, top_k=1, block_size=0), "block_size"),
+        (dict(window=3, top_k=1, block_size=4), "block_size=4 must be <= window=3"),
+        (dict(**ok, mode="add"), "mode"),
+        (dict(**ok, mode="gated"), "needs gate_logit"),
+        (dict(**ok, mode="gated", gate_logit=torch.zeros(1, 4, 9)), "does not broadcast"),
+        (dict(**ok, mode="gated", gate_logit=torch.zeros(3, 4, 10)), "does not broadcast"),
+        (dict(**ok, gate_logit=torch.zeros(10)), "only used by mode='gated'"),
+        (dict(**ok, scale=float("nan")), "scale"),
+        (dict(**ok, backend="cuda"), "backend"),
+    ]
+    for kw, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            match_attention(q, k, k, **kw)
+    with pytest.raises(ValueError, match="multiple of H_kv"):
+        match_attention(torch.randn(1, 3, 10, 8), k, k, **ok)
+    with pytest.raises(ValueError, match="dtype"):
+        match_attention(q.double(), k, k, **ok)
+    with pytest.raises(ValueError, match="same shape"):
+        match_attention(q, k, torch.randn(1, 2, 10, 7), **ok)
+    with pytest.raises(ValueError, match="agree on B and D"):
+        match_attention(q, torch.randn(1, 2, 10, 6), torch.randn(1, 2, 10, 6), **ok)
+    with pytest.raises(ValueError, match="same T"):
+        match_attention(q[:, :, :5], k, k, **ok)
+    with pytest.raises(ValueError, match="float tensor"):
+        match_attention(q.long(), k, k, **ok)
+    with pytest.raises(ValueError, match="one query position"):
+        match_decode(q, k, k, **ok)
+    with pytest.raises(ValueError, match="summaries must be"):
+        match_decode(q[:, :, -1:], k, k, window=3, top_k=2, block_size=2, summaries=torch.zeros(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="key_valid"):
+        match_attention_kv(q, k, k, **ok, key_valid=torch.ones(1, 9, dtype=torch.bool))
+    if not torch.cuda.is_available():
+        import fast.match as fm
+
+        if importlib.util.find_spec("fast.match_triton") is None:
+            with pytest.raises(ValueError, match="match_triton"):
+                fm.match_attention(q, k, k, **ok, backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# tiny GPT with attention="match"
+
+
+def _gpt(seed=0, **kw):
+    from tiny_models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    cfg = GPTConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 24, "block_size": 64, **kw})
+    return GPT(cfg).double().eval()
+
+
+def _match_kwargs(top_k, block_size=1, mode="joint"):
+    return (("block_size", block_size), ("mode", mode), ("top_k", top_k))
+
+
+@pytest.mark.parametrize("mode,bs", [("joint", 1), ("gated", 1), ("joint", 2), ("gated", 3)])
+def test_gpt_generate_cache_equals_recompute(mode, bs):
+    from tiny_models.gpt import generate
+
+    m = _gpt(attention="match", window=3, attn_kwargs=_match_kwargs(2, bs, mode))
+    with torch.no_grad():  # a non-trivial gate (the zero-bias init gives g ~ 0.5 everywhere)
+        for blk in m.h:
+            assert (blk.attn.c_gate is not None) == (mode == "gated")
+            if blk.attn.c_gate is not None:
+                blk.attn.c_gate.weight.normal_(0, 1.0)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 256, size=n).tolist() for n in (1, 7, 13)]  # left padding up to 12 tokens
+    kw = dict(max_new_tokens=12, eos_id=-1)  # never stop early: every step is compared
+    cached = generate(m, prompts, use_cache=True, **kw)
+    recomputed = generate(m, prompts, use_cache=False, **kw)
+    assert cached == recomputed
+    assert all(len(r) == 12 for r in cached)
+
+
+def test_gpt_match_logits_cache_vs_full():
+    # the decode rows themselves (not only the argmax): prefill + one cached step = the full forward
+    m = _gpt(attention="match", window=4, attn_kwargs=_match_kwargs(3, 2, "gated"), seed=1)
+    ids = torch.randint(0, 256, (2, 19), generator=torch.Generator().manual_seed(1))
+    full = m(ids)
+    cache = [dict() for _ in range(m.cfg.n_layer)]
+    pre = m(ids[:, :-1], cache=cache)
+    last = m(ids[:, -1:], cache=cache)
+    assert_close(pre, full[:, :-1], name="prefill")
+    assert_close(last, full[:, -1:], name="cached step")
+
+
+@pytest.mark.parametrize("bs", [1, 3])
+def test_gpt_match_with_every_candidate_equals_full_attention(bs):
+    full = _gpt(attention="full", seed=2)
+    match = _gpt(attention="match", window=3, attn_kwargs=_match_kwargs(40, bs), seed=3)
+    match.load_state_dict(full.state_dict())
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(2))
+    assert_close(match(ids), full(ids).detach(), name="logits")
+
+
+def test_gpt_match_checkpoint_round_trip(tmp_path):
+    from fast.train import load_model, save_model
+
+    m = _gpt(attention="match", window=3, attn_kwargs=_match_kwargs(2, 1, "gated"), seed=4).float()
+    path = str(tmp_path / "match.safetensors")
+    save_model(m, path, step=7)
+    back, meta = load_model(path)
+    assert back.cfg == m.cfg and meta["step"] == 7
+    assert back.h[0].attn.c_gate is not None
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(back(ids), m(ids))
+
+
+def test_gpt_match_gate_trains_and_config_errors():
+    from tiny_models.gpt import GPTConfig
+
+    m = _gpt(attention="match", window=2, attn_kwargs=_match_kwargs(2, 1, "gated"), seed=5).train()
+    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(4))
+    _, loss = m(ids, targets=ids)
+    loss.backward()
+    assert all(blk.attn.c_gate.weight.grad.abs().sum() > 0 for blk in m.h), "the gate gets a gradient"
+    for kw in (dict(window=None, attn_kwargs=(("top_k", 2),)), dict(window=3, attn_kwargs=()),
+               dict(window=3, attn_kwargs=(("top_k", 2), ("mode", "sum")))):
+        with pytest.raises(ValueError, match="attention='match' needs"):
+            GPTConfig(attention="match", **kw)

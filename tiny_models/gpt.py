@@ -69,6 +69,12 @@ class GPTConfig:
             raise ValueError(f"window must be >= 1 (keys including the query itself), got {self.window}")
         if self.attention == "sliding" and self.window is None:
             raise ValueError("attention='sliding' needs a window w >= 1")
+        if self.attention == "match":  # MATCH options: attn_kwargs top_k (required), block_size, mode
+            opts = dict(self.attn_kwargs)
+            bad_mode = opts.get("mode", "joint") not in ("joint", "gated")
+            if self.window is None or "top_k" not in opts or bad_mode:
+                raise ValueError(f"attention='match' needs a window w >= 1 and attn_kwargs with top_k (and "
+                                 f"mode 'joint' or 'gated'); got window={self.window}, attn_kwargs={opts}")
         if self.attention not in ATTENTION:
             raise ValueError(f"unknown attention {self.attention!r}; registered: {sorted(ATTENTION)}")
 
@@ -145,6 +151,29 @@ def register_attention(name: str, fn: Callable, *, overwrite: bool = False) -> N
     ATTENTION[name] = fn
 
 
+def match_attention(q, k, v, *, window, key_valid=None, scale=None, top_k, block_size=1, mode="joint",
+                    gate_logit=None):  # [B, H, Tq, D] x3 -> [B, H, Tq, D]
+    """MATCH (arXiv 2606.29844, ``fast/match.py``): the window plus the ``top_k`` retrieved out-of-window keys
+    (tokens, or the candidate keys of ``top_k`` blocks of ``block_size``); ``mode`` "joint" or "gated" (the
+    gate logit ``[B, H, Tq]`` comes from the block's ``c_gate``). Full length without padding:
+    ``match_attention`` (Triton on CUDA); one query against a cache: ``match_decode``; otherwise (padding,
+    Tq < Tk): the torch path with ``key_valid``. With left padding, blocks stay aligned to the padded
+    index."""
+    from fast import match as fm  # lazy, like fast.attention above
+
+    tq, tk = q.shape[-2], k.shape[-2]
+    kw = dict(window=window, top_k=top_k, block_size=block_size, mode=mode, gate_logit=gate_logit,
+              scale=scale)
+    if tq == 1 and tk > 1:
+        return fm.match_decode(q, k, v, key_valid=key_valid, **kw)
+    if tq == tk and key_valid is None:
+        return fm.match_attention(q, k, v, **kw)
+    return fm.match_attention_kv(q, k, v, key_valid=key_valid, **kw)
+
+
+register_attention("match", match_attention)
+
+
 # ----------------------------------------------------------------------------------------------------
 # model
 
@@ -168,6 +197,12 @@ class CausalSelfAttention(nn.Module):
         self.cfg = cfg
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.c_gate = None
+        if cfg.attention == "match" and dict(cfg.attn_kwargs).get("mode") == "gated":
+            # MATCH gated mode [RECON]: a per-head gate logit from the block input; zero bias, so at init
+            # g = sigmoid(~0) ~ 0.5 (the weight gets the usual N(0, 0.02) init)
+            self.c_gate = nn.Linear(cfg.n_embd, cfg.n_head, bias=True)
+            nn.init.zeros_(self.c_gate.bias)
 
     def forward(self, x, cos, sin, key_valid, cache):  # [B, T, C] -> [B, T, C]
         B, T, C = x.shape
@@ -181,7 +216,10 @@ class CausalSelfAttention(nn.Module):
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
         fn = ATTENTION[self.cfg.attention]
-        y = fn(q, k, v, window=self.cfg.window, key_valid=key_valid, scale=None, **dict(self.cfg.attn_kwargs))
+        extra = dict(self.cfg.attn_kwargs)
+        if self.c_gate is not None:
+            extra["gate_logit"] = self.c_gate(x).transpose(1, 2)  # [B, H, T]
+        y = fn(q, k, v, window=self.cfg.window, key_valid=key_valid, scale=None, **extra)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
