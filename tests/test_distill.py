@@ -2,6 +2,8 @@
 one process, bad input, transformers interop, the DAC-KL bounds optimiser state round-trips."""
 
 import dataclasses
+import importlib.util
+import json
 import os
 import pathlib
 import subprocess
@@ -18,6 +20,8 @@ from tiny_models.tasks import IGNORE, build_dataset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+HAS_SCRG = importlib.util.find_spec("fast.scrg") is not None
+needs_scrg = pytest.mark.skipif(not HAS_SCRG, reason="fast/scrg.py (SCRG) is not in this checkout")
 
 TINY = dict(n_per_family=30, block_size=96, max_new_tokens=6, batch_size=3, steps=6, eval_every=0,
             eval_examples=4, progress=False, threads=1, device="cpu", backend="torch", dac_k=8, dac_hidden=16,
@@ -53,7 +57,11 @@ def test_registry_has_every_method_and_ablation():
     assert "| mgsr | " in distill.describe()
 
 
-@pytest.mark.parametrize("method", [*BASELINES, "mgsr-no-scrg", "mgsr-no-dackl", "mgsr-no-span"])
+_SCRG_METHODS = ("mgsr", "mgsr-no-dackl", "mgsr-no-span")  # their fresh samples go through SCRG
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=needs_scrg) if m in _SCRG_METHODS else m
+                                    for m in (*BASELINES, "mgsr-no-scrg", "mgsr-no-dackl", "mgsr-no-span")])
 def test_each_method_lowers_its_own_loss_on_a_fixed_batch(method, examples):
     t, s = _models()
     d = Distiller(_cfg(method, gkd_lambda=1.0), t, s)
@@ -127,6 +135,7 @@ def test_adaptive_sampler_gt_fresh_and_replay(examples, monkeypatch):
         assert d.threshold == pytest.approx(want)
 
 
+@needs_scrg
 def test_mgsr_revises_fresh_samples_with_scrg_before_the_buffer(examples, monkeypatch):
     import fast.scrg
 
@@ -161,6 +170,7 @@ def _files(tmp_path, v_student=None):
     return dict(teacher=str(tmp_path / "t.safetensors"), student=str(tmp_path / "s.safetensors"))
 
 
+@needs_scrg
 def test_kill_and_resume_reproduces_the_run(tmp_path):
     f = _files(tmp_path)
     kw = dict(f, init_threshold=0.6, capacity=4, eval_every=3, ckpt_every=1, lr=3e-3, min_lr=3e-4)
@@ -219,6 +229,7 @@ def test_bad_input_raises_value_error_naming_it(examples, tmp_path):
         train(_cfg("kd", out_dir=str(tmp_path / "v"), **_files(tmp_path, v_student=300)))
 
 
+@needs_scrg
 def test_gpt2_interop_one_mgsr_step_and_scrg(examples):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -252,3 +263,21 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     m, _ = load_model(str(tmp_path / "ddp" / "model.safetensors"))
     for (k, a), (_, b) in zip(m.state_dict().items(), one["model"].state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_grid_quick_runs_skips_finished_runs_and_writes_tables(tmp_path):
+    from tiny_models import distill_grid
+
+    f = _files(tmp_path)
+    argv = ["--quick", "--no_progress", "--methods", "sft", "kd", "--runs", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "res"), "--teacher", f["teacher"], "--student", f["student"],
+            "--set", "max_new_tokens=4", "--set", "n_per_family=20"]
+    distill_grid.main(argv)
+    res = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert set(res["summary"]) == {"teacher", "student (init)", "sft", "kd"}
+    assert res["summary"]["kd"]["step_s"] > 0 and (tmp_path / "res" / "rouge.png").exists()
+    done = tmp_path / "runs" / "kd" / "seed1" / "eval.json"
+    stamp = done.stat().st_mtime_ns
+    distill_grid.main(argv)  # finished runs are skipped, not retrained
+    assert done.stat().st_mtime_ns == stamp
+    assert "| kd | 1 |" in (tmp_path / "res" / "results.md").read_text()

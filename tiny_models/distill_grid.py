@@ -179,7 +179,7 @@ def timing(args, methods) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", nargs="+", default=list(BASELINES))
+    p.add_argument("--methods", nargs="+", default=None, help="default: every baseline and MGSR")
     p.add_argument("--ablations", action="store_true", help="also run the MGSR ablations")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--steps", type=int, default=300)
@@ -215,10 +215,11 @@ def main(argv=None) -> None:
         over[k] = type(getattr(DistillConfig(), k))(v) if getattr(DistillConfig(), k) is not None else v
     args.override = over
     if args.quick:
-        args.methods, args.seeds, args.steps, args.eval_every = ["sft", "mgsr"], [1], 4, 2
+        args.methods = args.methods or ["sft", "mgsr"]
+        args.seeds, args.steps, args.eval_every = [1], 4, 2
         args.eval_examples, args.n_eval_per_family, args.sample_seeds, args.max_new_tokens = 4, 1, [0], 16
         args.n_per_family, args.ablations = 40, False
-    methods = list(args.methods) + (list(ABLATIONS) if args.ablations else [])
+    methods = list(args.methods or BASELINES) + (list(ABLATIONS) if args.ablations else [])
     if args.timing:
         return timing(args, methods)
     ds = build_dataset(0, n_eval_per_family=args.n_eval_per_family)
