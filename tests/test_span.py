@@ -209,6 +209,20 @@ def test_triton_multi_chunk_vocab():
     _run(t, s, [[(0, 4)]], "triton")
 
 
+def test_triton_partial_second_chunk_with_padding():
+    # a second guard on the chunked vocabulary loops: 1100 entries = one full 1024-chunk under the interpreter
+    # plus a partial one that holds most of the probability mass and ends in -inf padding; two rows, several
+    # spans, both distance options
+    rng = np.random.default_rng(7)
+    t = rng.normal(size=(2, 5, 1100)) * 2
+    s = rng.normal(size=(2, 5, 1100)) * 2
+    t[..., 1030:1080] += 6.0
+    s[..., 1040:1090] += 6.0
+    t[..., 1090:] = s[..., 1090:] = -np.inf
+    for squared in (False, True):
+        _run(t, s, [[(0, 2), (2, 5)], [(1, 4)]], "triton", squared=squared)
+
+
 @settings(max_examples=examples(4))
 @given(B=st.integers(1, 2), T=st.integers(2, 6), V=st.integers(1, 70), seed=st.integers(0, 2**16),
        squared=st.booleans(), backend=st.sampled_from(["torch", "triton"]))
