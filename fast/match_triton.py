@@ -53,21 +53,23 @@ Kernels and design choices
    ``dO_P``, log-sum-exp ``L_P`` and ``delta_P = rowsum(dO_P * O_P)``: joint uses ``dO, L, rowsum(dO * O)``
    for both; gated uses ``dO_W = c_W dO``, ``dO_R = c_R dO`` with ``c_R = g`` (0 where R is empty),
    ``c_W = 1 - c_R``, and ``d gate_logit = g (1 - g) rowsum(dO (O_R - O_W))`` (0 where R is empty). Then
-     * window: the sliding-window backward kernels of ``fast/attention.py`` are launched as they are
-       (they accept any lse / delta), into fp32 buffers;
-     * dq of the retrieved part: ``match_bwd_dq_kernel``, per (query tile, query head) with the same gathered
-       tiles as the forward; it adds the window's fp32 dq and writes dq in the input dtype;
-     * dk/dv of the retrieved part: a **reverse index** (CSR lists, built with one torch sort: for every
-       (batch, kv head, block) the query positions that selected it, ascending). ``match_bwd_dkdv_kernel``
-       runs one program per (block chunk, batch, kv head), gathers the listed queries in tiles of
-       ``BLOCK_M`` (tensor-core ``tl.dot`` against the block's keys), sums the G query heads inside the
-       program, adds the window's fp32 dk/dv and writes the result: no atomics, deterministic, every key
-       row written exactly once. For ``block_size < 16`` the key tile is padded to 16 (masked columns).
+     * ``match_bwd_dq_kernel``, per (query tile, query head): the window keys by key blocks (tensor-core
+       ``tl.dot``, the forward's loop bounds), then the row's retrieved keys with the forward's gathered
+       tiles; writes dq once;
+     * ``match_window_dkdv_kernel``, per (key block, kv head): the queries whose window holds the block
+       (the sliding-window loop bounds of ``fast/attention.py``), the G query heads summed in the
+       program; fp32 partial dk/dv;
+     * ``match_bwd_dkdv_kernel``: the retrieved part of dk/dv through a **reverse index** (CSR lists built
+       with one torch sort: for every (batch, kv head, block) the query positions that selected it,
+       ascending). One program per (block chunk, batch, kv head) gathers the listed queries in tiles of
+       ``BLOCK_M`` (tensor-core ``tl.dot`` against the block's keys), sums the G query heads, adds the
+       window's fp32 partial and writes dk/dv: no atomics, deterministic, every key row written exactly
+       once. For ``block_size < 16`` the key tile is padded to 16 (masked columns). [RECON] alternative:
+       fp32 ``tl.atomic_add`` from the dq kernel's gathered tiles (T K B D atomics, nondeterministic).
 5. decode: one query at position ``T - 1`` against the cache; the same select and forward kernels with a
    query offset (``q_start``), cached block summaries used as given. Forward only (no autograd).
 
-Kernels are launched with fixed tiles (one config): the dq / dk-dv retrieval kernels read-modify-write
-their outputs, which an autotuner's repeated launches would corrupt. GPU tile sizes are untuned.
+Kernels are launched with fixed tiles (one config, no autotuning): the GPU tile sizes are untuned.
 """
 from __future__ import annotations
 
@@ -75,7 +77,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fast.attention import _block_d, _lowp, _t_bucket, attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from fast.utils import empty, is_interpreting
 
 __all__ = ["retrieve_triton", "match_attention_triton", "match_decode_triton", "block_summaries_triton",
@@ -327,42 +328,81 @@ def match_bwd_dq_kernel(
     q_ptr,  # [B, Hq, T, D]
     k_ptr,  # [B, Hkv, T, D]
     v_ptr,  # [B, Hkv, T, D]
-    do_ptr,  # [B, Hq, T, D] retrieved-part cotangent dO_R (contiguous)
-    lse_ptr,  # [B, Hq, T] fp32 lse of the retrieved part's softmax (natural log; contiguous)
-    delta_ptr,  # [B, Hq, T] fp32 rowsum(dO_R * O_R) (contiguous)
+    dow_ptr,  # [B, Hq, T, D] window-part cotangent dO_W (contiguous)
+    dor_ptr,  # [B, Hq, T, D] retrieved-part cotangent dO_R (contiguous; gated only)
+    stat_ptr,  # [4, B, Hq, T] fp32 (contiguous): lse_W, delta_W, lse_R, delta_R (lse: natural log)
     idx_ptr,  # [B, Hkv, T, TOP_K] int64
-    dqw_ptr,  # [B, Hq, T, D] fp32 window dq (contiguous), already multiplied by scale
     dq_ptr,  # [B, Hq, T, D] dq output, input dtype (contiguous)
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
-    Hq, G, T, D, W, BS,
+    B, Hq, G, T, D, W, BS,
     scale,
-    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    TOP_K: tl.constexpr, GATED: tl.constexpr, LOWP_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dq += scale * sum_j dS_ij k_j over the row's retrieved keys (gathered tiles, as in the forward)."""
+    """dq = scale * sum_j dS_ij k_j: window keys by key blocks (tl.dot, the forward's loop bounds), then the
+    row's retrieved keys (gathered tiles, as in the forward). dS = P (dO_P . v - delta_P) per part P."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // G
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < T
     d_ok = offs_d < D
     qd_mask = row_ok[:, None] & d_ok[None, :]
     stat = pid_bh * T + offs_m
+    n_stat = B * Hq * T
     q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
                 mask=qd_mask, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + stat[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0).to(tl.float32)
-    lse2 = tl.load(lse_ptr + stat, mask=row_ok, other=0.0) * 1.4426950408889634
-    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # empty R: every p below is masked to 0 anyway
-    delta = tl.load(delta_ptr + stat, mask=row_ok, other=0.0)
+    do = tl.load(dow_ptr + stat[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0).to(tl.float32)
+    lse2 = tl.load(stat_ptr + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(stat_ptr + n_stat + stat, mask=row_ok, other=0.0)
     qk_scale = scale * 1.4426950408889634
+    if LOWP_DOT:
+        q_dot = q.to(q_ptr.dtype.element_ty)
+        do_dot = do.to(q_ptr.dtype.element_ty)
+    else:
+        q_dot = q
+        do_dot = do
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # ---- window keys (key_block_range of fast/attention.py)
+    lo = tl.maximum(start_m - W + 1, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(start_m + BLOCK_M, T)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < T
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        kk = tl.load(k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
+                     mask=kv_mask, other=0.0).to(tl.float32)
+        vv = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
+                     mask=kv_mask, other=0.0).to(tl.float32)
+        if LOWP_DOT:
+            s = tl.dot(q_dot, tl.trans(kk.to(k_ptr.dtype.element_ty)))
+            dp = tl.dot(do_dot, tl.trans(vv.to(v_ptr.dtype.element_ty)))
+        else:
+            s = tl.dot(q_dot, tl.trans(kk), input_precision="ieee")
+            dp = tl.dot(do_dot, tl.trans(vv), input_precision="ieee")
+        ok = row_ok[:, None] & col_ok[None, :] & (offs_n[None, :] <= offs_m[:, None])
+        ok = ok & (offs_m[:, None] - offs_n[None, :] < W)
+        p = tl.exp2(tl.where(ok, s * qk_scale - lse2[:, None], float("-inf")))
+        ds = p * (dp - delta[:, None])
+        if LOWP_DOT:
+            dq += tl.dot(ds.to(k_ptr.dtype.element_ty), kk.to(k_ptr.dtype.element_ty))
+        else:
+            dq += tl.dot(ds, kk, input_precision="ieee")
+    # ---- retrieved keys
+    if GATED:
+        do = tl.load(dor_ptr + stat[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0).to(tl.float32)
+        lse2 = tl.load(stat_ptr + 2 * n_stat + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # empty R: every p below is masked to 0 anyway
+        delta = tl.load(stat_ptr + 3 * n_stat + stat, mask=row_ok, other=0.0)
     n_ret = TOP_K * BS
-    pos_end = tl.minimum(pid_m * BLOCK_M + BLOCK_M, T)
-    r_hi = tl.where(pos_end - 1 >= W, n_ret, 0)
+    r_hi = tl.where(hi - 1 >= W, n_ret, 0)
     idx_row = idx_ptr + (b * (Hq // G) + hk) * T * TOP_K + offs_m * TOP_K
     for e0 in range(0, r_hi, BLOCK_R):
         e = e0 + tl.arange(0, BLOCK_R)
@@ -381,9 +421,86 @@ def match_bwd_dq_kernel(
         dp = tl.sum(do[:, None, :] * vv, axis=2)
         ds = p * (dp - delta[:, None])
         dq += tl.sum(ds[:, :, None] * kk, axis=1)
-    dqw = tl.load(dqw_ptr + stat[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-    tl.store(dq_ptr + stat[:, None] * D + offs_d[None, :], (dqw + dq * scale).to(dq_ptr.dtype.element_ty),
+    tl.store(dq_ptr + stat[:, None] * D + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=qd_mask)
+
+
+@triton.jit
+def match_window_dkdv_kernel(
+    q_ptr,  # [B, Hq, T, D]
+    k_ptr,  # [B, Hkv, T, D]
+    v_ptr,  # [B, Hkv, T, D]
+    do_ptr,  # [B, Hq, T, D] dO_W (contiguous)
+    stat_ptr,  # [4, B, Hq, T] fp32 (contiguous): lse_W, delta_W, ...
+    dk_ptr,  # [B, Hkv, T, D] fp32 window dk, times scale (contiguous)
+    dv_ptr,  # [B, Hkv, T, D] fp32 window dv (contiguous)
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    B, Hq, Hkv, G, T, D, W,
+    scale,
+    LOWP_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Window part of dk/dv: one program per (key block, batch, kv head), looping over the G query heads
+    and the query blocks whose window holds a key of the block (query_block_range of fast/attention.py)."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_n < T
+    d_ok = offs_d < D
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    kk = tl.load(k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
+                 mask=kv_mask, other=0.0).to(tl.float32)
+    vv = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
+                 mask=kv_mask, other=0.0).to(tl.float32)
+    if LOWP_DOT:
+        k_dot = kk.to(k_ptr.dtype.element_ty)
+        v_dot = vv.to(v_ptr.dtype.element_ty)
+    else:
+        k_dot = kk
+        v_dot = vv
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    n_stat = B * Hq * T
+    lo = (start_n // BLOCK_M) * BLOCK_M
+    hi = tl.minimum(tl.minimum(start_n + BLOCK_N, T) + W - 1, T)
+    for g in range(0, G):
+        h = hk * G + g
+        row_base = (b * Hq + h) * T
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < T
+            qd_mask = row_ok[:, None] & d_ok[None, :]
+            qq = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
+                         mask=qd_mask, other=0.0).to(tl.float32)
+            do = tl.load(do_ptr + (row_base + offs_m)[:, None] * D + offs_d[None, :],
+                         mask=qd_mask, other=0.0).to(tl.float32)
+            lse2 = tl.load(stat_ptr + row_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(stat_ptr + n_stat + row_base + offs_m, mask=row_ok, other=0.0)
+            if LOWP_DOT:
+                s = tl.dot(qq.to(k_ptr.dtype.element_ty), tl.trans(k_dot))
+                dp = tl.dot(do.to(v_ptr.dtype.element_ty), tl.trans(v_dot))
+            else:
+                s = tl.dot(qq, tl.trans(k_dot), input_precision="ieee")
+                dp = tl.dot(do, tl.trans(v_dot), input_precision="ieee")
+            ok = row_ok[:, None] & col_ok[None, :] & (offs_n[None, :] <= offs_m[:, None])
+            ok = ok & (offs_m[:, None] - offs_n[None, :] < W)
+            p = tl.exp2(tl.where(ok, s * qk_scale - lse2[:, None], float("-inf")))
+            ds = p * (dp - delta[:, None])
+            if LOWP_DOT:
+                dv += tl.dot(tl.trans(p.to(v_ptr.dtype.element_ty)), do.to(v_ptr.dtype.element_ty))
+                dk += tl.dot(tl.trans(ds.to(k_ptr.dtype.element_ty)), qq.to(k_ptr.dtype.element_ty))
+            else:
+                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
+                dk += tl.dot(tl.trans(ds), qq, input_precision="ieee")
+    out_off = (pid_bh * T + offs_n)[:, None] * D + offs_d[None, :]
+    tl.store(dk_ptr + out_off, dk * scale, mask=kv_mask)
+    tl.store(dv_ptr + out_off, dv, mask=kv_mask)
 
 
 @triton.jit
@@ -393,7 +510,7 @@ def match_bwd_dkdv_kernel(
     v_ptr,  # [B, Hkv, T, D]
     do_ptr,  # [B, Hq, T, D] dO_R (contiguous)
     lse_ptr,  # [B, Hq, T] fp32 natural-log lse of the retrieved part (contiguous)
-    delta_ptr,  # [B, Hq, T] fp32 (contiguous)
+    delta_ptr,  # [B, Hq, T] fp32 rowsum(dO_R * O_R) (contiguous)
     list_ptr,  # [n_pairs] int32 query positions, grouped by (batch, kv head, block), ascending
     start_ptr,  # [B * Hkv * NB + 1] int64 CSR offsets into list_ptr
     dkw_ptr,  # [B, Hkv, T, D] fp32 window dk (contiguous), already multiplied by scale
@@ -478,11 +595,28 @@ def match_bwd_dkdv_kernel(
 # host side
 
 
+def _block_d(D):  # head dim padded to a power of two >= 16 (every tl.dot dim >= 16)
+    return max(16, triton.next_power_of_2(D))
+
+
+def _lowp(q):
+    # fp16/bf16 tensor-core dots when compiled (operands exact in their dtype; P rounded to it for P @ V, as
+    # in every flash attention); fp32 "ieee" dots in the interpreter, where bf16 arithmetic is unreliable
+    return q.dtype in (torch.float16, torch.bfloat16) and not is_interpreting()
+
+
 def _kp(top_k):
     return max(2, triton.next_power_of_2(max(top_k, 1)))
 
 
-def _check_top_k(top_k):
+def _check_triton(q, top_k):
+    """Limits of these kernels (the API validates everything else)."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"the Triton MATCH kernels take fp16/bf16/fp32 inputs, got {q.dtype} "
+                         "(use backend='torch')")
+    if q.shape[-1] > 128:
+        raise ValueError(f"the Triton MATCH kernels support head dim D <= 128, got D={q.shape[-1]} "
+                         "(use backend='torch')")
     if top_k > MAX_TOP_K:
         raise ValueError(
             f"the Triton MATCH kernels keep the running top-k in registers and support top_k <= {MAX_TOP_K}, "
@@ -540,7 +674,7 @@ def retrieve_triton(q, k, *, window, top_k, block_size, scale):
     """Top-k retrieval per (batch, kv head, query): idx [B, H_kv, T, top_k] int64 (tokens for block_size 1,
     else blocks), descending score, ties -> lower index, -1 in empty slots. GQA: one selection per kv head
     by the scores summed over its query heads. Not differentiable (integers)."""
-    _check_top_k(top_k)
+    _check_triton(q, top_k)
     return _select(q, k, window=window, top_k=top_k, block_size=block_size, scale=scale)
 
 
@@ -601,61 +735,51 @@ def _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, *, window, block_size,
     top_k = idx.shape[-1]
     dof = do.float()
     dgate = None
-    if gated:
+    if gated:  # dO_W = c_W dO, dO_R = c_R dO (c_R = g, 0 where R is empty; c_W = 1 - c_R)
         g = torch.sigmoid(gate.float())
         has = torch.isfinite(lse_r)
         c_r = torch.where(has, g, torch.zeros_like(g))
         do_w = dof * (1.0 - c_r)[..., None]
         do_r = dof * c_r[..., None]
-        delta_w = (do_w * o_w).sum(-1)
-        delta_r = (do_r * o_r).sum(-1)
+        stats = torch.stack([lse, (do_w * o_w).sum(-1), lse_r, (do_r * o_r).sum(-1)])
         dgate = torch.where(has, g * (1.0 - g) * (dof * (o_r - o_w)).sum(-1), torch.zeros_like(g))
-        lse_w = lse
-        do_w, do_r = do_w.to(q.dtype), do_r.to(q.dtype).contiguous()
-        delta_w, delta_r = delta_w.contiguous(), delta_r.contiguous()
-    else:
-        delta_w = delta_r = (dof * o.float()).sum(-1).contiguous()
-        lse_w = lse_r = lse
+        do_w, do_r = do_w.to(q.dtype).contiguous(), do_r.to(q.dtype).contiguous()
+    else:  # one softmax: both parts use dO, the joint lse and rowsum(dO * O)
+        delta = (dof * o.float()).sum(-1)
+        stats = torch.stack([lse, delta, lse, delta])
         do_w = do_r = do.contiguous()
-    # window part: the sliding-window backward kernels of fast/attention.py, into fp32 buffers
-    dq_w = empty((B, Hq, T, D), dtype=torch.float32, device=dev)
-    dk_w = empty((B, Hkv, T, D), dtype=torch.float32, device=dev)
-    dv_w = empty((B, Hkv, T, D), dtype=torch.float32, device=dev)
-    W = min(window, T)
-    common = dict(IS_CAUSAL=True, HAS_WINDOW=W < T, LOWP_DOT=_lowp(q), BLOCK_D=_block_d(D))
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do_w.stride())
-    attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, do_w, lse_w, delta_w, dk_w, dv_w, *strides, Hq, Hkv, G, T, D, W, scale, _t_bucket(T),
-        **common,
-    )
-    attention_bwd_dq_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)](
-        q, k, v, do_w, lse_w, delta_w, dq_w, *strides, Hq, G, T, D, W, scale, _t_bucket(T), **common,
-    )
-    # retrieved part: dq per query tile (gathered), dk/dv per block through the reverse index
+    stats = stats.contiguous()  # [4, B, Hq, T] fp32
+    lowp, BD = _lowp(q), _block_d(D)
+    strides = (*q.stride(), *k.stride(), *v.stride())
+    # dq: window and retrieved keys in one kernel
     dq = empty((B, Hq, T, D), dtype=q.dtype, device=dev)
-    dk = empty((B, Hkv, T, D), dtype=k.dtype, device=dev)
-    dv = empty((B, Hkv, T, D), dtype=v.dtype, device=dev)
-    BM, _, BR, warps = _tiles(q)
+    BM, BN, BR, warps = _tiles(q)
     BR = min(BR, max(2, triton.next_power_of_2(max(top_k * block_size, 1))))
     idx_arg = idx if top_k > 0 else torch.zeros(1, dtype=torch.int64, device=dev)  # never read if empty
     match_bwd_dq_kernel[(triton.cdiv(T, BM), B * Hq)](
-        q, k, v, do_r, lse_r, delta_r, idx_arg, dq_w, dq, *q.stride(), *k.stride(), *v.stride(),
-        Hq, G, T, D, window, block_size, float(scale),
-        TOP_K=top_k, BLOCK_M=BM, BLOCK_R=BR, BLOCK_D=_block_d(D), num_warps=warps,
+        q, k, v, do_w, do_r, stats, idx_arg, dq, *strides, B, Hq, G, T, D, window, block_size, float(scale),
+        TOP_K=top_k, GATED=gated, LOWP_DOT=lowp, BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, BLOCK_D=BD,
+        num_warps=warps,
     )
+    # dk/dv: window part into fp32 buffers, then the retrieved part through the reverse index
+    dk_w = empty((B, Hkv, T, D), dtype=torch.float32, device=dev)
+    dv_w = empty((B, Hkv, T, D), dtype=torch.float32, device=dev)
+    BMW, BNW = (64, 64) if is_interpreting() else ((64, 64) if lowp else (32, 32))
+    match_window_dkdv_kernel[(triton.cdiv(T, BNW), B * Hkv)](
+        q, k, v, do_w, stats, dk_w, dv_w, *strides, B, Hq, Hkv, G, T, D, window, float(scale),
+        LOWP_DOT=lowp, BLOCK_M=BMW, BLOCK_N=BNW, BLOCK_D=BD, num_warps=4,
+    )
+    dk = empty((B, Hkv, T, D), dtype=k.dtype, device=dev)
+    dv = empty((B, Hkv, T, D), dtype=v.dtype, device=dev)
     qlist, starts = reverse_index(idx, T, block_size)
     NB = triton.cdiv(T, block_size)
-    BN = min(64, max(16, triton.next_power_of_2(block_size)))
+    BN = min(64 if (lowp or is_interpreting()) else 32, max(16, triton.next_power_of_2(block_size)))
     NSUB = triton.cdiv(block_size, BN)
     BM_L = 64 if is_interpreting() else 32
-    if not is_interpreting() and not _lowp(q):
-        BN = min(BN, 32)
-        NSUB = triton.cdiv(block_size, BN)
     match_bwd_dkdv_kernel[(NB * NSUB, B * Hkv)](
-        q, k, v, do_r, lse_r, delta_r, qlist, starts, dk_w, dv_w, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(),
+        q, k, v, do_r, stats[2], stats[3], qlist, starts, dk_w, dv_w, dk, dv, *strides,
         Hq, Hkv, G, T, D, window, block_size, NB, NSUB, float(scale),
-        LOWP_DOT=_lowp(q), BLOCK_M=BM_L, BLOCK_N=BN, BLOCK_D=_block_d(D), num_warps=4,
+        LOWP_DOT=lowp, BLOCK_M=BM_L, BLOCK_N=BN, BLOCK_D=BD, num_warps=4,
     )
     return dq, dk, dv, dgate
 
@@ -690,7 +814,7 @@ class _MatchAttention(torch.autograd.Function):
 
 def match_attention_triton(q, k, v, *, window, top_k, block_size, mode, gate_logit, scale):
     """MATCH attention (joint or gated), differentiable in q, k, v and gate_logit ([B, H_q, T] or None)."""
-    _check_top_k(top_k)
+    _check_triton(q, top_k)
     gated = mode == "gated"
     if gated and gate_logit is None:
         raise ValueError("mode='gated' needs gate_logit [B, H_q, T]")
@@ -703,7 +827,7 @@ def match_decode_triton(q, k_cache, v_cache, *, window, top_k, block_size, mode,
     """One new query (q [B, H_q, 1, D], position T - 1 of the cache k/v [B, H_kv, T, D]): out [B, H_q, 1, D],
     equal to the last row of ``match_attention_triton`` over the cache. ``summaries``: cached block means
     [B, H_kv, nblocks, D] (any float dtype; at least the candidate blocks), or None to compute them."""
-    _check_top_k(top_k)
+    _check_triton(q, top_k)
     T = k_cache.shape[2]
     gated = mode == "gated"
     if gated and gate_logit is None:
