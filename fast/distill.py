@@ -783,6 +783,14 @@ def load_state(d: Distiller, path: str) -> tuple[int, float]:
     return int(meta["step"]), float(meta["elapsed_s"])
 
 
+def validation_subset(valid, n):
+    """``n`` validation examples spread evenly over the set (it is grouped by task family, so its first ``n``
+    would cover only the first families)."""
+    if n >= len(valid):
+        return list(valid)
+    return [valid[(2 * j + 1) * len(valid) // (2 * n)] for j in range(n)]
+
+
 @torch.no_grad()
 def validate(d: Distiller, valid, *, rouge: bool) -> dict:
     """Validation CE of the student on the ground truth (DistiLLM's signal), and greedy ROUGE-L (x100)."""
@@ -830,7 +838,7 @@ def train(cfg: DistillConfig, *, teacher=None, student=None) -> dict:
         student, _ = load_model(cfg.student, device=device)
     teacher, student = teacher.to(device), student.to(device)
     ds = build_dataset(cfg.data_seed, n_per_family=cfg.n_per_family)
-    train_set, valid = ds["train"], ds["valid"][: cfg.eval_examples]
+    train_set, valid = ds["train"], validation_subset(ds["valid"], cfg.eval_examples)
     os.makedirs(cfg.out_dir, exist_ok=True)
     model_path = os.path.join(cfg.out_dir, "model.safetensors")
     best_path = os.path.join(cfg.out_dir, "best.safetensors")

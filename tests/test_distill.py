@@ -281,3 +281,11 @@ def test_grid_quick_runs_skips_finished_runs_and_writes_tables(tmp_path):
     distill_grid.main(argv)  # finished runs are skipped, not retrained
     assert done.stat().st_mtime_ns == stamp
     assert "| kd | 1 |" in (tmp_path / "res" / "results.md").read_text()
+
+
+def test_validation_subset_covers_every_family():
+    valid = build_dataset(0, n_per_family=200)["valid"]
+    sub = distill.validation_subset(valid, 20)
+    assert len(sub) == 20 and len(set(map(id, sub))) == 20
+    assert {e.family for e in sub} == {e.family for e in valid}
+    assert distill.validation_subset(valid[:5], 20) == valid[:5]
