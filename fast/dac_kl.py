@@ -67,6 +67,14 @@ def check_inputs(t, s, upper, lower, validate: bool = True) -> None:
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"need lower < upper for every token; row {i} has lower={l[i].item()} "
                          f">= upper={u[i].item()}")
+    # screen: a row whose teacher and student sums are finite holds no -inf/NaN/inf and passes both checks
+    # below; only the other rows (padded vocabulary, or bad values) are examined entry by entry
+    t, s = t.detach(), s.detach()
+    acc = torch.promote_types(torch.promote_types(t.dtype, s.dtype), torch.float32)
+    flagged = ~torch.isfinite(t.sum(-1, dtype=acc) + s.sum(-1, dtype=acc))
+    if not bool(flagged.any()):
+        return
+    t, s = t[flagged], s[flagged]
     valid = torch.isfinite(t)
     if (valid.sum(-1) == 0).any():
         raise ValueError("a teacher row is entirely -inf (no valid vocabulary entry)")
@@ -76,9 +84,12 @@ def check_inputs(t, s, upper, lower, validate: bool = True) -> None:
 
 # ------------------------------------------------------------------------------------------ torch backend
 
-def _value_quantile(p, valid, q):  # [N, V], [N, V], [N] -> [N]  (differentiable in q)
+def _value_sorted(p, valid):  # [N, V] -> the valid entries of p ascending, then +inf (serves both levels)
+    return torch.where(valid, p, float("inf")).sort(-1).values
+
+
+def _value_quantile(srt, valid, q):  # [N, V] sorted, [N, V], [N] -> [N]  (differentiable in q)
     n = valid.sum(-1)
-    srt = torch.where(valid, p, torch.full_like(p, float("inf"))).sort(-1).values
     idx = q * (n - 1).to(q.dtype)
     lo = idx.detach().floor().long().clamp(min=0)
     lo = torch.minimum(lo, n - 1)
@@ -87,10 +98,14 @@ def _value_quantile(p, valid, q):  # [N, V], [N, V], [N] -> [N]  (differentiable
     return s_lo + (idx - lo.to(q.dtype)) * (s_hi - s_lo)
 
 
-def _mass_quantile(p, valid, q):  # [N, V], [N, V], [N] -> [N]  (differentiable in q)
-    pv = torch.where(valid, p, torch.zeros_like(p))
-    d = pv.sort(-1, descending=True).values  # [N, V]
-    C = d.cumsum(-1)
+def _mass_sorted(p, valid):  # [N, V] -> (p with 0 at padding, its values descending, their cumsum)
+    pv = torch.where(valid, p, 0.0)
+    d = pv.sort(-1, descending=True).values
+    return pv, d, d.cumsum(-1)
+
+
+def _mass_quantile(p, valid, q, sorted_):  # [N, V], [N, V], [N], _mass_sorted -> [N]  (differentiable in q)
+    pv, d, C = sorted_
     j = (C <= q.detach()[:, None]).sum(-1)  # entries fully inside mass q; d[j] straddles it
     x = d.gather(-1, j.clamp(max=d.shape[-1] - 1)[:, None])[:, 0]
     x = torch.where(j < d.shape[-1], x, torch.zeros_like(q))  # beyond the total mass: x* = 0
@@ -114,11 +129,13 @@ def dac_kl_torch(t, s, upper, lower, **cfg):  # [N, V], [N, V], [N], [N] -> ([N]
     lp, lq = t.log_softmax(-1), s.log_softmax(-1)
     p, q = lp.exp(), lq.exp()
     c = t.argmax(-1)  # first maximal index (torch documents this for ties)
-    onehot = F.one_hot(c, t.shape[-1]).bool()
-    if cfg["bounds"] == "value":
-        tau_lo, tau_hi = _value_quantile(p, valid, lower), _value_quantile(p, valid, upper)
+    onehot = torch.zeros_like(t, dtype=torch.bool).scatter_(-1, c[:, None], True)
+    if cfg["bounds"] == "value":  # one sort serves both levels
+        srt = _value_sorted(p, valid)
+        tau_lo, tau_hi = _value_quantile(srt, valid, lower), _value_quantile(srt, valid, upper)
     else:
-        tau_lo, tau_hi = _mass_quantile(p, valid, upper), _mass_quantile(p, valid, lower)
+        srt = _mass_sorted(p, valid)
+        tau_lo, tau_hi = _mass_quantile(p, valid, upper, srt), _mass_quantile(p, valid, lower, srt)
     if cfg["band"]:
         beta = 1.0 / (cfg["gamma"] * (tau_hi - tau_lo) + cfg["eps"])
         b_ = beta[:, None]

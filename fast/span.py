@@ -91,21 +91,65 @@ def _prep(t, s, spans, validate):
 
 # ------------------------------------------------------------------------------------------ torch backend
 
+def _rowdot(a, b):  # [n, V] x2 -> [n]: one dot product per row, no [n, V] temporary
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+class _SpanTorch(torch.autograd.Function):
+    """The torch backend with a hand-written backward (the kernels' formulas, see the module docstring).
+
+    Instead of gathering the ``[P, V]`` rows of every pair, the products of *all* adjacent rows of the
+    flattened batch are formed from two shifted views (``[B*T - 1, V]``; rows that are not a pair get a
+    zero coefficient). Saved: ``q`` and ``e = q_k q_{k+1} - p_k p_{k+1}``; the backward allocates the
+    scaled ``e`` and the gradient. Products are formed by separate multiplications (no fused
+    multiply-add), so a pair where student == teacher has ``e = 0`` exactly: D = 0, the zero subgradient."""
+
+    @staticmethod
+    def forward(ctx, t, s, k, squared, ct):  # t, s [BT, V]; k [P] pair rows (P > 0) -> scalar
+        p = torch.softmax(t, -1, dtype=ct)
+        pp = p[:-1] * p[1:]  # [BT - 1, V]
+        del p
+        q = torch.softmax(s, -1, dtype=ct)
+        e = (q[:-1] * q[1:]).sub_(pp)
+        del pp
+        d2 = _rowdot(e, e)[k]  # [P]
+        if squared:
+            per = d2
+        else:
+            pos = d2 > 0
+            per = torch.where(pos, torch.where(pos, d2, torch.ones_like(d2)).sqrt(), torch.zeros_like(d2))
+        ctx.save_for_backward(q, e, k, per)
+        ctx.squared = squared
+        ctx.sdtype = s.dtype
+        return per.mean()
+
+    @staticmethod
+    def backward(ctx, g):
+        q, e, k, per = ctx.saved_tensors
+        if ctx.squared:
+            c = torch.full_like(per, 2.0)
+        else:  # dD/de = e / D, the zero subgradient at D = 0
+            pos = per > 0
+            c = torch.where(pos, 1.0 / torch.where(pos, per, torch.ones_like(per)), torch.zeros_like(per))
+        coef = torch.zeros(e.shape[0], dtype=e.dtype, device=e.device)
+        coef[k] = c * (g.to(e.dtype) / k.numel())
+        ce = e * coef[:, None]  # [BT - 1, V]
+        gq = torch.empty_like(q)  # d loss / d q: c_{k-1} e_{k-1} q_{k-1} + c_k e_k q_{k+1}
+        torch.mul(ce, q[1:], out=gq[:-1])
+        gq[-1].zero_()
+        gq[1:].addcmul_(ce, q[:-1])
+        del ce
+        gq.sub_(_rowdot(gq, q)[:, None]).mul_(q)  # softmax backward: q (gq - <gq, q>)
+        return None, gq if gq.dtype == ctx.sdtype else gq.to(ctx.sdtype), None, None, None
+
+
 def span_loss_torch(t, s, spans, *, squared: bool = False, validate: bool = True):  # -> scalar
     t, s, spans, B, T, V = _prep(t, s, spans, validate)
     ct = torch.promote_types(s.dtype, torch.float32)
     k = pair_rows(spans, T)
     if k.numel() == 0:
         return (s.to(ct) * 0.0).sum()  # exact 0, keeps the graph
-    p = t.detach().to(ct).reshape(B * T, V).softmax(-1)
-    q = s.to(ct).reshape(B * T, V).softmax(-1)
-    e = q[k] * q[k + 1] - p[k] * p[k + 1]  # [P, V] (the torch backend does materialise it)
-    d2 = (e * e).sum(-1)
-    if squared:
-        return d2.mean()
-    pos = d2 > 0
-    d = torch.where(pos, torch.where(pos, d2, torch.ones_like(d2)).sqrt(), torch.zeros_like(d2))
-    return d.mean()
+    return _SpanTorch.apply(t.detach().reshape(B * T, V), s.reshape(B * T, V), k, bool(squared), ct)
 
 
 # ----------------------------------------------------------------------------------------- Triton kernels
