@@ -269,93 +269,178 @@ def _triton_bwd(t, s, keep, stats, gscale, code, log_w, log_1mw, inv_tau, block_
 
 
 # =============================================================================================
-# Vectorised PyTorch backend: the same two-pass structure on whole [N, V] tensors (CPU default).
+# PyTorch backend (the CPU default): row chunks, one log-softmax per input, the gradient in the forward.
 # =============================================================================================
-def _lae(x, y):  # logaddexp that tolerates -inf in one argument
-    return torch.logaddexp(x, y)
+# Rows are processed in chunks of about _CHUNK_ELEMS elements, so every temporary is a small, cache-sized
+# block that the allocator reuses; the only [N, V] tensor is ``y``, the gradient of each row's loss
+# w.r.t. b = s/τ, written chunk by chunk in the forward (when a gradient is needed) and saved. The
+# backward is then one product ``grad = y · (grad_output · coef / τ)`` per row. Compared with the eager
+# formula (two [N, V] log-softmaxes, the loss's elementwise temporaries, and autograd's saved tensors and
+# backward temporaries, each a fresh [N, V] allocation), this allocates two [N, V] tensors in all.
+_CHUNK_ELEMS = 1 << 17
 
 
-def _torch_terms(t, s, st, inv_tau):  # st [N, 6] -> valid, log p, log q, p, q  (each [N, V])
-    valid = t != float("-inf")
-    lp = torch.where(valid, (t - st[:, 0:1]) * inv_tau - st[:, 1:2], 0.0)  # same rounding as the kernel
-    lq = torch.where(valid, (s - st[:, 2:3]) * inv_tau - st[:, 3:4], 0.0)
-    return valid, lp, lq, torch.where(valid, lp.exp(), 0.0), torch.where(valid, lq.exp(), 0.0)
+def _log_probs(x, inv_tau, cd):  # [n, V] -> log softmax(x/τ) [n, V] in cd, as the kernel: (x - max)/τ - log z
+    if inv_tau == 1.0:
+        return torch.log_softmax(x, -1, dtype=cd)
+    x = x.to(cd)
+    return torch.log_softmax((x - x.amax(-1, keepdim=True)).mul_(inv_tau), -1)
 
 
-def _skew_k(valid, lq, lm, diff, log_coef):  # q/m ⊙ diff, 0 where padded or when its weight is 0
-    if log_coef == float("-inf"):
-        return torch.zeros_like(lq)
-    return torch.where(valid, (lq - lm).exp() * diff, 0.0)
+def _probs(x, inv_tau, cd):  # [n, V] -> softmax(x/τ) [n, V] in cd
+    if inv_tau == 1.0:
+        return torch.softmax(x, -1, dtype=cd)
+    x = x.to(cd)
+    return torch.softmax((x - x.amax(-1, keepdim=True)).mul_(inv_tau), -1)
 
 
-def _torch_fwd(t, s, keep, code, log_w, log_1mw, inv_tau):  # [N,V] x2, [N] -> [N], [N,6], [N]
-    cd = torch.float64 if torch.float64 in (t.dtype, s.dtype) else torch.float32
-    t, s = t.to(cd), s.to(cd)
-    kb = keep.bool()
+def _rowdot(a, b):  # [n, V] x2 -> [n]: one dot product per row, no [n, V] temporary
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _mixture(a, b, w, tiny):  # w·a + (1-w)·b for 0 < w < 1, floored at ``tiny`` (see _chunk_rows)
+    return torch.mul(a, w).add_(b, alpha=1.0 - w).clamp_min_(tiny)
+
+
+def _chunk_rows(code, w, t, s, inv_tau, cd, padded, y):  # [n, V] x2 -> loss [n]; writes y [n, V] if given
+    """Loss of each row and, into ``y``, its gradient w.r.t. b = s/τ divided by ``_COEF[code](w)``.
+
+    ``padded``: some entries are -inf (shared). log p there is -inf, so (log p - log q) would be NaN;
+    it is replaced by a finite -max/4, so that every product with p = q = 0 is exactly 0 (the
+    kernel masks these lanes instead). NaN and +inf are kept (they mean bad input; eager code raises
+    before this point, compiled code returns NaN).
+
+    Mixtures m = w·a + (1-w)·b are formed linearly from p and q (two positive terms, relative error of
+    a few ulps, like the kernel's logaddexp) and floored at the smallest normal number: m underflows
+    to 0 only where p and q do too, and every term that uses log m or 1/m is multiplied by p or q
+    there, so the floor changes the result by less than one subnormal."""
+    if code == 4:  # total variation needs no logarithm, and softmax maps -inf to exactly 0
+        p, q = _probs(t, inv_tau, cd), _probs(s, inv_tau, cd)
+        e = q.sub(p)
+        loss = 0.5 * torch.linalg.vector_norm(e, 1, -1)
+        sgn = e.sign_().mul_(0.5)
+        if y is not None:
+            torch.mul(sgn.sub_(_rowdot(q, sgn)[:, None]), q, out=y)  # q (½ sign - Σ q ½ sign)
+        return loss
+    lp, lq = _log_probs(t, inv_tau, cd), _log_probs(s, inv_tau, cd)
+    if padded:
+        big = -torch.finfo(cd).max / 4
+        lp.nan_to_num_(nan=float("nan"), posinf=float("inf"), neginf=big)
+        lq.nan_to_num_(nan=float("nan"), posinf=float("inf"), neginf=big)
+    tiny = torch.finfo(cd).tiny
+    if code == 0:  # forward KL; ∂L/∂b = q - p
+        d = lp - lq
+        p = lp.exp_()
+        loss = _rowdot(p, d)
+        if y is not None:
+            torch.sub(lq.exp_(), p, out=y)
+    elif code == 1:  # reverse KL; ∂L/∂b = q (r - L), r = log q - log p
+        r = torch.sub(lq, lp, out=lp)
+        q = lq.exp_()
+        loss = _rowdot(q, r)
+        if y is not None:
+            torch.mul(r.sub_(loss[:, None]), q, out=y)
+    elif code == 2:  # symmetric KL; ∂L/∂b = (q - p) + q (-d - R) = -(q (d + R - 1) + p), d = log p - log q
+        d = lp - lq
+        p, q = lp.exp_(), lq.exp_()
+        fkl, rkl = _rowdot(p, d), -_rowdot(q, d)
+        loss = fkl + rkl
+        if y is not None:
+            torch.add(d.add_((rkl - 1.0)[:, None]).mul_(q), p, out=y)
+    elif code == 3:  # JSD(β), 0 < β < 1; ∂L/∂b = (1-β) q (u - K), u = log q - log m, K = KL(q‖m)
+        p, q = lp.exp(), lq.exp()
+        lm = _mixture(p, q, w, tiny).log_()
+        kl_p = _rowdot(p, lp.sub_(lm))
+        u = lq.sub_(lm)
+        kl_q = _rowdot(q, u)
+        loss = w * kl_p + (1.0 - w) * kl_q
+        if y is not None:
+            torch.mul(u.sub_(kl_q[:, None]), q, out=y)
+    elif code == 5:  # skew forward KL, 0 < α < 1; ∂L/∂b = -(1-α)² q (v - Σ q v), v = (p - q)/m
+        p, q = lp.exp(), lq.exp()
+        m = _mixture(p, q, w, tiny)
+        v = torch.sub(p, q).div_(m)
+        loss = _rowdot(p, lp.sub_(m.log_()))
+        if y is not None:
+            torch.mul(v.sub_(_rowdot(q, v)[:, None]), q, out=y)
+    else:  # skew reverse KL, 0 < α < 1, m = αq + (1-α)p, u = log q - log m, v = (q - p)/m;
+        # ∂L/∂b = q (u - L) - α(1-α) q (v - Σ q v) = q (z - C), z = u - α(1-α) v, C = L - α(1-α) Σ q v
+        p, q = lp.exp(), lq.exp()
+        m = _mixture(q, p, w, tiny)
+        v = torch.sub(q, p).div_(m)
+        u = lq.sub_(m.log_())
+        loss = _rowdot(q, u)
+        if y is not None:
+            c = w * (1.0 - w)
+            const = loss - c * _rowdot(q, v)
+            torch.mul(u.add_(v, alpha=-c).sub_(const[:, None]), q, out=y)
+    return loss
+
+
+# the row-constant factor of the gradient that _chunk_rows leaves out of y (given the weight w)
+_COEF = {0: lambda w: 1.0, 1: lambda w: 1.0, 2: lambda w: -1.0, 3: lambda w: 1.0 - w, 4: lambda w: 1.0,
+         5: lambda w: -(1.0 - w) ** 2, 6: lambda w: 1.0}
+
+
+def _effective(code, w):  # the degenerate ends: identically zero (None), or plainly forward/reverse KL
+    if (code == 3 and w in (0.0, 1.0)) or (code in (5, 6) and w == 1.0):
+        return None
+    if code in (5, 6) and w == 0.0:
+        return code - 5
+    return code
+
+
+def _status(t, s):  # [n, V] x2 -> [n] int32 status bits (see _STATUS)
+    ninf = float("-inf")
     nonfinite = (t.isnan() | s.isnan() | (t == float("inf")) | (s == float("inf"))).any(-1)
-    mismatch = ((t == float("-inf")) != (s == float("-inf"))).any(-1)
-    all_ninf = (t == float("-inf")).all(-1)
-    status = (nonfinite.int() | (mismatch.int() * 2) | (all_ninf.int() * 4)) * kb.int()
-    # masked rows: replace by zeros so nothing below sees their (possibly bad) values
-    t = torch.where(kb[:, None], t, 0.0)
-    s = torch.where(kb[:, None], s, 0.0)
-    m_a, m_b = t.amax(-1), s.amax(-1)
-    lz_a = torch.logsumexp((t - m_a[:, None]) * inv_tau, -1)
-    lz_b = torch.logsumexp((s - m_b[:, None]) * inv_tau, -1)
-    st = torch.stack([m_a, lz_a, m_b, lz_b], -1)
-    valid, lp, lq, p, q = _torch_terms(t, s, st, inv_tau)
-    zero = torch.zeros_like(lz_a)
-    c1 = zero
-    if code in (0, 1, 2):
-        fkl = (p * (lp - lq)).sum(-1)
-        rkl = (q * (lq - lp)).sum(-1)
-        loss, c0 = {0: (fkl, zero), 1: (rkl, rkl), 2: (fkl + rkl, rkl)}[code]
-    elif code == 3:
-        lm = _lae(log_w + lp, log_1mw + lq)
-        kl_q = (q * (lq - lm)).sum(-1)
-        loss, c0 = math.exp(log_w) * (p * (lp - lm)).sum(-1) + math.exp(log_1mw) * kl_q, kl_q
-    elif code == 4:
-        loss = 0.5 * (p - q).abs().sum(-1)
-        c0 = (q * 0.5 * torch.sign(q - p)).sum(-1)
-    elif code == 5:
-        lm = _lae(log_w + lp, log_1mw + lq)
-        loss = (p * (lp - lm)).sum(-1)
-        c0 = _skew_k(valid, lq, lm, p - q, log_1mw).sum(-1)
-    else:
-        lm = _lae(log_w + lq, log_1mw + lp)
-        loss = (q * (lq - lm)).sum(-1)
-        c0 = loss
-        c1 = _skew_k(valid, lq, lm, q - p, log_w).sum(-1)
-    stats = torch.where(kb[:, None], torch.cat([st, c0[:, None], c1[:, None]], -1), 0.0)
-    return loss * kb, stats, status
+    mismatch = ((t == ninf) != (s == ninf)).any(-1)
+    all_ninf = (t == ninf).all(-1)
+    return nonfinite.int() | (mismatch.int() * 2) | (all_ninf.int() * 4)
 
 
-def _torch_bwd(t, s, keep, stats, gscale, code, log_w, log_1mw, inv_tau):  # -> [N, V]
-    cd = stats.dtype
+def _torch_fwd(t, s, keep, code, w, inv_tau, need_grad):  # -> loss [N], y [N, V] or None, coef
+    """Eager: each chunk is screened by one cheap reduction (the row sums of t and s are finite exactly
+    when a row holds no -inf, NaN or +inf); only flagged rows are diagnosed. A kept row with bad values
+    raises (``_raise_on_status`` over the whole batch, so the message counts every bad row); a kept
+    row with shared -inf entries switches its chunk to the padded arithmetic; a masked row with
+    non-finite values is replaced by zeros (its loss and gradient are zeroed anyway).
+    Under torch.compile the chunk is the whole tensor and nothing is read back to the host: padded
+    arithmetic and zeroed masked rows always (the value check is eager-only, see ``divergence``)."""
+    cd = torch.float64 if torch.float64 in (t.dtype, s.dtype) else torch.float32
+    N, V = s.shape
     kb = keep.bool()
-    t = torch.where(kb[:, None], t.to(cd), 0.0)
-    s = torch.where(kb[:, None], s.to(cd), 0.0)
-    valid, lp, lq, p, q = _torch_terms(t, s, stats, inv_tau)
-    c0, c1 = stats[:, 4:5], stats[:, 5:6]
-    if code == 0:
-        g = q - p
-    elif code == 1:
-        g = q * (lq - lp - c0)
-    elif code == 2:
-        g = (q - p) + q * (lq - lp - c0)
-    elif code == 3:
-        g = math.exp(log_1mw) * q * (lq - _lae(log_w + lp, log_1mw + lq) - c0)
-    elif code == 4:
-        g = q * (0.5 * torch.sign(q - p) - c0)
-    elif code == 5:
-        k = _skew_k(valid, lq, _lae(log_w + lp, log_1mw + lq), p - q, log_1mw)
-        g = -math.exp(2 * log_1mw) * (k - q * c0)
-    else:
-        lm = _lae(log_w + lq, log_1mw + lp)
-        h = _skew_k(valid, lq, lm, q - p, log_w)
-        g = q * (lq - lm - c0) - math.exp(log_w + log_1mw) * (h - q * c1)
-    g = torch.where(valid & kb[:, None], g, 0.0) * gscale.to(cd)[:, None]
-    return g  # in the compute dtype; the autograd wrapper casts to the student dtype
+    eff = _effective(code, w)
+    coef = 0.0 if eff is None else _COEF[eff](w)
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        t = torch.where(kb[:, None], t, 0.0)
+        s = torch.where(kb[:, None], s, 0.0)
+        if eff is None:
+            return t.new_zeros(N, dtype=cd), None, coef
+        y = torch.empty((N, V), dtype=cd, device=s.device) if need_grad else None
+        loss = _chunk_rows(eff, w, t, s, inv_tau, cd, True, y)
+        return torch.where(kb, loss, 0.0), y, coef
+    loss = torch.zeros(N, dtype=cd, device=s.device)
+    y = torch.empty((N, V), dtype=cd, device=s.device) if (need_grad and eff is not None) else None
+    rows = max(1, _CHUNK_ELEMS // V)
+    for r0 in range(0, N, rows):
+        tc, sc, kc = t[r0:r0 + rows], s[r0:r0 + rows], kb[r0:r0 + rows]
+        flagged = ~torch.isfinite(tc.sum(-1, dtype=cd) + sc.sum(-1, dtype=cd))
+        padded = False
+        if bool(flagged.any()):
+            if bool((flagged & kc).any()):
+                rows_k = torch.nonzero(flagged & kc).flatten()
+                if bool((_status(tc[rows_k], sc[rows_k]) != 0).any()):
+                    _raise_on_status(_status(t, s) * kb.int())
+                padded = True  # the flagged kept rows are fine: they hold shared -inf entries
+            if bool((flagged & ~kc).any()):
+                tc = torch.where(kc[:, None], tc, 0.0)
+                sc = torch.where(kc[:, None], sc, 0.0)
+        if eff is None:
+            continue
+        yc = None if y is None else y[r0:r0 + rows]
+        loss[r0:r0 + rows] = _chunk_rows(eff, w, tc, sc, inv_tau, cd, padded, yc)
+    return torch.where(kb, loss, 0.0), y, coef
 
 
 # =============================================================================================
@@ -365,18 +450,21 @@ class _DivergenceRows(torch.autograd.Function):
     """Per-row losses [N] of teacher/student [N, V]; gradient only to the student logits."""
 
     @staticmethod
-    def forward(ctx, t, s, keep, code, log_w, log_1mw, inv_tau, backend, block_v):
+    def forward(ctx, t, s, keep, code, w, inv_tau, backend, block_v, need_grad):
+        log_w = math.log(w) if w > 0 else float("-inf")  # mixture weights in log space (-inf at the ends)
+        log_1mw = math.log1p(-w) if w < 1 else float("-inf")
         if backend == "triton":
             loss, stats, status = _triton_fwd(t, s, keep, code, log_w, log_1mw, inv_tau, block_v)
-        else:
-            loss, stats, status = _torch_fwd(t, s, keep, code, log_w, log_1mw, inv_tau)
-        if not torch.compiler.is_compiling():
-            # reading the status back is a host sync and, under torch.compile, a graph break: compiled
-            # code skips the input check (see ``divergence``), eager code always runs it
-            _raise_on_status(status)
-        ctx.save_for_backward(t, s, keep, stats)
+            if not torch.compiler.is_compiling():
+                # reading the status back is a host sync and, under torch.compile, a graph break: compiled
+                # code skips the input check (see ``divergence``), eager code always runs it
+                _raise_on_status(status)
+            ctx.save_for_backward(t, s, keep, stats)
+        else:  # the torch backend checks its input chunk by chunk (eager only), raising the same errors
+            loss, y, ctx.coef = _torch_fwd(t, s, keep, code, w, inv_tau, need_grad)
+            ctx.save_for_backward(keep, y)
         ctx.cfg = (code, log_w, log_1mw, inv_tau, backend, block_v)
-        ctx.student_dtype = s.dtype
+        ctx.student = (s.shape, s.dtype, s.device)
         out_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
         # not ``loss.to(out_dtype)`` when it is a no-op: torch 2.11's dynamo then loses the gradient of
         # the Function's output (compiled backward got grad_rows = 0; seen in 2.11.0, fine in 2.13.0)
@@ -384,13 +472,22 @@ class _DivergenceRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows):  # grad_rows [N]
-        t, s, keep, stats = ctx.saved_tensors
         code, log_w, log_1mw, inv_tau, backend, block_v = ctx.cfg
-        gscale = (grad_rows.to(stats.dtype) * inv_tau).contiguous()
+        shape, sdt, dev = ctx.student
         if backend == "triton":
+            t, s, keep, stats = ctx.saved_tensors
+            gscale = (grad_rows.to(stats.dtype) * inv_tau).contiguous()
             grad = _triton_bwd(t, s, keep, stats, gscale, code, log_w, log_1mw, inv_tau, block_v)
+            return None, grad, None, None, None, None, None, None, None
+        keep, y = ctx.saved_tensors
+        if y is None:  # a degenerate end (identically zero), or no gradient was asked for in the forward
+            return None, torch.zeros(shape, dtype=sdt, device=dev), None, None, None, None, None, None, None
+        gs = torch.where(keep != 0, grad_rows.to(y.dtype) * (inv_tau * ctx.coef), 0.0)[:, None]
+        if y.dtype == sdt:
+            grad = y * gs
         else:
-            grad = _torch_bwd(t, s, keep, stats, gscale, code, log_w, log_1mw, inv_tau).to(ctx.student_dtype)
+            grad = torch.empty(shape, dtype=sdt, device=dev)
+            torch.mul(y, gs, out=grad)
         return None, grad, None, None, None, None, None, None, None
 
 
@@ -465,9 +562,8 @@ def divergence(name, teacher_logits, student_logits, *, mask=None, labels=None, 
     if s.stride(-1) != 1:
         s = s.contiguous()
     keep_i = keep.reshape(-1).to(torch.int32).contiguous()
-    log_w = math.log(w) if w > 0 else float("-inf")  # mixture weights in log space (-inf at the ends)
-    log_1mw = math.log1p(-w) if w < 1 else float("-inf")
-    rows = _DivergenceRows.apply(t, s, keep_i, code, log_w, log_1mw, 1.0 / temperature, be, block_v)
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    rows = _DivergenceRows.apply(t, s, keep_i, code, w, 1.0 / temperature, be, block_v, need_grad)
     if reduction == "none":
         return rows.reshape(lead)
     if reduction == "sum":
