@@ -1,20 +1,31 @@
 """Benchmark: token-level divergences, forward + backward through the student logits.
 
-Implementations side by side: the Triton kernels, the vectorised torch backend, ``torch.compile`` of
-the torch backend (inductor, one graph: see ``fast.divergences.divergence``; at the first size only,
-since compilation per shape costs tens of seconds; with ``--quick`` for forward KL only), and
-Liger-Kernel's KL / JSD when ``liger_kernel`` is importable (it takes log-probabilities, so its rows
-include a ``log_softmax`` of both inputs).
+Implementations side by side: the Triton kernels, the torch backend, the textbook eager formula
+(``eager``: ``F.kl_div(F.log_softmax(s), F.log_softmax(t), log_target=True)`` for forward KL; for JSD(β)
+``β·KL(p‖m) + (1−β)·KL(q‖m)`` with ``log m = log(β·p + (1−β)·q)``, through autograd; no masks, no input
+checks), ``torch.compile`` of the torch backend (inductor, one graph: see
+``fast.divergences.divergence``; at the first size only, since compilation per shape costs tens of
+seconds; with ``--quick`` for forward KL only), and Liger-Kernel's KL / JSD when ``liger_kernel`` is
+importable (it takes log-probabilities, so its rows include a ``log_softmax`` of both inputs).
+``vs_eager`` = eager time / this row's time, measured in the same run (> 1: faster than eager).
 
-Full size (CUDA): N ∈ {4096, 16384} tokens × V ∈ {32000, 128256}, bf16 logits, forward KL and JSD(β=0.5).
+CUDA: N ∈ {4096, 16384} tokens × V ∈ {32000, 128256}, bf16 logits, forward KL and JSD(β=0.5).
 Reported: median time, effective GB/s = (bytes of teacher + student + gradient) / time, i.e. the
 minimum traffic of a fused fwd+bwd (the kernel itself reads both inputs three times: two forward
 passes and one backward pass), and peak CUDA memory above the inputs. On CUDA the script stops timing
 new rows after ``BENCH_DIVERGENCES_BUDGET_S`` (60 s) and marks the rest skipped, so it ends well within
-90 s; sizes that do not fit are marked "out of memory". ``--quick``: a tiny size so
-the script is exercised on CPU (Triton interpreted there); CPU times mean nothing in absolute terms.
+90 s; sizes that do not fit are marked "out of memory".
+
+CPU (without ``--quick``): the torch backend against the eager formula, fp32, at N × V = 1024 × 32000,
+4096 × 259 (the tiny GPTs' byte vocabulary) and 256 × 50257, forward KL and JSD(β=0.5). The
+implementations are timed interleaved (one call of each in turn, ``rep`` rounds, median per
+implementation), so load from other processes hits both alike. ``peak_mb`` on CPU is the growth of
+the process's peak resident set over one fwd+bwd call, in a fresh subprocess per row
+(``benchmarks/_cpu.py``: the gradient and every temporary, above the inputs).
+``--quick``: a tiny size so the script is exercised on CPU (Triton interpreted there).
 
     python benchmarks/divergences.py --device cuda
+    OMP_NUM_THREADS=2 python benchmarks/divergences.py --device cpu
     python benchmarks/divergences.py --device cpu --quick
 """
 from __future__ import annotations
@@ -24,17 +35,31 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before fast.* (which defines @triton.jit kernels)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks._cpu import interleaved_ms, peak_rss_in_subprocess, rss_growth_mb  # noqa: E402
 from benchmarks._timing import cli, median_ms, peak_mb  # noqa: E402
 from fast.divergences import divergence  # noqa: E402
 from fast.utils import is_interpreting  # noqa: E402
 
 BUDGET_S = float(os.environ.get("BENCH_DIVERGENCES_BUDGET_S", "60"))  # the whole script, on CUDA
+CPU_SHAPES = {"forward_kl": [(1024, 32000), (4096, 259), (256, 50257)],
+              "js_divergence": [(1024, 32000), (4096, 259), (256, 50257)]}
+
+
+def eager(name, t, s, beta=0.5):
+    """The textbook eager formula (mean over rows), autograd for the backward."""
+    lq, lp = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    if name == "forward_kl":  # kl_div(input=log q, target=log p) = KL(p‖q)
+        return F.kl_div(lq, lp, log_target=True, reduction="batchmean")
+    lm = torch.log(beta * lp.exp() + (1 - beta) * lq.exp())
+    return (beta * F.kl_div(lm, lp, log_target=True, reduction="batchmean")
+            + (1 - beta) * F.kl_div(lm, lq, log_target=True, reduction="batchmean"))
 
 
 def _liger(name):
@@ -53,6 +78,16 @@ def _liger(name):
     return run
 
 
+def _fwd(name, impl):
+    if impl == "eager":
+        return lambda a, b: eager(name, a, b)
+    if impl == "liger":
+        return _liger(name)
+    if impl == "torch.compile":
+        return torch.compile(lambda a, b: divergence(name, a, b, backend="torch"))
+    return lambda a, b: divergence(name, a, b, backend=impl)
+
+
 def _fwd_bwd(fwd, t, s):
     def fn():
         s.grad = None
@@ -60,8 +95,39 @@ def _fwd_bwd(fwd, t, s):
     return fn
 
 
+def _inputs(N, V, dtype, device):  # built in place: no temporary raises the peak RSS before a measurement
+    g = torch.Generator(device="cpu").manual_seed(0)
+    t = torch.randn(N, V, generator=g).mul_(3).to(device=device, dtype=dtype)
+    s = torch.randn(N, V, generator=g).mul_(3).to(device=device, dtype=dtype).requires_grad_()
+    return t, s
+
+
+def _peak_rss_child(name, impl, N, V):
+    t, s = _inputs(N, V, torch.float32, "cpu")
+    print(rss_growth_mb(_fwd_bwd(_fwd(name, impl), t, s)))
+
+
+def run_cpu(rep: int = 5) -> list[dict]:
+    """The torch backend vs the eager formula on CPU, fp32, interleaved (see the docstring)."""
+    rows = []
+    for name, shapes in CPU_SHAPES.items():
+        for N, V in shapes:
+            t, s = _inputs(N, V, torch.float32, "cpu")
+            impls = ("torch", "eager")
+            ms = interleaved_ms({i: _fwd_bwd(_fwd(name, i), t, s) for i in impls}, warmup=1, rep=rep)
+            for impl in impls:
+                rows.append(dict(op=f"{name} fwd+bwd", impl=impl, shape=f"N={N} V={V} float32",
+                                 median_ms=ms[impl], vs_eager=ms["eager"] / ms[impl],
+                                 gbps=3 * N * V * 4 / ms[impl] / 1e6,
+                                 peak_mb=peak_rss_in_subprocess(__file__, name, impl, N, V)))
+            del t, s
+    return rows
+
+
 def run(*, device: str, quick: bool) -> list[dict]:
     cuda = str(device).startswith("cuda")
+    if not cuda and not quick:
+        return run_cpu()
     t_start = time.perf_counter()
     if quick:
         shapes, dtype = [(8, 300)], torch.float32
@@ -69,12 +135,11 @@ def run(*, device: str, quick: bool) -> list[dict]:
     else:
         shapes, dtype = [(4096, 32000), (16384, 32000), (4096, 128256), (16384, 128256)], torch.bfloat16
         warmup, rep = 2, 5
-    # phase 1: the kernels vs the eager torch backend at every size; phase 2: the extras, torch.compile
-    # at the first size (its compile time would dominate the budget) and Liger if present. On CPU the
-    # extras run only with --quick; --quick compiles forward KL only (one inductor compile, ~30 s on 2 cores)
-    phases = [["triton", "torch"] if (cuda or is_interpreting()) else ["torch"]]
-    if cuda or quick:
-        phases.append(["torch.compile", "liger"])
+    # phase 1: the kernels, the torch backend and the eager formula at every size; phase 2: the extras,
+    # torch.compile at the first size (its compile time would dominate the budget) and Liger if present.
+    # --quick compiles forward KL only (one inductor compile, ~30 s on 2 cores)
+    phases = [["triton", "torch", "eager"] if (cuda or is_interpreting()) else ["torch", "eager"],
+              ["torch.compile", "liger"]]
     rows = []
     for phase in phases:
         for name in ("forward_kl", "js_divergence"):
@@ -83,9 +148,7 @@ def run(*, device: str, quick: bool) -> list[dict]:
                 extra = phase[0] == "torch.compile"
                 if extra and ((N, V) != shapes[0] or (quick and name != "forward_kl")):
                     continue
-                g = torch.Generator(device="cpu").manual_seed(0)
-                t = (3 * torch.randn(N, V, generator=g)).to(device=device, dtype=dtype)
-                s = (3 * torch.randn(N, V, generator=g)).to(device=device, dtype=dtype).requires_grad_()
+                t, s = _inputs(N, V, dtype, device)
                 nbytes = 3 * N * V * t.element_size()  # read t, s; write the gradient
                 for impl in phase:
                     row = dict(op=f"{name} fwd+bwd", impl=impl, shape=shape)
@@ -93,15 +156,10 @@ def run(*, device: str, quick: bool) -> list[dict]:
                     if cuda and time.perf_counter() - t_start > BUDGET_S:
                         row["note"] = f"skipped: the script's {BUDGET_S:.0f}s budget is spent"
                         continue
-                    if impl == "liger":
-                        fwd = _liger(name)
-                        if fwd is None:
-                            row["note"] = "liger_kernel not importable"
-                            continue
-                    elif impl == "torch.compile":
-                        fwd = torch.compile(lambda a, b, _n=name: divergence(_n, a, b, backend="torch"))
-                    else:
-                        fwd = (lambda a, b, _n=name, _i=impl: divergence(_n, a, b, backend=_i))
+                    fwd = _fwd(name, impl)
+                    if fwd is None:
+                        row["note"] = "liger_kernel not importable"
+                        continue
                     fn = _fwd_bwd(fwd, t, s)
                     try:
                         # the first compiled call is the compilation: never time it
@@ -116,11 +174,20 @@ def run(*, device: str, quick: bool) -> list[dict]:
                     if cuda:
                         torch.cuda.empty_cache()
                 del t, s
+    base = {(r["op"], r["shape"]): r["median_ms"] for r in rows if r["impl"] == "eager" and "median_ms" in r}
+    for r in rows:
+        if "median_ms" in r and (r["op"], r["shape"]) in base:
+            r["vs_eager"] = base[(r["op"], r["shape"])] / r["median_ms"]
     return rows
 
 
 def main():
-    cli(run, ["op", "impl", "shape", "median_ms", "gbps", "peak_mb", "note"], __doc__.split("\n")[0])
+    if len(sys.argv) > 1 and sys.argv[1] == "--peak-rss":
+        name, impl, N, V = sys.argv[2:6]
+        _peak_rss_child(name, impl, int(N), int(V))
+        return
+    cols = ["op", "impl", "shape", "median_ms", "vs_eager", "gbps", "peak_mb", "note"]
+    cli(run, cols, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":
