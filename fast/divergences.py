@@ -6,7 +6,7 @@ the formula's values). Entry point::
 
     loss = divergence("forward_kl", teacher_logits, student_logits, mask=mask, temperature=2.0)
 
-Both backends follow one structure, which is the Triton kernels' structure:
+The Triton kernels (the CUDA default) are two passes forward, one backward:
 
 * forward, per row: pass 1 is an online log-sum-exp of ``a = t/τ`` and ``b = s/τ`` over vocabulary
   chunks (and the input checks); pass 2 accumulates the loss and one or two row scalars ``c0, c1``
@@ -20,6 +20,12 @@ Both backends follow one structure, which is the Triton kernels' structure:
 Status bits (checked on the host after the forward, so bad input costs no extra pass over ``[N, V]``):
 1 = NaN or +inf, 2 = −inf in one of teacher/student only, 4 = row −inf everywhere. Masked rows are
 skipped entirely (loss 0, gradient 0, never checked), so padding rows may hold anything.
+
+The PyTorch backend (the CPU default) is built for a CPU's caches and allocator instead: rows go in
+chunks of about 2^17 elements, each chunk is screened by one reduction (finite row sums mean no −inf,
+NaN or +inf; only flagged rows are diagnosed, with the same errors), then one log-softmax per input and
+only the divergence asked for; the forward also forms each row's gradient ∂L/∂b (up to a constant) and
+saves it, the one ``[N, V]`` tensor it allocates, and the backward scales it by the row's cotangent.
 """
 from __future__ import annotations
 
