@@ -380,6 +380,32 @@ def plugin_eval(model: GPT, x: torch.Tensor, y: torch.Tensor, variants) -> list[
     return rows
 
 
+def plugin_table(model, x, y, *, windows, top_ks, block_size) -> str:
+    """Markdown: accuracy overall and per key-query distance bin of every plug-in variant, per window."""
+    lines = []
+    for w in windows:
+        rows = plugin_eval(model, x, y, plugin_variants(w, top_ks=tuple(top_ks), block_size=block_size))
+        ok = [r for r in rows if "error" not in r]
+        bins = by_distance(ok[0]["correct"], ok[0]["dist"])
+        head = " | ".join(f"d in [{b['lo']}, {min(b['hi'], x.shape[1])})" for b in bins)
+        lines += [
+            f"| w = {w}: model | attended fraction | accuracy % | {head} |",
+            "|---|---|---|" + "---|" * len(bins),
+        ]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['variant']} | – | unavailable: {r['error']} |" + " |" * len(bins))
+                continue
+            accs = " | ".join(f"{100 * b['acc']:.1f}" for b in by_distance(r["correct"], r["dist"]))
+            lines.append(f"| {r['variant']} | {r['attended']:.3f} | {100 * r['acc']:.1f} | {accs} |")
+        lines.append("")
+    n_lab = int((y != IGNORE).sum())
+    lines.append(
+        f"{len(x)} examples, {n_lab} queried values; bins hold {', '.join(str(b['n']) for b in bins)} of them"
+    )
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------
 # grid
 
@@ -508,6 +534,42 @@ def _try_register_match() -> None:
         return
     if "match" not in ATTENTION:
         register_attention("match", _match_wrapper)
+
+
+MATCH_CHUNK = 16  # query rows per step of fast.match's torch backend in these experiments
+
+
+def use_match_chunk(chunk: int = MATCH_CHUNK) -> None:
+    """Route attention="match" through ``fast.match.match_attention_kv(..., chunk=chunk)``.
+
+    Same function, checks and results as the model's own registration; only the number of query rows per
+    step of the torch backend changes. At T = 128 the default (128 rows, the whole sequence) makes the
+    window part a dense ``[T, T]`` product with the values broadcast per query row; 16-row chunks keep every
+    intermediate at ``[16, 16 + w - 1]``, which is several times faster on a CPU.
+    """
+    _try_register_match()
+    from tiny_models.gpt import register_attention
+
+    def chunked(
+        q, k, v, *, window, key_valid=None, scale=None, top_k, block_size=1, mode="joint", gate_logit=None
+    ):  # [B, H, Tq, D] x3 -> [B, H, Tq, D]
+        from fast.match import match_attention_kv
+
+        return match_attention_kv(
+            q,
+            k,
+            v,
+            window=window,
+            top_k=top_k,
+            block_size=block_size,
+            mode=mode,
+            gate_logit=gate_logit,
+            scale=scale,
+            key_valid=key_valid,
+            chunk=chunk,
+        )
+
+    register_attention("match", chunked, overwrite=True)
 
 
 def _match_wrapper(
@@ -653,9 +715,16 @@ def main(argv=None) -> None:
     g.add_argument("--set", nargs="*", default=[], help="extra RunConfig fields, name=value")
     g.add_argument("--results", default="tiny_models/results/match", help="table/plot destination")
     g.add_argument("--no_progress", action="store_true")
+    pl = sub.add_parser("plugin", help="a trained model with its attention swapped at inference")
+    pl.add_argument("checkpoint")
+    pl.add_argument("--windows", type=int, nargs="+", default=[8, 16])
+    pl.add_argument("--top_ks", type=int, nargs="+", default=[1, 2, 4])
+    pl.add_argument("--block_size", type=int, default=4)
+    pl.add_argument("--n", type=int, default=512)
+    pl.add_argument("--out", default=None, help="write the markdown table here")
     a = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    _try_register_match()
+    use_match_chunk()
     if a.cmd == "train":
         d = {f.name: getattr(a, f.name) for f in dataclasses.fields(RunConfig)}
         d["task_kwargs"], d["attn_kwargs"] = _parse_kv(a.task_kwargs), _parse_kv(a.attn_kwargs)
@@ -675,6 +744,14 @@ def main(argv=None) -> None:
         )
         if a.save:
             save_run(out["model"], cfg, a.save, acc=out["acc"], steps=out["steps"])
+    elif a.cmd == "plugin":
+        model, cfg = load_run(a.checkpoint)
+        x, y = make_batch(cfg, a.n, DEMO_SEED)
+        table = plugin_table(model, x, y, windows=a.windows, top_ks=a.top_ks, block_size=a.block_size)
+        print(table)
+        if a.out:
+            with open(a.out, "w") as f:
+                f.write(table + "\n")
     elif a.cmd == "grid":
         spec = GridSpec(
             tasks=tuple(a.tasks),
