@@ -511,6 +511,12 @@ def run_grid(spec: GridSpec, out_dir: str, *, progress: bool = True) -> list[dic
     return results
 
 
+def finished_runs(out_dir: str) -> list[dict]:
+    """The ``result.json`` of every finished run in a grid directory, in name order."""
+    names = sorted(d for d in os.listdir(out_dir) if os.path.exists(os.path.join(out_dir, d, "result.json")))
+    return [json.load(open(os.path.join(out_dir, d, "result.json"))) for d in names]
+
+
 def _registered() -> set[str]:
     from tiny_models.gpt import ATTENTION
 
@@ -626,6 +632,7 @@ def summarise(results: list[dict]) -> list[dict]:
         a = torch.tensor([r["acc"] for r in rs], dtype=torch.float64)
         rows.append(
             {
+                "config": rs[0]["config"],
                 "task": task,
                 "model": label,
                 "pairs": p,
@@ -639,7 +646,17 @@ def summarise(results: list[dict]) -> list[dict]:
                 "by_distance": _merge_dist([r["by_distance"] for r in rs]),
             }
         )
+    rows.sort(key=lambda r: (r["task"], r["pairs"], _order(r["config"])))
+    for r in rows:
+        r.pop("config")
     return rows
+
+
+def _order(cfg: dict) -> tuple:
+    """Table order: full, SWA by window, then MATCH token / block, joint / gated, by top_k."""
+    kw = dict(tuple(p) for p in cfg["attn_kwargs"])
+    rank = {"full": 0, "sliding": 1, "match": 2}[cfg["attention"]]
+    return (rank, cfg["window"] or 0, kw.get("block_size", 1), kw.get("mode", ""), kw.get("top_k", 0))
 
 
 def _merge_dist(lists) -> list[dict]:
@@ -660,9 +677,11 @@ def markdown_table(rows: list[dict]) -> str:
     ]
     for r in rows:
         pairs = r["pairs"] if r["task"] == "mqar" else "–"
+        acc = f"{100 * r['acc_mean']:.1f}" + (f" ± {100 * r['acc_std']:.1f}" if r["n_seeds"] > 1 else "")
         lines.append(
             f"| {r['task']} | {r['model']} | {r['seq_len']} | {pairs} | {r['n_seeds']} | "
-            f"{100 * r['acc_mean']:.1f} ± {100 * r['acc_std']:.1f} | {r['attended']:.3f} | "
+            f"{acc} | "
+            f"{r['attended']:.3f} | "
             f"{r['steps_mean']:.0f} | {r['time_s_mean']:.0f} |"
         )
     return "\n".join(lines)
@@ -715,6 +734,9 @@ def main(argv=None) -> None:
     g.add_argument("--set", nargs="*", default=[], help="extra RunConfig fields, name=value")
     g.add_argument("--results", default="tiny_models/results/match", help="table/plot destination")
     g.add_argument("--no_progress", action="store_true")
+    tb = sub.add_parser("table", help="table + plot from the finished runs of a grid directory (no training)")
+    tb.add_argument("--out", default="runs/match_grid")
+    tb.add_argument("--results", default="tiny_models/results/match")
     pl = sub.add_parser("plugin", help="a trained model with its attention swapped at inference")
     pl.add_argument("checkpoint")
     pl.add_argument("--windows", type=int, nargs="+", default=[8, 16])
@@ -744,6 +766,8 @@ def main(argv=None) -> None:
         )
         if a.save:
             save_run(out["model"], cfg, a.save, acc=out["acc"], steps=out["steps"])
+    elif a.cmd == "table":
+        write_results(finished_runs(a.out), a.results)
     elif a.cmd == "plugin":
         model, cfg = load_run(a.checkpoint)
         x, y = make_batch(cfg, a.n, DEMO_SEED)
