@@ -136,19 +136,20 @@ def dac_kl_torch(t, s, upper, lower, **cfg):  # [N, V], [N, V], [N], [N] -> ([N]
     else:
         srt = _mass_sorted(p, valid)
         tau_lo, tau_hi = _mass_quantile(p, valid, upper, srt), _mass_quantile(p, valid, lower, srt)
+    del srt  # [N, V]: not needed past the thresholds (the backward needs only the gathered values)
     if cfg["band"]:
         beta = 1.0 / (cfg["gamma"] * (tau_hi - tau_lo) + cfg["eps"])
         b_ = beta[:, None]
         m = torch.sigmoid(b_ * (p - tau_lo[:, None])) * torch.sigmoid(b_ * (tau_hi[:, None] - p))
     else:
         m = torch.ones_like(p) + 0.0 * (upper + lower)[:, None]  # keeps the graph (zero grads)
-    m = torch.where(valid, m, torch.zeros_like(m))
+    m = torch.where(valid, m, 0.0)
     if cfg["target"]:
-        mk = torch.where(onehot, torch.zeros_like(m), m)
-        w = torch.where(onehot, torch.ones_like(m), m)
+        mk = torch.where(onehot, 0.0, m)
+        w = torch.where(onehot, 1.0, m)
     else:
         mk = w = m
-    d = torch.where(p > 0, lp - lq, torch.zeros_like(lp))
+    d = torch.where(p > 0, lp - lq, 0.0)
     A, B = (w * p).sum(-1), (w * q).sum(-1)
     cross = (w * p * d).sum(-1)
     kl = cross / A + B.log() - A.log() if cfg["normalize"] else cross - A + B
