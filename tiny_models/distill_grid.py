@@ -249,18 +249,22 @@ def main(argv=None) -> None:
         if not results[method]:
             del results[method]
     summary = summarise(results, list(sets))
-    cmd = "python -m tiny_models.distill_grid " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--summarise_only"]
+    cmd = "python -m tiny_models.distill_grid " + " ".join(shlex.quote(a) for a in argv)
+    ran = {m: [r["seed"] for r in rs] for m, rs in results.items() if m not in ("teacher", "student (init)")}
     with open(os.path.join(args.results, "results.json"), "w") as f:
         json.dump({"command": cmd, "steps": args.steps, "seeds": args.seeds,
                    "sample_seeds": args.sample_seeds,
                    "batch_size": args.batch_size, "n_eval_per_family": args.n_eval_per_family,
-                   "overrides": args.override, "summary": summary,
+                   "overrides": args.override, "summary": summary, "finished_runs": ran,
                    "sizes": {s: len(v) for s, v in sets.items()}}, f, indent=1)
     names = list(sets)
     md = [f"Command: `{cmd}`", "",
           f"{args.steps} steps x {args.batch_size} examples per run from the same student; training seeds "
           f"{args.seeds}; evaluation sets ({', '.join(f'{s}: {len(v)}' for s, v in sets.items())}); "
           "teacher and init student are evaluated once (no training seed).", "",
+          "Finished runs (training seeds) in these tables: "
+          + "; ".join(f"{m}: {', '.join(map(str, sd))}" for m, sd in ran.items()) + ".", "",
           table(summary, names, "greedy", "rougeL", "ROUGE-L (x100), greedy"), "",
           table(summary, names, "sampled", "rougeL",
                 f"ROUGE-L (x100), sampled T=1, sampling seeds {args.sample_seeds}"), "",
