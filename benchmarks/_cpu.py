@@ -1,8 +1,8 @@
 """CPU side-by-side helpers for the benchmark scripts (the torch backends against the eager formulas).
 
-``interleaved_ms(fns)`` times one call of each callable in turn for ``rep`` rounds and returns the
-median per callable: on a shared machine, load from other processes then hits every implementation
-alike, and the ratio of the medians is what the tables report.
+``interleaved_ms(fns)`` times one call of each callable in turn (the order rotating) for ``rep``
+rounds and returns the median per callable: on a shared machine, load from other processes then hits
+every implementation alike, and the ratio of the medians is what the tables report.
 
 ``rss_growth_mb(fn)`` runs ``fn`` once and returns the process's peak resident set during the call
 minus its resident set just before, in MiB (Linux: the peak ``VmHWM`` is reset through
@@ -25,12 +25,18 @@ def interleaved_ms(fns: dict, *, warmup: int = 1, rep: int = 5) -> dict:
         for _ in range(warmup):
             fn()
     times = {k: [] for k in fns}
-    for _ in range(rep):
-        for k, fn in fns.items():
+    keys = list(fns)
+    for r in range(rep):
+        for k in keys[r % len(keys):] + keys[: r % len(keys)]:  # rotate: no implementation always runs first
             t0 = time.perf_counter()
-            fn()
+            fns[k]()
             times[k].append((time.perf_counter() - t0) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def reps_for(n_elements: int) -> int:
+    """More rounds for small problems (each call is milliseconds, and noisier), 5 for large ones."""
+    return 25 if n_elements <= 1 << 21 else 5
 
 
 def _status_kib(field: str) -> int:

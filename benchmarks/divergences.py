@@ -42,7 +42,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks._cpu import interleaved_ms, peak_rss_in_subprocess, rss_growth_mb  # noqa: E402
+from benchmarks._cpu import interleaved_ms, peak_rss_in_subprocess, reps_for, rss_growth_mb  # noqa: E402
 from benchmarks._timing import cli, median_ms, peak_mb  # noqa: E402
 from fast.divergences import divergence  # noqa: E402
 from fast.utils import is_interpreting  # noqa: E402
@@ -107,14 +107,15 @@ def _peak_rss_child(name, impl, N, V):
     print(rss_growth_mb(_fwd_bwd(_fwd(name, impl), t, s)))
 
 
-def run_cpu(rep: int = 5) -> list[dict]:
+def run_cpu() -> list[dict]:
     """The torch backend vs the eager formula on CPU, fp32, interleaved (see the docstring)."""
     rows = []
     for name, shapes in CPU_SHAPES.items():
         for N, V in shapes:
             t, s = _inputs(N, V, torch.float32, "cpu")
             impls = ("torch", "eager")
-            ms = interleaved_ms({i: _fwd_bwd(_fwd(name, i), t, s) for i in impls}, warmup=1, rep=rep)
+            fns = {i: _fwd_bwd(_fwd(name, i), t, s) for i in impls}
+            ms = interleaved_ms(fns, warmup=1, rep=reps_for(N * V))
             for impl in impls:
                 rows.append(dict(op=f"{name} fwd+bwd", impl=impl, shape=f"N={N} V={V} float32",
                                  median_ms=ms[impl], vs_eager=ms["eager"] / ms[impl],

@@ -22,6 +22,7 @@ interpreted there, so only at a toy size).
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -33,7 +34,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks._cpu import interleaved_ms, peak_rss_in_subprocess, rss_growth_mb  # noqa: E402
+from benchmarks._cpu import interleaved_ms, peak_rss_in_subprocess, reps_for, rss_growth_mb  # noqa: E402
 from benchmarks._timing import cli, median_ms, peak_mb  # noqa: E402
 from fast.dac_kl import dac_kl  # noqa: E402
 from fast.span import pair_rows, span_loss, spans_to_tensor  # noqa: E402
@@ -147,12 +148,12 @@ def _peak_rss_child(kind, shape, bounds, impl):
     print(rss_growth_mb(make(impl)))
 
 
-def run_cpu(rep: int = 5) -> list[dict]:
+def run_cpu() -> list[dict]:
     rows = []
     for kind, shape, bounds in CPU_CASES:
         make, nbytes, op, shp = _case(kind, shape, bounds, torch.float32, "cpu")
         impls = ("torch", "eager")
-        ms = interleaved_ms({i: make(i) for i in impls}, warmup=1, rep=rep)
+        ms = interleaved_ms({i: make(i) for i in impls}, warmup=1, rep=reps_for(math.prod(shape)))
         for impl in impls:
             rows.append(dict(op=op, impl=impl, shape=f"{shp} float32", median_ms=ms[impl],
                              vs_eager=ms["eager"] / ms[impl], gbps=nbytes / ms[impl] / 1e6,
