@@ -116,7 +116,7 @@ def _detect(teacher, student, prompts, seqs, starts, *, teacher_token, generator
     n = torch.tensor([len(s) for s in seqs], device=ls.device)[:, None]
     st = torch.tensor(starts, device=ls.device)[:, None]
     live = (i < n) & (i >= st)  # [B, T] positions looked at in this round
-    d = divergence("forward_kl", lt, ls, mask=live, reduction="none", backend=kl_backend)  # [B, T], T = 1
+    d = divergence("forward_kl", lt, ls, mask=live, reduction="none", backend=kl_backend)  # [B, T], tau 1
     y_t = torch.full((B, T), -1, dtype=torch.long, device=ls.device)
     rows = lt[live]  # [N, V] in row-major order: rows in batch order, positions increasing
     if rows.shape[0]:
