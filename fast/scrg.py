@@ -44,8 +44,10 @@ in ``eval()`` mode under ``no_grad`` for the call (their mode is restored afterw
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
+import numpy as np
 import torch
 
 from fast.divergences import divergence
@@ -181,8 +183,8 @@ def continue_responses(model, prompts, prefixes, *, max_new_tokens, eos_id, deco
     return out
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def _is_int(x) -> bool:  # Python or NumPy integer, not bool
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
 def _check(prompts, responses, teacher, student, frequency, teacher_token, decode, max_new_tokens, eos_id,

@@ -123,7 +123,7 @@ def test_hand_built_example_matches_the_definition():
 def test_tie_goes_to_the_lowest_position():
     # alpha = 0: the distributions after positions with equal last tokens are bitwise equal, so are the d_i
     t, s = Table(W_TEACHER, 0.0), Table(W_STUDENT, 0.0)
-    prompt, response = [0], [1, 0, 1, 0]  # positions 1 and 3 follow token 1 (d ties), 0 and 2 follow 0 / 1
+    prompt, response = [0], [1, 0, 1, 0]  # positions 1 and 3 follow token 1 (d ties), 0 and 2 follow token 0
     d, y_t = R.error_scores(prompt, response, t.oracle, s.oracle, teacher_token="argmax")
     assert d[1] == d[3] and y_t[1] != response[1] and y_t[3] != response[3]
     assert d[1] == max(d[i] for i in range(4) if y_t[i] != response[i])  # the tie is at the maximum
@@ -136,10 +136,13 @@ def test_tie_goes_to_the_lowest_position():
 def test_no_mismatch_returns_the_input(ends_with_eos):
     t, s = gpt_pair(3, 9)
     tf, sf = oracle_fn(t), oracle_fn(s)
-    prompt = [4, 1, 7]
-    # the teacher's own greedy answer: its argmax agrees at every position. EOS := a token it emits
-    g = R.continue_response(tf, prompt, [], max_new_tokens=12, eos_id=-1, decode="greedy")
-    k = next(k for k in range(2, 12) if g[k] not in g[:k])
+    # the teacher's own greedy answer: its argmax agrees at every position. EOS := a new token it emits
+    for prompt in ([4, 1, 7], [0, 8], [2, 5, 3, 6], [1, 0]):
+        g = R.continue_response(tf, prompt, [], max_new_tokens=12, eos_id=-1, decode="greedy")
+        k = next((k for k in range(2, 12) if g[k] not in g[:k]), None)
+        if k is not None:
+            break
+    assert k is not None, "no prompt gave a usable greedy answer"
     eos = g[k]
     response, max_new = (g[: k + 1], 12) if ends_with_eos else (g[:k], k)  # stopped, or cut at the limit
     for fq in (1, 3):
