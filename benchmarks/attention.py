@@ -2,7 +2,9 @@
 
 Side by side, per (T, window, D): our Triton kernel (``fast.attention``, key blocks outside the window
 skipped), PyTorch SDPA (full causal only: ``is_causal=True``, the dense baseline) and FlexAttention with
-a sliding-window block mask (where available), and on CPU our blocked torch backend.
+a sliding-window block mask (where available), and on CPU our blocked torch backend beside the textbook
+eager formula (its note gives the ratio eager ms / ours) and SDPA with a boolean mask; on CPU ``peak_mb`` is
+the memory autograd saves for the backward (there is no CPU peak counter).
 
 TFLOP/s count only the *allowed* (query, key) pairs: forward 4 * pairs * D FLOPs per head (QK^T and
 PV), forward+backward 3.5x that (the backward does 2.5x the forward's matmul work). So a sliding-window
@@ -40,6 +42,32 @@ def allowed_pairs(T: int, window) -> int:
     return window * (window + 1) // 2 + (T - window) * window
 
 
+def eager_attention(q, k, v, window):
+    """The textbook masked softmax (nanoGPT's manual path) with a sliding-window mask: the CPU baseline."""
+    T = q.shape[-2]
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    masked = (j > i) if window is None else ((j > i) | (i - j >= window))
+    att = (q @ k.transpose(-1, -2)) * (1.0 / q.shape[-1] ** 0.5)
+    att = att.masked_fill(masked, float("-inf"))
+    return torch.softmax(att, dim=-1) @ v
+
+
+def saved_mb(fn):
+    """Memory autograd keeps from the forward for the backward (distinct storages), in MB: on CPU, where
+    there is no allocator peak counter, the part of the peak that an attention implementation decides."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values()) / 2**20
+
+
 def _flex():
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -55,7 +83,7 @@ def run(*, device: str, quick: bool) -> list[dict]:
     cuda = str(device).startswith("cuda")
     if quick or not cuda:
         dtype = torch.float32 if not cuda else torch.bfloat16
-        B, H = 1, 2
+        B, H = (1, 2) if cuda else (8, 2)  # CPU: the tiny GPT's heads, T and D
         cases = [(256, 32, None), (256, 32, 64)]  # (T, D, window)
         triton_cases = [(128, 16, 32)] if (cuda or is_interpreting()) else []
         warm, rep = (1, 3)
@@ -90,18 +118,31 @@ def run(*, device: str, quick: bool) -> list[dict]:
         shape = f"B{B} H{H} T{T} D{D} " + ("causal" if w is None else f"w{w}")
         for op, fn, mult in (("attn fwd", fwd_only, 1.0), ("attn fwd+bwd", fwd_bwd, 3.5)):
             ms = median_ms(fn, device=device, warmup=r[0], rep=r[1])
+            mem = peak_mb(fn, device=device)
+            row_note = note
+            if not cuda:  # no CPU peak counter: the autograd-saved memory, labelled as such
+                mem = saved_mb(fwd_only)
+                row_note = (note + "; " if note else "") + "peak_mb = autograd-saved MB"
             rows.append(dict(op=op, impl=impl, shape=shape, median_ms=ms,
-                             tflops=mult * flops / (ms * 1e-3) / 1e12,
-                             peak_mb=peak_mb(fn, device=device), note=note))
+                             tflops=mult * flops / (ms * 1e-3) / 1e12, peak_mb=mem, note=row_note))
+        return rows[-2:]
 
     # torch backend (CPU training path) and SDPA (full causal) at the small sizes / full grid
     for T, D, w in cases:
         if over_budget():
             rows.append(dict(op="-", impl="-", shape=f"T{T} D{D} w{w}", note="skipped: time budget"))
             continue
-        if not cuda:
-            measure("torch-blocked", T, D, w,
-                    lambda q, k, v, w=w: ours(q, k, v, window=w, backend="torch"))
+        if not cuda:  # our torch backend against the textbook eager formula (ratio = eager / ours)
+            eager = measure("eager", T, D, w, lambda q, k, v, w=w: eager_attention(q, k, v, w),
+                            note="textbook masked softmax")
+            mine = measure("torch-blocked", T, D, w,
+                           lambda q, k, v, w=w: ours(q, k, v, window=w, backend="torch"))
+            for e, m in zip(eager, mine, strict=True):
+                m["note"] = f"{e['median_ms'] / m['median_ms']:.2f}x eager; " + m["note"]
+        if w is not None and not cuda:
+            mask = torch.ones(T, T, dtype=torch.bool).tril() & ~torch.ones(T, T, dtype=torch.bool).tril(-w)
+            measure("sdpa", T, D, w, lambda q, k, v, m=mask: torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=m), note="boolean mask")
         if w is None:
             measure("sdpa", T, D, w,
                     lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))

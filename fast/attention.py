@@ -28,7 +28,10 @@ import triton.language as tl
 
 from fast.utils import check_float, empty, is_interpreting, resolve_backend
 
-__all__ = ["flash_attention", "flash_attention_with_lse", "key_block_range", "query_block_range"]
+__all__ = [
+    "flash_attention", "flash_attention_with_lse", "key_block_range", "key_block_split", "query_block_range",
+    "query_block_split",
+]
 
 TORCH_CHUNK = 256  # query rows per step of the torch backend (dense for T <= 256)
 
@@ -95,164 +98,424 @@ def query_block_range(start_n, block_n, block_m, T, *, causal=True, window=None)
 # torch backend: blocked over query chunks, autograd does the backward
 
 
-def _torch_attention(q, k, v, causal, window, scale, chunk=TORCH_CHUNK):
-    """Returns (out [B, Hq, T, D] in q.dtype, lse [B, Hq, T] fp32/fp64). Only the keys a query chunk
-    can see (``key_block_range``) are multiplied, so sliding-window cost is O(T * (w + chunk))."""
+def _chunk_mask(a, b, lo, hi, causal, window, device):  # -> bool [b - a, hi - lo] (True = allowed) or None
+    i = torch.arange(a, b, device=device)[:, None]
+    j = torch.arange(lo, hi, device=device)[None, :]
+    ok = None
+    if causal:
+        ok = j <= i
+    if window is not None:
+        near = (i - j) < window
+        if not causal:
+            near = near & ((j - i) < window)
+        ok = near if ok is None else ok & near
+    return ok
+
+
+def _torch_attention(q, k, v, causal, window, scale, chunk=TORCH_CHUNK, need_lse=True):
+    """Returns (out [B, Hq, T, D] in q.dtype, lse [B, Hq, T] fp32/fp64, or None without ``need_lse``).
+    Only the keys a query chunk can see (``key_block_range``) are multiplied, so sliding-window cost is
+    O(T * (w + chunk)); T <= chunk is one dense block.
+
+    Without ``need_lse`` each chunk is one fused ``scaled_dot_product_attention`` call with the chunk's
+    boolean mask (PyTorch's CPU flash kernel: faster than the textbook masked softmax and it saves less
+    for the backward). With the lse, the chunk is the textbook formula with the scale on q (T x D, not
+    T x T), the mask applied in place on the fresh scores, one fused softmax, and GQA by broadcasting kv
+    heads instead of copying them; the lse pass keeps the scores alive for its backward."""
     B, Hq, T, D = q.shape
-    G = Hq // k.shape[1]
+    Hkv = k.shape[1]
+    G = Hq // Hkv
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32  # fp32 accumulation
-    qc = q.to(cdt)
-    kc = k.to(cdt).repeat_interleave(G, dim=1)  # [B, Hq, T, D]
-    vc = v.to(cdt).repeat_interleave(G, dim=1)  # [B, Hq, T, D]
-    idx = torch.arange(T, device=q.device)
+    qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
+    if need_lse:
+        qc = (qc * scale).reshape(B, Hkv, G, T, D) if G > 1 else qc * scale
+        if G > 1:  # [B, Hkv, 1, T, D]: broadcast over the G query heads of each kv head
+            kc, vc = kc[:, :, None], vc[:, :, None]
     outs, lses = [], []
     for a in range(0, T, chunk):
         b = min(a + chunk, T)
         lo, hi = key_block_range(a, b - a, 1, T, causal=causal, window=window)
-        s = (qc[:, :, a:b] @ kc[:, :, lo:hi].transpose(-1, -2)) * scale  # [B, Hq, b-a, hi-lo]
-        i, j = idx[a:b, None], idx[None, lo:hi]
-        ok = torch.ones(b - a, hi - lo, dtype=torch.bool, device=q.device)
-        if causal:
-            ok &= j <= i
-        if window is not None:
-            ok &= (i - j) < window
-            if not causal:
-                ok &= (j - i) < window
-        s = s.masked_fill(~ok, float("-inf"))
-        lse = torch.logsumexp(s, dim=-1)  # [B, Hq, b-a]; finite: the diagonal is always allowed
-        p = torch.exp(s - lse[..., None])
-        outs.append(p @ vc[:, :, lo:hi])
-        lses.append(lse)
-    out = torch.cat(outs, dim=2).to(q.dtype)
-    return out, torch.cat(lses, dim=2)
+        if not need_lse:
+            dense_causal = causal and window is None and a == 0 and hi == b
+            ok = None if dense_causal else _chunk_mask(a, b, lo, hi, causal, window, q.device)
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                qc[:, :, a:b], kc[:, :, lo:hi], vc[:, :, lo:hi], attn_mask=ok, is_causal=dense_causal,
+                scale=scale, enable_gqa=G > 1))
+            continue
+        s = qc[..., a:b, :] @ kc[..., lo:hi, :].transpose(-1, -2)  # [B, Hkv, (G,) b-a, hi-lo]
+        ok = _chunk_mask(a, b, lo, hi, causal, window, q.device)
+        if ok is not None:
+            s = s.masked_fill_(~ok, float("-inf"))  # in place: matmul's backward needs its inputs only
+        lses.append(torch.logsumexp(s, dim=-1))  # finite: the diagonal is always allowed
+        outs.append(torch.softmax(s, dim=-1) @ vc[..., lo:hi, :])
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+    out = out.reshape(B, Hq, T, D).to(q.dtype)
+    if not need_lse:
+        return out, None
+    lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=-1)
+    return out, lse.reshape(B, Hq, T)
 
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
+#
+# Cost structure (``python -m fast.kernel_stats``, benchmarks/results/kernel_stats.md): every loop over
+# key blocks (forward, dq) or query blocks (dk/dv) is split into *interior* blocks, where every
+# (query, key) pair is allowed and in bounds, and *edge* blocks (causal diagonal, window edge, the
+# partial last block); only edge blocks build a mask (``key_block_split`` / ``query_block_split``).
+# Loads carry bounds masks only when T is not a multiple of both blocks (EVEN_T) or D is not the padded
+# head size (EVEN_D). Offsets are int32 unless a tensor spans >= 2^31 elements (INT64, ``_needs_int64``).
+# Softmax runs in the log2 domain, exp2 with scale * log2(e) folded into one FMA (the API's lse stays a
+# natural log). The backward follows the layout of Triton's fused-attention tutorial: the dk/dv kernel
+# computes S^T = K Q^T and dP^T = V dO^T so P^T, dS^T are already the left operands of dV += P^T dO and
+# dK += dS^T Q (no register transpose through shared memory in the loop); Delta = rowsum(dO * O) - dlse
+# comes from a small kernel. [RECON] The tutorial pre-scales K by scale * log2(e); here the backward
+# recomputes P = exp2((S * scale - lse) * log2(e)) from unscaled K (the bf16 K is not rounded a second time,
+# and S * scale - lse is one exact FMA where P ~ 1). fp32 inputs keep the forward's Q K^T orientation in
+# the dk/dv kernel (a transpose per iteration on CUDA cores): a NumPy/CUDA-core K Q^T rounds its sums in
+# another order, which at |S * scale| ~ 1e4 moves the recomputed P by ~3e-4 (test_huge_logits).
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_INT32_LIMIT = 2**31
+
+
+def key_block_split(start_m, block_m, block_n, T, *, causal=True, window=None):  # ints -> (a, b, c, d)
+    """Key blocks of the query block at ``start_m``: edge blocks ``range(a, b, block_n)`` and
+    ``range(c, d, block_n)`` (masked), interior blocks ``range(b, c, block_n)`` (every pair allowed and
+    every key < T, so no mask). ``(a, d) = key_block_range(...)``. The forward and dq kernels repeat
+    this formula."""
+    a, d = key_block_range(start_m, block_m, block_n, T, causal=causal, window=window)
+    W = T if window is None else window
+    end_m = min(start_m + block_m, T)
+    c_lim = start_m + 1 if causal else start_m + W  # keys <= the block's first query / inside the band
+    c = (min(c_lim, T) // block_n) * block_n
+    b = -(-max(end_m - W, 0) // block_n) * block_n  # keys the block's last (valid) query still sees
+    c = max(min(c, d), a)
+    b = min(max(b, a), c)
+    return a, b, c, d
+
+
+def query_block_split(start_n, block_n, block_m, T, *, causal=True, window=None):  # ints -> (a, b, c, d)
+    """Query blocks of the key block at ``start_n``, split like ``key_block_split`` (dk/dv kernel)."""
+    a, d = query_block_range(start_n, block_n, block_m, T, causal=causal, window=window)
+    W = T if window is None else window
+    end_n = min(start_n + block_n, T)
+    b_lim = end_n - 1 if causal else end_n - W  # queries that see the block's last (valid) key
+    b = -(-max(b_lim, 0) // block_m) * block_m
+    c = (min(start_n + W, T) // block_m) * block_m  # queries whose window still holds the first key
+    c = max(min(c, d), a)
+    b = min(max(b, a), c)
+    return a, b, c, d
+
+
+def _needs_int64(*tensors):
+    """True when an element offset could pass 2^31 (int32 offsets would wrap). The bound adds 128 padded
+    rows/columns per dimension: blocks past T or D compute (masked) addresses beyond the tensor."""
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if sum((n + 128) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True)) >= _INT32_LIMIT:
+            return True
+    return False
 
 
 def _configs(kind):
-    """CUDA: three tensor-core tiles to autotune over for fp16/bf16, then one small fp32 tile (fp32
-    "ieee" dots run on CUDA cores, fully unrolled: big tiles gain nothing and take ~20 s to compile)."""
+    """CUDA: tensor-core tiles to autotune over for fp16/bf16 (``_fits`` says which head sizes each one
+    serves: kernel_stats shows no spills and no serialized wgmma for those), then one small fp32 tile
+    (fp32 "ieee" dots run on CUDA cores, fully unrolled: big tiles gain nothing and compile for ~20 s)."""
     if is_interpreting():  # interpreter cost ~ programs x loop iterations: one big-block config
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    if kind == "fwd":
-        shapes = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (32, 32, 4, 2)]
-    else:  # bwd kernels hold two fp32 [BLOCK, D] accumulators: smaller tiles
-        shapes = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    shapes = _SHAPES[kind]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s,
+                          _ in shapes]
 
 
-# Autotune key: not T itself (every new length would re-tune, minutes on a GPU check) but a bucket;
-# short sequences (tests, tiny GPTs) keep only the first config, so a key costs one compile.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, padded head sizes served); the fp32 tile last. The first tile
+# that serves a head size is the only one used for T <= 1024. Left out after kernel_stats, as they spill:
+# fwd 128x64 with 4 warps (every D), 128x128 and 64x128 (D = 128: no BLOCK_N = 128 forward tile fits in
+# 255 registers there); dk/dv 32x128 with 4 warps, 64x64 and 64x128 with 4/8 warps at D = 128; dq 128x32
+# at D = 128.
+_ALL_D = (16, 32, 64, 128)
+_SHAPES = {
+    "fwd": [(128, 64, 8, 3, _ALL_D), (64, 64, 4, 3, _ALL_D), (32, 32, 4, 2, ())],
+    "dkdv": [(32, 64, 4, 2, _ALL_D), (64, 128, 8, 2, (16, 32, 64)), (64, 64, 4, 2, (16, 32, 64)),
+             (32, 128, 8, 2, (128,)), (64, 64, 8, 2, (128,)), (32, 32, 4, 2, ())],
+    "dq": [(128, 64, 8, 2, _ALL_D), (64, 64, 4, 2, _ALL_D), (128, 32, 4, 2, (16, 32, 64)),
+           (64, 32, 4, 2, _ALL_D), (32, 32, 4, 2, ())],
+}
+
+# Autotune key: log2 buckets, not T and W themselves (every new length would re-tune, minutes on a GPU
+# check); short sequences (tests, tiny GPTs) keep only the first config, so a key costs one compile.
 _TUNE_KEY = ["T_BUCKET", "BLOCK_D", "IS_CAUSAL", "HAS_WINDOW", "LOWP_DOT"]
 
 
-def _prune(configs, nargs, **kwargs):
-    if len(configs) == 1:  # interpreter
-        return configs
-    if not kwargs.get("LOWP_DOT", False):
-        return configs[-1:]  # fp32: the small CUDA-core tile
-    return configs[:-1] if nargs["T_BUCKET"] else configs[:1]
+def _t_bucket(T, W=None):
+    """0 for T <= 1024 (one config), else 64 * ceil(log2 T) + ceil(log2 W) (W = T without a window)."""
+    if T <= 1024:
+        return 0
+    W = T if W is None else min(W, T)
+    return 64 * (T - 1).bit_length() + (W - 1).bit_length()
+
+
+def _fits(kind):
+    table = {i: dims for i, (*_, dims) in enumerate(_SHAPES[kind])}
+
+    def prune(configs, nargs, **kwargs):
+        if len(configs) == 1:  # interpreter
+            return configs
+        if not kwargs.get("LOWP_DOT", False):
+            return configs[-1:]  # fp32: the small CUDA-core tile
+        ok = [c for i, c in enumerate(configs[:-1]) if kwargs["BLOCK_D"] in table[i]]
+        return ok if nargs["T_BUCKET"] else ok[:1]
+
+    return prune
+
+
+_HEURISTICS = {
+    "EVEN_T": lambda a: a["T"] % a["BLOCK_M"] == 0 and a["T"] % a["BLOCK_N"] == 0,
+    "EVEN_D": lambda a: a["D"] == a["BLOCK_D"],
+    "INT64": lambda a: _needs_int64(*a.values()),
+}
+
+
+@triton.jit
+def _dot(a, b, LOWP_DOT: tl.constexpr):
+    if LOWP_DOT:  # fp16/bf16 tensor cores, fp32 accumulation
+        r = tl.dot(a, b)
+    else:
+        r = tl.dot(a, b, input_precision="ieee")
+    return r
+
+
+@triton.jit
+def _load_tile(ptrs, rows, T, d_ok, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr, LOWP_DOT: tl.constexpr):
+    """[rows, BLOCK_D] tile; masks only where a row may be >= T or the head dim is padded. Kept in its
+    dtype for tensor-core dots, fp32 otherwise (the interpreter's bf16 arithmetic is not trustworthy)."""
+    if CHECK_ROWS:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=(rows < T)[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows < T)[:, None] & d_ok[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    if not LOWP_DOT:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_tile(ptrs, x, rows, T, d_ok, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    if CHECK_ROWS:
+        if EVEN_D:
+            tl.store(ptrs, x, mask=(rows < T)[:, None])
+        else:
+            tl.store(ptrs, x, mask=(rows < T)[:, None] & d_ok[None, :])
+    else:
+        if EVEN_D:
+            tl.store(ptrs, x)
+        else:
+            tl.store(ptrs, x, mask=d_ok[None, :])
+
+
+@triton.jit
+def _allowed(qi, kj, T, W, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, CHECK_T: tl.constexpr):
+    """Allowed (query qi, key kj) pairs, qi and kj broadcast to the tile (reference/attention.py mask)."""
+    if IS_CAUSAL:
+        ok = kj <= qi
+    else:
+        ok = (kj - qi) < W  # symmetric band; W = T without a window (always true in bounds)
+    if HAS_WINDOW:
+        ok = ok & ((qi - kj) < W)
+    if CHECK_T:
+        ok = ok & (kj < T) & (qi < T)
+    return ok
+
+
+@triton.jit
+def _fwd_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, lo, hi, T, W, qk_scale,
+              EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_T: tl.constexpr,
+              EVEN_D: tl.constexpr, LOWP_DOT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax over key blocks [lo, hi): m_i is the running max of the raw scores s and the
+    exponents are exp2((s - m_i) * qk_scale). [RECON] The tutorial's single FMA s * qk_scale - m_i * qk_scale
+    is one instruction less per score, but its m_i * qk_scale is rounded at the magnitude of the scores:
+    with |s * scale| ~ 1e4 (test_huge_logits) the lse then moves by ~1e-3 and the backward's recomputed P
+    by as much; s - m_i is exact where it matters (s close to m_i)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        k = _load_tile(k_ptrs + start_n * skt, cols, T, d_ok, EDGE and not EVEN_T, EVEN_D, LOWP_DOT)
+        s = _dot(q, tl.trans(k), LOWP_DOT)  # [BM, BN] raw scores
+        # qk_scale >= 0 (the host flips q for a negative scale): the max of s is the max of s * qk_scale
+        if EDGE:
+            ok = _allowed(offs_m[:, None], cols[None, :], T, W, IS_CAUSAL, HAS_WINDOW, not EVEN_T)
+            m_new = tl.maximum(m_i, tl.max(tl.where(ok, s, float("-inf")), 1))
+            p = tl.math.exp2(tl.where(ok, (s - m_new[:, None]) * qk_scale, float("-inf")))  # 0 where masked
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2((s - m_new[:, None]) * qk_scale)
+        # m_i = -inf before the first allowed key: alpha = 0 (no -inf - -inf, no -inf * 0 when scale = 0)
+        alpha = tl.math.exp2(tl.where(m_i == float("-inf"), float("-inf"), (m_i - m_new) * qk_scale))
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_ptrs + start_n * svt, cols, T, d_ok, EDGE and not EVEN_T, EVEN_D, LOWP_DOT)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, LOWP_DOT)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY,
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _fits("fwd")})
+@triton.heuristics(_HEURISTICS)
 @triton.jit
 def attention_fwd_kernel(
     q_ptr,  # [B, Hq, T, D] queries (any strides)
     k_ptr,  # [B, Hkv, T, D] keys
     v_ptr,  # [B, Hkv, T, D] values
     o_ptr,  # [B, Hq, T, D] output, input dtype
-    lse_ptr,  # [B, Hq, T] fp32 log-sum-exp per query (contiguous)
+    lse_ptr,  # [B, Hq, T] fp32 natural-log log-sum-exp per query (contiguous)
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
     sob, soh, sot, sod,
     Hq, G, T, D, W,  # G = Hq // Hkv; W = window (T when None)
-    scale, T_BUCKET,  # T_BUCKET: autotune key only (0: T <= 1024, tuned once with one config)
+    scale, T_BUCKET,  # scale >= 0; T_BUCKET: autotune key only (``_t_bucket``)
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, LOWP_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_T: tl.constexpr, EVEN_D: tl.constexpr, INT64: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    """Grid (B * Hq, query blocks); launched x-fastest, so with the query blocks reversed under a causal
+    mask every head's heaviest block (the most keys) starts first."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(1) - 1 - pid_m
+    if INT64:
+        pid_bh = pid_bh.to(tl.int64)
+        pid_m = pid_m.to(tl.int64)
     b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // G
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)  # [BM] query rows
-    offs_d = tl.arange(0, BLOCK_D)  # [BD] head dim, padded to a power of two >= 16
-    row_ok = offs_m < T
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)  # head dim, padded to a power of two >= 16
     d_ok = offs_d < D
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BM, BD]
-    if LOWP_DOT:  # exact: q came from this dtype; lets tl.dot use fp16/bf16 tensor cores
-        q_dot = q.to(k_ptr.dtype.element_ty)
-    else:
-        q_dot = q
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max
+    q = _load_tile(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, offs_m, T, d_ok,
+                   not EVEN_T, EVEN_D, LOWP_DOT)  # [BM, BD]
+    k_ptrs = k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd  # [BN, BD] at key 0
+    v_ptrs = v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd
+    qk_scale = scale * 1.4426950408889634  # log2(e): exp(x * scale) = exp2(x * qk_scale)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the raw scores
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running denominator
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running numerator
-    # loop bounds = key_block_range(): key blocks wholly outside the window are never visited
-    lo = tl.maximum(start_m - W + 1, 0)  # 0 without a window (W = T)
-    lo = (lo // BLOCK_N) * BLOCK_N
+    # key_block_split(): edge [a, b), interior [b, c), edge [c, d)
+    a = tl.maximum(start_m - W + 1, 0)  # 0 without a window (W = T)
+    a = (a // BLOCK_N) * BLOCK_N
     end_m = tl.minimum(start_m + BLOCK_M, T)
     if IS_CAUSAL:
-        hi = end_m
+        d = end_m
+        c = (tl.minimum(start_m + 1, T) // BLOCK_N) * BLOCK_N
     else:
-        hi = tl.minimum(end_m + W - 1, T)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)  # [BN]
-        col_ok = offs_n < T
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
-                    mask=kv_mask, other=0.0).to(tl.float32)  # [BN, BD]
-        v = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
-                    mask=kv_mask, other=0.0).to(tl.float32)  # [BN, BD]
-        if LOWP_DOT:
-            s = tl.dot(q_dot, tl.trans(k.to(k_ptr.dtype.element_ty)))
-        else:
-            s = tl.dot(q_dot, tl.trans(k), input_precision="ieee")  # [BM, BN]
-        s = s * scale
-        ok = row_ok[:, None] & col_ok[None, :]
-        if IS_CAUSAL:
-            ok = ok & (offs_n[None, :] <= offs_m[:, None])
-        if HAS_WINDOW:
-            ok = ok & (offs_m[:, None] - offs_n[None, :] < W)
-            if not IS_CAUSAL:
-                ok = ok & (offs_n[None, :] - offs_m[:, None] < W)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row: no -inf - -inf
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])  # [BM, BN], 0 where masked
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if LOWP_DOT:
-            pv = tl.dot(p.to(v_ptr.dtype.element_ty), v.to(v_ptr.dtype.element_ty))
-        else:
-            pv = tl.dot(p, v, input_precision="ieee")
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        d = tl.minimum(end_m + W - 1, T)
+        c = (tl.minimum(start_m + W, T) // BLOCK_N) * BLOCK_N
+    bb = ((tl.maximum(end_m - W, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    c = tl.maximum(tl.minimum(c, d), a)
+    bb = tl.minimum(tl.maximum(bb, a), c)
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, a, bb, T, W,
+                              qk_scale, True, IS_CAUSAL, HAS_WINDOW, EVEN_T, EVEN_D, LOWP_DOT, BLOCK_N)
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, bb, c, T, W,
+                              qk_scale, False, IS_CAUSAL, HAS_WINDOW, EVEN_T, EVEN_D, LOWP_DOT, BLOCK_N)
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, c, d, T, W,
+                              qk_scale, True, IS_CAUSAL, HAS_WINDOW, EVEN_T, EVEN_D, LOWP_DOT, BLOCK_N)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padded rows (offs_m >= T) can have l = 0
     out = acc / l_safe[:, None]
-    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_safe))
-    tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod,
-             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(lse_ptr + pid_bh * T + offs_m, lse, mask=row_ok)
+    # natural-log lse = m * scale + ln(l), l = sum exp2((s - m) * qk_scale)
+    m_fin = tl.where(l_i == 0.0, 0.0, m_i)
+    lse = tl.where(l_i == 0.0, float("-inf"), m_fin * scale + tl.math.log2(l_safe) * 0.6931471805599453)
+    _store_tile(o_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod,
+                out.to(o_ptr.dtype.element_ty), offs_m, T, d_ok, not EVEN_T, EVEN_D)
+    if EVEN_T:
+        tl.store(lse_ptr + pid_bh * T + offs_m, lse)
+    else:
+        tl.store(lse_ptr + pid_bh * T + offs_m, lse, mask=offs_m < T)
 
 
-@triton.autotune(configs=_configs("bwd"), key=_TUNE_KEY,
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def attention_bwd_delta_kernel(
+    o_ptr,  # [B, Hq, T, D] forward output
+    do_ptr,  # [B, Hq, T, D] output cotangent
+    dlse_ptr,  # [B, Hq, T] fp32 lse cotangent (contiguous; unused without HAS_DLSE)
+    delta_ptr,  # [B, Hq, T] fp32 out: rowsum(dO * O) - dlse (contiguous)
+    sob, soh, sot, sod,
+    sdb, sdh, sdt, sdd,
+    Hq, T, D,
+    HAS_DLSE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)  # one cheap pass: int64 always
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < T)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(o_ptr + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(do_ptr + b * sdb + h * sdh + rows[:, None] * sdt + offs_d[None, :] * sdd, mask=mask,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(dlse_ptr + pid_bh * T + rows, mask=rows < T, other=0.0)
+    tl.store(delta_ptr + pid_bh * T + rows, delta, mask=rows < T)
+
+
+@triton.jit
+def _dkdv_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, sqt, sdt, offs_n, offs_m, d_ok, lo, hi,
+               T, W, scale, EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               EVEN_T: tl.constexpr, EVEN_D: tl.constexpr, LOWP_DOT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dK, dV of one key block over query blocks [lo, hi), in the transposed layout: S^T = K Q^T."""
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m  # [BM]
+        q = _load_tile(q_ptrs + start_m * sqt, rows, T, d_ok, EDGE and not EVEN_T, EVEN_D, LOWP_DOT)
+        do = _load_tile(do_ptrs + start_m * sdt, rows, T, d_ok, EDGE and not EVEN_T, EVEN_D, LOWP_DOT)
+        if EDGE and not EVEN_T:
+            lse = tl.load(lse_ptrs + rows, mask=rows < T, other=0.0)
+            delta = tl.load(delta_ptrs + rows, mask=rows < T, other=0.0)
+        else:
+            lse = tl.load(lse_ptrs + rows)
+            delta = tl.load(delta_ptrs + rows)
+        if LOWP_DOT:
+            s_t = _dot(k, tl.trans(q), LOWP_DOT)  # [BN, BM]
+        else:  # fp32 (and the interpreter): the forward's Q K^T, so P matches its lse bit for bit
+            s_t = tl.trans(_dot(q, tl.trans(k), LOWP_DOT))
+        if EDGE:
+            ok = _allowed(rows[None, :], offs_n[:, None], T, W, IS_CAUSAL, HAS_WINDOW, not EVEN_T)
+            # masked before exp2: a masked score may be huge, exp2 of it must not overflow
+            p_t = tl.math.exp2(tl.where(ok, (s_t * scale - lse[None, :]) * 1.4426950408889634, float("-inf")))
+        else:  # [BN, BM] softmax recomputed from lse: s * scale - lse first (one FMA, exact where p = 1)
+            p_t = tl.math.exp2((s_t * scale - lse[None, :]) * 1.4426950408889634)
+        dv += _dot(p_t.to(do.dtype), do, LOWP_DOT)
+        dp_t = _dot(v, tl.trans(do), LOWP_DOT)  # [BN, BM]
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, LOWP_DOT)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs("dkdv"), key=_TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _fits("dkdv")})
+@triton.heuristics(_HEURISTICS)
 @triton.jit
 def attention_bwd_dkdv_kernel(
     q_ptr,  # [B, Hq, T, D] queries
     k_ptr,  # [B, Hkv, T, D] keys
     v_ptr,  # [B, Hkv, T, D] values
     do_ptr,  # [B, Hq, T, D] output cotangent
-    lse_ptr,  # [B, Hq, T] fp32 forward log-sum-exp (contiguous)
+    lse_ptr,  # [B, Hq, T] fp32 forward log-sum-exp, natural log (contiguous)
     delta_ptr,  # [B, Hq, T] fp32 rowsum(dO * O) - dlse (contiguous)
-    dk_ptr,  # [B, Hkv, T, D] key gradient, input dtype (contiguous)
-    dv_ptr,  # [B, Hkv, T, D] value gradient, input dtype (contiguous)
+    dk_ptr,  # [B, Hkv, T, D] key gradient, its own dtype (contiguous)
+    dv_ptr,  # [B, Hkv, T, D] value gradient, its own dtype (contiguous)
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
@@ -261,90 +524,102 @@ def attention_bwd_dkdv_kernel(
     scale, T_BUCKET,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, LOWP_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_T: tl.constexpr, EVEN_D: tl.constexpr, INT64: tl.constexpr,
 ):
-    """One program per (key block, batch, kv head): loops over the G query heads of the group and over
-    the query blocks that can see this key block (``query_block_range``), recomputing P from lse.
-    Summing the group inside the program avoids atomics (and so is safe to autotune-rerun)."""
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    """Grid (key blocks, B * Hkv). One program per (key block, batch, kv head): loops over the G query
+    heads of the group and over the query blocks that see this key block (``query_block_split``),
+    recomputing P from lse; summing the group inside the program avoids atomics. Programs are renumbered
+    so that every head's first key block (the most queries under a causal mask) starts first."""
+    num_n = tl.num_programs(0)
+    n_bh = tl.num_programs(1)
+    lin = tl.program_id(1) * num_n + tl.program_id(0)  # launch order
+    if INT64:
+        lin = lin.to(tl.int64)
+    pid_n = lin // n_bh
+    pid_bh = lin % n_bh
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)  # [BN]
+    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    col_ok = offs_n < T
     d_ok = offs_d < D
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
-                mask=kv_mask, other=0.0).to(tl.float32)  # [BN, BD]
-    v = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
-                mask=kv_mask, other=0.0).to(tl.float32)  # [BN, BD]
-    if LOWP_DOT:
-        k_dot = k.to(k_ptr.dtype.element_ty)
-        v_dot = v.to(v_ptr.dtype.element_ty)
-    else:
-        k_dot = k
-        v_dot = v
+    k = _load_tile(k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd, offs_n,
+                   T, d_ok,
+                   not EVEN_T, EVEN_D, LOWP_DOT)  # [BN, BD]
+    v = _load_tile(v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd, offs_n,
+                   T, d_ok,
+                   not EVEN_T, EVEN_D, LOWP_DOT)  # [BN, BD]
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    if IS_CAUSAL:
-        lo = start_n
-    else:
-        lo = tl.maximum(start_n - W + 1, 0)
-    lo = (lo // BLOCK_M) * BLOCK_M
+    # query_block_split(): edge [a, bb), interior [bb, c), edge [c, d)
     end_n = tl.minimum(start_n + BLOCK_N, T)
-    hi = tl.minimum(end_n + W - 1, T)
+    if IS_CAUSAL:
+        a = start_n
+        b_lim = end_n - 1
+    else:
+        a = tl.maximum(start_n - W + 1, 0)
+        b_lim = tl.maximum(end_n - W, 0)
+    a = (a // BLOCK_M) * BLOCK_M
+    d = tl.minimum(end_n + W - 1, T)
+    bb = ((b_lim + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    c = (tl.minimum(start_n + W, T) // BLOCK_M) * BLOCK_M
+    c = tl.maximum(tl.minimum(c, d), a)
+    bb = tl.minimum(tl.maximum(bb, a), c)
+    q_off = offs_m[:, None] * sqt + offs_d[None, :] * sqd  # [BM, BD] at query 0
+    do_off = offs_m[:, None] * sdt + offs_d[None, :] * sdd
     for g in range(0, G):
         h = hk * G + g
-        row_base = (b * Hq + h) * T
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)  # [BM]
-            row_ok = offs_m < T
-            qd_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-                        mask=qd_mask, other=0.0).to(tl.float32)  # [BM, BD]
-            do = tl.load(do_ptr + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :] * sdd,
-                         mask=qd_mask, other=0.0).to(tl.float32)  # [BM, BD]
-            lse = tl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=0.0)  # [BM]
-            delta = tl.load(delta_ptr + row_base + offs_m, mask=row_ok, other=0.0)  # [BM]
-            if LOWP_DOT:
-                s = tl.dot(q.to(k_ptr.dtype.element_ty), tl.trans(k_dot))
-                dp = tl.dot(do.to(v_ptr.dtype.element_ty), tl.trans(v_dot))
-            else:
-                s = tl.dot(q, tl.trans(k_dot), input_precision="ieee")  # [BM, BN]
-                dp = tl.dot(do, tl.trans(v_dot), input_precision="ieee")  # [BM, BN]
-            ok = row_ok[:, None] & col_ok[None, :]
-            if IS_CAUSAL:
-                ok = ok & (offs_n[None, :] <= offs_m[:, None])
-            if HAS_WINDOW:
-                ok = ok & (offs_m[:, None] - offs_n[None, :] < W)
-                if not IS_CAUSAL:
-                    ok = ok & (offs_n[None, :] - offs_m[:, None] < W)
-            # softmax recomputed from lse; masked entries -> exp(-inf) = 0 (no overflow of exp(big))
-            p = tl.exp(tl.where(ok, s * scale - lse[:, None], float("-inf")))  # [BM, BN]
-            ds = p * (dp - delta[:, None])  # [BM, BN]
-            if LOWP_DOT:
-                dv += tl.dot(tl.trans(p.to(do_ptr.dtype.element_ty)), do.to(do_ptr.dtype.element_ty))
-                dk += tl.dot(tl.trans(ds.to(q_ptr.dtype.element_ty)), q.to(q_ptr.dtype.element_ty))
-            else:
-                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
-                dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
-    out_off = (b * Hkv + hk) * T * D + offs_n[:, None] * D + offs_d[None, :]
-    tl.store(dk_ptr + out_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+        q_ptrs = q_ptr + b * sqb + h * sqh + q_off
+        do_ptrs = do_ptr + b * sdb + h * sdh + do_off
+        lse_ptrs = lse_ptr + (b * Hq + h) * T
+        delta_ptrs = delta_ptr + (b * Hq + h) * T
+        dk, dv = _dkdv_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, sqt, sdt, offs_n,
+                            offs_m, d_ok, a, bb, T, W, scale, True, IS_CAUSAL, HAS_WINDOW, EVEN_T,
+                            EVEN_D, LOWP_DOT, BLOCK_M)
+        dk, dv = _dkdv_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, sqt, sdt, offs_n,
+                            offs_m, d_ok, bb, c, T, W, scale, False, IS_CAUSAL, HAS_WINDOW, EVEN_T,
+                            EVEN_D, LOWP_DOT, BLOCK_M)
+        dk, dv = _dkdv_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, sqt, sdt, offs_n,
+                            offs_m, d_ok, c, d, T, W, scale, True, IS_CAUSAL, HAS_WINDOW, EVEN_T,
+                            EVEN_D, LOWP_DOT, BLOCK_M)
+    out = (b * Hkv + hk) * T * D + offs_n[:, None] * D + offs_d[None, :]
+    _store_tile(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), offs_n, T, d_ok, not EVEN_T, EVEN_D)
+    _store_tile(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), offs_n, T, d_ok, not EVEN_T, EVEN_D)
 
 
-@triton.autotune(configs=_configs("bwd"), key=_TUNE_KEY,
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _dq_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, lo, hi, T, W, scale,
+             EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_T: tl.constexpr,
+             EVEN_D: tl.constexpr, LOWP_DOT: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        k = _load_tile(k_ptrs + start_n * skt, cols, T, d_ok, EDGE and not EVEN_T, EVEN_D, LOWP_DOT)
+        v = _load_tile(v_ptrs + start_n * svt, cols, T, d_ok, EDGE and not EVEN_T, EVEN_D, LOWP_DOT)
+        s = _dot(q, tl.trans(k), LOWP_DOT)  # [BM, BN]
+        if EDGE:
+            ok = _allowed(offs_m[:, None], cols[None, :], T, W, IS_CAUSAL, HAS_WINDOW, not EVEN_T)
+            p = tl.math.exp2(tl.where(ok, (s * scale - lse[:, None]) * 1.4426950408889634, float("-inf")))
+        else:
+            p = tl.math.exp2((s * scale - lse[:, None]) * 1.4426950408889634)
+        dp = _dot(do, tl.trans(v), LOWP_DOT)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, LOWP_DOT)
+    return dq
+
+
+@triton.autotune(configs=_configs("dq"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _fits("dq")})
+@triton.heuristics(_HEURISTICS)
 @triton.jit
 def attention_bwd_dq_kernel(
     q_ptr,  # [B, Hq, T, D] queries
     k_ptr,  # [B, Hkv, T, D] keys
     v_ptr,  # [B, Hkv, T, D] values
     do_ptr,  # [B, Hq, T, D] output cotangent
-    lse_ptr,  # [B, Hq, T] fp32 forward log-sum-exp (contiguous)
+    lse_ptr,  # [B, Hq, T] fp32 forward log-sum-exp, natural log (contiguous)
     delta_ptr,  # [B, Hq, T] fp32 rowsum(dO * O) - dlse (contiguous)
-    dq_ptr,  # [B, Hq, T, D] query gradient, input dtype (contiguous)
+    dq_ptr,  # [B, Hq, T, D] query gradient, its own dtype (contiguous)
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
@@ -353,72 +628,66 @@ def attention_bwd_dq_kernel(
     scale, T_BUCKET,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, LOWP_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_T: tl.constexpr, EVEN_D: tl.constexpr, INT64: tl.constexpr,
 ):
-    """One program per (query block, batch, query head); same key loop bounds as the forward."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    """Grid (query blocks, B * Hq); same key loop split as the forward. Causal: programs renumbered so
+    the last query blocks (the most keys) of every head start first."""
+    num_m = tl.num_programs(0)
+    n_bh = tl.num_programs(1)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    if INT64:
+        pid_m = pid_m.to(tl.int64)
+        pid_bh = pid_bh.to(tl.int64)
+    if IS_CAUSAL:
+        lin = pid_bh * num_m + pid_m
+        pid_m = num_m - 1 - lin // n_bh
+        pid_bh = lin % n_bh
     b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // G
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < T
     d_ok = offs_d < D
-    qd_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-                mask=qd_mask, other=0.0).to(tl.float32)  # [BM, BD]
-    do = tl.load(do_ptr + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :] * sdd,
-                 mask=qd_mask, other=0.0).to(tl.float32)  # [BM, BD]
-    lse = tl.load(lse_ptr + pid_bh * T + offs_m, mask=row_ok, other=0.0)  # [BM]
-    delta = tl.load(delta_ptr + pid_bh * T + offs_m, mask=row_ok, other=0.0)  # [BM]
-    if LOWP_DOT:
-        q_dot = q.to(q_ptr.dtype.element_ty)
-        do_dot = do.to(do_ptr.dtype.element_ty)
+    q = _load_tile(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, offs_m, T, d_ok,
+                   not EVEN_T, EVEN_D, LOWP_DOT)  # [BM, BD]
+    do = _load_tile(do_ptr + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :] * sdd, offs_m,
+                    T, d_ok,
+                    not EVEN_T, EVEN_D, LOWP_DOT)  # [BM, BD]
+    if EVEN_T:
+        lse = tl.load(lse_ptr + pid_bh * T + offs_m)  # [BM]
+        delta = tl.load(delta_ptr + pid_bh * T + offs_m)
     else:
-        q_dot = q
-        do_dot = do
+        lse = tl.load(lse_ptr + pid_bh * T + offs_m, mask=offs_m < T, other=0.0)
+        delta = tl.load(delta_ptr + pid_bh * T + offs_m, mask=offs_m < T, other=0.0)
+    k_ptrs = k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd
+    v_ptrs = v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo = tl.maximum(start_m - W + 1, 0)  # 0 without a window (W = T)
-    lo = (lo // BLOCK_N) * BLOCK_N
+    a = tl.maximum(start_m - W + 1, 0)
+    a = (a // BLOCK_N) * BLOCK_N
     end_m = tl.minimum(start_m + BLOCK_M, T)
     if IS_CAUSAL:
-        hi = end_m
+        d = end_m
+        c = (tl.minimum(start_m + 1, T) // BLOCK_N) * BLOCK_N
     else:
-        hi = tl.minimum(end_m + W - 1, T)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < T
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
-                    mask=kv_mask, other=0.0).to(tl.float32)  # [BN, BD]
-        v = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
-                    mask=kv_mask, other=0.0).to(tl.float32)  # [BN, BD]
-        if LOWP_DOT:
-            s = tl.dot(q_dot, tl.trans(k.to(k_ptr.dtype.element_ty)))
-            dp = tl.dot(do_dot, tl.trans(v.to(v_ptr.dtype.element_ty)))
-        else:
-            s = tl.dot(q_dot, tl.trans(k), input_precision="ieee")
-            dp = tl.dot(do_dot, tl.trans(v), input_precision="ieee")
-        ok = row_ok[:, None] & col_ok[None, :]
-        if IS_CAUSAL:
-            ok = ok & (offs_n[None, :] <= offs_m[:, None])
-        if HAS_WINDOW:
-            ok = ok & (offs_m[:, None] - offs_n[None, :] < W)
-            if not IS_CAUSAL:
-                ok = ok & (offs_n[None, :] - offs_m[:, None] < W)
-        p = tl.exp(tl.where(ok, s * scale - lse[:, None], float("-inf")))  # [BM, BN], 0 where masked
-        ds = p * (dp - delta[:, None])
-        if LOWP_DOT:
-            dq += tl.dot(ds.to(k_ptr.dtype.element_ty), k.to(k_ptr.dtype.element_ty))
-        else:
-            dq += tl.dot(ds, k, input_precision="ieee")
-    tl.store(dq_ptr + pid_bh * T * D + offs_m[:, None] * D + offs_d[None, :],
-             (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
-
-
-def _t_bucket(T):
-    return 0 if T <= 1024 else 1
+        d = tl.minimum(end_m + W - 1, T)
+        c = (tl.minimum(start_m + W, T) // BLOCK_N) * BLOCK_N
+    bb = ((tl.maximum(end_m - W, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    c = tl.maximum(tl.minimum(c, d), a)
+    bb = tl.minimum(tl.maximum(bb, a), c)
+    dq = _dq_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, a, bb, T, W,
+                  scale,
+                  True, IS_CAUSAL, HAS_WINDOW, EVEN_T, EVEN_D, LOWP_DOT, BLOCK_N)
+    dq = _dq_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, bb, c, T, W,
+                  scale,
+                  False, IS_CAUSAL, HAS_WINDOW, EVEN_T, EVEN_D, LOWP_DOT, BLOCK_N)
+    dq = _dq_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, c, d, T, W,
+                  scale,
+                  True, IS_CAUSAL, HAS_WINDOW, EVEN_T, EVEN_D, LOWP_DOT, BLOCK_N)
+    _store_tile(dq_ptr + pid_bh * T * D + offs_m[:, None] * D + offs_d[None, :],
+                (dq * scale).to(dq_ptr.dtype.element_ty), offs_m, T, d_ok, not EVEN_T, EVEN_D)
 
 
 def _block_d(D):
@@ -433,54 +702,70 @@ def _lowp(q):
 
 
 def _triton_fwd(q, k, v, causal, W, scale):
+    """scale >= 0 here (``_FlashAttention`` flips q for a negative one)."""
     B, Hq, T, D = q.shape
     G = Hq // k.shape[1]
     o = empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
     lse = empty((B, Hq, T), dtype=torch.float32, device=q.device)
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)
+    grid = lambda meta: (B * Hq, triton.cdiv(T, meta["BLOCK_M"]))
     attention_fwd_kernel[grid](
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        Hq, G, T, D, W, scale, _t_bucket(T),
+        Hq, G, T, D, W, scale, _t_bucket(T, W),
         IS_CAUSAL=causal, HAS_WINDOW=W < T, LOWP_DOT=_lowp(q), BLOCK_D=_block_d(D),
     )
     return o, lse
+
+
+def _triton_delta(o, do, dlse):
+    """rowsum(dO * O) - dlse, fp32 [B, Hq, T] (one pass over O and dO, no fp32 copies)."""
+    B, Hq, T, D = o.shape
+    delta = empty((B, Hq, T), dtype=torch.float32, device=o.device)
+    dl = dlse.float().contiguous() if dlse is not None else delta
+    BLOCK_T = 64
+    attention_bwd_delta_kernel[(triton.cdiv(T, BLOCK_T), B * Hq)](
+        o, do, dl, delta, *o.stride(), *do.stride(), Hq, T, D,
+        HAS_DLSE=dlse is not None, BLOCK_T=BLOCK_T, BLOCK_D=_block_d(D),
+    )
+    return delta
 
 
 def _triton_bwd(q, k, v, o, lse, do, dlse, causal, W, scale):
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
-    delta = (do.float() * o.float()).sum(-1)  # [B, Hq, T]
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
+    delta = _triton_delta(o, do, dlse)
     dq = empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
     dk = empty((B, Hkv, T, D), dtype=k.dtype, device=q.device)
     dv = empty((B, Hkv, T, D), dtype=v.dtype, device=q.device)
     common = dict(IS_CAUSAL=causal, HAS_WINDOW=W < T, LOWP_DOT=_lowp(q), BLOCK_D=_block_d(D))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    bucket = _t_bucket(T, W)
     attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, *strides, Hq, Hkv, G, T, D, W, scale, _t_bucket(T), **common,
+        q, k, v, do, lse, delta, dk, dv, *strides, Hq, Hkv, G, T, D, W, scale, bucket, **common,
     )
     attention_bwd_dq_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)](
-        q, k, v, do, lse, delta, dq, *strides, Hq, G, T, D, W, scale, _t_bucket(T), **common,
+        q, k, v, do, lse, delta, dq, *strides, Hq, G, T, D, W, scale, bucket, **common,
     )
     return dq, dk, dv
 
 
 class _FlashAttention(torch.autograd.Function):
+    """The kernels take scale >= 0 (their row max is max(s) * scale): a negative scale runs on -q, which
+    is exact, and dq flips back."""
+
     @staticmethod
     def forward(ctx, q, k, v, causal, W, scale):
-        o, lse = _triton_fwd(q, k, v, causal, W, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
+        qs = -q if scale < 0 else q
+        o, lse = _triton_fwd(qs, k, v, causal, W, abs(scale))
+        ctx.save_for_backward(qs, k, v, o, lse)
         ctx.causal, ctx.W, ctx.scale = causal, W, scale
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _triton_bwd(q, k, v, o, lse, do, dlse, ctx.causal, ctx.W, ctx.scale)
-        return dq, dk, dv, None, None, None
+        qs, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _triton_bwd(qs, k, v, o, lse, do, dlse, ctx.causal, ctx.W, abs(ctx.scale))
+        return (-dq if ctx.scale < 0 else dq), dk, dv, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,13 +777,17 @@ def flash_attention_with_lse(q, k, v, *, causal=True, window=None, scale=None, b
 
     ``window=w``: query i sees keys i - w < j <= i (w keys including itself); ``scale`` defaults to
     1/sqrt(D). ``backend``: "auto" (Triton on CUDA, torch otherwise), "torch" or "triton"."""
+    return _attention(q, k, v, causal, window, scale, backend, need_lse=True)
+
+
+def _attention(q, k, v, causal, window, scale, backend, need_lse):
     _validate(q, k, v, window, scale)
     backend = resolve_backend(backend, q)
     T, D = q.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     causal = bool(causal)
     if backend == "torch":
-        return _torch_attention(q, k, v, causal, window, scale)
+        return _torch_attention(q, k, v, causal, window, scale, need_lse=need_lse)
     if q.dtype == torch.float64:
         raise ValueError(
             "backend='triton' supports fp16/bf16/fp32 inputs, got torch.float64 (use backend='torch')"
@@ -511,4 +800,4 @@ def flash_attention_with_lse(q, k, v, *, causal=True, window=None, scale=None, b
 
 def flash_attention(q, k, v, *, causal=True, window=None, scale=None, backend="auto"):
     """Masked softmax attention, ``out [B, Hq, T, D]`` (see ``flash_attention_with_lse``)."""
-    return flash_attention_with_lse(q, k, v, causal=causal, window=window, scale=scale, backend=backend)[0]
+    return _attention(q, k, v, causal, window, scale, backend, need_lse=False)[0]

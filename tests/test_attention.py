@@ -11,12 +11,16 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+import fast.attention as attention_module
 from fast.attention import (
+    _needs_int64,
     _torch_attention,
     flash_attention,
     flash_attention_with_lse,
     key_block_range,
+    key_block_split,
     query_block_range,
+    query_block_split,
 )
 from fast.testing import assert_close, compare
 from reference.attention import (
@@ -165,6 +169,39 @@ def test_block_ranges_are_exact(T, bm, bn, causal, window):
         assert visited == needed, (start_n, sorted(visited), sorted(needed))
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [None, 1, 5, 16, 40, 63, 64, 65, 200])
+@pytest.mark.parametrize("T,bm,bn", [(100, 16, 16), (97, 32, 16), (64, 16, 32), (256, 64, 64), (130, 64, 32)])
+def test_block_splits_interior_needs_no_mask(T, bm, bn, causal, window):
+    """Interior blocks (no mask in the kernels) hold only allowed pairs with both indices < T; edge +
+    interior blocks are exactly the visited range, in order."""
+    mask = attention_mask(T, causal=causal, window=window)
+    for start_m in range(0, T, bm):
+        a, b, c, d = key_block_split(start_m, bm, bn, T, causal=causal, window=window)
+        assert (a, d) == key_block_range(start_m, bm, bn, T, causal=causal, window=window)
+        assert a <= b <= c <= d and b % bn == 0 == c % bn
+        for s in range(b, c, bn):
+            rows = slice(start_m, min(start_m + bm, T))  # rows >= T are never stored
+            assert s + bn <= T and mask[rows, s:s + bn].all(), (start_m, s)
+    for start_n in range(0, T, bn):
+        a, b, c, d = query_block_split(start_n, bn, bm, T, causal=causal, window=window)
+        assert (a, d) == query_block_range(start_n, bn, bm, T, causal=causal, window=window)
+        assert a <= b <= c <= d and b % bm == 0 == c % bm
+        for s in range(b, c, bm):
+            cols = slice(start_n, min(start_n + bn, T))  # keys >= T are never stored
+            assert s + bm <= T and mask[s:s + bm, cols].all(), (start_n, s)
+
+
+def test_block_splits_have_interior_blocks():
+    # long causal rows are mostly interior (the point of the split): the diagonal block is the only edge
+    a, b, c, d = key_block_split(1024, 128, 64, 4096)
+    assert (a, b, c, d) == (0, 0, 1024, 1152)
+    a, b, c, d = key_block_split(1024, 128, 64, 4096, window=512)  # window: 2 edge blocks below, 1 above
+    assert (a, b, c, d) == (512, 640, 1024, 1152)
+    a, b, c, d = query_block_split(1024, 128, 64, 4096, window=512)
+    assert (a, b, c, d) == (1024, 1152, 1536, 1663)
+
+
 def test_sliding_window_cost_is_linear_in_T():
     # the number of (query block, key block) tiles visited grows like T * w, not T^2
     def tiles(T, window):
@@ -261,6 +298,43 @@ def test_many_batches_and_heads_triton(B, Hkv, G, T, causal, window):
     _run("triton", B, Hkv, G, T, 16, causal, window, torch.float32, seed=B + Hkv)
 
 
+# The interpreter runs one 64 x 64 tile: T a multiple of it (no bounds masks, EVEN_T) or not, D equal to
+# the padded head size (EVEN_D) or not, windows whose edges fall on / next to a block boundary.
+_PATHS = [
+    (128, 32, True, None, "fp32"),  # EVEN_T, EVEN_D, causal: interior + diagonal blocks
+    (192, 64, True, 64, "fp32"),  # window = block: edge blocks on both sides
+    (192, 16, True, 65, "bf16"),  # window one past a block
+    (130, 20, True, 63, "fp32"),  # partial last block, padded D, window one short of a block
+    (256, 32, False, 65, "fp32"),  # symmetric band, EVEN_T
+    (128, 20, False, None, "fp16"),  # non-causal full, EVEN_T, padded D
+]
+
+
+@pytest.mark.parametrize("T,D,causal,window,dtype", _PATHS)
+def test_split_paths_vs_reference(T, D, causal, window, dtype):
+    _run("triton", 1, 1, 2, T, D, causal, window, DTYPES[dtype], seed=T + D)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_negative_scale(backend):
+    # the kernels take scale >= 0 and run a negative scale on -q (exact), flipping dq back
+    _run(backend, 1, 1, 1, 70, 16, True, 9, torch.float32, seed=11, scale=-0.4)
+
+
+def test_int64_offsets_path(monkeypatch):
+    # the INT64 kernels (tensors of >= 2^31 elements) cannot be allocated here: force the flag instead
+    monkeypatch.setattr(attention_module, "_needs_int64", lambda *tensors: True)
+    _run("triton", 1, 2, 2, 80, 16, True, 20, torch.float32, seed=12)
+
+
+def test_needs_int64():
+    small = torch.empty(2, 16, 4096, 128, device="meta")
+    assert not _needs_int64(small, 3, None)
+    assert _needs_int64(small, torch.empty(1, 32, 65536, 1024, device="meta"))  # 2^31 elements
+    strided = torch.empty_strided((1, 1, 8, 16), (2**31, 2**31, 2**27, 1), device="meta")  # huge strides
+    assert _needs_int64(strided)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("D", [100, 128])
 def test_big_and_odd_head_dims(backend, D):
@@ -307,6 +381,39 @@ def test_torch_blocked_chunks(chunk):
         ref_out, ref_lse = attention(q.numpy(), k.numpy(), v.numpy(), causal=causal, window=window, scale=0.5)
         assert_close(out, ref_out, dtype=torch.float64, name=f"out {causal} {window}")
         assert_close(lse, ref_lse, dtype=torch.float64, name=f"lse {causal} {window}")
+        out2, none = _torch_attention(q, k, v, causal, window, 0.5, chunk=chunk, need_lse=False)  # fused SDPA
+        assert none is None
+        assert_close(out2, ref_out, dtype=torch.float64, name=f"out without lse {causal} {window}")
+
+
+def test_torch_backend_saves_no_more_than_the_eager_formula():
+    """Autograd-saved memory (what stays alive from forward to backward) of the out-only torch backend is
+    at most the textbook masked softmax's, at the tiny GPT's shape; GQA does not copy kv heads."""
+    def saved_bytes(fn):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(seen.values())
+
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(4, 2, 256, 32, generator=gen).requires_grad_() for _ in range(3))
+    i, j = torch.arange(256)[:, None], torch.arange(256)[None, :]
+    for window in (None, 64):
+        masked = (j > i) if window is None else ((j > i) | (i - j >= window))
+
+        def eager(window=window, masked=masked):
+            att = ((q @ k.transpose(-1, -2)) * 32**-0.5).masked_fill(masked, float("-inf"))
+            return torch.softmax(att, -1) @ v
+
+        ours = saved_bytes(lambda window=window: flash_attention(q, k, v, window=window, backend="torch"))
+        assert ours <= saved_bytes(eager), window
+        assert_close(flash_attention(q, k, v, window=window, backend="torch"), eager().detach().double(),
+                     dtype=torch.float32, name=f"w={window}")
 
 
 def test_triton_skips_key_blocks_outside_the_window():

@@ -1,0 +1,107 @@
+"""fast.kernel_stats: SASS loop detection on a hand-written listing, and on real sm_90a compiles of toy
+kernels (a lean loop, the same loop bloated with extra math, a kernel that must spill registers)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fast.kernel_stats import find_loops, markdown, parse_sass, toolchain
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+LISTING = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ ;
+        /*0030*/                   MUFU.EX2 R3, R3 ;
+        /*0040*/                   NOP ;
+        /*0050*/              @!P0 BRA 0x20 ;
+        /*0060*/                   STG.E desc[UR4][R6.64], R3 ;
+        /*0070*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0080*/               @P1 BRA 0x10 ;
+        /*0090*/                   EXIT ;
+        /*00a0*/                   BRA 0xa0;
+"""
+
+
+def test_loops_from_back_edges():
+    loops = find_loops(parse_sass(LISTING))
+    assert [(lp.start, lp.end) for lp in loops] == [(0x20, 0x50), (0x10, 0x80)]
+    inner, outer = loops
+    assert inner.innermost and not outer.innermost
+    # inner body: HGMMA, MUFU, (NOP not counted), BRA
+    assert (inner.sass, inner.hgmma, inner.mufu, inner.ldg, inner.stg) == (3, 1, 1, 0, 0)
+    assert (outer.sass, outer.ldg, outer.stg, outer.bar) == (7, 1, 1, 1)
+    # the `BRA self` trap after EXIT is not a loop; forward branches neither
+    assert find_loops(parse_sass("        /*0000*/  BRA 0x0;\n        /*0010*/  @P0 BRA 0x30 ;\n")) == []
+    table = markdown([dict(kernel="k", dtype="bf16", config="BLOCK=16", registers=32, spill_bytes=0,
+                           smem_bytes=0, warnings=[], loops=[inner.record(), outer.record()])])
+    assert "| k | bf16 | BLOCK=16 | 32 | 0 | 0 | - | 3 (1 / 1 / 0 / 0 / 0 / 0 / 0) |" in table
+
+
+TOYS = textwrap.dedent('''
+    import json, sys
+    import torch, triton, triton.language as tl
+    from fast.compile_check import CompileLog, compile_instead_of_launch
+    from fast.kernel_stats import _as_the_runtime_compiles, stats_for, toolchain
+
+    @triton.jit
+    def lean_kernel(x, y, n, BLOCK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for i in range(0, n, BLOCK):
+            acc += tl.load(x + i + o)
+        tl.store(y + o, acc)
+
+    @triton.jit
+    def bloated_kernel(x, y, n, BLOCK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for i in range(0, n, BLOCK):
+            v = tl.load(x + i + o)
+            acc += tl.exp(v) * tl.sin(v) + tl.sqrt(tl.abs(v)) / (1.0 + v * v)
+        tl.store(y + o, acc)
+
+    @triton.jit
+    def spill_kernel(x, y, n, R: tl.constexpr, C: tl.constexpr):
+        r = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+        acc = tl.zeros([R, C], tl.float32)  # R * C / 32 live fp32 values per thread (one warp)
+        for i in range(0, n):
+            acc = acc * tl.load(x + i * R * C + r) + tl.sqrt(acc + 1.0)
+        tl.store(y + r, acc)
+
+    log = CompileLog()
+    x, y = torch.zeros(16384), torch.zeros(16384)
+    with compile_instead_of_launch(log), _as_the_runtime_compiles(log):
+        lean_kernel[(1,)](x, y, 4096, BLOCK=256)
+        bloated_kernel[(1,)](x, y, 4096, BLOCK=256)
+        spill_kernel[(1,)](x, y, 2, R=32, C=256, num_warps=1)
+    assert not log.failures, log.failures
+    print("JSON" + json.dumps(stats_for(log.compiled, toolchain())))
+''')
+
+
+@pytest.mark.skipif(toolchain() is None, reason="Triton's bundled ptxas/cuobjdump not found")
+def test_toy_kernels(tmp_path):
+    (tmp_path / "toys.py").write_text(TOYS)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MGSR_POISON_OUTPUTS")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    env["PYTHONPATH"] = str(ROOT)
+    p = subprocess.run([sys.executable, str(tmp_path / "toys.py")], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    recs = {r["kernel"]: r for r in json.loads(p.stdout.split("JSON", 1)[1])}
+    lean, bloated, spill = recs["lean_kernel"], recs["bloated_kernel"], recs["spill_kernel"]
+    assert lean["config"].startswith("BLOCK=256") and lean["spill_bytes"] == 0 and lean["registers"] > 0
+    # compare the biggest loop of each: the compiler may peel or pipeline a loop, and libdevice's sin
+    # brings its own range-reduction loop, nested inside the bloated kernel's main loop
+    ll = max(lean["loops"], key=lambda lp: lp["sass"])
+    bl = max(bloated["loops"], key=lambda lp: lp["sass"])
+    assert bl["sass"] > ll["sass"] and bl["mufu"] > ll["mufu"] == 0
+    assert ll["ldg"] >= 1 and ll["stg"] == 0
+    assert spill["spill_bytes"] > 0 and spill["registers"] >= 200
