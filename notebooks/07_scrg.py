@@ -83,10 +83,12 @@ print(f"{len(test)} held-out prompts; teacher {teacher.num_params():,} params, s
 # %%
 MAX_NEW = 48
 for ex in test:
+    if ex.family not in ("reverse", "sort_numbers", "number_to_words", "uppercase"):
+        continue
     x = prompt_ids(ex.prompt)
-    hits = [s for s in range(4) if decode(R.continue_response(
-        sf, x, [], max_new_tokens=MAX_NEW, eos_id=EOS, rng=np.random.default_rng(s))) != ex.response]
-    if hits and ex.family in ("reverse", "sort_numbers", "number_to_words", "uppercase"):
+    hits = [k for k in range(4) if decode(R.continue_response(
+        sf, x, [], max_new_tokens=MAX_NEW, eos_id=EOS, rng=np.random.default_rng(k))) != ex.response]
+    if hits:
         seed = hits[0]
         break
 y = R.continue_response(sf, x, [], max_new_tokens=MAX_NEW, eos_id=EOS, rng=np.random.default_rng(seed))
