@@ -39,7 +39,7 @@ from _timing import fmt_table, median_ms, peak_mb  # noqa: E402
 
 COLS = ["op", "impl", "shape", "median_ms", "peak_mb", "note"]
 FULL_BUDGET_S = 240.0  # CUDA: stop adding lengths past this (compiles included)
-WINDOW, TOP_K, BLOCK = 512, 8, 64  # the configuration: w = 512, 8 blocks x 64
+WINDOW, TOP_K, BLOCK = 512, 8, 64  # w = 512 plus 8 retrieved blocks of 64 keys
 
 
 def fit_exponent(ts, ms) -> float:
