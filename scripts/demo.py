@@ -25,7 +25,8 @@ def main() -> int:
 
     parts = [("1. Token-level divergences", demo_divergences.main),
              ("2. Tiny GPT teacher vs student", demo_tiny.main),
-             ("3. Distilled students (KD, DistiLLM, MGSR)", demo_distill.main)]
+             ("3. Distilled students (KD, DistiLLM, MGSR)", demo_distill.main),
+             ("4. MQAR recall: full vs sliding window vs SWA + MATCH", __import__("demo_match").main)]
     for title, fn in parts:
         print(f"\n=== {title} ===", flush=True)
         t0 = time.perf_counter()
