@@ -82,6 +82,9 @@ def main(argv=None) -> int:
             failed.append(stem)
             lines += [f"## {stem}", "", "FAILED:", "```", traceback.format_exc(), "```", ""]
         print(f"[bench] {stem}: {time.perf_counter() - t0:.1f}s", flush=True)
+        if args.out:  # written after every benchmark: a run stopped at a time limit keeps what finished
+            pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            pathlib.Path(args.out).write_text("\n".join(lines))
     report = "\n".join(lines)
     print(report)
     if args.out:
