@@ -394,6 +394,21 @@ def test_torch_identities(bs, dtype):
         qs, ks, vs, backend="torch").double(), dtype=dtype, name="T <= w = full causal")
 
 
+def test_block_summaries_vs_oracle():
+    # the public summaries (decode caches them): partial last block, padding, fp32 for low-precision keys
+    gen = torch.Generator().manual_seed(15)
+    k = torch.randn(2, 3, 11, 5, generator=gen)
+    for bs in (1, 3, 4, 11, 12):
+        assert_close(block_summaries(k, bs), ref.block_summaries(k.double().numpy(), bs), dtype=torch.float32)
+    assert block_summaries(k.bfloat16(), 3).dtype == torch.float32
+    valid = torch.arange(11)[None] >= torch.tensor([[0], [4]])  # row 1: 4 pad keys
+    got = block_summaries(k, 3, key_valid=valid)
+    assert_close(got[0], ref.block_summaries(k[0].double().numpy(), 3), dtype=torch.float32, name="row 0")
+    kn = k[1].double().numpy()
+    want = np.stack([np.zeros((3, 5)), kn[:, 4:6].mean(1), kn[:, 6:9].mean(1), kn[:, 9:].mean(1)], axis=1)
+    assert_close(got[1], want, dtype=torch.float32, name="padded row: the mean of the valid keys, 0 if none")
+
+
 @pytest.mark.parametrize("mode,bs,G", [("joint", 1, 1), ("gated", 1, 2), ("joint", 3, 2), ("gated", 4, 1)])
 def test_decode_equals_last_row(mode, bs, G):
     # decoding token by token with incrementally updated block summaries = the rows of the full computation
@@ -415,10 +430,11 @@ def test_decode_equals_last_row(mode, bs, G):
             assert_close(out, full[:, :, t:t + 1], name=f"decode t={t}")
 
 
-@pytest.mark.parametrize("bs", [1, 2])
-def test_padding_and_longer_keys(bs):
-    # left padding by a multiple of the block size: the valid rows equal the unpadded computation
-    T, D, w, K, pad = 21, 4, 3, 2, 4
+@pytest.mark.parametrize("bs,pad", [(1, 3), (1, 4), (2, 4), (3, 6)])
+def test_padding_and_longer_keys(bs, pad):
+    # left padding (any amount for tokens, a multiple of the block size for blocks): the valid rows equal
+    # the unpadded computation
+    T, D, w, K = 21, 4, 3, 2
     gen = torch.Generator().manual_seed(14)
     q, k, v = (torch.randn(1, 2, T, D, generator=gen, dtype=torch.float64) for _ in range(3))
     want = match_attention(q, k, v, window=w, top_k=K, block_size=bs)
@@ -512,6 +528,8 @@ def test_gpt_generate_cache_equals_recompute(mode, bs):
     recomputed = generate(m, prompts, use_cache=False, **kw)
     assert cached == recomputed
     assert all(len(r) == 12 for r in cached)
+    if bs == 1:  # token retrieval: a row does not depend on the other rows' padding
+        assert cached == [generate(m, [p], **kw)[0] for p in prompts]
 
 
 def test_gpt_match_logits_cache_vs_full():
