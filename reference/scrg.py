@@ -156,8 +156,8 @@ def _check(prompt, response, teacher, student, frequency, teacher_token, decode,
     if eos_id in list(response)[:-1]:
         at = list(response).index(eos_id)
         raise ValueError(f"eos_id={eos_id} may only be the last response token, found at index {at}")
-    V = _logits(teacher, prompt, "teacher").shape[0]
-    Vs = _logits(student, prompt, "student").shape[0]
+    V = _logits(teacher, [0], "teacher").shape[0]  # a one-token probe: id 0 exists in any vocabulary
+    Vs = _logits(student, [0], "student").shape[0]
     if V != Vs:
         raise ValueError(f"vocabulary mismatch: the teacher has {V} logits, the student {Vs}")
     for name, ids in (("prompt", prompt), ("response", response), ("eos_id", [eos_id])):
