@@ -3,7 +3,9 @@
 The oracle is ``reference/scrg.py``: same definition, same conventions, same [RECON] choices (forward KL
 at temperature 1, EOS kept as the last response token, ``max_new_tokens`` counting every response token,
 no mismatch -> stop, later rounds only after the previous correction). With ``teacher_token="argmax"`` and
-``decode="greedy"`` both return the same token sequences (tested with float64 models). Entry point::
+``decode="greedy"`` both return the same token sequences (tested with float64 models; in float32, or where d
+values tie mathematically, e.g. a context of one repeated token, rounding may pick another position).
+Entry point::
 
     revised, positions = scrg(prompts, responses, teacher, student, max_new_tokens=64, eos_id=EOS,
                               generator=torch.Generator().manual_seed(0))

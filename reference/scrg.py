@@ -41,7 +41,10 @@ Choices the paper leaves open ([RECON]: ours, with the alternative named):
   (temperature ``temperature``, no top-k/top-p) or ``"greedy"``.
 * convention (ties): the error position is the *lowest* index among equal maximal ``d_i``; argmax teacher
   tokens and greedy decoding take the *lowest* token id among equal maximal logits (``np.argmax``,
-  ``torch.argmax``).
+  ``torch.argmax``). Ties that hold only mathematically are broken by rounding: in a context made of one
+  repeated token (prompt ``[a]``, response ``[a, a, ...]``) every position has the same hidden state, so the
+  d_i are equal up to the last bits and an implementation with other rounding (``fast.scrg``) may pick another
+  of them.
 * convention (sampling): inverse CDF, exactly as ``tiny_models.gpt.sample_next``: one uniform ``u`` in
   [0, 1) per token, ``p = softmax(logits / temperature)`` in float64, the token is the first index whose
   cumulative probability reaches ``u * cdf[-1]``.
