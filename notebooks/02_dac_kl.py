@@ -1,12 +1,18 @@
 # %% [markdown]
 # # 02 · DAC-KL: what the learned band keeps
 #
-# DAC-KL (MGSR, spec §2) distils only a *band* of the teacher distribution: a small sub-network looks at
+# Paper: *Multi-Granularity Semantic Revision for Large Language Model Distillation* (MGSR), arXiv 2407.10068.
+#
+# DAC-KL, MGSR's token-level loss, distils only a *band* of the teacher distribution: a small sub-network looks at
 # the sorted teacher probabilities and predicts two levels `0 <= l < u <= 1`; they become two value
 # thresholds `tau_lo <= tau_hi`, a soft sigmoid mask keeps the tokens with `tau_lo <= p <= tau_hi`, the
 # teacher's top class is appended as an extra entry, and the loss is the KL between the clipped teacher
 # and the student clipped by the *same* mask. Everything here that the paper does not state is our
-# reconstruction ([RECON]; see `reference/dac_kl.py`).
+# reconstruction ([RECON]; see `reference/dac_kl.py` and [../docs/papers.md](../docs/papers.md)).
+#
+# Sections: the band on one distribution → training the sub-network → what the learned band keeps →
+# the Triton kernel's threshold search (31 bisection steps on the fp32 bit pattern) replayed in NumPy →
+# kernel vs torch vs oracle on an odd shape, every gradient included.
 #
 # This notebook uses a synthetic Zipf teacher (no model download): each token's teacher distribution is a
 # shuffled Zipf law with its own exponent, so some positions are peaked and some flat.
@@ -77,10 +83,10 @@ plt.show()
 # %% [markdown]
 # ## Training the sub-network (and a student) end to end
 # The student is a free table of logits; the sub-network `f_sub` (top-64 sorted probabilities + entropy ->
-# 2 hidden layers of 64 -> (a, b)) is trained jointly through the DAC-KL loss, as the reviews describe.
+# 2 hidden layers of 64 -> (a, b)) is trained jointly through the DAC-KL loss (the paper trains it through the loss it clips).
 # We log the mean `u`, `l` and the kept teacher mass for three settings:
 #
-# * `value`, floor weight `lam_m = 1` (the spec's proposal): **the band collapses.** `u` and `l` both
+# * `value`, floor weight `lam_m = 1` (the default of `reference/dac_kl.py`): **the band collapses.** `u` and `l` both
 #   run to 1,
 #   the band shrinks onto the top probability values, which are the target class, excluded from the band
 #   because it already has its own entry. Only the target entry is left, the normalised KL of a one-entry
@@ -89,8 +95,9 @@ plt.show()
 # * `value`, `lam_m = 10`: the floor now outweighs the KL and the band stays open (kept mass ~ `rho_min`).
 # * `mass`, `lam_m = 10`: the cumulative-mass window, same floor.
 #
-# So the safeguard of spec §2.2 step 7 needs a weight comparable with the KL itself (or the alternative
-# there: detach the mask for the student and train `f_sub` on held-out tokens). Worth reporting.
+# So the kept-mass floor (a safeguard this project adds; the paper has no such term) needs a weight comparable
+# with the KL itself. The alternative: detach the mask for the student and train `f_sub` on held-out tokens.
+# Worth reporting.
 
 # %%
 N_TRAIN, STEPS = 96, 80
@@ -158,28 +165,84 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
+# ## How the kernel finds a threshold without sorting
+#
+# A value quantile needs one or two order statistics, not the whole order. For non-negative fp32 numbers the
+# bit pattern read as an int32 orders exactly like the value, so the $k$-th smallest probability (0-based) is
+# the smallest bit pattern $b$ with $\#\{v : \text{bits}(p_v) \le b\} \ge k + 1$. The count is monotone in
+# $b$, so bisection on the integer range $[0, \text{bits}(1.0)] = [0, \texttt{0x3F800000}]$ finds it; that
+# range holds about $1.07\cdot 10^9 < 2^{31}$ integers, so **31 steps** give the exact answer. The kernel does
+# one streaming pass over $V$ per step (the count), both thresholds in the same pass; a last pass finds the
+# next larger value for the linear interpolation $Q = s_k + \text{frac}\,(s_{k+1} - s_k)$,
+# $\text{idx} = \text{level}\,(n - 1)$. Replayed in NumPy on one row and compared with `np.quantile`:
+
+# %%
+p32 = torch.softmax(teacher[i], -1).numpy().astype(np.float32)  # [V] fp32, as in the kernel
+bits = p32.view(np.int32)  # [V] the bit patterns; monotone in the value for p >= 0
+assert (np.argsort(bits, kind="stable") == np.argsort(p32, kind="stable")).all()
+
+
+def kth_smallest_by_bisection(bits, k, steps=31):  # [V] int32, int -> int32 bit pattern, widths per step
+    lo, hi, widths = 0, 0x3F800000, []
+    for _ in range(steps):
+        mid = lo + ((hi - lo) >> 1)
+        if (bits <= mid).sum() >= k + 1:  # one pass over V: the count at or below the candidate
+            hi = mid
+        else:
+            lo = mid + 1
+        widths.append(hi - lo)
+    return np.int32(hi), widths
+
+
+for level in (0.6, 0.98):
+    idx_f = level * (V - 1)
+    k = int(np.floor(idx_f))
+    b_k, widths = kth_smallest_by_bisection(bits, k)
+    s_k = np.array(b_k, dtype=np.int32).view(np.float32)  # back to a float
+    s_next = p32[p32 > s_k].min() if (p32 > s_k).any() else s_k  # the kernel's extra pass
+    assert s_k == np.sort(p32)[k], "bisection must land exactly on the k-th order statistic"
+    tau = float(s_k) + (idx_f - k) * (float(s_next) - float(s_k))
+    want = np.quantile(p32.astype(np.float64), level)  # numpy's default 'linear' method
+    assert_close(tau, want, dtype="float64", name=f"quantile {level}")
+    print(f"level {level}: k = {k}, interval width after steps 1, 10, 20, 31: "
+          f"{[widths[j] for j in (0, 9, 19, 30)]}; tau = {tau:.6e}, np.quantile = {want:.6e}")
+plt.figure(figsize=(5, 2.6))
+plt.semilogy(np.arange(1, 32), np.maximum(widths, 0.5), "o-", ms=3)
+plt.xlabel("bisection step")
+plt.ylabel("bit patterns left (0 shown as 0.5)")
+plt.title("31 halvings of [0, bits(1.0)]")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
 # ## Correctness on an odd shape: Triton kernel vs torch backend vs NumPy oracle
-# The Triton forward finds each threshold by bisection on the bit pattern of the probabilities (no sort);
-# under `TRITON_INTERPRET=1` it runs on the CPU, so the shape is tiny.
+# $N = 3$ rows, $V = 77$ (not a power of two). Under `TRITON_INTERPRET=1` the kernel runs on the CPU, so the
+# shape is tiny. Compared against `reference/dac_kl.py`: the loss per row and **every gradient** of
+# $\sum_i g_i\,\text{loss}_i$ with a random cotangent $g$ ($g \ne 1$): the student logits, and the two
+# levels `upper`, `lower` through the thresholds (the gradient that trains the bounds sub-network).
 
 # %%
 t_s = teacher[:3, :77].contiguous()
 s_s = (0.5 * torch.randn(3, 77)).requires_grad_()
 u_s = torch.tensor([0.9, 0.8, 0.95], requires_grad=True)
 l_s = torch.tensor([0.2, 0.5, 0.05], requires_grad=True)
+g_s = torch.tensor([0.7, -1.3, 2.1])  # grad_output != 1
+args = (t_s.double().numpy(), s_s.detach().double().numpy(), u_s.detach().double().numpy(),
+        l_s.detach().double().numpy())
 for bounds in ("value", "mass"):
-    out = {}
+    ref = R.dac_kl(*args, bounds=bounds)  # [3]
+    rds, rdu, rdl = R.dac_kl_grad(*args, g=g_s.double().numpy(), bounds=bounds)  # [3, 77], [3], [3]
     for be in ("torch", "triton"):
         s_s.grad = u_s.grad = l_s.grad = None
-        loss, kept, _ = dac_kl(t_s, s_s, u_s, l_s, backend=be, bounds=bounds)
-        loss.sum().backward()
-        out[be] = (loss.detach(), s_s.grad.clone(), u_s.grad.clone(), l_s.grad.clone())
-    ref = R.dac_kl(t_s.double().numpy(), s_s.detach().double().numpy(), u_s.detach().double().numpy(),
-                   l_s.detach().double().numpy(), bounds=bounds)
-    args = (t_s.double().numpy(), s_s.detach().double().numpy(), u_s.detach().double().numpy(),
-            l_s.detach().double().numpy())
-    rds, _, _ = R.dac_kl_grad(*args, bounds=bounds)
-    for be in out:
-        assert_close(out[be][0], ref, dtype=torch.float32, name=f"{be} loss")
-        assert_close(out[be][1], rds, dtype=torch.float32, name=f"{be} d student")
-    print(bounds, "loss", ref.round(4), "— torch and triton match the oracle")
+        # the interpreter evaluates both branches of every tl.where with NumPy, so discarded lanes (padding
+        # beyond V = 77, -inf logits) compute exp overflows and -inf - (-inf) and NumPy warns; the where drops
+        # them, and the checks below would catch a NaN or inf that leaked into a result
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss, kept, _ = dac_kl(t_s, s_s, u_s, l_s, backend=be, bounds=bounds)
+            loss.backward(g_s)
+        assert_close(loss, ref, dtype=torch.float32, name=f"{be} {bounds} loss")
+        assert_close(s_s.grad, rds, dtype=torch.float32, name=f"{be} {bounds} d student")
+        assert_close(u_s.grad, rdu, dtype=torch.float32, name=f"{be} {bounds} d upper")
+        assert_close(l_s.grad, rdl, dtype=torch.float32, name=f"{be} {bounds} d lower")
+    print(f"{bounds}: loss {ref.round(4)}, d upper {rdu.round(4)}, d lower {rdl.round(4)}: "
+          "torch and triton match the oracle (loss, d student, d upper, d lower)")
