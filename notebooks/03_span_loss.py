@@ -1,7 +1,10 @@
 # %% [markdown]
 # # 03 · The span-correlation loss
 #
-# MGSR's third granularity (spec §3): inside a *span* (a phrase), compare the teacher's and the student's
+# Paper: *Multi-Granularity Semantic Revision for Large Language Model Distillation* (MGSR), arXiv 2407.10068.
+# Reconstructed choices and their alternatives: `reference/span.py` and [../docs/papers.md](../docs/papers.md).
+#
+# MGSR's third granularity, the span level: inside a *span* (a phrase), compare the teacher's and the student's
 # **Hadamard products of adjacent token distributions**, `r_k = p_k ⊙ p_{k+1}`, with an L2 distance,
 # averaged over all adjacent in-span pairs. Token-level KL looks at each position alone; `r_k` looks at
 # *which vocabulary entries two neighbouring positions favour together*.
@@ -9,7 +12,9 @@
 # 1. span priors: our deterministic rule-based extractor (the paper uses an external chunker; no tagger
 #    model is available here, so this is a [RECON] stand-in), drawn over a sentence;
 # 2. a construction where two students have *identical* token-level KL but different span losses;
-# 3. the Triton kernel (streams over V, never builds the `[pairs, V]` products) against the oracle.
+# 3. the streaming identity the Triton kernel uses, replayed in NumPy: why it never builds the
+#    `[pairs, V]` products, forward and backward;
+# 4. the Triton kernel against the oracle.
 
 # %%
 import os
@@ -112,7 +117,82 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## 3. Kernel vs torch backend vs oracle, on a batch with an empty span row
+# ## 3. The streaming identity: one number per pair, never a `[pairs, V]` tensor
+#
+# Written naively, the loss builds $r^t_k = p_k \odot p_{k+1}$ and $r^s_k = q_k \odot q_{k+1}$ for every
+# pair: two `[pairs, V]` tensors (plus the softmaxes and, for autograd, their saved copies). With a batch of
+# 8 sequences of 1024 tokens, about 600 in-span pairs each, and GPT-2's V = 50257, one such fp32 tensor is
+# $8 \cdot 600 \cdot 50257 \cdot 4$ bytes ≈ 0.9 GiB. But the forward needs only **one number per pair**,
+#
+# $$D_k^2 = \sum_v \big(e^{t_{k,v} + t_{k+1,v} - L^t_k - L^t_{k+1}} - e^{s_{k,v} + s_{k+1,v} - L^s_k -
+#   L^s_{k+1}}\big)^2, \qquad L_k = \log\sum_v e^{x_{k,v}},$$
+#
+# a sum over $V$ that can be streamed in chunks once the four log-sum-exps are known. So the kernel makes two
+# passes over each pair's four rows: pass 1, the row log-sum-exps by the online recurrence (running max $m$,
+# running sum $z$ rescaled by $e^{m - m'}$); pass 2, the sum of squares. The backward needs, per position $k$,
+#
+# $$g^q_k = c_{k-1}\, e_{k-1} \odot q_{k-1} + c_k\, e_k \odot q_{k+1}, \qquad c_k = \frac{1}{P\,D_k},
+#   \quad e_k = r^s_k - r^t_k, \qquad ds_k = q_k \odot \big(g^q_k - \langle g^q_k, q_k\rangle\big),$$
+#
+# where $e$ is recomputed chunk by chunk from the logits and the saved log-sum-exps: one pass for the dot
+# product $\langle g^q_k, q_k\rangle$, one to write $ds_k$. Only $[T]$-sized statistics are stored. The
+# replay below follows those passes with chunks of 32 over $V = 131$ and compares with the oracle.
+
+# %%
+rng3 = np.random.default_rng(1)
+T3, V3, CH = 7, 131, 32
+t3, s3 = rng3.normal(size=(2, T3, V3)) * 3  # [T, V] teacher and student logits
+spans3 = [(0, 3), (4, 7)]
+k3 = R.pairs(spans3)  # [P] = [0, 1, 4, 5]: the left position of every adjacent in-span pair
+P3 = len(k3)
+
+
+def row_lse(x):  # [V] -> float, streamed: pass 1
+    m, z = -np.inf, 0.0
+    for c0 in range(0, len(x), CH):
+        chunk = x[c0:c0 + CH]
+        m_new = max(m, chunk.max())
+        z = z * np.exp(m - m_new) + np.exp(chunk - m_new).sum()
+        m = m_new
+    return m + np.log(z)
+
+
+Lt = np.array([row_lse(t3[k]) for k in range(T3)])  # [T]
+Ls = np.array([row_lse(s3[k]) for k in range(T3)])  # [T]
+
+
+def e_chunk(k, c0):  # [CH] chunk of e_k = q_k q_{k+1} - p_k p_{k+1}, recomputed from logits and LSEs
+    sl = slice(c0, c0 + CH)
+    return (np.exp(s3[k, sl] + s3[k + 1, sl] - Ls[k] - Ls[k + 1])
+            - np.exp(t3[k, sl] + t3[k + 1, sl] - Lt[k] - Lt[k + 1]))
+
+
+D = np.array([np.sqrt(sum((e_chunk(k, c0) ** 2).sum() for c0 in range(0, V3, CH))) for k in k3])  # [P], pass 2
+assert_close(D, R.pair_distances(t3, s3, spans3), dtype="float64", name="streamed D_k")
+assert_close(D.mean(), R.span_loss(t3, s3, spans3), dtype="float64", name="streamed loss")
+print("pair distances D_k:", D.round(5), " loss = mean =", round(D.mean(), 6))
+
+# backward, one position at a time: c_left = coefficient of pair (k-1, k), c_right of pair (k, k+1)
+coef = np.zeros(T3)
+coef[k3] = 1.0 / (P3 * D)  # c_k, 0 for a position that starts no pair
+ds3 = np.zeros((T3, V3))
+for k in range(T3):
+    c_left, c_right = (coef[k - 1] if k > 0 else 0.0), coef[k]
+    q_k = np.exp(s3[k] - Ls[k])  # [V]; the kernel recomputes it chunk by chunk
+    gq = np.zeros(V3)
+    for c0 in range(0, V3, CH):
+        sl = slice(c0, c0 + CH)
+        if c_left:
+            gq[sl] += c_left * e_chunk(k - 1, c0) * np.exp(s3[k - 1, sl] - Ls[k - 1])
+        if c_right:
+            gq[sl] += c_right * e_chunk(k, c0) * np.exp(s3[k + 1, sl] - Ls[k + 1])
+    dot = (gq * q_k).sum()  # one pass
+    ds3[k] = q_k * (gq - dot)  # one pass to write
+assert_close(ds3, R.span_loss_grad(t3, s3, spans3), dtype="float64", name="streamed backward")
+print("streamed backward = oracle gradient; position 3 (in no pair) gets", np.abs(ds3[3]).max())
+
+# %% [markdown]
+# ## 4. Kernel vs torch backend vs oracle, on a batch with an empty span row
 # Spans arrive as a padded index tensor (`-1` rows are padding). The loss is the mean over all adjacent
 # in-span pairs of the batch; a batch without pairs gives exactly 0.
 
@@ -128,8 +208,13 @@ ref_g = np.stack([len(R.pairs(span_lists[b])) / P * R.span_loss_grad(t_np[b], s_
                   for b in range(B)])
 for be in ("torch", "triton"):
     s = torch.tensor(s_np, dtype=torch.float32, requires_grad=True)
-    loss = span_loss(torch.tensor(t_np, dtype=torch.float32), s, sp_t, backend=be)
-    loss.backward()
+    # Interpreter warnings, explained and silenced: a position with no pair on one side skips loading that
+    # row (zero iterations), so its log-sum-exp is log(0) = -inf ("divide by zero in log"), and arithmetic on
+    # that -inf, e.g. -inf - (-inf) in a discarded tl.where branch, gives "invalid value in subtract". Both are multiplied
+    # by a zero coefficient or masked; on a GPU they pass silently. The checks below would catch a NaN.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        loss = span_loss(torch.tensor(t_np, dtype=torch.float32), s, sp_t, backend=be)
+        loss.backward()
     assert_close(loss, ref, dtype=torch.float32, name=f"{be} loss")
     assert_close(s.grad, ref_g, dtype=torch.float32, name=f"{be} grad")
     print(f"{be}: loss {loss.item():.6f} (oracle {ref:.6f})")
