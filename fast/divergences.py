@@ -284,6 +284,9 @@ def _triton_bwd(t, s, keep, stats, gscale, code, log_w, log_1mw, inv_tau, block_
 # formula (two [N, V] log-softmaxes, the loss's elementwise temporaries, and autograd's saved tensors and
 # backward temporaries, each a fresh [N, V] allocation), this allocates two [N, V] tensors in all.
 _CHUNK_ELEMS = 1 << 17
+# On a GPU small chunks cost a kernel launch per operation and a host read-back (the screen) per chunk, far more
+# than the memory they save: there the chunk is ~2^25 elements (one or a few chunks for a batch of logits).
+_CHUNK_ELEMS_CUDA = 1 << 25
 
 
 def _log_probs(x, inv_tau, cd):  # [n, V] -> log softmax(x/τ) [n, V] in cd, as the kernel: (x - max)/τ - log z
@@ -428,7 +431,7 @@ def _torch_fwd(t, s, keep, code, w, inv_tau, need_grad):  # -> loss [N], y [N, V
         return torch.where(kb, loss, 0.0), y, coef
     loss = torch.zeros(N, dtype=cd, device=s.device)
     y = torch.empty((N, V), dtype=cd, device=s.device) if (need_grad and eff is not None) else None
-    rows = max(1, _CHUNK_ELEMS // V)
+    rows = max(1, (_CHUNK_ELEMS_CUDA if s.is_cuda else _CHUNK_ELEMS) // V)
     for r0 in range(0, N, rows):
         tc, sc, kc = t[r0:r0 + rows], s[r0:r0 + rows], kb[r0:r0 + rows]
         flagged = ~torch.isfinite(tc.sum(-1, dtype=cd) + sc.sum(-1, dtype=cd))

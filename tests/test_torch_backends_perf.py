@@ -13,6 +13,7 @@ from fast import divergences as F
 @pytest.fixture
 def one_row_per_chunk(monkeypatch):
     monkeypatch.setattr(F, "_CHUNK_ELEMS", 1)
+    monkeypatch.setattr(F, "_CHUNK_ELEMS_CUDA", 1)
 
 
 def _mixed_rows(rng, n=7, v=37):  # padded rows, clean rows, masked rows holding NaN / a -inf mismatch
@@ -37,6 +38,7 @@ def test_chunked_rows_match_reference(name, params, one_row_per_chunk):
 def test_bad_rows_are_counted_across_chunks(chunked, monkeypatch):
     if chunked:
         monkeypatch.setattr(F, "_CHUNK_ELEMS", 1)
+        monkeypatch.setattr(F, "_CHUNK_ELEMS_CUDA", 1)
     t, s = torch.randn(6, 9), torch.randn(6, 9)
     s[3, 1] = float("nan")
     t[5, 2] = float("-inf")  # a mismatch in a later chunk
