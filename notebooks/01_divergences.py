@@ -21,7 +21,7 @@
 # 3. **the Triton kernel**, walked through with its memory traffic counted;
 # 4. **an odd-shape check** of the kernel (interpreted on CPU) against the NumPy oracle.
 #
-# Code: `reference/divergences.py` (NumPy, float64, the spec) and `fast/divergences.py` (torch + Triton).
+# Code: `reference/divergences.py` (NumPy, float64, the definitions) and `fast/divergences.py` (torch + Triton).
 # Conventions (all tested): KL is KL, not soft cross-entropy; **no τ² factor**; −inf marks a padded vocabulary
 # entry shared by teacher and student and contributes exactly 0; mixtures are formed in log space.
 
@@ -41,6 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fast.divergences import divergence  # noqa: E402
+from fast.testing import assert_close  # noqa: E402
 from reference import divergences as R  # noqa: E402
 
 NAMES = list(R.DIVERGENCES)
@@ -177,6 +178,80 @@ start = src.index("# ---- pass 1")
 print(src[start: src.index("# ---- pass 2")])
 
 # %% [markdown]
+# **Pass 2 and the backward: where each divergence lives.** Pass 1 is the same for every divergence; the
+# divergence is chosen by the compile-time constant `DIV` in pass 2 (the loss and the row scalars `c0`, `c1`)
+# and in the backward (the line that writes $\partial L/\partial b$). Both branches, from the kernel source:
+
+# %%
+fwd_src = src[src.index("# ---- pass 2"):]
+print(fwd_src[: fwd_src.index("tl.store(LOSS")])
+bwd_src = inspect.getsource(Fd.divergence_bwd_kernel.fn)
+print(bwd_src[bwd_src.index("# ∂L/∂b"): bwd_src.index("g = tl.where(valid, g, 0.0)")])
+
+# %% [markdown]
+# Each branch replayed in NumPy, line for line (`log_w`, `log_1mw` are $\log w$, $\log(1-w)$ of the mixture
+# weight, β for JSD and α for the skew KLs): pass 2 gives the loss and the row scalars from the pass-1
+# statistics; the backward rebuilds $\partial L/\partial b$ from those six numbers alone, and
+# $\partial L/\partial s = \frac1\tau\,\partial L/\partial b$. Both are compared with the oracle, on the
+# rows of section 2 (which hold a padded −inf entry), at τ = 2.
+
+# %%
+def lae(x, y):  # log(e^x + e^y) with -inf allowed
+    return np.logaddexp(x, y)
+
+
+def kernel_replay(name, t, s, tau, w=None):  # [N, V] x2 -> loss [N], dL/ds [N, V]
+    code = NAMES.index(name)
+    valid = t != -np.inf
+    log_w = np.log(w) if w else -np.inf
+    log_1mw = np.log1p(-w) if w is not None and w < 1 else -np.inf
+    ma, mb = t.max(-1, keepdims=True), s.max(-1, keepdims=True)  # pass 1 (raw max, log z)
+    lza = np.log(np.exp((t - ma) / tau).sum(-1, keepdims=True))
+    lzb = np.log(np.exp((s - mb) / tau).sum(-1, keepdims=True))
+    lp = np.where(valid, (t - ma) / tau - lza, 0.0)
+    lq = np.where(valid, (s - mb) / tau - lzb, 0.0)
+    p, q = np.where(valid, np.exp(lp), 0.0), np.where(valid, np.exp(lq), 0.0)
+    c1 = 0.0
+    if code == 0:  # forward KL
+        loss = (p * (lp - lq)).sum(-1)
+        g = q - p
+    elif code in (1, 2):  # reverse KL, symmetric KL
+        c0 = (q * (lq - lp)).sum(-1, keepdims=True)
+        loss = c0[:, 0] + ((p * (lp - lq)).sum(-1) if code == 2 else 0.0)
+        g = q * (lq - lp - c0) + ((q - p) if code == 2 else 0.0)
+    elif code == 3:  # JSD(β)
+        lm = lae(log_w + lp, log_1mw + lq)
+        acc, c0 = (p * (lp - lm)).sum(-1), (q * (lq - lm)).sum(-1, keepdims=True)
+        loss = np.exp(log_w) * acc + np.exp(log_1mw) * c0[:, 0]
+        g = np.exp(log_1mw) * q * (lq - lm - c0)
+    elif code == 4:  # TV
+        sgn = np.where(q > p, 0.5, np.where(q < p, -0.5, 0.0))
+        loss, c0 = (0.5 * np.abs(p - q)).sum(-1), (q * sgn).sum(-1, keepdims=True)
+        g = q * (sgn - c0)
+    elif code == 5:  # skew forward KL
+        lm = lae(log_w + lp, log_1mw + lq)
+        k = np.where(valid, np.exp(lq - lm) * (p - q), 0.0)
+        loss, c0 = (p * (lp - lm)).sum(-1), k.sum(-1, keepdims=True)
+        g = -np.exp(2.0 * log_1mw) * (k - q * c0)
+    else:  # skew reverse KL
+        lm = lae(log_w + lq, log_1mw + lp)
+        h = np.where(valid, np.exp(lq - lm) * (q - p), 0.0)
+        c0, c1 = (q * (lq - lm)).sum(-1, keepdims=True), h.sum(-1, keepdims=True)
+        loss = c0[:, 0]
+        g = q * (lq - lm - c0) - np.exp(log_w + log_1mw) * (h - q * c1)
+    return loss, np.where(valid, g, 0.0) / tau
+
+
+for name in NAMES:
+    kw = {k: 0.3 for k in R.PARAMS[name]}
+    with np.errstate(invalid="ignore", divide="ignore"):  # -inf - -inf on the padded entry, then masked
+        loss_r, grad_r = kernel_replay(name, t_np, s_np, 2.0, w=next(iter(kw.values()), None))
+    f, g = R.DIVERGENCES[name]
+    assert_close(loss_r, f(t_np, s_np, temperature=2.0, **kw), dtype="float64", name=f"{name} replay loss")
+    assert_close(grad_r, g(t_np, s_np, temperature=2.0, **kw), dtype="float64", name=f"{name} replay grad")
+    print(f"{name:16s} pass 2 + backward replayed = oracle (loss and gradient)")
+
+# %% [markdown]
 # **Memory traffic.** Per row of `V` logits in `b` bytes each (bf16: 2), counting HBM reads and writes:
 #
 # | step | kernel (fwd + bwd) | a straightforward PyTorch version |
@@ -205,8 +280,6 @@ for N, V_big in [(4096, 32000), (16384, 128256)]:
 # Triton interpreter; outputs are compared with the float64 oracle fed the *same bf16-rounded* inputs.
 
 # %%
-from fast.testing import assert_close  # noqa: E402
-
 rng = np.random.default_rng(1)
 N_odd, V_odd = 37, 1271
 t_odd = torch.tensor(rng.normal(size=(N_odd, V_odd)) * 4.0, dtype=torch.bfloat16)
