@@ -66,6 +66,46 @@ print(
 print("greedy, torch :", repr(decode(generate(student, [ids], max_new_tokens=30)[0])))
 
 # %% [markdown]
+# ### One block, shape by shape
+#
+# `reference/gpt.py` written out for the first block of the student, with the shape of every intermediate
+# (T tokens, C channels, H heads of D = C / H, V the vocabulary), and checked against `R.block` and `R.gpt`.
+
+# %%
+cfg = R.config_kwargs(student.cfg)
+H, rope_base, eps = cfg["n_head"], cfg.get("rope_base", 10000.0), cfg.get("ln_eps", 1e-5)
+ids_np = np.asarray(ids)  # [T]
+T, C = len(ids_np), params["wte.weight"].shape[1]  # T tokens, C channels
+D = C // H  # head dim
+pos = np.arange(T)  # [T]
+x = params["wte.weight"][ids_np]  # [T, C]    token embeddings (no position embedding: RoPE below)
+a = R.layer_norm(x, params["h.0.ln_1.weight"], params["h.0.ln_1.bias"], eps)  # [T, C]    pre-LN
+qkv = a @ params["h.0.attn.c_attn.weight"].T  # [T, 3C]   one projection for q, k, v
+q, k, v = np.split(qkv, 3, axis=-1)  # 3 x [T, C]
+q, k, v = (t.reshape(T, H, D).transpose(1, 0, 2) for t in (q, k, v))  # 3 x [H, T, D]
+q, k = R.rope(q, pos, rope_base), R.rope(k, pos, rope_base)  # [H, T, D]  rotate pairs (i, i + D/2)
+scores = q @ k.transpose(0, 2, 1) / np.sqrt(D)  # [H, T, T]  scaled dot products
+scores = np.where(np.tril(np.ones((T, T), dtype=bool)), scores, -np.inf)  # [H, T, T]  causal mask
+probs = np.exp(scores - scores.max(-1, keepdims=True))  # [H, T, T]
+probs = probs / probs.sum(-1, keepdims=True)  # [H, T, T]  softmax over keys
+heads = probs @ v  # [H, T, D]
+merged = heads.transpose(1, 0, 2).reshape(T, C)  # [T, C]    heads side by side
+x1 = x + merged @ params["h.0.attn.c_proj.weight"].T  # [T, C]    residual 1
+m = R.layer_norm(x1, params["h.0.ln_2.weight"], params["h.0.ln_2.bias"], eps)  # [T, C]
+hidden = R.gelu(m @ params["h.0.mlp.c_fc.weight"].T)  # [T, 4C]   MLP up, tanh-GELU
+x2 = x1 + hidden @ params["h.0.mlp.c_proj.weight"].T  # [T, C]    residual 2: the block's output
+print(f"T={T}, C={C}, H={H}, D={D}; qkv {qkv.shape}, scores {scores.shape}, MLP hidden {hidden.shape}")
+block0 = R.block(x, params, 0, H, cfg.get("window"), pos, rope_base, eps)  # [T, C]
+print(f"max |by hand - R.block| = {np.abs(x2 - block0).max():.1e}")
+assert np.allclose(x2, block0, atol=1e-12, rtol=0)
+h = x2  # [T, C]
+for i in range(1, cfg["n_layer"]):
+    h = R.block(h, params, i, H, cfg.get("window"), pos, rope_base, eps)  # [T, C]
+logits = R.layer_norm(h, params["ln_f.weight"], params["ln_f.bias"], eps) @ params["wte.weight"].T  # [T, V]
+print(f"logits {logits.shape}; max |by hand - R.gpt| = {np.abs(logits - np_logits).max():.1e}")
+assert np.allclose(logits, np_logits, atol=1e-10, rtol=0)
+
+# %% [markdown]
 # The attention masks behind `"full"` and `"sliding"` (here `w = 3`, so each row has 3 keys, itself included):
 
 # %%
