@@ -67,13 +67,13 @@ from fast.train import (  # noqa: E402
     CheckpointError,
     _load,
     _log,
-    _resolve_device,
     _save,
     _truncate_logs,
     load_model,
     lr_at,
     read_log,
     save_model,
+    setup_process,
     step_indices,
 )
 from reference.span import extract_spans  # noqa: E402  (rule-based chunker, NumPy, no torch)
@@ -819,19 +819,7 @@ def train(cfg: DistillConfig, *, teacher=None, student=None) -> dict:
     instead of the checkpoint files (the student is trained in place). Under torchrun every rank calls this;
     rank 0 writes the model, logs and best checkpoint, every rank its own state (its replay buffer)."""
     cfg = resolve(cfg)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = _resolve_device(cfg.device)
-    if world > 1:
-        import torch.distributed as dist
-
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    world, rank, device = setup_process(cfg.device, cfg.threads)
     if teacher is None:
         teacher, _ = load_model(cfg.teacher, device=device)
     if student is None:

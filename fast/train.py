@@ -299,15 +299,12 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) training; returns {"losses": [...], "val": [...], "elapsed_s", "step", "num_params"}.
-
-    ``losses`` are only the steps run in this call. Under torchrun (``WORLD_SIZE > 1``) every rank calls
-    this; rank 0 writes the files.
-    """
+def setup_process(device_name: str, threads: int = 0) -> tuple[int, int, torch.device]:
+    """(world size, rank, device) of this process; under torchrun (``WORLD_SIZE > 1``) it joins the process
+    group (NCCL on CUDA, one GPU per ``LOCAL_RANK``; gloo on CPU). ``threads`` > 0 sets torch's threads."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    device = _resolve_device(cfg.device)
+    device = _resolve_device(device_name)
     if world > 1:
         import torch.distributed as dist
 
@@ -316,8 +313,18 @@ def train(cfg: TrainConfig) -> dict:
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if threads:
+        torch.set_num_threads(threads)
+    return world, rank, device
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training; returns {"losses": [...], "val": [...], "elapsed_s", "step", "num_params"}.
+
+    ``losses`` are only the steps run in this call. Under torchrun (``WORLD_SIZE > 1``) every rank calls
+    this; rank 0 writes the files.
+    """
+    world, rank, device = setup_process(cfg.device, cfg.threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
