@@ -21,6 +21,12 @@ KERNELS = [
     "dac_kl_bwd_kernel",
     "span_fwd_kernel",
     "span_bwd_kernel",
+    "match_summary_kernel",
+    "match_select_kernel",
+    "match_fwd_kernel",
+    "match_bwd_dq_kernel",
+    "match_window_dkdv_kernel",
+    "match_bwd_dkdv_kernel",
 ]
 
 
