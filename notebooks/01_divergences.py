@@ -275,13 +275,13 @@ for N, V_big in [(4096, 32000), (16384, 128256)]:
 # %% [markdown]
 # ## 4. An odd shape against the oracle
 #
-# 37 tokens × a vocabulary of 1 271 (not a power of two), a vocabulary chunk of 256 (so five chunks with a
+# 19 tokens × a vocabulary of 1 271 (not a power of two), a vocabulary chunk of 256 (so five chunks with a
 # ragged tail), padded entries, a mask, temperature 2, and bf16 inputs. On CPU the kernel runs in the
 # Triton interpreter; outputs are compared with the float64 oracle fed the *same bf16-rounded* inputs.
 
 # %%
 rng = np.random.default_rng(1)
-N_odd, V_odd = 37, 1271
+N_odd, V_odd = 19, 1271
 t_odd = torch.tensor(rng.normal(size=(N_odd, V_odd)) * 4.0, dtype=torch.bfloat16)
 s_odd = torch.tensor(rng.normal(size=(N_odd, V_odd)) * 4.0, dtype=torch.bfloat16)
 t_odd[:, 1000:] = s_odd[:, 1000:] = float("-inf")  # a padded tail of the vocabulary
