@@ -309,4 +309,41 @@ for name in NAMES:
     print(f"{name:16s} loss {float(loss):10.4f}  max|Δloss| {s_loss['max_abs']:.1e}  "
           f"grad rel-RMS {s_grad['rel_rms']:.1e}")
 
+
+# %% [markdown]
+# ## Would the test catch a wrong kernel?
+#
+# A check is only worth something if it fails on a wrong kernel. So plant a bug: copy `fast/divergences.py`,
+# change one line of the Triton kernel's pass 2 (forward KL weighted by the *student* `q` instead of the teacher
+# `p`, a slip that still gives a finite, plausible-looking number), load the copy as a module of its own, and run
+# exactly the comparison the tests make. The real kernel passes; the planted one is caught. `make mutants` does
+# this for a curated list of such bugs across every kernel, oracle and the trainer (CONTRIBUTING.md).
+
+# %%
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+import tempfile  # noqa: E402
+
+good_line = "                acc += tl.sum(p * (lp - lq), axis=0)\n            elif DIV == 1:"
+bad_line = "                acc += tl.sum(q * (lp - lq), axis=0)\n            elif DIV == 1:"
+src = inspect.getsource(Fd)
+assert src.count(good_line) == 1
+mutant_path = pathlib.Path(tempfile.mkdtemp()) / "divergences_mutant.py"
+mutant_path.write_text(src.replace(good_line, bad_line))  # Triton reads a kernel's source from its file
+spec = importlib.util.spec_from_file_location("divergences_mutant", mutant_path)
+mutant = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mutant)
+
+t_m = torch.tensor(rng.normal(size=(5, 77)) * 2.0)
+s_m = torch.tensor(rng.normal(size=(5, 77)) * 2.0)
+want = R.forward_kl(t_m.numpy(), s_m.numpy())
+for label, module in (("the real kernel", Fd), ("the planted bug", mutant)):
+    got = module.divergence("forward_kl", t_m.float().to(device), s_m.float().to(device), reduction="none",
+                            backend="triton")
+    try:
+        assert_close(got.cpu(), want, dtype="float32", name="forward KL per row")
+        print(f"{label:16s}: passes")
+    except AssertionError as e:
+        print(f"{label:16s}: CAUGHT -> {str(e).splitlines()[0][:100]}")
+
 print(f"notebook ran in {time.perf_counter() - T0:.1f}s")
