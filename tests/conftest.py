@@ -61,7 +61,7 @@ def interpreting() -> bool:
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """Tiny tensors: OpenMP threads only add synchronisation cost, badly so on a shared 2-core machine.
+    """Tiny tensors: OpenMP threads only add synchronisation cost, badly so on a 2-core machine.
     Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
     import torch
 

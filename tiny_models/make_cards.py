@@ -75,7 +75,7 @@ def card(name: str, run_dirs: list[str], cpu_s: float | None) -> dict:
         "total_steps": offset,
         "train_wall_s": round(wall, 1),
         "train_cpu_s": cpu_s,
-        "machine": f"{platform.machine()}, {os.cpu_count()}-core CPU shared with other processes, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {os.cpu_count()}-core CPU under load, torch {torch.__version__}",
         "final_train_loss": log[-1]["loss"],
         "final_val_loss": next(r["val_loss"] for r in reversed(log) if "val_loss" in r),
         "greedy": greedy,
@@ -138,8 +138,8 @@ def write_markdown(cards: dict[str, dict]) -> None:
     )
     about = f"""Two SFT'd byte-level GPTs (`tiny_models/gpt.py`: pre-LN, RoPE, tied embeddings, no biases in linears),
 trained from random initialisation on the synthetic instruction suite (`tiny_models/tasks.py`, data seed
-{t["data_seed"]}) with `fast/train.py` on a 2-core CPU, one thread each, under `nice`, while other processes
-used the same cores (so wall time is an upper bound; CPU time is the process's own).
+{t["data_seed"]}) with `fast/train.py` on a 2-core CPU, one thread each, under `nice`, on a loaded
+machine (so wall time is an upper bound; CPU time is the process's own).
 The student is one run of 800 steps; the teacher is two (800 steps, then 800 more from those weights with a fresh
 warmup + cosine schedule and another batch-order seed, `--init_from`), because after 800 steps it was only
 ~1.5 ROUGE-L points ahead of the student.
