@@ -13,6 +13,9 @@
 # %% [markdown]
 # # 01 · Token-level distillation divergences
 #
+# The losses of MGSR's token level (*Multi-Granularity Semantic Revision for LLM distillation*, arXiv
+# 2407.10068) and of its baselines; the skew KLs are DistiLLM's (arXiv 2402.03898).
+#
 # A teacher gives a distribution `p = softmax(t/τ)` over the vocabulary at every token, the student
 # `q = softmax(s/τ)`. Distillation minimises a divergence between them. This notebook covers:
 #
@@ -345,5 +348,52 @@ for label, module in (("the real kernel", Fd), ("the planted bug", mutant)):
         print(f"{label:16s}: passes")
     except AssertionError as e:
         print(f"{label:16s}: CAUGHT -> {str(e).splitlines()[0][:100]}")
+
+
+# %% [markdown]
+# ## Timing
+#
+# On a CPU the torch backend is what trains the tiny models: here beside the textbook eager formula
+# `F.kl_div(log_softmax(s), log_softmax(t), log_target=True)`, forward + backward (on CUDA the Triton kernel too).
+# The GPU rows are the committed measurement on one H200 (`benchmarks/results/gpu_report_h200.md`,
+# `make gpu-check`); `benchmarks/divergences.py` is the full benchmark.
+
+# %%
+import torch.nn.functional as TF  # noqa: E402
+
+
+def committed_rows(path, *starts):  # the rows of a committed results table whose first cell starts so
+    lines = pathlib.Path(path).read_text().splitlines()
+    return [ln for ln in lines if ln.startswith("| ") and ln.split("|")[1].strip().startswith(starts)]
+
+
+def median_ms(fn, reps=5):  # wall-clock median of a few calls, after one warm-up call
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+t_b = torch.randn(512, 4096, device=device)
+s_b = torch.randn(512, 4096, device=device, requires_grad=True)
+
+
+def eager_kl():
+    TF.kl_div(TF.log_softmax(s_b, -1), TF.log_softmax(t_b, -1), log_target=True, reduction="batchmean").backward()
+
+
+impls = {"eager formula": eager_kl,
+         "torch backend": lambda: divergence("forward_kl", t_b, s_b, backend="torch").backward()}
+if torch.cuda.is_available():
+    impls["triton"] = lambda: divergence("forward_kl", t_b, s_b, backend="triton").backward()
+for label, fn in impls.items():
+    print(f"forward KL fwd+bwd, N=512 V=4096 fp32 on {device}: {label:14s} {median_ms(fn):8.1f} ms")
+print("\ncommitted, one H200, bf16:")
+print("\n".join(committed_rows("../benchmarks/results/gpu_report_h200.md", "forward_kl fwd+bwd")[:3]))
 
 print(f"notebook ran in {time.perf_counter() - T0:.1f}s")

@@ -246,3 +246,49 @@ for bounds in ("value", "mass"):
         assert_close(l_s.grad, rdl, dtype=torch.float32, name=f"{be} {bounds} d lower")
     print(f"{bounds}: loss {ref.round(4)}, d upper {rdu.round(4)}, d lower {rdl.round(4)}: "
           "torch and triton match the oracle (loss, d student, d upper, d lower)")
+
+# %% [markdown]
+# ## Timing
+#
+# On a CPU: the torch backend beside the NumPy oracle (the readable version), forward + backward through the
+# student logits; on CUDA the Triton kernel too. The GPU rows are the committed measurement on one H200
+# (`benchmarks/results/mgsr_losses_h200.md`; `benchmarks/mgsr_losses.py` is the full benchmark).
+
+# %%
+import pathlib  # noqa: E402
+import time  # noqa: E402
+
+
+def committed_rows(path, *starts):  # the rows of a committed results table whose first cell starts so
+    lines = pathlib.Path(path).read_text().splitlines()
+    return [ln for ln in lines if ln.startswith("| ") and ln.split("|")[1].strip().startswith(starts)]
+
+
+def median_ms(fn, reps=5):  # wall-clock median of a few calls, after one warm-up call
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+rng_t = np.random.default_rng(5)
+t_np = rng_t.normal(size=(64, 1024)) * 3
+s_np = rng_t.normal(size=(64, 1024)) * 3
+up_np, lo_np = np.full(64, 0.9), np.full(64, 0.2)
+t_b = torch.tensor(t_np, dtype=torch.float32, device=dev)
+s_b = torch.tensor(s_np, dtype=torch.float32, device=dev, requires_grad=True)
+up_b, lo_b = torch.tensor(up_np, device=dev), torch.tensor(lo_np, device=dev)
+impls = {"NumPy oracle (fwd+bwd)": lambda: R.dac_kl_grad(t_np, s_np, up_np, lo_np),
+         "torch backend": lambda: dac_kl(t_b, s_b, up_b, lo_b, backend="torch")[0].sum().backward()}
+if torch.cuda.is_available():
+    impls["triton"] = lambda: dac_kl(t_b, s_b, up_b, lo_b, backend="triton")[0].sum().backward()
+for label, fn in impls.items():
+    print(f"DAC-KL, N=64 V=1024 on {dev}: {label:24s} {median_ms(fn, reps=1):8.1f} ms")
+print("\ncommitted, one H200, bf16:")
+print("\n".join(committed_rows("../benchmarks/results/mgsr_losses_h200.md", "dac_kl fwd+bwd (value)")[:2]))

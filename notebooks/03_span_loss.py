@@ -220,3 +220,49 @@ for be in ("torch", "triton"):
     print(f"{be}: loss {loss.item():.6f} (oracle {ref:.6f})")
 empty = span_loss(torch.zeros(2, 4, 5), torch.zeros(2, 4, 5), spans_to_tensor([[], []]), backend="triton")
 print("no spans ->", empty.item())
+
+# %% [markdown]
+# ## Timing
+#
+# On a CPU: the torch backend beside the NumPy oracle, forward + backward through the student logits; on CUDA
+# the Triton kernel too. The GPU rows are the committed measurement on one H200
+# (`benchmarks/results/mgsr_losses_h200.md`; `benchmarks/mgsr_losses.py` is the full benchmark).
+
+# %%
+import pathlib  # noqa: E402
+import time  # noqa: E402
+
+
+def committed_rows(path, *starts):  # the rows of a committed results table whose first cell starts so
+    lines = pathlib.Path(path).read_text().splitlines()
+    return [ln for ln in lines if ln.startswith("| ") and ln.split("|")[1].strip().startswith(starts)]
+
+
+def median_ms(fn, reps=5):  # wall-clock median of a few calls, after one warm-up call
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+rng_t = np.random.default_rng(9)
+t_np = rng_t.normal(size=(128, 2048)) * 3
+s_np = rng_t.normal(size=(128, 2048)) * 3
+sp = [(a, a + 8) for a in range(0, 128, 8)]
+t_b = torch.tensor(t_np[None], dtype=torch.float32, device=dev)
+s_b = torch.tensor(s_np[None], dtype=torch.float32, device=dev, requires_grad=True)
+sp_b = spans_to_tensor([sp], dev)
+impls = {"NumPy oracle (fwd+bwd)": lambda: R.span_loss_grad(t_np, s_np, sp),
+         "torch backend": lambda: span_loss(t_b, s_b, sp_b, backend="torch").backward()}
+if torch.cuda.is_available():
+    impls["triton"] = lambda: span_loss(t_b, s_b, sp_b, backend="triton").backward()
+for label, fn in impls.items():
+    print(f"span loss, T=128 V=2048 on {dev}: {label:24s} {median_ms(fn, reps=3):8.1f} ms")
+print("\ncommitted, one H200, bf16:")
+print("\n".join(committed_rows("../benchmarks/results/mgsr_losses_h200.md", "span fwd+bwd")[:2]))

@@ -299,3 +299,14 @@ plt.show()
 # full lands a bit under 2: at these sizes the linear terms (per-chunk overhead, concatenation) still count
 print(f"fitted exponents (T >= 2048): full {slope_full:.2f} (expect ~2), sliding {slope_win:.2f} (expect ~1)")
 assert slope_full > slope_win + 0.3, "full attention should grow clearly faster than sliding-window"
+
+# %% [markdown]
+# On a GPU the kernels are timed by `benchmarks/attention.py`; the committed rows of the last H200 run
+# (`benchmarks/results/gpu_report_h200.md`, `make gpu-check`; bf16, B1 H16, D64):
+
+# %%
+import pathlib  # noqa: E402
+
+rows = [ln for ln in pathlib.Path("../benchmarks/results/gpu_report_h200.md").read_text().splitlines()
+        if ln.startswith("| attn fwd+bwd |")]
+print("\n".join(rows[:8]))
