@@ -13,6 +13,9 @@
 # %% [markdown]
 # # 08 · Distilling the tiny teacher: KD vs MGSR
 #
+# MGSR: *Multi-Granularity Semantic Revision for LLM distillation* (arXiv 2407.10068); the baselines include
+# DistiLLM (arXiv 2402.03898) and MiniLLM (arXiv 2306.08543).
+#
 # `fast/distill.py` trains the tiny student (`tiny_models/checkpoints/student.safetensors`, 0.25M parameters)
 # towards the tiny teacher (1.8M) with one of a registry of methods. Each method is a *recipe*: which
 # sequences a step trains on, and with which loss. This notebook:
