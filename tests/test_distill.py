@@ -130,7 +130,7 @@ def test_adaptive_sampler_gt_fresh_and_replay(examples, monkeypatch):
     d.after_eval(1.05)
     assert d.threshold == 1.0  # capped
     d = Distiller(_cfg("distillm", init_threshold=0.2, loss_eps=0.1), t, s)
-    for v, want in ((1.0, 0.2), (1.05, 0.2), (1.11, 0.3), (1.15, 0.3), (1.22, 0.4)):
+    for v, want in ((1.0, 0.2), (1.05, 0.2), (1.11, 0.3), (1.15, 0.3), (1.22, 0.4), (1.33, 0.5), (1.44, 0.6)):
         d.after_eval(v)
         assert d.threshold == pytest.approx(want)
 
