@@ -7,6 +7,8 @@ kernel lane that never writes its output shows up as NaN instead of stale memory
 from __future__ import annotations
 
 import os
+import pathlib
+import time
 
 import torch
 
@@ -59,3 +61,25 @@ def check_float(name: str, t: torch.Tensor) -> None:
 
 def is_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---- timing in the notebooks (benchmarks/ holds the real benchmark scripts)
+
+
+def median_ms(fn, reps: int = 5) -> float:
+    """Wall-clock median of ``reps`` calls of ``fn`` in ms, after one warm-up call (synchronised on CUDA)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def committed_rows(path, *starts) -> list[str]:
+    """The rows of a committed markdown results table whose first cell starts with one of ``starts``."""
+    lines = pathlib.Path(path).read_text().splitlines()
+    return [ln for ln in lines if ln.startswith("| ") and ln.split("|")[1].strip().startswith(starts)]

@@ -361,23 +361,7 @@ for label, module in (("the real kernel", Fd), ("the planted bug", mutant)):
 # %%
 import torch.nn.functional as TF  # noqa: E402
 
-
-def committed_rows(path, *starts):  # the rows of a committed results table whose first cell starts so
-    lines = pathlib.Path(path).read_text().splitlines()
-    return [ln for ln in lines if ln.startswith("| ") and ln.split("|")[1].strip().startswith(starts)]
-
-
-def median_ms(fn, reps=5):  # wall-clock median of a few calls, after one warm-up call
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return 1e3 * sorted(times)[len(times) // 2]
-
+from fast.utils import committed_rows, median_ms  # noqa: E402
 
 t_b = torch.randn(512, 4096, device=device)
 s_b = torch.randn(512, 4096, device=device, requires_grad=True)

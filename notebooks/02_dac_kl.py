@@ -255,26 +255,7 @@ for bounds in ("value", "mass"):
 # (`benchmarks/results/mgsr_losses_h200.md`; `benchmarks/mgsr_losses.py` is the full benchmark).
 
 # %%
-import pathlib  # noqa: E402
-import time  # noqa: E402
-
-
-def committed_rows(path, *starts):  # the rows of a committed results table whose first cell starts so
-    lines = pathlib.Path(path).read_text().splitlines()
-    return [ln for ln in lines if ln.startswith("| ") and ln.split("|")[1].strip().startswith(starts)]
-
-
-def median_ms(fn, reps=5):  # wall-clock median of a few calls, after one warm-up call
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return 1e3 * sorted(times)[len(times) // 2]
-
+from fast.utils import committed_rows, median_ms  # noqa: E402
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 rng_t = np.random.default_rng(5)
