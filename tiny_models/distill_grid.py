@@ -228,7 +228,9 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     results = {}
     for ref, path in (("teacher", args.teacher), ("student (init)", args.student)):
-        cache = os.path.join(args.runs, "_ref", ref.split()[0] + ".json")
+        # the cache is keyed by what the scores depend on, so a grid with other evaluation sizes rescoring
+        key = f"n{args.n_eval_per_family}_tok{args.max_new_tokens}_s{'-'.join(map(str, args.sample_seeds))}"
+        cache = os.path.join(args.runs, "_ref", f"{ref.split()[0]}_{key}.json")
         if not os.path.exists(cache):
             os.makedirs(os.path.dirname(cache), exist_ok=True)
             with open(cache, "w") as f:
