@@ -135,6 +135,43 @@ def test_adaptive_sampler_gt_fresh_and_replay(examples, monkeypatch):
         assert d.threshold == pytest.approx(want)
 
 
+def test_mgsr_loss_is_the_weighted_sum_of_its_terms_by_hand(examples):
+    """L = w_sft CE + w_token KL + w_span (span distance averaged over every adjacent in-span pair of the
+    batch), recomputed here in float64 from the logits with the NumPy span oracle."""
+    import numpy as np
+
+    from fast.distill import logits_of, response_spans
+    from fast.testing import assert_close
+    from reference.span import pair_distances
+    from tiny_models.tasks import collate
+
+    t, s = _models()
+    w = dict(w_sft=0.7, w_token=1.3, w_span=2.5)
+    d = Distiller(_cfg("mgsr-no-dackl", init_threshold=0.0, **w), t, s)  # threshold 0: ground truth
+    plan = d.plan(1, examples)
+    assert plan.seqs is None
+    loss, parts = d.objective(plan)
+    x, y = collate(plan.gt, block_size=d.cfg.block_size)
+    with torch.no_grad():
+        ls = logits_of(s, x).double().numpy()
+        lt = d.teacher_logits(plan.gt, x.shape[1]).double().numpy()
+    y = y.numpy()
+    m = y != IGNORE
+
+    def log_softmax(a):
+        a = a - a.max(-1, keepdims=True)
+        return a - np.log(np.exp(a).sum(-1, keepdims=True))
+
+    lps, lpt = log_softmax(ls), log_softmax(lt)
+    ce = -np.take_along_axis(lps, np.where(m, y, 0)[..., None], -1)[..., 0][m].mean()
+    kl = (np.exp(lpt) * (lpt - lps)).sum(-1)[m].mean()
+    dist = np.concatenate([pair_distances(lt[b], ls[b], response_spans(y[b])) for b in range(len(y))])
+    assert len(dist) > 1  # several pairs: a sum and a mean differ
+    want = w["w_sft"] * ce + w["w_token"] * kl + w["w_span"] * dist.mean()
+    assert_close(parts["span"], dist.mean(), dtype=torch.float32, name="span term")
+    assert_close(loss.detach(), want, dtype=torch.float32, name="MGSR loss")
+
+
 @needs_scrg
 def test_mgsr_revises_fresh_samples_with_scrg_before_the_buffer(examples, monkeypatch):
     import fast.scrg

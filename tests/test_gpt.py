@@ -12,6 +12,7 @@ from reference import gpt as ref
 from tiny_models.gpt import (
     ATTENTION,
     GPT,
+    PAD,
     GPTConfig,
     attention_mask,
     filter_logits,
@@ -135,6 +136,43 @@ def test_batched_rows_equal_single_rows():
     batched = generate(m, PROMPTS, max_new_tokens=8, eos_id=-1)
     single = [generate(m, [p], max_new_tokens=8, eos_id=-1)[0] for p in PROMPTS]
     assert batched == single
+
+
+@pytest.mark.parametrize("attention,window", [("full", None), ("sliding", 3)])
+def test_left_padded_row_has_the_logits_of_the_unpadded_row(attention, window):
+    # pad keys are masked out: a left-padded row's logits at its real positions equal the row run alone
+    m = _model(attention=attention, window=window, n_embd=32)
+    p, n_pad = PROMPTS[2], 4
+    idx = torch.tensor([[PAD] * n_pad + p])
+    valid = idx != PAD
+    pos = (valid.long().cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad():
+        padded = m(idx, pos=pos, key_valid=valid)[0, n_pad:]
+        alone = m(torch.tensor([p]))[0]
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generated_tokens_take_the_next_rope_positions(use_cache, monkeypatch):
+    # step t of a row whose prompt has n tokens sits at RoPE position n + t (positions count real tokens)
+    m = _model(n_embd=32)
+    seen = []
+    real = m.forward
+
+    def spy(idx, **kw):
+        seen.append(kw["pos"].clone())
+        return real(idx, **kw)
+
+    monkeypatch.setattr(m, "forward", spy)
+    generate(m, PROMPTS, max_new_tokens=4, eos_id=-1, use_cache=use_cache)
+    L = max(map(len, PROMPTS))
+    assert len(seen) == 4
+    for step, pos in enumerate(seen):
+        for b, prompt in enumerate(PROMPTS):
+            n = len(prompt)
+            assert pos[b, -1].item() == n - 1 + step, (step, b, pos[b].tolist())
+            if not use_cache or step == 0:
+                assert pos[b, L - n:].tolist() == list(range(n + step)), (step, b, pos[b].tolist())
 
 
 def test_eos_stops_each_row():

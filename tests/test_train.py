@@ -177,3 +177,10 @@ def test_weight_decay_reaches_matrices_only(tmp_path):
     n_mat = sum(p.dim() >= 2 for p in model.parameters())
     n_vec = sum(p.dim() < 2 for p in model.parameters())
     assert (len(by_decay[0.1]), len(by_decay[0.0])) == (n_mat, n_vec) and n_mat > 0 and n_vec > 0
+
+
+def test_cosine_schedule_holds_the_floor_after_the_last_step():
+    cfg = TrainConfig(steps=20, warmup=4, lr=1e-3, min_lr=1e-4)
+    assert lr_at(20, cfg) == pytest.approx(1e-4)
+    # a run resumed past its schedule (or evaluated one step late) stays at min_lr, never climbs back
+    assert [lr_at(k, cfg) for k in (21, 25, 36, 100)] == pytest.approx([1e-4] * 4)
