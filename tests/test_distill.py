@@ -318,6 +318,19 @@ def test_grid_quick_runs_skips_finished_runs_and_writes_tables(tmp_path):
     distill_grid.main(argv)  # finished runs are skipped, not retrained
     assert done.stat().st_mtime_ns == stamp
     assert "| kd | 1 |" in (tmp_path / "res" / "results.md").read_text()
+    distill_grid.main([*argv, "--summarise_only", "--export_students", "kd"])  # checkpoint + model card
+    card = json.loads((tmp_path / "res" / "students" / "kd.json").read_text())
+    run = json.loads(done.read_text())
+    assert card["method"] == "kd" and card["training_seed"] == 1 and card["this_seed"]["greedy"]["test"][
+        "rougeL"] == run["greedy"]["test"]["rougeL"]
+    assert "--export_students" not in card["command"] and "--quick" in card["command"]
+    from fast.train import load_model
+
+    m1, _ = load_model(str(tmp_path / "res" / "students" / "kd.safetensors"))
+    m2, _ = load_model(str(tmp_path / "runs" / "kd" / "seed1" / run["checkpoint"]))
+    pairs = zip(m1.state_dict().values(), m2.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert "`kd.safetensors`" in (tmp_path / "res" / "students" / "README.md").read_text()
 
 
 def test_validation_subset_covers_every_family():
@@ -326,3 +339,13 @@ def test_validation_subset_covers_every_family():
     assert len(sub) == 20 and len(set(map(id, sub))) == 20
     assert {e.family for e in sub} == {e.family for e in valid}
     assert distill.validation_subset(valid[:5], 20) == valid[:5]
+
+
+def test_scrg_frequency_plot_needs_every_point(tmp_path):
+    from tiny_models.distill_grid import SCRG_CURVE, plot_scrg
+
+    row = {"greedy": {"avg": {"rougeL": (30.0, 1.0)}}}
+    summary = {m: row for m in SCRG_CURVE.values()}
+    assert plot_scrg(summary, tmp_path / "f.png") and (tmp_path / "f.png").stat().st_size > 0
+    del summary["mgsr-scrg3"]
+    assert not plot_scrg(summary, tmp_path / "g.png") and not (tmp_path / "g.png").exists()

@@ -15,7 +15,9 @@ training seeds (for sampled decoding: over training seeds x sampling seeds). Sec
 median of the runs' per-step times (the update alone, validation excluded).
 
 Resumable: a finished run leaves ``eval.json`` and is skipped; an unfinished one resumes from its checkpoint.
-Writes ``results.json``, ``results.md``, ``rouge.png`` and ``command.txt`` to ``--results``.
+Writes ``results.json``, ``results.md``, ``rouge.png`` (and ``scrg_frequency.png`` when the SCRG-frequency
+runs are in the grid) and ``command.txt`` to ``--results``; ``--export_students kd distillm mgsr`` also copies
+those methods' checkpoints (first training seed) with model cards to ``<results>/students/``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python tiny_models/distill_grid.py`
     sys.path.insert(0, ROOT)
 
-from fast.distill import BASELINES, DistillConfig, read_log, train  # noqa: E402
+from fast.distill import BASELINES, METHODS, DistillConfig, read_log, train  # noqa: E402
 from fast.train import load_model  # noqa: E402
 from tiny_models.evaluate import evaluate  # noqa: E402
 from tiny_models.tasks import EVAL_SETS, build_dataset  # noqa: E402
@@ -150,6 +152,99 @@ def plot(summary, path) -> None:
     plt.close(fig)
 
 
+SCRG_CURVE = {0: "mgsr-no-scrg", 1: "mgsr", 3: "mgsr-scrg3", 5: "mgsr-scrg5"}  # frequency -> run name
+
+
+def plot_scrg(summary, path) -> bool:
+    """Held-out greedy ROUGE-L against the SCRG frequency F (0 = no SCRG); False when a point is missing."""
+    if not all(m in summary for m in SCRG_CURVE.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fs = sorted(SCRG_CURVE)
+    mu = [summary[SCRG_CURVE[f]]["greedy"]["avg"]["rougeL"][0] for f in fs]
+    sd = [summary[SCRG_CURVE[f]]["greedy"]["avg"]["rougeL"][1] for f in fs]
+    fig, ax = plt.subplots(figsize=(4.2, 3.2))
+    ax.errorbar(fs, mu, yerr=sd, marker="o", capsize=3, color="tab:red")
+    for ref, style in (("student (init)", ":"), ("teacher", "--")):
+        if ref in summary:
+            y = summary[ref]["greedy"]["avg"]["rougeL"][0]
+            ax.axhline(y, ls=style, color="gray", lw=1)
+            ax.text(fs[-1], y, ref, fontsize=7, va="bottom", ha="right")
+    ax.set_xticks(fs)
+    ax.set_xlabel("SCRG frequency F (corrections per sample)")
+    ax.set_ylabel("greedy ROUGE-L, held-out mean")
+    ax.set_title("MGSR: SCRG frequency (mean ± std over seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def export_students(args, results: dict, summary: dict, methods, cmd: str) -> None:
+    """Copy each method's best-validation checkpoint of the first training seed to
+    ``<results>/students/<method>.safetensors`` with a JSON card, and write ``students/README.md``."""
+    import shutil
+
+    out = os.path.join(args.results, "students")
+    os.makedirs(out, exist_ok=True)
+    seed = args.seeds[0]
+    cards = {}
+    for m in methods:
+        run = next((r for r in results.get(m, []) if r["seed"] == seed), None)
+        if run is None:
+            raise ValueError(f"--export_students {m}: no finished run with training seed {seed}")
+        src = os.path.join(args.runs, m, f"seed{seed}", run["checkpoint"])
+        dst = os.path.join(out, f"{m}.safetensors")
+        shutil.copyfile(src, dst)
+        model, _ = load_model(dst)
+        recipe = METHODS[m]
+        cards[m] = {
+            "method": m, "sequences": recipe.sequences, "loss": recipe.loss, "training_seed": seed,
+            "steps": run["steps"], "best_step": run["best_step"], "step_s": run["step_s"],
+            "parameters": sum(p.numel() for p in model.parameters()), "file_bytes": os.path.getsize(dst),
+            "init": os.path.relpath(args.student, ROOT), "teacher": os.path.relpath(args.teacher, ROOT),
+            "command": cmd, "config": run["config"],
+            "this_seed": {mode: {s: {k: run[mode][s][k] for k in ("n", "rougeL", "exact_match")}
+                                 for s in run[mode]} for mode in ("greedy", "sampled")},
+            "all_seeds_greedy_avg_rougeL": summary[m]["greedy"]["avg"]["rougeL"],
+        }
+        with open(os.path.join(out, f"{m}.json"), "w") as f:
+            json.dump(cards[m], f, indent=1)
+    held = [s for s in SETS if s != "valid"]
+    rows = ["| file | method | trains on | loss | best step | " + " | ".join(held)
+            + " | held-out avg (this seed) | all seeds |", "|---|---|---|---|---|" + "---|" * (len(held) + 2)]
+    for m, c in cards.items():
+        g = c["this_seed"]["greedy"]
+        avg = statistics.fmean(g[s]["rougeL"] for s in held)
+        mu, sd = c["all_seeds_greedy_avg_rougeL"]
+        rows.append(f"| `{m}.safetensors` | {m} | {c['sequences']} | {c['loss']} | "
+                    f"{c['best_step']} / {c['steps']} | " + " | ".join(f"{g[s]['rougeL']:.1f}" for s in held)
+                    + f" | {avg:.1f} | {mu:.1f} ± {sd:.1f} |")
+    some = next(iter(cards.values()))
+    text = [
+        "# Distilled students (model cards)", "",
+        f"Each file is the checkpoint with the best validation ROUGE-L of training seed {seed} of one",
+        "method of the distillation grid, from the same initial student "
+        f"(`{some['init']}`, {some['parameters']:,} parameters)",
+        f"and the same frozen teacher (`{some['teacher']}`). Every run trained {some['steps']} steps of",
+        f"{args.batch_size} examples; the weights are fp32 with the model config in the safetensors metadata",
+        "(`fast.train.load_model(path)` returns the model).", "",
+        f"Command: `{cmd}`", "",
+        "Greedy ROUGE-L (x100) on the held-out evaluation sets for this seed, and the held-out average over",
+        "all training seeds (mean ± std; the full tables are in `../results.md`). The JSON card next to each",
+        "file holds its whole configuration, per-set greedy and sampled scores and exact match.", "",
+        *rows, "",
+        "Intended use: teaching and small experiments (answers to the synthetic task families of",
+        "`tiny_models/tasks.py`); these models know nothing else.", "",
+    ]
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write("\n".join(text))
+
+
 def timing(args, methods) -> None:
     """Median seconds per training step of each method (N steps from the same student, validation off)."""
     import tempfile
@@ -202,6 +297,9 @@ def main(argv=None) -> None:
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--summarise_only", action="store_true",
                    help="write the tables from the finished runs only (train and evaluate nothing new)")
+    p.add_argument("--export_students", nargs="+", default=None, metavar="METHOD",
+                   help="copy these methods' best checkpoints (first training seed) to <results>/students/ "
+                        "with model cards")
     p.add_argument("--timing", type=int, default=0, metavar="N",
                    help="only time N training steps of every method (no validation) and write timing.md")
     args = p.parse_args(argv)
@@ -252,6 +350,12 @@ def main(argv=None) -> None:
             del results[method]
     summary = summarise(results, list(sets))
     argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--summarise_only"]
+    if "--export_students" in argv:  # the command that trained the runs, not the export step
+        i = argv.index("--export_students")
+        j = i + 1
+        while j < len(argv) and not argv[j].startswith("--"):
+            j += 1
+        argv = argv[:i] + argv[j:]
     cmd = "python -m tiny_models.distill_grid " + " ".join(shlex.quote(a) for a in argv)
     ran = {m: [r["seed"] for r in rs] for m, rs in results.items() if m not in ("teacher", "student (init)")}
     with open(os.path.join(args.results, "results.json"), "w") as f:
@@ -276,6 +380,9 @@ def main(argv=None) -> None:
     with open(os.path.join(args.results, "command.txt"), "w") as f:
         f.write(cmd + "\n")
     plot(summary, os.path.join(args.results, "rouge.png"))
+    plot_scrg(summary, os.path.join(args.results, "scrg_frequency.png"))
+    if args.export_students:
+        export_students(args, results, summary, args.export_students, cmd)
     print("\n".join(md))
 
 
