@@ -1,6 +1,7 @@
-"""The distilled students (KD, DistiLLM, MGSR) on held-out prompts, with their ROUGE-L (part of `make demo`).
+"""The distilled students (SFT continued for the same steps, KD, DistiLLM, MGSR) on held-out prompts, with
+their ROUGE-L (part of `make demo`).
 
-python scripts/demo_distill.py
+    python scripts/demo_distill.py
 
 Reads the committed students of the grid (``tiny_models/results/mgsr/students/*.safetensors``); without them
 it says so and returns.
@@ -23,7 +24,7 @@ from tiny_models.tasks import EVAL_SETS, build_dataset  # noqa: E402
 
 STUDENTS = os.path.join(ROOT, "tiny_models", "results", "mgsr", "students")
 CKPT = os.path.join(ROOT, "tiny_models", "checkpoints")
-METHODS = ("kd", "distillm", "mgsr")
+METHODS = ("sft", "kd", "distillm", "mgsr")  # sft: the SFT student trained on for the same steps
 
 
 def main(n_per_set: int = 1, n_score: int = 60) -> None:
