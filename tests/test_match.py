@@ -532,6 +532,41 @@ def test_gpt_generate_cache_equals_recompute(mode, bs):
         assert cached == [generate(m, [p], **kw)[0] for p in prompts]
 
 
+def test_gpt_match_decode_keeps_the_block_summaries_in_its_cache(monkeypatch):
+    # the cache's summaries are the block means of the cached keys (padding excluded) after every step, and
+    # the cached decode's logits equal a full recompute
+    from fast.match import block_summaries
+    from tiny_models.gpt import generate
+
+    m = _gpt(attention="match", window=3, attn_kwargs=_match_kwargs(2, 3, "joint"), seed=2)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [1, 2]]
+    kw = dict(max_new_tokens=6, eos_id=-1)
+    seen = []
+    real = m.forward
+
+    def spy(idx, **k):
+        out = real(idx, **k)
+        if k.get("cache"):
+            for c in k["cache"]:
+                want = block_summaries(c["k"], 3, key_valid=k["key_valid"])
+                seen.append(float((c["summ"] - want).abs().max()))
+        return out
+
+    import fast.match as fm
+
+    given, real_decode = [], fm.match_decode
+
+    def decode_spy(*a, summaries=None, **k):
+        given.append(summaries is not None)
+        return real_decode(*a, summaries=summaries, **k)
+
+    monkeypatch.setattr(fm, "match_decode", decode_spy)
+    m.forward = spy
+    assert generate(m, prompts, use_cache=True, **kw) == generate(m, prompts, use_cache=False, **kw)
+    assert len(seen) == 6 * m.cfg.n_layer and max(seen) == 0.0
+    assert len(given) == 5 * m.cfg.n_layer and all(given)  # every decode step got the cached summaries
+
+
 def test_gpt_match_logits_cache_vs_full():
     # the decode rows themselves (not only the argmax): prefill + one cached step = the full forward
     m = _gpt(attention="match", window=4, attn_kwargs=_match_kwargs(3, 2, "gated"), seed=1)

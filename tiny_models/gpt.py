@@ -152,20 +152,20 @@ def register_attention(name: str, fn: Callable, *, overwrite: bool = False) -> N
 
 
 def match_attention(q, k, v, *, window, key_valid=None, scale=None, top_k, block_size=1, mode="joint",
-                    gate_logit=None):  # [B, H, Tq, D] x3 -> [B, H, Tq, D]
+                    gate_logit=None, summaries=None):  # [B, H, Tq, D] x3 -> [B, H, Tq, D]
     """MATCH (arXiv 2606.29844, ``fast/match.py``): the window plus the ``top_k`` retrieved out-of-window keys
     (tokens, or the candidate keys of ``top_k`` blocks of ``block_size``); ``mode`` "joint" or "gated" (the
     gate logit ``[B, H, Tq]`` comes from the block's ``c_gate``). Full length without padding:
     ``match_attention`` (Triton on CUDA); one query against a cache: ``match_decode``; otherwise (padding,
     Tq < Tk): the torch path with ``key_valid``. With left padding, blocks stay aligned to the padded
-    index."""
+    index. ``summaries``: the decode step's block summaries, kept up to date in the layer's KV cache."""
     from fast import match as fm  # lazy, like fast.attention above
 
     tq, tk = q.shape[-2], k.shape[-2]
     kw = dict(window=window, top_k=top_k, block_size=block_size, mode=mode, gate_logit=gate_logit,
               scale=scale)
     if tq == 1 and tk > 1:
-        return fm.match_decode(q, k, v, key_valid=key_valid, **kw)
+        return fm.match_decode(q, k, v, key_valid=key_valid, summaries=summaries, **kw)
     if tq == tk and key_valid is None:
         return fm.match_attention(q, k, v, **kw)
     return fm.match_attention_kv(q, k, v, key_valid=key_valid, **kw)
@@ -219,6 +219,17 @@ class CausalSelfAttention(nn.Module):
         extra = dict(self.cfg.attn_kwargs)
         if self.c_gate is not None:
             extra["gate_logit"] = self.c_gate(x).transpose(1, 2)  # [B, H, T]
+        if cache is not None and self.cfg.attention == "match" and extra.get("block_size", 1) > 1:
+            # MATCH block retrieval: the block summaries live in the cache and only the last (partial) block
+            # and any new one are recomputed, so a decode step costs O(B D), not O(T D), for them
+            from fast import match as fm
+
+            bs = extra["block_size"]
+            old = cache.get("summ")
+            cache["summ"] = (fm.block_summaries(k, bs, key_valid=key_valid) if old is None else
+                             fm.update_block_summaries(old, k, bs, key_valid=key_valid))
+            if T == 1 and k.shape[2] > 1:
+                extra["summaries"] = cache["summ"]
         y = fn(q, k, v, window=self.cfg.window, key_valid=key_valid, scale=None, **extra)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
