@@ -5,6 +5,9 @@ BIN     := $(VENV)/bin
 # the stamp names the checksum of both files: editing either rebuilds (pip skips what is already there)
 STAMP   := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test`: one per core (`auto`); `make test PYTEST_WORKERS=0` runs in one process.
+# The 15 slowest tests are listed at the end: keep the suite under ~10 minutes on a 2-core CPU.
+PYTEST_WORKERS ?= auto
 
 .PHONY: venv test demo bench gpu-check compile-check notebooks lab lint clean mutants kernel-stats
 
@@ -21,7 +24,7 @@ $(STAMP): requirements.txt pyproject.toml
 	@touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py

@@ -2,6 +2,7 @@
 
 * Without CUDA, ``TRITON_INTERPRET=1`` is set so Triton kernels run in the interpreter on CPU.
 * ``MGSR_POISON_OUTPUTS=1``: kernel outputs are allocated NaN-filled (``fast.utils.empty``).
+* Under pytest-xdist (``make test``: one worker per core) each worker gets its share of the torch threads.
 * A ``gpu`` marker: those tests are skipped without a real CUDA device.
 * Hypothesis profiles: ``default`` (bounded, no deadline, derandomised when ``CI`` is set) and
   ``fuzz`` (many random examples), chosen with ``HYPOTHESIS_PROFILE=fuzz``.
@@ -14,6 +15,11 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 os.environ["MGSR_POISON_OUTPUTS"] = "1"
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:  # `make test` runs one pytest-xdist worker per core: split the cores, do not oversubscribe
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
 import pytest  # noqa: E402
