@@ -7,11 +7,22 @@ over every adjacent in-span pair of the batch of ``||p^t_k p^t_{k+1} - p^s_k p^s
 a batch without pairs gives exactly 0 (and a zero gradient), not NaN.
 
 Why the Triton path never builds the ``[pairs, V]`` products: the forward needs one number per pair,
-``D_k^2 = sum_v (p_k p_{k+1} - q_k q_{k+1})_v^2``, which streams over V (pass 1: the four row log-sum-exps,
-pass 2: the sum). The backward runs one program per *position*: position k receives
-``gq_k = c_{k-1} e_{k-1} q_{k-1} + c_k e_k q_{k+1}`` from its left and right pairs (``c`` the per-pair
-coefficient, ``e`` the product difference, recomputed on the fly), then the softmax backward
-``ds_k = q_k (gq_k - <gq_k, q_k>)`` needs one more pass for the dot product and one to write.
+``D_k^2 = sum_v (p_k p_{k+1} - q_k q_{k+1})_v^2``, which streams over V. Three kernels, each row's
+log-sum-exp computed once:
+
+* statistics, one program per row that belongs to a pair: one pass over the teacher and student row gives
+  ``(max, log z)`` of both, saved ``[B*T, 4]`` (max and log z apart: ``(x - max) - log z`` stays accurate
+  for ``|x| ~ 1e4``, ``x - lse`` does not);
+* forward, one program per pair: one pass over the four rows gives ``D_k^2`` and ``A_k = <e_k, q_k q_{k+1}>``
+  (``e_k = q_k q_{k+1} - p_k p_{k+1}``);
+* backward, one program per *position*: position k receives
+  ``gq_k = c_{k-1} e_{k-1} q_{k-1} + c_k e_k q_{k+1}`` from its left and right pairs (``c`` the per-pair
+  coefficient, ``e`` recomputed on the fly); the softmax backward ``ds_k = q_k (gq_k - <gq_k, q_k>)``
+  takes its dot product from the forward, ``<gq_k, q_k> = c_{k-1} A_{k-1} + c_k A_k``, so one pass
+  writes the gradient.
+
+Passes over V per row in a span's interior (two pairs): 1 (statistics) + 2 (forward, one per pair) + 3
+(backward: its own position and both neighbours read it), for the teacher and the student row alike.
 """
 from __future__ import annotations
 
@@ -170,11 +181,41 @@ def _probs(x, m, lz):
 
 
 @triton.jit
+def span_lse_kernel(
+    T_ptr,  # [B*T, V] teacher logits, row stride stride_t
+    S_ptr,  # [B*T, V] student logits, row stride stride_s
+    NEED_ptr,  # [B*T] int32: 1 where the row belongs to a pair (other rows are never loaded)
+    ST_ptr,  # [B*T, 4] fp32 out: (max t, log z_t, max s, log z_s) of the row (-inf, -inf, ... if not needed)
+    V, stride_t, stride_s,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    n = tl.where(tl.load(NEED_ptr + row) != 0, V, 0)
+    offs = tl.arange(0, BLOCK_V)
+    ninf = float("-inf")
+    mt = tl.full((), ninf, tl.float32)
+    zt = tl.full((), 0.0, tl.float32)
+    ms, zs = mt, zt
+    for v0 in range(0, n, BLOCK_V):
+        idx = v0 + offs
+        inb = idx < V
+        mt, zt = _online(mt, zt, tl.load(T_ptr + row * stride_t + idx, mask=inb, other=ninf).to(tl.float32))
+        ms, zs = _online(ms, zs, tl.load(S_ptr + row * stride_s + idx, mask=inb, other=ninf).to(tl.float32))
+    st = ST_ptr + row * 4
+    tl.store(st + 0, mt)
+    tl.store(st + 1, tl.log(zt))
+    tl.store(st + 2, ms)
+    tl.store(st + 3, tl.log(zs))
+
+
+@triton.jit
 def span_fwd_kernel(
     T_ptr,  # [B*T, V] teacher logits, row stride stride_t
     S_ptr,  # [B*T, V] student logits, row stride stride_s
     K_ptr,  # [P] int64 flat row of the first token of each pair
+    ST_ptr,  # [B*T, 4] fp32 row statistics from span_lse_kernel
     D2_ptr,  # [P] fp32 out: squared distance of the pair's Hadamard products
+    A_ptr,  # [P] fp32 out: <e, q_k q_{k+1}>, the pair's share of the backward's softmax dot products
     V, stride_t, stride_s,
     BLOCK_V: tl.constexpr,
 ):
@@ -182,20 +223,13 @@ def span_fwd_kernel(
     k = tl.load(K_ptr + pid).to(tl.int64)
     t0, t1 = T_ptr + k * stride_t, T_ptr + (k + 1) * stride_t
     s0, s1 = S_ptr + k * stride_s, S_ptr + (k + 1) * stride_s
+    st0, st1 = ST_ptr + k * 4, ST_ptr + (k + 1) * 4
+    ma, la, mc, lc = tl.load(st0 + 0), tl.load(st0 + 1), tl.load(st0 + 2), tl.load(st0 + 3)
+    mb, lb, md, ld = tl.load(st1 + 0), tl.load(st1 + 1), tl.load(st1 + 2), tl.load(st1 + 3)
     offs = tl.arange(0, BLOCK_V)
     ninf = float("-inf")
-    ma = tl.full((), ninf, tl.float32)
-    za = tl.full((), 0.0, tl.float32)
-    mb, zb, mc, zc, md, zd = ma, za, ma, za, ma, za
-    for v0 in range(0, V, BLOCK_V):
-        idx = v0 + offs
-        inb = idx < V
-        ma, za = _online(ma, za, tl.load(t0 + idx, mask=inb, other=ninf).to(tl.float32))
-        mb, zb = _online(mb, zb, tl.load(t1 + idx, mask=inb, other=ninf).to(tl.float32))
-        mc, zc = _online(mc, zc, tl.load(s0 + idx, mask=inb, other=ninf).to(tl.float32))
-        md, zd = _online(md, zd, tl.load(s1 + idx, mask=inb, other=ninf).to(tl.float32))
-    la, lb, lc, ld = tl.log(za), tl.log(zb), tl.log(zc), tl.log(zd)
     acc = tl.full((), 0.0, tl.float32)
+    dot = tl.full((), 0.0, tl.float32)
     for v0 in range(0, V, BLOCK_V):
         idx = v0 + offs
         inb = idx < V
@@ -203,31 +237,22 @@ def span_fwd_kernel(
         pb = _probs(tl.load(t1 + idx, mask=inb, other=ninf).to(tl.float32), mb, lb)
         qc = _probs(tl.load(s0 + idx, mask=inb, other=ninf).to(tl.float32), mc, lc)
         qd = _probs(tl.load(s1 + idx, mask=inb, other=ninf).to(tl.float32), md, ld)
-        e = qc * qd - pa * pb
+        qq = qc * qd
+        e = qq - pa * pb
         acc += tl.sum(e * e, 0)
+        dot += tl.sum(e * qq, 0)
     tl.store(D2_ptr + pid, acc)
-
-
-@triton.jit
-def _row_lse(ptr, stride, row, ok, V, BLOCK_V: tl.constexpr):
-    """(max, log z) of row ``row`` if ``ok`` (else nothing is loaded)."""
-    offs = tl.arange(0, BLOCK_V)
-    m = tl.full((), float("-inf"), tl.float32)
-    z = tl.full((), 0.0, tl.float32)
-    n = tl.where(ok, V, 0)
-    for v0 in range(0, n, BLOCK_V):
-        idx = v0 + offs
-        x = tl.load(ptr + row * stride + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
-        m, z = _online(m, z, x)
-    return m, tl.log(z)
+    tl.store(A_ptr + pid, dot)
 
 
 @triton.jit
 def span_bwd_kernel(
     T_ptr,  # [B*T, V] teacher logits, row stride stride_t
     S_ptr,  # [B*T, V] student logits, row stride stride_s
+    ST_ptr,  # [B*T, 4] fp32 row statistics from span_lse_kernel
     CL_ptr,  # [B*T] fp32 coefficient of the pair (k-1, k) (0 if none)
     CR_ptr,  # [B*T] fp32 coefficient of the pair (k, k+1) (0 if none)
+    DOT_ptr,  # [B*T] fp32 <gq_k, q_k> = c_{k-1} A_{k-1} + c_k A_k (A from span_fwd_kernel)
     DS_ptr,  # [B*T, V] out: d loss / d student logits (dtype of S), row stride stride_ds
     V, stride_t, stride_s, stride_ds,
     BLOCK_V: tl.constexpr,
@@ -235,17 +260,20 @@ def span_bwd_kernel(
     k = tl.program_id(0).to(tl.int64)
     cl = tl.load(CL_ptr + k)
     cr = tl.load(CR_ptr + k)
+    dot = tl.load(DOT_ptr + k)
     has_l = cl != 0.0  # the host only sets a coefficient where the neighbour row exists
     has_r = cr != 0.0
     act = has_l | has_r
     ninf = float("-inf")
-    # log-sum-exps of the rows involved (rows not needed are never loaded)
-    lt_l_m, lt_l = _row_lse(T_ptr, stride_t, k - 1, has_l, V, BLOCK_V)
-    ls_l_m, ls_l = _row_lse(S_ptr, stride_s, k - 1, has_l, V, BLOCK_V)
-    lt_c_m, lt_c = _row_lse(T_ptr, stride_t, k, act, V, BLOCK_V)
-    ls_c_m, ls_c = _row_lse(S_ptr, stride_s, k, act, V, BLOCK_V)
-    lt_r_m, lt_r = _row_lse(T_ptr, stride_t, k + 1, has_r, V, BLOCK_V)
-    ls_r_m, ls_r = _row_lse(S_ptr, stride_s, k + 1, has_r, V, BLOCK_V)
+    # the rows' (max, log z) from the statistics pass; an unused neighbour reads row k's (a valid row)
+    row_l = tl.where(has_l, k - 1, k)
+    row_r = tl.where(has_r, k + 1, k)
+    mt_c, lt_c, ms_c, ls_c = (tl.load(ST_ptr + k * 4 + 0), tl.load(ST_ptr + k * 4 + 1),
+                              tl.load(ST_ptr + k * 4 + 2), tl.load(ST_ptr + k * 4 + 3))
+    mt_l, lt_l, ms_l, ls_l = (tl.load(ST_ptr + row_l * 4 + 0), tl.load(ST_ptr + row_l * 4 + 1),
+                              tl.load(ST_ptr + row_l * 4 + 2), tl.load(ST_ptr + row_l * 4 + 3))
+    mt_r, lt_r, ms_r, ls_r = (tl.load(ST_ptr + row_r * 4 + 0), tl.load(ST_ptr + row_r * 4 + 1),
+                              tl.load(ST_ptr + row_r * 4 + 2), tl.load(ST_ptr + row_r * 4 + 3))
     t_c, s_c = T_ptr + k * stride_t, S_ptr + k * stride_s
     t_l, s_l = T_ptr + (k - 1) * stride_t, S_ptr + (k - 1) * stride_s  # only read when has_l
     t_r, s_r = T_ptr + (k + 1) * stride_t, S_ptr + (k + 1) * stride_s  # only read when has_r
@@ -253,28 +281,16 @@ def span_bwd_kernel(
     n_act = tl.where(act, V, 0)  # row limits instead of scalar-bool masks: `idx < n_l` is empty when unused
     n_l = tl.where(has_l, V, 0)
     n_r = tl.where(has_r, V, 0)
-    dot = tl.full((), 0.0, tl.float32)
-    for v0 in range(0, n_act, BLOCK_V):
-        idx = v0 + offs
-        inb = idx < V
-        pc = _probs(tl.load(t_c + idx, mask=inb, other=ninf).to(tl.float32), lt_c_m, lt_c)
-        qc = _probs(tl.load(s_c + idx, mask=inb, other=ninf).to(tl.float32), ls_c_m, ls_c)
-        pl = _probs(tl.load(t_l + idx, mask=idx < n_l, other=ninf).to(tl.float32), lt_l_m, lt_l)
-        ql = _probs(tl.load(s_l + idx, mask=idx < n_l, other=ninf).to(tl.float32), ls_l_m, ls_l)
-        pr = _probs(tl.load(t_r + idx, mask=idx < n_r, other=ninf).to(tl.float32), lt_r_m, lt_r)
-        qr = _probs(tl.load(s_r + idx, mask=idx < n_r, other=ninf).to(tl.float32), ls_r_m, ls_r)
-        gq = cl * (ql * qc - pl * pc) * ql + cr * (qc * qr - pc * pr) * qr
-        dot += tl.sum(gq * qc, 0)
     for v0 in range(0, V, BLOCK_V):
         idx = v0 + offs
         inb = idx < V
         ld = idx < n_act
-        pc = _probs(tl.load(t_c + idx, mask=ld, other=ninf).to(tl.float32), lt_c_m, lt_c)
-        qc = _probs(tl.load(s_c + idx, mask=ld, other=ninf).to(tl.float32), ls_c_m, ls_c)
-        pl = _probs(tl.load(t_l + idx, mask=idx < n_l, other=ninf).to(tl.float32), lt_l_m, lt_l)
-        ql = _probs(tl.load(s_l + idx, mask=idx < n_l, other=ninf).to(tl.float32), ls_l_m, ls_l)
-        pr = _probs(tl.load(t_r + idx, mask=idx < n_r, other=ninf).to(tl.float32), lt_r_m, lt_r)
-        qr = _probs(tl.load(s_r + idx, mask=idx < n_r, other=ninf).to(tl.float32), ls_r_m, ls_r)
+        pc = _probs(tl.load(t_c + idx, mask=ld, other=ninf).to(tl.float32), mt_c, lt_c)
+        qc = _probs(tl.load(s_c + idx, mask=ld, other=ninf).to(tl.float32), ms_c, ls_c)
+        pl = _probs(tl.load(t_l + idx, mask=idx < n_l, other=ninf).to(tl.float32), mt_l, lt_l)
+        ql = _probs(tl.load(s_l + idx, mask=idx < n_l, other=ninf).to(tl.float32), ms_l, ls_l)
+        pr = _probs(tl.load(t_r + idx, mask=idx < n_r, other=ninf).to(tl.float32), mt_r, lt_r)
+        qr = _probs(tl.load(s_r + idx, mask=idx < n_r, other=ninf).to(tl.float32), ms_r, ls_r)
         gq = cl * (ql * qc - pl * pc) * ql + cr * (qc * qr - pc * pr) * qr
         ds = tl.where(act, qc * (gq - dot), 0.0)
         tl.store(DS_ptr + k * stride_ds + idx, ds.to(DS_ptr.dtype.element_ty), mask=inb)
@@ -291,26 +307,34 @@ class _SpanTriton(torch.autograd.Function):
         BT, V = t.shape
         P = k.numel()
         d2 = empty((P,), dtype=torch.float32, device=t.device)
+        dots = empty((P,), dtype=torch.float32, device=t.device)
+        stats = empty((BT, 4), dtype=torch.float32, device=t.device)
         BLOCK_V = _block_v(V)
+        warps = 8 if BLOCK_V >= 2048 else 4
         if P > 0:
+            need = torch.zeros(BT, dtype=torch.int32, device=t.device)
+            need[k] = 1
+            need[k + 1] = 1
+            span_lse_kernel[(BT,)](t, s, need, stats, V, t.stride(0), s.stride(0), BLOCK_V=BLOCK_V,
+                                   num_warps=warps)
             # enable_fp_fusion=False: with FMA contraction, q_k q_k1 - p_k p_k1 is not exactly 0 for a pair
             # where student == teacher (seen on the H200), so D = rounding noise and e/D a noise gradient of
             # size ~|q|; unfused, identical rows give D = 0 exactly and the zero subgradient (reference).
-            span_fwd_kernel[(P,)](t, s, k, d2, V, t.stride(0), s.stride(0), BLOCK_V=BLOCK_V,
-                                  num_warps=8 if BLOCK_V >= 2048 else 4, enable_fp_fusion=False)
+            span_fwd_kernel[(P,)](t, s, k, stats, d2, dots, V, t.stride(0), s.stride(0), BLOCK_V=BLOCK_V,
+                                  num_warps=warps, enable_fp_fusion=False)
         if squared:
             per = d2
         else:
             pos = d2 > 0
             per = torch.where(pos, torch.where(pos, d2, torch.ones_like(d2)).sqrt(), torch.zeros_like(d2))
         loss = per.mean() if P > 0 else torch.zeros((), dtype=torch.float32, device=t.device)
-        ctx.save_for_backward(t, s, k, per)
+        ctx.save_for_backward(t, s, k, per, stats, dots)
         ctx.squared = squared
         return loss
 
     @staticmethod
     def backward(ctx, g):
-        t, s, k, per = ctx.saved_tensors
+        t, s, k, per, stats, dots = ctx.saved_tensors
         BT, V = t.shape
         P = k.numel()
         ds = empty((BT, V), dtype=s.dtype, device=s.device)
@@ -329,9 +353,17 @@ class _SpanTriton(torch.autograd.Function):
         cr = torch.zeros(BT, dtype=torch.float32, device=s.device)
         cr.index_put_((k,), c, accumulate=True)
         cl.index_put_((k + 1,), c, accumulate=True)
+        # <gq_k, q_k> = c_{k-1} <e_{k-1}, q_{k-1} q_k> + c_k <e_k, q_k q_{k+1}>: the forward's per-pair
+        # sums, so the backward needs no pass over V for it
+        dot = torch.zeros(BT, dtype=torch.float32, device=s.device)
+        ca = c * dots
+        dot.index_put_((k,), ca, accumulate=True)
+        dot.index_put_((k + 1,), ca, accumulate=True)
         BLOCK_V = _block_v(V)
-        span_bwd_kernel[(BT,)](t, s, cl, cr, ds, V, t.stride(0), s.stride(0), ds.stride(0), BLOCK_V=BLOCK_V,
-                               num_warps=8 if BLOCK_V >= 2048 else 4)
+        if P == 0:  # no statistics were computed: every row is inactive and its gradient 0
+            stats = torch.zeros((BT, 4), dtype=torch.float32, device=s.device)
+        span_bwd_kernel[(BT,)](t, s, stats, cl, cr, dot, ds, V, t.stride(0), s.stride(0), ds.stride(0),
+                               BLOCK_V=BLOCK_V, num_warps=8 if BLOCK_V >= 2048 else 4)
         return None, ds, None, None
 
 

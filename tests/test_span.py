@@ -181,6 +181,18 @@ def test_fast_huge_logits_and_identical_pair(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("squared", [False, True])
+def test_fast_identical_pair_inside_a_longer_span(backend, squared):
+    # the middle pair (2, 3) of span (0, 5) has D = 0: unsquared, its coefficient is 0, so positions 2 and 3
+    # get a gradient from one side only (the backward's dot product is then that pair's share alone)
+    rng = np.random.default_rng(8)
+    t, s = rng.normal(size=(1, 6, 23)) * 2, rng.normal(size=(1, 6, 23)) * 2
+    s[0, 2:4] = t[0, 2:4]
+    t[..., 20:] = s[..., 20:] = -np.inf
+    _run(t, s, [[(0, 5)]], backend, squared=squared)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fast_low_precision(backend, dtype):
     rng = np.random.default_rng(5)
