@@ -91,7 +91,7 @@ MUTANTS: list[Mutant] = [
     M("dac-bisect-steps", "fast/dac_kl.py", "        for _ in range(31):", "        for _ in range(15):",
       "tests/test_dac_kl.py -k triton", "value-threshold bisection stops 16 bits early"),
     # ---- span: Triton kernels --------------------------------------------------------------------------
-    M("span-fwd-product", "fast/span.py", "e = qc * qd - pa * pb", "e = qc * qd - pa * pa",
+    M("span-fwd-product", "fast/span.py", "e = qq - pa * pb", "e = qq - pa * pa",
       "tests/test_span.py", "span distance multiplies the wrong teacher rows"),
     M("span-bwd-softmax", "fast/span.py", "ds = tl.where(act, qc * (gq - dot), 0.0)",
       "ds = tl.where(act, qc * gq, 0.0)", "tests/test_span.py",
