@@ -11,8 +11,13 @@ The Triton kernels (the CUDA default) are two passes forward, one backward:
 * forward, per row: pass 1 is an online log-sum-exp of ``a = t/τ`` and ``b = s/τ`` over vocabulary
   chunks (and the input checks); pass 2 accumulates the loss and one or two row scalars ``c0, c1``
   that the gradient needs (e.g. ``c0 = KL(q‖p)`` for reverse KL). Saved: ``[N]`` loss and ``[N, 6]``
-  stats ``(max t, log z_a, max s, log z_b, c0, c1)`` plus an ``[N]`` int status; nothing ``[N, V]``.
-  ``log p = (t − max t)/τ − log z_a``, never ``t/τ − lse``: a large lse rounds to its own ulp.
+  stats ``(max t, log2 z_a, max s, log2 z_b, c0, c1)`` plus an ``[N]`` int status; nothing ``[N, V]``.
+  ``log2 p = (t − max t)·(log2 e/τ) − log2 z_a``, never ``t/τ − lse``: a large lse rounds to its own ulp.
+  The kernels work in base 2 (one multiply by ``log2 e/τ``, then ``exp2``: one MUFU instruction, where
+  ``exp`` adds a multiply and a range fix-up; it flushes results under 2^-126 to 0, far below every
+  tolerance); losses and row scalars are stored in nats. Sums are kept
+  per lane inside the chunk loops and reduced across the block once per row: a chunk of pass 1 costs two
+  block reductions (the running maxima), a chunk of pass 2 none.
 * backward, per row: one pass recomputes ``log p, log q`` chunk by chunk from the saved stats and
   writes ``grad_output_row / τ · ∂L/∂b`` straight into the ``[N, V]`` gradient (the only ``[N, V]``
   tensor allocated), in the student's dtype.
@@ -55,12 +60,16 @@ _STATUS = {1: "NaN or +inf", 2: "-inf (padded vocabulary) in only one of teacher
 # =============================================================================================
 # Triton kernels. One program per row; vocabulary in chunks of BLOCK_V; fp32 accumulation.
 # =============================================================================================
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x log2 e)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) ln 2
+
+
 @triton.jit
-def _logaddexp(x, y):
-    # log(e^x + e^y) with x or y possibly -inf (mixture weight 0); never both on valid lanes
+def _logaddexp2(x, y):
+    # log2(2^x + 2^y) with x or y possibly -inf (mixture weight 0); never both on valid lanes
     mx = tl.maximum(x, y)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
-    return mx + tl.log(tl.exp(x - mx) + tl.exp(y - mx))
+    return mx + tl.log2(tl.exp2(x - mx) + tl.exp2(y - mx))
 
 
 @triton.jit
@@ -68,7 +77,7 @@ def divergence_fwd_kernel(
     T, S,  # [N, V] teacher / student logits (any float dtype, upcast to fp32 after load)
     KEEP,  # [N] int32, 0 = masked row (skipped)
     LOSS,  # [N] fp32 per-row loss (out)
-    STATS,  # [N, 6] fp32 (max t, log z_a, max s, log z_b, c0, c1) for the backward (out)
+    STATS,  # [N, 6] fp32 (max t, log2 z_a, max s, log2 z_b, c0, c1) for the backward (out)
     STATUS,  # [N] int32 input-check bits (out)
     stride_t, stride_s, V,
     inv_tau,  # 1 / temperature
@@ -86,15 +95,21 @@ def divergence_fwd_kernel(
         for j in tl.static_range(6):
             tl.store(STATS + row * 6 + j, 0.0)
     else:
+        # everything in base 2: a = t/τ is never formed, (t - max)·(log2 e/τ) is one multiply, exp2 one MUFU
+        c = inv_tau * LOG2E
+        lw2 = log_w * LOG2E  # -inf stays -inf
+        l1mw2 = log_1mw * LOG2E
         # ---- pass 1: online log-sum-exp of a = t/τ and b = s/τ, plus the input checks -------------
         # the running maxima are of the raw logits (τ > 0 keeps the argmax), so that later
-        # log p = (t - max t)/τ - log z: the subtraction is exact near the max, and no large
-        # lse = max + log z is ever rounded to its own ulp (which at |logit| ~ 1e3 is ~1e-4 in fp32)
+        # log2 p = (t - max t)·c - log2 z: the subtraction is exact near the max, and no large
+        # lse = max + log z is ever rounded to its own ulp (which at |logit| ~ 1e3 is ~1e-4 in fp32).
+        # Per-lane partial sums (rescaled by the scalar factor when the chunk raises the max) and
+        # per-lane status bits: two block reductions per chunk (the maxima), the sums reduced once at the end
         m_a = float("-inf")
-        z_a = 0.0
         m_b = float("-inf")
-        z_b = 0.0
-        bad = 0
+        z_a = tl.zeros([BLOCK_V], dtype=tl.float32)
+        z_b = tl.zeros([BLOCK_V], dtype=tl.float32)
+        bad = tl.zeros([BLOCK_V], dtype=tl.int32)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             inb = offs < V
@@ -102,75 +117,78 @@ def divergence_fwd_kernel(
             s = tl.load(s_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
             nonfinite = (t != t) | (s != s) | (t == float("inf")) | (s == float("inf"))
             mismatch = (t == float("-inf")) != (s == float("-inf"))
-            bad = bad | tl.max(tl.where(nonfinite, 1, 0) | tl.where(mismatch, 2, 0), axis=0)
+            bad = bad | tl.where(nonfinite, 1, 0) | tl.where(mismatch, 2, 0)
             new_a = tl.maximum(m_a, tl.max(t, axis=0))
             new_b = tl.maximum(m_b, tl.max(s, axis=0))
-            safe_a = tl.where(new_a == float("-inf"), 0.0, new_a)  # all -inf so far: keep exp() finite
+            safe_a = tl.where(new_a == float("-inf"), 0.0, new_a)  # all -inf so far: keep exp2() finite
             safe_b = tl.where(new_b == float("-inf"), 0.0, new_b)
-            z_a = z_a * tl.exp((m_a - safe_a) * inv_tau) + tl.sum(tl.exp((t - safe_a) * inv_tau), axis=0)
-            z_b = z_b * tl.exp((m_b - safe_b) * inv_tau) + tl.sum(tl.exp((s - safe_b) * inv_tau), axis=0)
+            z_a = z_a * tl.exp2((m_a - safe_a) * c) + tl.exp2((t - safe_a) * c)
+            z_b = z_b * tl.exp2((m_b - safe_b) * c) + tl.exp2((s - safe_b) * c)
             m_a = new_a
             m_b = new_b
-        bad = bad | tl.where(m_a == float("-inf"), 4, 0)
-        lz_a = tl.log(z_a)  # log p = (t - m_a)/τ - lz_a
-        lz_b = tl.log(z_b)
+        bad = tl.max(bad, axis=0) | tl.where(m_a == float("-inf"), 4, 0)
+        lz_a = tl.log2(tl.sum(z_a, axis=0))  # log2 p = (t - m_a)·c - lz_a
+        lz_b = tl.log2(tl.sum(z_b, axis=0))
 
         # ---- pass 2: the loss and the row scalars the gradient needs ------------------------------
-        acc = 0.0  # the loss, or its first part
-        acc2 = 0.0  # second part (symmetric KL: reverse KL; JSD: KL(q||m))
-        c1 = 0.0
+        # per-lane partial sums, reduced once after the loop; log terms in bits (×ln 2 at the end)
+        acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # the loss, or its first part
+        acc2 = tl.zeros([BLOCK_V], dtype=tl.float32)  # second part (symmetric KL: reverse KL; JSD: KL(q||m))
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             inb = offs < V
             t = tl.load(t_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
             s = tl.load(s_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
             valid = inb & (t != float("-inf"))  # padded and tail lanes contribute exactly 0
-            lp = tl.where(valid, (t - m_a) * inv_tau - lz_a, 0.0)  # log p
-            lq = tl.where(valid, (s - m_b) * inv_tau - lz_b, 0.0)  # log q
-            p = tl.where(valid, tl.exp(lp), 0.0)
-            q = tl.where(valid, tl.exp(lq), 0.0)
+            lp = tl.where(valid, (t - m_a) * c - lz_a, 0.0)  # log2 p
+            lq = tl.where(valid, (s - m_b) * c - lz_b, 0.0)  # log2 q
+            p = tl.where(valid, tl.exp2(lp), 0.0)
+            q = tl.where(valid, tl.exp2(lq), 0.0)
             if DIV == 0:  # forward KL
-                acc += tl.sum(p * (lp - lq), axis=0)
+                acc += p * (lp - lq)
             elif DIV == 1:  # reverse KL
-                acc += tl.sum(q * (lq - lp), axis=0)
+                acc += q * (lq - lp)
             elif DIV == 2:  # symmetric KL
-                acc += tl.sum(p * (lp - lq), axis=0)
-                acc2 += tl.sum(q * (lq - lp), axis=0)
+                acc += p * (lp - lq)
+                acc2 += q * (lq - lp)
             elif DIV == 3:  # JSD(β): m = βp + (1-β)q
-                lm = _logaddexp(log_w + lp, log_1mw + lq)
-                acc += tl.sum(p * (lp - lm), axis=0)
-                acc2 += tl.sum(q * (lq - lm), axis=0)
+                lm = _logaddexp2(lw2 + lp, l1mw2 + lq)
+                acc += p * (lp - lm)
+                acc2 += q * (lq - lm)
             elif DIV == 4:  # total variation
-                acc += tl.sum(0.5 * tl.abs(p - q), axis=0)
+                acc += 0.5 * tl.abs(p - q)
                 sgn = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
-                acc2 += tl.sum(q * sgn, axis=0)
+                acc2 += q * sgn
             elif DIV == 5:  # skew forward KL: m = αp + (1-α)q
-                lm = _logaddexp(log_w + lp, log_1mw + lq)
-                acc += tl.sum(p * (lp - lm), axis=0)
+                lm = _logaddexp2(lw2 + lp, l1mw2 + lq)
+                acc += p * (lp - lm)
                 # k = q(p - q)/m (q/m <= 1/(1-α); unused, and kept finite, at α = 1)
-                k = tl.where(valid & (log_1mw != float("-inf")), tl.exp(lq - lm) * (p - q), 0.0)
-                acc2 += tl.sum(k, axis=0)
+                acc2 += tl.where(valid & (log_1mw != float("-inf")), tl.exp2(lq - lm) * (p - q), 0.0)
             else:  # skew reverse KL: m = αq + (1-α)p
-                lm = _logaddexp(log_w + lq, log_1mw + lp)
-                acc += tl.sum(q * (lq - lm), axis=0)
+                lm = _logaddexp2(lw2 + lq, l1mw2 + lp)
+                acc += q * (lq - lm)
                 # h = q(q - p)/m (q/m <= 1/α; unused, and kept finite, at α = 0)
-                h = tl.where(valid & (log_w != float("-inf")), tl.exp(lq - lm) * (q - p), 0.0)
-                c1 += tl.sum(h, axis=0)
+                acc2 += tl.where(valid & (log_w != float("-inf")), tl.exp2(lq - lm) * (q - p), 0.0)
+        c1 = 0.0
         if DIV == 2:
-            loss = acc + acc2
-            c0 = acc2
+            c0 = tl.sum(acc2, axis=0) * LN2
+            loss = tl.sum(acc, axis=0) * LN2 + c0
         elif DIV == 3:
-            loss = tl.exp(log_w) * acc + tl.exp(log_1mw) * acc2
-            c0 = acc2
+            c0 = tl.sum(acc2, axis=0) * LN2
+            loss = tl.exp(log_w) * (tl.sum(acc, axis=0) * LN2) + tl.exp(log_1mw) * c0
         elif DIV == 4:
-            loss = acc
-            c0 = acc2
+            loss = tl.sum(acc, axis=0)
+            c0 = tl.sum(acc2, axis=0)
         elif DIV == 5:
-            loss = acc
-            c0 = acc2
+            loss = tl.sum(acc, axis=0) * LN2
+            c0 = tl.sum(acc2, axis=0)
+        elif DIV == 6:
+            loss = tl.sum(acc, axis=0) * LN2
+            c0 = loss
+            c1 = tl.sum(acc2, axis=0)
         else:
-            loss = acc
-            c0 = acc
+            loss = tl.sum(acc, axis=0) * LN2
+            c0 = loss
         tl.store(LOSS + row, loss)
         tl.store(STATUS + row, bad)
         tl.store(STATS + row * 6 + 0, m_a)
@@ -204,45 +222,53 @@ def divergence_bwd_kernel(
             zero = tl.zeros([BLOCK_V], dtype=tl.float32)
             tl.store(g_row + offs, zero.to(GRAD.dtype.element_ty), mask=offs < V)
     else:
+        c = inv_tau * LOG2E
+        lw2 = log_w * LOG2E
+        l1mw2 = log_1mw * LOG2E
         m_a = tl.load(STATS + row * 6 + 0)
-        lz_a = tl.load(STATS + row * 6 + 1)
+        lz_a = tl.load(STATS + row * 6 + 1)  # log2 z
         m_b = tl.load(STATS + row * 6 + 2)
         lz_b = tl.load(STATS + row * 6 + 3)
         c0 = tl.load(STATS + row * 6 + 4)
         c1 = tl.load(STATS + row * 6 + 5)
         scale = tl.load(GSCALE + row)
+        c0_2 = c0 * LOG2E  # the row scalar in bits, beside the log2 terms
+        if DIV == 1 or DIV == 3 or DIV == 6:
+            scale_log = scale * LN2  # a gradient made of log2 terms only: ×ln 2 folded into the row scale
+        else:
+            scale_log = scale
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             inb = offs < V
             t = tl.load(t_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
             s = tl.load(s_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
             valid = inb & (t != float("-inf"))
-            lp = tl.where(valid, (t - m_a) * inv_tau - lz_a, 0.0)
-            lq = tl.where(valid, (s - m_b) * inv_tau - lz_b, 0.0)
-            p = tl.where(valid, tl.exp(lp), 0.0)
-            q = tl.where(valid, tl.exp(lq), 0.0)
+            lp = tl.where(valid, (t - m_a) * c - lz_a, 0.0)  # log2 p
+            lq = tl.where(valid, (s - m_b) * c - lz_b, 0.0)  # log2 q
+            p = tl.where(valid, tl.exp2(lp), 0.0)
+            q = tl.where(valid, tl.exp2(lq), 0.0)
             # ∂L/∂b (b = s/τ); the docstring of reference/divergences.py derives each line
             if DIV == 0:
                 g = q - p
-            elif DIV == 1:
-                g = q * (lq - lp - c0)
+            elif DIV == 1:  # q (log q - log p - c0), in bits (×ln 2 in scale_log)
+                g = q * (lq - lp - c0_2)
             elif DIV == 2:
-                g = (q - p) + q * (lq - lp - c0)
+                g = (q - p) + q * (lq - lp - c0_2) * LN2
             elif DIV == 3:
-                lm = _logaddexp(log_w + lp, log_1mw + lq)
-                g = tl.exp(log_1mw) * q * (lq - lm - c0)
+                lm = _logaddexp2(lw2 + lp, l1mw2 + lq)
+                g = tl.exp(log_1mw) * q * (lq - lm - c0_2)
             elif DIV == 4:
                 sgn = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
                 g = q * (sgn - c0)
             elif DIV == 5:  # -(1-α)² (k - q Σk): the O(1) parts of q·p/m cancelled analytically
-                lm = _logaddexp(log_w + lp, log_1mw + lq)
-                k = tl.where(valid & (log_1mw != float("-inf")), tl.exp(lq - lm) * (p - q), 0.0)
+                lm = _logaddexp2(lw2 + lp, l1mw2 + lq)
+                k = tl.where(valid & (log_1mw != float("-inf")), tl.exp2(lq - lm) * (p - q), 0.0)
                 g = -tl.exp(2.0 * log_1mw) * (k - q * c0)
-            else:  # q(log q - log m - L) - α(1-α)(h - q Σh)
-                lm = _logaddexp(log_w + lq, log_1mw + lp)
-                h = tl.where(valid & (log_w != float("-inf")), tl.exp(lq - lm) * (q - p), 0.0)
-                g = q * (lq - lm - c0) - tl.exp(log_w + log_1mw) * (h - q * c1)
-            g = tl.where(valid, g, 0.0) * scale
+            else:  # q(log q - log m - L) - α(1-α)(h - q Σh), in bits (×ln 2 in scale_log)
+                lm = _logaddexp2(lw2 + lq, l1mw2 + lp)
+                h = tl.where(valid & (log_w != float("-inf")), tl.exp2(lq - lm) * (q - p), 0.0)
+                g = q * (lq - lm - c0_2) - (tl.exp(log_w + log_1mw) * LOG2E) * (h - q * c1)
+            g = tl.where(valid, g, 0.0) * scale_log
             tl.store(g_row + offs, g.to(GRAD.dtype.element_ty), mask=inb)
 
 

@@ -173,6 +173,25 @@ def test_vocab_sizes_around_the_block(v, backend):
     _check("symmetric_kl", backend, t, s, reduction="sum", block_v=16 if v < 100 else 128)
 
 
+@pytest.mark.parametrize("tau", [0.5, 4.0])
+@pytest.mark.parametrize("name", ["forward_kl", "js_divergence", "skew_reverse_kl"])
+def test_triton_running_max_rises_chunk_by_chunk(name, tau):
+    """The kernels keep per-lane partial sums across chunks and rescale them when a chunk raises the row's
+    maximum: logits that rise chunk after chunk up to 1e4 (the maximum moves in every chunk), a row whose
+    first chunks are padded (-inf: the sums start after an all -inf prefix) and the maximum in the last,
+    partial chunk; a masked row between them."""
+    rng = np.random.default_rng(21)
+    v = 75  # block 16: four full chunks and a partial one
+    t = np.stack([np.linspace(-1e4, 1e4, v), rng.normal(size=v) * 30, rng.normal(size=v) * 3])
+    s = np.stack([np.linspace(-1e4, 1e4, v)[::-1].copy(), rng.normal(size=v) * 30, rng.normal(size=v) * 3])
+    t[0] += rng.normal(size=v)
+    t[1, :40] = s[1, :40] = -np.inf
+    t[1, 72] = s[1, 74] = 200.0
+    s[0, -1] = 1e4  # student and teacher both put their largest logit in the last, partial chunk
+    keep = np.array([True, True, False])
+    _check(name, "triton", t, s, tau=tau, params={}, keep=keep, reduction="none", block_v=16)
+
+
 # ---- labels / ignore_index, teacher detached, mixed dtypes ---------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_labels_ignore_index_and_detached_teacher(backend):
