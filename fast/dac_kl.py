@@ -166,6 +166,15 @@ def _sigmoid(z):
 
 
 @triton.jit
+def _sigmoid_pair(z):
+    """(sigmoid(z), sigmoid(-z)) from one exp and one reciprocal: sigmoid(-z) = e^-z sigmoid(z). Where
+    e^-z > 1e30, sigmoid(-z) rounds to 1 in fp32 (and e^-z may be inf, sigmoid(z) 0 or subnormal)."""
+    e = tl.exp(-z)
+    s = 1.0 / (1.0 + e)
+    return s, tl.where(e > 1e30, 1.0, e * s)
+
+
+@triton.jit
 def dac_kl_fwd_kernel(
     T_ptr,  # [N, V] teacher logits (fp16/bf16/fp32), row stride stride_t
     S_ptr,  # [N, V] student logits, row stride stride_s
@@ -404,8 +413,14 @@ def dac_kl_bwd_kernel(
     cidx = tl.load(C_ptr + row)
     g = tl.load(G_ptr + row)
     beta = 1.0 / (gamma * (tau_hi - tau_lo) + eps)
-    acc_lo = tl.full((), 0.0, tl.float32)
-    acc_hi = tl.full((), 0.0, tl.float32)
+    # row constants: the per-element divisions p/A, q/B and cross/A become multiplications (a division is
+    # a reciprocal, two range checks and a multiply per element on the GPU)
+    inv_a = 1.0 / A
+    inv_b = 1.0 / B
+    cross_a = cross * inv_a
+    b2 = gamma * beta * beta
+    acc_lo = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane partial sums, reduced once after the loop
+    acc_hi = tl.zeros([BLOCK_V], dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
         idx = v0 + offs
         inb = idx < V
@@ -417,7 +432,9 @@ def dac_kl_bwd_kernel(
         if BAND:
             z1 = beta * (p - tau_lo)
             z2 = beta * (tau_hi - p)
-            m = _sigmoid(z1) * _sigmoid(z2)
+            s1, r1 = _sigmoid_pair(z1)
+            s2, r2 = _sigmoid_pair(z2)
+            m = s1 * s2
         else:
             m = tl.full((BLOCK_V,), 1.0, tl.float32)
         m = tl.where(ok, m, 0.0)
@@ -427,29 +444,28 @@ def dac_kl_bwd_kernel(
         else:
             w = m
         if NORMALIZE:
-            dsv = w * (q / B - p / A)
+            pa = p * inv_a
+            qb = q * inv_b
+            dsv = w * (qb - pa)
         else:
             dsv = w * (q - p) + (A - B) * q
         tl.store(ds_row + idx, (g * dsv).to(DS_ptr.dtype.element_ty), mask=inb)
         if BAND:
             d = tl.where(p > 0, ((x - mt) - lz_t) - ((y - ms) - lz_s), 0.0)
             if NORMALIZE:
-                G = (p / A) * (d - cross / A) + q / B - p / A
+                G = pa * (d - cross_a) + qb - pa
             else:
                 G = p * d - p + q
             G = G - active * lam_m * p
             if TARGET:
                 G = tl.where(is_c, 0.0, G)
             G = tl.where(ok, G, 0.0)
-            r1 = _sigmoid(-z1)
-            r2 = _sigmoid(-z2)
-            b2 = gamma * beta * beta
             dm_lo = m * (r1 * (-beta + b2 * (p - tau_lo)) + r2 * b2 * (tau_hi - p))
             dm_hi = m * (-r1 * b2 * (p - tau_lo) + r2 * (beta - b2 * (tau_hi - p)))
-            acc_lo += tl.sum(G * dm_lo, 0)
-            acc_hi += tl.sum(G * dm_hi, 0)
-    tl.store(DLO_ptr + row, g * acc_lo * dlo)
-    tl.store(DHI_ptr + row, g * acc_hi * dhi)
+            acc_lo += G * dm_lo
+            acc_hi += G * dm_hi
+    tl.store(DLO_ptr + row, g * tl.sum(acc_lo, 0) * dlo)
+    tl.store(DHI_ptr + row, g * tl.sum(acc_hi, 0) * dhi)
 
 
 def _block_v(V: int) -> int:
