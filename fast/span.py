@@ -11,8 +11,8 @@ Why the Triton path never builds the ``[pairs, V]`` products: the forward needs 
 log-sum-exp computed once:
 
 * statistics, one program per row that belongs to a pair: one pass over the teacher and student row gives
-  ``(max, log z)`` of both, saved ``[B*T, 4]`` (max and log z apart: ``(x - max) - log z`` stays accurate
-  for ``|x| ~ 1e4``, ``x - lse`` does not);
+  ``(max, log2 z)`` of both, saved ``[B*T, 4]`` (max and log z apart: ``(x - max) log2 e - log2 z`` stays
+  accurate for ``|x| ~ 1e4``, ``x - lse`` does not; base 2 because ``exp2`` is one GPU instruction);
 * forward, one program per pair: one pass over the four rows gives ``D_k^2`` and ``A_k = <e_k, q_k q_{k+1}>``
   (``e_k = q_k q_{k+1} - p_k p_{k+1}``);
 * backward, one program per *position*: position k receives
@@ -165,19 +165,25 @@ def span_loss_torch(t, s, spans, *, squared: bool = False, validate: bool = True
 
 # ----------------------------------------------------------------------------------------- Triton kernels
 
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): e^x = 2^(x log2 e), and exp2 is one MUFU instruction
+
+
 @triton.jit
 def _online(m, z, x):
-    """One step of an online log-sum-exp over a chunk ``x`` (safe for all -inf)."""
+    """One step of an online log-sum-exp over a chunk ``x`` (safe for all -inf), in base 2: ``m`` the
+    running max (a scalar, one block reduction), ``z`` per-lane partial sums of ``2^((x - m) log2 e)``,
+    rescaled when the max rises (summed across the block once, after the last chunk)."""
     m_new = tl.maximum(m, tl.max(x, 0))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    z = z * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
+    z = z * tl.exp2((m - m_safe) * LOG2E) + tl.exp2((x - m_safe) * LOG2E)
     return m_new, z
 
 
 @triton.jit
 def _probs(x, m, lz):
-    """softmax entries from a row's max ``m`` and ``log z``; (x - m) - lz stays accurate for |x| ~ 1e4."""
-    return tl.where(x > float("-inf"), tl.exp((x - m) - lz), 0.0)
+    """softmax entries from a row's max ``m`` and ``log2 z``; (x - m) log2 e - lz stays accurate for
+    |x| ~ 1e4 (x - lse would not: a large lse is rounded to its own ulp)."""
+    return tl.where(x > float("-inf"), tl.exp2((x - m) * LOG2E - lz), 0.0)
 
 
 @triton.jit
@@ -185,7 +191,7 @@ def span_lse_kernel(
     T_ptr,  # [B*T, V] teacher logits, row stride stride_t
     S_ptr,  # [B*T, V] student logits, row stride stride_s
     NEED_ptr,  # [B*T] int32: 1 where the row belongs to a pair (other rows are never loaded)
-    ST_ptr,  # [B*T, 4] fp32 out: (max t, log z_t, max s, log z_s) of the row (-inf, -inf, ... if not needed)
+    ST_ptr,  # [B*T, 4] fp32 out: (max t, log2 z_t, max s, log2 z_s) of the row (all -inf if not needed)
     V, stride_t, stride_s,
     BLOCK_V: tl.constexpr,
 ):
@@ -194,7 +200,7 @@ def span_lse_kernel(
     offs = tl.arange(0, BLOCK_V)
     ninf = float("-inf")
     mt = tl.full((), ninf, tl.float32)
-    zt = tl.full((), 0.0, tl.float32)
+    zt = tl.zeros([BLOCK_V], dtype=tl.float32)
     ms, zs = mt, zt
     for v0 in range(0, n, BLOCK_V):
         idx = v0 + offs
@@ -203,9 +209,9 @@ def span_lse_kernel(
         ms, zs = _online(ms, zs, tl.load(S_ptr + row * stride_s + idx, mask=inb, other=ninf).to(tl.float32))
     st = ST_ptr + row * 4
     tl.store(st + 0, mt)
-    tl.store(st + 1, tl.log(zt))
+    tl.store(st + 1, tl.log2(tl.sum(zt, 0)))
     tl.store(st + 2, ms)
-    tl.store(st + 3, tl.log(zs))
+    tl.store(st + 3, tl.log2(tl.sum(zs, 0)))
 
 
 @triton.jit
@@ -228,8 +234,8 @@ def span_fwd_kernel(
     mb, lb, md, ld = tl.load(st1 + 0), tl.load(st1 + 1), tl.load(st1 + 2), tl.load(st1 + 3)
     offs = tl.arange(0, BLOCK_V)
     ninf = float("-inf")
-    acc = tl.full((), 0.0, tl.float32)
-    dot = tl.full((), 0.0, tl.float32)
+    acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane partial sums, reduced once after the loop
+    dot = tl.zeros([BLOCK_V], dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
         idx = v0 + offs
         inb = idx < V
@@ -239,10 +245,10 @@ def span_fwd_kernel(
         qd = _probs(tl.load(s1 + idx, mask=inb, other=ninf).to(tl.float32), md, ld)
         qq = qc * qd
         e = qq - pa * pb
-        acc += tl.sum(e * e, 0)
-        dot += tl.sum(e * qq, 0)
-    tl.store(D2_ptr + pid, acc)
-    tl.store(A_ptr + pid, dot)
+        acc += e * e
+        dot += e * qq
+    tl.store(D2_ptr + pid, tl.sum(acc, 0))
+    tl.store(A_ptr + pid, tl.sum(dot, 0))
 
 
 @triton.jit
@@ -265,7 +271,7 @@ def span_bwd_kernel(
     has_r = cr != 0.0
     act = has_l | has_r
     ninf = float("-inf")
-    # the rows' (max, log z) from the statistics pass; an unused neighbour reads row k's (a valid row)
+    # the rows' (max, log2 z) from the statistics pass; an unused neighbour reads row k's (a valid row)
     row_l = tl.where(has_l, k - 1, k)
     row_r = tl.where(has_r, k + 1, k)
     mt_c, lt_c, ms_c, ls_c = (tl.load(ST_ptr + k * 4 + 0), tl.load(ST_ptr + k * 4 + 1),
