@@ -19,6 +19,7 @@ KERNELS = [
     "attention_bwd_dkdv_kernel",
     "dac_kl_fwd_kernel",
     "dac_kl_bwd_kernel",
+    "span_lse_kernel",
     "span_fwd_kernel",
     "span_bwd_kernel",
     "match_summary_kernel",

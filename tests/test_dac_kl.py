@@ -323,6 +323,15 @@ def test_triton_large_vocab_multi_chunk(bounds):
     _run_fast(t, s, u, l, g, "triton", bounds=bounds)
 
 
+def test_triton_target_tie_across_chunks_goes_to_the_lowest_index():
+    # the teacher's maximum in the first and in the third 1024-wide chunk, with different student logits
+    # there: the target class (and so the loss and its gradient) must be the lower index, as in the oracle
+    t, s, u, l, g = _inputs(9, 2, 2500, scale=4.0)
+    t[:, [7, 2100]] = t.max() + 3.0
+    s[:, 7], s[:, 2100] = -2.0, 5.0
+    _run_fast(t, s, u, l, g, "triton")  # compares target_class exactly, loss and gradients to the oracle
+
+
 @settings(max_examples=examples(10))
 @given(N=st.integers(1, 5), V=st.integers(2, 300), seed=st.integers(0, 2**16),
        bounds=st.sampled_from(["value", "mass"]), target=st.booleans(), normalize=st.booleans())
