@@ -145,3 +145,23 @@ def test_shipped_checkpoints_and_demo(capsys):
     # the shipped models show the effect the demo is about: full attention recalls, the window alone cannot
     assert out["full"] >= 0.9 and out["swa"] < out["full"] - 0.3
     assert os.path.exists(CKPTS[0])
+
+
+def test_plugin_pairs_sweep_table_and_plot(tmp_path):
+    cfg = mg.RunConfig(**TINY)
+    model = mg.new_model(cfg).eval()
+    text = mg.plugin_pairs(model, cfg, [1, 2, 3], window=4, top_ks=[1], block_size=2, n=8,
+                           plot=str(tmp_path / "p.png"))
+    head, rule, *rows = text.splitlines()
+    assert head.endswith("| 1 pairs | 2 pairs | 3 pairs |")
+    assert len(rows[0].split("|")) == len(head.split("|"))
+    # the full-attention row equals a direct evaluation at each number of pairs
+    for i, P in enumerate([1, 2, 3]):
+        x, y = mg.make_batch(mg.dataclasses.replace(cfg, num_kv_pairs=P), 8, mg.DEMO_SEED)
+        want = 100 * mg.evaluate(model, x, y)["acc"]
+        assert rows[0].startswith("| full |")
+        assert float(rows[0].split("|")[3 + i]) == pytest.approx(want, abs=0.05)
+    assert (tmp_path / "p.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="MQAR"):
+        mg.plugin_pairs(model, mg.RunConfig(**{**TINY, "task": "mad_noisy"}), [1], window=4, top_ks=[1],
+                        block_size=2, n=4)

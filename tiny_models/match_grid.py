@@ -406,6 +406,50 @@ def plugin_table(model, x, y, *, windows, top_ks, block_size) -> str:
     return "\n".join(lines)
 
 
+def plugin_pairs(model, cfg: RunConfig, pairs, *, window: int, top_ks, block_size: int, n: int,
+                 plot: str | None = None) -> str:
+    """Accuracy against the number of key-value pairs of every plug-in variant (one window): the trained
+    model evaluated on fresh MQAR examples with ``num_kv_pairs`` = each of ``pairs`` (same length), its
+    attention swapped at inference. Markdown table; with ``plot``, accuracy vs pairs as a PNG."""
+    if cfg.task != "mqar":
+        raise ValueError(f"a pairs sweep needs an MQAR checkpoint, got task {cfg.task!r}")
+    variants = plugin_variants(window, top_ks=tuple(top_ks), block_size=block_size)
+    acc: dict[str, dict[int, float]] = {}
+    attended = {}
+    for P in pairs:
+        x, y = make_batch(dataclasses.replace(cfg, num_kv_pairs=P), n, DEMO_SEED)
+        for r in plugin_eval(model, x, y, variants):
+            if "error" not in r:
+                acc.setdefault(r["variant"], {})[P] = r["acc"]
+                attended[r["variant"]] = r["attended"]
+    lines = [f"| w = {window}: model | attended fraction | " + " | ".join(f"{P} pairs" for P in pairs) + " |",
+             "|---|---|" + "---|" * len(pairs)]
+    for v, row in acc.items():
+        cells = " | ".join(f"{100 * row[P]:.1f}" for P in pairs)
+        lines.append(f"| {v} | {attended[v]:.3f} | {cells} |")
+    lines += ["", f"accuracy % on {n} fresh examples per column (seed {DEMO_SEED}), T = {cfg.seq_len}; "
+              f"the model was trained with {cfg.num_kv_pairs} pairs"]
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        for v, row in acc.items():
+            style = "-" if v == "full" else "--" if v.startswith("SWA") else "-."
+            ax.plot(list(pairs), [100 * row[P] for P in pairs], style, marker="o", ms=3, label=v)
+        ax.axvline(cfg.num_kv_pairs, color="gray", lw=0.8, ls=":")
+        ax.set_xlabel("key-value pairs in the sequence")
+        ax.set_ylabel("recall accuracy %")
+        ax.set_title(f"MQAR T={cfg.seq_len}, one trained model, attention swapped at inference", fontsize=9)
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+        plt.close(fig)
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------
 # grid
 
@@ -744,6 +788,9 @@ def main(argv=None) -> None:
     pl.add_argument("--block_size", type=int, default=4)
     pl.add_argument("--n", type=int, default=512)
     pl.add_argument("--out", default=None, help="write the markdown table here")
+    pl.add_argument("--pairs", type=int, nargs="+", default=None,
+                    help="instead: accuracy vs number of key-value pairs (MQAR), first window only")
+    pl.add_argument("--plot", default=None, help="with --pairs: write the accuracy-vs-pairs plot here")
     a = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     use_match_chunk()
@@ -770,8 +817,12 @@ def main(argv=None) -> None:
         write_results(finished_runs(a.out), a.results)
     elif a.cmd == "plugin":
         model, cfg = load_run(a.checkpoint)
-        x, y = make_batch(cfg, a.n, DEMO_SEED)
-        table = plugin_table(model, x, y, windows=a.windows, top_ks=a.top_ks, block_size=a.block_size)
+        if a.pairs:
+            table = plugin_pairs(model, cfg, a.pairs, window=a.windows[0], top_ks=a.top_ks,
+                                 block_size=a.block_size, n=a.n, plot=a.plot)
+        else:
+            x, y = make_batch(cfg, a.n, DEMO_SEED)
+            table = plugin_table(model, x, y, windows=a.windows, top_ks=a.top_ks, block_size=a.block_size)
         print(table)
         if a.out:
             with open(a.out, "w") as f:
