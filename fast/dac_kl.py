@@ -3,16 +3,21 @@ that owns the bounds sub-network. Oracle: ``reference/dac_kl.py`` (read its docs
 convention; this file implements exactly the same function).
 
 Why the Triton kernel does not sort: a quantile needs one or two order statistics, not the whole order.
-For non-negative fp32 numbers the bit pattern (as int32) orders like the value, so the k-th smallest
-probability is the smallest bit pattern ``b`` with ``count(p <= b) >= k+1``: 31 steps of bisection on the
-integer range ``[0, bits(1.0)]`` find it *exactly*, each step one streaming pass over V (the count, or the
-mass above ``b`` for ``bounds="mass"``, is monotone in ``b``). Both thresholds are bisected in the same
-passes. A last pass finds the neighbouring order statistic (the smallest value above), then one pass
-computes mask, weights, ``A = sum w p``, ``B = sum w q`` and the cross term. The backward kernel is a single
-streaming pass: ``dL/ds = w (q/B - p/A)`` plus the two sums that give ``dL/dtau``.
+``bounds="value"``: ``p = exp((t - max) - log z)`` is non-decreasing in the teacher logit ``t``, so the k-th
+smallest probability is exp of the k-th smallest valid logit. That logit is found exactly by a radix select on
+int32 keys that order like the fp32 logits (``_order_key``), one byte per pass with ``tl.histogram``: the top
+byte's histogram rides along the log-sum-exp pass, three more passes narrow it to one key and, in the last
+one, also give the next order statistic (the interpolation's neighbour); integer work only, no ``exp``.
+``bounds="mass"``: the mass above a candidate is not a count, so the threshold is bisected on the bit pattern
+of p (for ``p >= 0`` the int32 pattern orders like the value), 31 steps of one streaming pass each, plus one
+pass for the neighbouring value. Then one pass computes mask, weights, ``A = sum w p``, ``B = sum w q`` and
+the cross term. The backward kernel is a single streaming pass: ``dL/ds = w (q/B - p/A)`` plus the two sums
+that give ``dL/dtau``. The input checks on the logits' values (a row with no finite teacher logit, a -inf
+student logit where the teacher's is finite) are made by the first pass (``CHECK``), not by the host.
 
-Cost per row: about 34 passes over V in the forward (bisection), 1 in the backward; memory: O(N) saved
-statistics, no [N, V] intermediate (the torch backend keeps several).
+Cost per row (forward): 5 passes over V for ``bounds="value"`` (log-sum-exp + top byte, three select passes,
+the sums), 34 for ``"mass"``, 2 with ``band=False``; backward 1. Memory: O(N) saved statistics, no [N, V]
+intermediate (the torch backend keeps several).
 """
 from __future__ import annotations
 
@@ -46,6 +51,13 @@ def _cfg(cfg: dict) -> dict:
 def check_inputs(t, s, upper, lower, validate: bool = True) -> None:
     """Host-side validation (``tl.device_assert`` is a no-op). ``validate=False`` skips the value checks
     (which synchronise a GPU) but keeps the shape checks."""
+    if _check_levels(t, s, upper, lower, validate):
+        _check_logits(t, s)
+
+
+def _check_levels(t, s, upper, lower, validate: bool) -> bool:
+    """Dtypes, shapes and (if ``validate``) the levels, all O(N); True when the logits' values must be checked
+    too (the Triton forward checks them in its first pass, see ``_raise_on_bad_rows``)."""
     check_float("t_logits", t)
     check_float("s_logits", s)
     check_float("upper", upper)
@@ -57,7 +69,7 @@ def check_inputs(t, s, upper, lower, validate: bool = True) -> None:
     if upper.shape != (N,) or lower.shape != (N,):
         raise ValueError(f"upper/lower must be [N]={N}, got {tuple(upper.shape)} and {tuple(lower.shape)}")
     if not validate or N == 0:
-        return
+        return False
     u, l = upper.detach(), lower.detach()
     if not (torch.isfinite(u).all() and torch.isfinite(l).all() and (u <= 1).all() and (l >= 0).all()):
         raise ValueError(f"bounds must lie in [0, 1]; got upper in [{u.min().item()}, {u.max().item()}], "
@@ -67,6 +79,10 @@ def check_inputs(t, s, upper, lower, validate: bool = True) -> None:
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"need lower < upper for every token; row {i} has lower={l[i].item()} "
                          f">= upper={u[i].item()}")
+    return True
+
+
+def _check_logits(t, s) -> None:  # [N, V], [N, V] -> None  (two more reads of both [N, V] tensors)
     # screen: a row whose teacher and student sums are finite holds no -inf/NaN/inf and passes both checks
     # below; only the other rows (padded vocabulary, or bad values) are examined entry by entry
     t, s = t.detach(), s.detach()
@@ -76,9 +92,13 @@ def check_inputs(t, s, upper, lower, validate: bool = True) -> None:
         return
     t, s = t[flagged], s[flagged]
     valid = torch.isfinite(t)
-    if (valid.sum(-1) == 0).any():
+    _raise_on_bad_rows((valid.sum(-1) == 0).any(), (valid & torch.isneginf(s)).any())
+
+
+def _raise_on_bad_rows(empty_row, unshared_padding) -> None:  # bool-like, bool-like -> None
+    if bool(empty_row):
         raise ValueError("a teacher row is entirely -inf (no valid vocabulary entry)")
-    if (valid & torch.isneginf(s)).any():
+    if bool(unshared_padding):
         raise ValueError("student logits are -inf where the teacher's are finite; padding must be shared")
 
 
@@ -175,6 +195,31 @@ def _sigmoid_pair(z):
 
 
 @triton.jit
+def _order_key(x):
+    """int32 key whose signed order is the order of the fp32 values x: the bit pattern itself for
+    x >= +0.0, the pattern with its 31 low bits inverted for x <= -0.0 (the usual float -> uint32 flip,
+    minus its sign-bit toggle, so that int32 compares do). -0.0 sorts just below +0.0 (same p), -inf below
+    every number."""
+    b = x.to(tl.int32, bitcast=True)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _key_value(k):
+    """Inverse of ``_order_key`` (the map is its own inverse): the fp32 value of a key."""
+    return (k ^ ((k >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _radix_pick(h, r, bins):
+    """Bucket of the entry of 0-based rank r in the 256-bin histogram h: (digit, rank inside the bucket,
+    entries in the bucket)."""
+    c = tl.cumsum(h, 0)
+    d = tl.sum((c <= r).to(tl.int32), 0)
+    return d, r - tl.sum(tl.where(bins < d, h, 0), 0), tl.sum(tl.where(bins == d, h, 0), 0)
+
+
+@triton.jit
 def dac_kl_fwd_kernel(
     T_ptr,  # [N, V] teacher logits (fp16/bf16/fp32), row stride stride_t
     S_ptr,  # [N, V] student logits, row stride stride_s
@@ -184,9 +229,10 @@ def dac_kl_fwd_kernel(
     KEPT_ptr,  # [N] fp32 out: kept teacher mass sum_{v != c} m_v p_v
     C_ptr,  # [N] int32 out: target class (argmax of teacher logits, first index)
     STATS_ptr,  # [N, N_STATS] fp32 out: saved for the backward
+    ERR_ptr,  # [N] int32 out (CHECK): 1 if no teacher logit is finite, + 2 if the student is -inf where it is
     V, stride_t, stride_s, gamma, eps, rho_min, lam_m,
     MASS: tl.constexpr, TARGET: tl.constexpr, BAND: tl.constexpr, NORMALIZE: tl.constexpr,
-    FLOOR: tl.constexpr, N_STATS: tl.constexpr, BLOCK_V: tl.constexpr,
+    FLOOR: tl.constexpr, CHECK: tl.constexpr, N_STATS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     t_row = T_ptr + row * stride_t
@@ -194,7 +240,8 @@ def dac_kl_fwd_kernel(
     offs = tl.arange(0, BLOCK_V)
     ninf = float("-inf")
 
-    # pass 1: online log-sum-exp of both rows, teacher argmax (first index), valid count
+    # pass 1: online log-sum-exp of both rows, teacher argmax (first index), valid count; with CHECK the input
+    # checks, and for value quantiles the histogram of the top 8 bits of the teacher logits' order keys
     mt = tl.full((), ninf, tl.float32)
     zt = tl.full((), 0.0, tl.float32)
     ms = tl.full((), ninf, tl.float32)
@@ -202,12 +249,22 @@ def dac_kl_fwd_kernel(
     best = tl.full((), ninf, tl.float32)
     cidx = tl.full((), 0, tl.int32)
     nval = tl.full((), 0, tl.int32)
+    nfin = tl.full((), 0, tl.int32)
+    nbad = tl.full((), 0, tl.int32)
+    hist = tl.zeros([256], dtype=tl.int32)
     for v0 in range(0, V, BLOCK_V):
         idx = v0 + offs
         inb = idx < V
         x = tl.load(t_row + idx, mask=inb, other=ninf).to(tl.float32)
         y = tl.load(s_row + idx, mask=inb, other=ninf).to(tl.float32)
-        nval += tl.sum((x > ninf).to(tl.int32))
+        ok = x > ninf
+        nval += tl.sum(ok.to(tl.int32))
+        if CHECK:  # as check_inputs: a finite teacher entry is valid, the student must not be -inf there
+            fin = ok & (x < float("inf"))
+            nfin += tl.sum(fin.to(tl.int32), 0)
+            nbad += tl.sum((fin & (y == ninf)).to(tl.int32), 0)
+        if BAND and not MASS:
+            hist += tl.histogram(((_order_key(x) >> 24) & 255) ^ 128, 256, mask=ok)
         cmax = tl.max(x, 0)
         cfirst = tl.min(tl.where(x == cmax, idx, 2147483647), 0).to(tl.int32)
         cidx = tl.where(cmax > best, cfirst, cidx)  # strict: an earlier chunk wins a tie
@@ -223,6 +280,8 @@ def dac_kl_fwd_kernel(
     # keep max and log(z) apart: (x - max) - log z is exact-ish for |logits| ~ 1e4, x - (max + log z) is not
     lz_t = tl.log(zt)
     lz_s = tl.log(zs)
+    if CHECK:
+        tl.store(ERR_ptr + row, tl.where(nfin == 0, 1, 0) + tl.where(nbad > 0, 2, 0))
 
     u = tl.load(U_ptr + row).to(tl.float32)
     lw = tl.load(L_ptr + row).to(tl.float32)
@@ -242,8 +301,13 @@ def dac_kl_fwd_kernel(
     tau_hi = tl.full((), 0.0, tl.float32)
     dlo = tl.full((), 0.0, tl.float32)
     dhi = tl.full((), 0.0, tl.float32)
-    if BAND:
-        # bisection on the int32 bit pattern of p (monotone in the value for p >= 0), both thresholds at once
+    if BAND and MASS:
+        # bisection on the int32 bit pattern of p (monotone in the value for p >= 0), both thresholds in the
+        # same passes: 31 passes (30 already shrink the 1065353217 patterns of [0, bits(1.0)] to one), each
+        # recomputing exp, then one pass for the value, mass and next value around the result. The radix
+        # select of the value quantiles does not carry over: the criterion here is the MASS above a
+        # candidate (a sum of p, so one exp per entry and pass anyway), and tl.histogram only counts; a
+        # mass-weighted 256-bin histogram would be 256 masked sums per chunk.
         a_lo = tl.full((), 0, tl.int32)
         a_hi = tl.full((), 1065353216, tl.int32)
         b_lo = tl.full((), 0, tl.int32)
@@ -259,25 +323,15 @@ def dac_kl_fwd_kernel(
                 ok = x > ninf
                 p = tl.where(ok, tl.exp((x - mt) - lz_t), 0.0)
                 pb = p.to(tl.int32, bitcast=True)
-                if MASS:  # mass strictly above the candidate
-                    a_acc += tl.sum(tl.where(ok & (pb > a_mid), p, 0.0), 0)
-                    b_acc += tl.sum(tl.where(ok & (pb > b_mid), p, 0.0), 0)
-                else:  # count at or below the candidate
-                    a_acc += tl.sum((ok & (pb <= a_mid)).to(tl.float32), 0)
-                    b_acc += tl.sum((ok & (pb <= b_mid)).to(tl.float32), 0)
-            if MASS:
-                a_ok = a_acc <= lev_lo
-                b_ok = b_acc <= lev_hi
-            else:
-                a_ok = a_acc >= (k_lo + 1).to(tl.float32)
-                b_ok = b_acc >= (k_hi + 1).to(tl.float32)
+                a_acc += tl.sum(tl.where(ok & (pb > a_mid), p, 0.0), 0)  # mass strictly above the candidate
+                b_acc += tl.sum(tl.where(ok & (pb > b_mid), p, 0.0), 0)
+            a_ok = a_acc <= lev_lo
+            b_ok = b_acc <= lev_hi
             a_hi = tl.where(a_ok, a_mid, a_hi)
             a_lo = tl.where(a_ok, a_lo, a_mid + 1)
             b_hi = tl.where(b_ok, b_mid, b_hi)
             b_lo = tl.where(b_ok, b_lo, b_mid + 1)
-        # the found value, the mass/count around it and the next larger value
-        a_cnt = tl.full((), 0.0, tl.float32)
-        b_cnt = tl.full((), 0.0, tl.float32)
+        # the found value, the mass above it and the next larger value
         a_m = tl.full((), 0.0, tl.float32)
         b_m = tl.full((), 0.0, tl.float32)
         a_x = tl.full((), 0.0, tl.float32)
@@ -292,8 +346,6 @@ def dac_kl_fwd_kernel(
             pb = p.to(tl.int32, bitcast=True)
             a_le = ok & (pb <= a_hi)
             b_le = ok & (pb <= b_hi)
-            a_cnt += tl.sum(a_le.to(tl.float32), 0)
-            b_cnt += tl.sum(b_le.to(tl.float32), 0)
             a_m += tl.sum(tl.where(ok & ~a_le, p, 0.0), 0)
             b_m += tl.sum(tl.where(ok & ~b_le, p, 0.0), 0)
             a_x = tl.maximum(a_x, tl.max(tl.where(a_le, p, 0.0), 0))
@@ -302,23 +354,66 @@ def dac_kl_fwd_kernel(
             b_up = tl.minimum(b_up, tl.min(tl.where(ok & ~b_le, p, float("inf")), 0))
         a_up = tl.where(a_up == float("inf"), a_x, a_up)
         b_up = tl.where(b_up == float("inf"), b_x, b_up)
-        if MASS:
-            a_lin = (a_x > 0) & ((lev_lo - a_m) < a_x)
-            a_fr = (lev_lo - a_m) / tl.where(a_x > 0, a_x, 1.0)
-            tau_lo = tl.where(a_lin, a_up + a_fr * (a_x - a_up), a_x)
-            dlo = tl.where(a_lin, (a_x - a_up) / tl.where(a_x > 0, a_x, 1.0), 0.0)
-            b_lin = (b_x > 0) & ((lev_hi - b_m) < b_x)
-            b_fr = (lev_hi - b_m) / tl.where(b_x > 0, b_x, 1.0)
-            tau_hi = tl.where(b_lin, b_up + b_fr * (b_x - b_up), b_x)
-            dhi = tl.where(b_lin, (b_x - b_up) / tl.where(b_x > 0, b_x, 1.0), 0.0)
-        else:
-            # next order statistic: a duplicate of x if enough entries are <= x, else the next larger value
-            a_nx = tl.where(a_cnt >= (k_lo + 2).to(tl.float32), a_x, a_up)
-            b_nx = tl.where(b_cnt >= (k_hi + 2).to(tl.float32), b_x, b_up)
-            tau_lo = a_x + (pos_lo - k_lo.to(tl.float32)) * (a_nx - a_x)
-            tau_hi = b_x + (pos_hi - k_hi.to(tl.float32)) * (b_nx - b_x)
-            dlo = nf * (a_nx - a_x)
-            dhi = nf * (b_nx - b_x)
+        a_lin = (a_x > 0) & ((lev_lo - a_m) < a_x)
+        a_fr = (lev_lo - a_m) / tl.where(a_x > 0, a_x, 1.0)
+        tau_lo = tl.where(a_lin, a_up + a_fr * (a_x - a_up), a_x)
+        dlo = tl.where(a_lin, (a_x - a_up) / tl.where(a_x > 0, a_x, 1.0), 0.0)
+        b_lin = (b_x > 0) & ((lev_hi - b_m) < b_x)
+        b_fr = (lev_hi - b_m) / tl.where(b_x > 0, b_x, 1.0)
+        tau_hi = tl.where(b_lin, b_up + b_fr * (b_x - b_up), b_x)
+        dhi = tl.where(b_lin, (b_x - b_up) / tl.where(b_x > 0, b_x, 1.0), 0.0)
+    if BAND and not MASS:
+        # value quantiles: p = exp((x - max) - log z) is non-decreasing in the logit x, so the k-th smallest p
+        # is exp of the k-th smallest valid logit (and likewise the (k+1)-th). That one is found exactly by a
+        # radix select on the order keys of the fp32 logits, 8 bits per pass, integer work only (no exp):
+        # pass 1 histogrammed the top byte, each pass below histograms the next byte of the keys that share
+        # the bytes chosen so far, for both thresholds (3 passes). Padding (-inf) never enters a histogram.
+        bins = tl.arange(0, 256)
+        a_d, a_r, a_n = _radix_pick(hist, k_lo, bins)
+        b_d, b_r, b_n = _radix_pick(hist, k_hi, bins)
+        a_key = (a_d ^ 128) << 24  # the key chosen so far (low bytes still 0)
+        b_key = (b_d ^ 128) << 24
+        a_h = hist
+        b_h = hist
+        a_up = tl.full((), float("inf"), tl.float32)  # smallest valid logit above the last pass's block
+        b_up = tl.full((), float("inf"), tl.float32)
+        for sh in tl.static_range(16, -1, -8):
+            a_h = tl.zeros([256], dtype=tl.int32)
+            b_h = tl.zeros([256], dtype=tl.int32)
+            for v0 in range(0, V, BLOCK_V):
+                idx = v0 + offs
+                x = tl.load(t_row + idx, mask=idx < V, other=ninf).to(tl.float32)
+                ok = x > ninf
+                key = _order_key(x)
+                dig = (key >> sh) & 255
+                a_h += tl.histogram(dig, 256, mask=ok & (((key ^ a_key) >> (sh + 8)) == 0))
+                b_h += tl.histogram(dig, 256, mask=ok & (((key ^ b_key) >> (sh + 8)) == 0))
+                if sh == 0:
+                    a_up = tl.minimum(a_up, tl.min(tl.where(ok & (key > (a_key | 255)), x, float("inf")), 0))
+                    b_up = tl.minimum(b_up, tl.min(tl.where(ok & (key > (b_key | 255)), x, float("inf")), 0))
+            a_d, a_r, a_n = _radix_pick(a_h, a_r, bins)
+            b_d, b_r, b_n = _radix_pick(b_h, b_r, bins)
+            a_key = a_key | (a_d << sh)
+            b_key = b_key | (b_d << sh)
+        # the next order statistic: the same logit if its key holds one more entry, else the next non-empty
+        # bucket of the last pass, else the smallest logit above that pass's block (none: the maximum itself)
+        a_x = _key_value(a_key)
+        b_x = _key_value(b_key)
+        a_nb = tl.min(tl.where((bins > a_d) & (a_h > 0), bins, 256), 0)
+        b_nb = tl.min(tl.where((bins > b_d) & (b_h > 0), bins, 256), 0)
+        a_nx = tl.where(a_nb < 256, _key_value(a_key - a_d + a_nb), tl.where(a_up < float("inf"), a_up, a_x))
+        b_nx = tl.where(b_nb < 256, _key_value(b_key - b_d + b_nb), tl.where(b_up < float("inf"), b_up, b_x))
+        a_nx = tl.where(a_r + 1 < a_n, a_x, a_nx)
+        b_nx = tl.where(b_r + 1 < b_n, b_x, b_nx)
+        # their probabilities, exactly as the sums pass computes p, and the oracle's interpolation
+        a_p = tl.exp((a_x - mt) - lz_t)
+        b_p = tl.exp((b_x - mt) - lz_t)
+        a_pn = tl.exp((a_nx - mt) - lz_t)
+        b_pn = tl.exp((b_nx - mt) - lz_t)
+        tau_lo = a_p + (pos_lo - k_lo.to(tl.float32)) * (a_pn - a_p)
+        tau_hi = b_p + (pos_hi - k_hi.to(tl.float32)) * (b_pn - b_p)
+        dlo = nf * (a_pn - a_p)
+        dhi = nf * (b_pn - b_p)
 
     # mask, weights and the sums of the loss
     beta = 1.0 / (gamma * (tau_hi - tau_lo) + eps)
@@ -475,7 +570,7 @@ def _block_v(V: int) -> int:
 
 class _DACKLTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, t, s, upper, lower, cfg_items):
+    def forward(ctx, t, s, upper, lower, cfg_items, check):
         cfg = dict(cfg_items)
         t, s = t.contiguous(), s.contiguous()
         N, V = t.shape
@@ -485,15 +580,18 @@ class _DACKLTriton(torch.autograd.Function):
         kept = empty((N,), dtype=torch.float32, device=dev)
         cls = empty((N,), dtype=torch.int32, device=dev)
         stats = empty((N, N_STATS), dtype=torch.float32, device=dev)
+        err = empty((N,), dtype=torch.int32, device=dev)
         BLOCK_V = _block_v(V)
         if N > 0:
             dac_kl_fwd_kernel[(N,)](
-                t, s, u32, l32, loss, kept, cls, stats, V, t.stride(0), s.stride(0),
+                t, s, u32, l32, loss, kept, cls, stats, err, V, t.stride(0), s.stride(0),
                 float(cfg["gamma"]), float(cfg["eps"]), float(cfg["rho_min"]), float(cfg["lam_m"]),
                 MASS=cfg["bounds"] == "mass", TARGET=bool(cfg["target"]), BAND=bool(cfg["band"]),
-                NORMALIZE=bool(cfg["normalize"]), FLOOR=bool(cfg["floor"]), N_STATS=N_STATS,
-                BLOCK_V=BLOCK_V, num_warps=8 if BLOCK_V >= 2048 else 4,
+                NORMALIZE=bool(cfg["normalize"]), FLOOR=bool(cfg["floor"]), CHECK=bool(check),
+                N_STATS=N_STATS, BLOCK_V=BLOCK_V, num_warps=8 if BLOCK_V >= 2048 else 4,
             )
+            if check:  # the logits' value checks, made by the first pass instead of two host reads of t, s
+                _raise_on_bad_rows((err & 1).any(), (err & 2).any())
         ctx.save_for_backward(t, s, cls, stats)
         ctx.cfg = cfg
         ctx.dtypes = (upper.dtype, lower.dtype)
@@ -521,7 +619,7 @@ class _DACKLTriton(torch.autograd.Function):
             d_up, d_low = d_lo, d_hi
         else:
             d_up, d_low = d_hi, d_lo
-        return None, ds, d_up.to(ctx.dtypes[0]), d_low.to(ctx.dtypes[1]), None
+        return None, ds, d_up.to(ctx.dtypes[0]), d_low.to(ctx.dtypes[1]), None, None
 
 
 def dac_kl(t, s, upper, lower, *, backend: str = "auto", validate: bool = True, **cfg):
@@ -532,11 +630,14 @@ def dac_kl(t, s, upper, lower, *, backend: str = "auto", validate: bool = True, 
     Returns ``(loss [N] fp32 (fp64 for fp64 input on the torch backend), kept [N], target_class [N])``;
     differentiable w.r.t. ``s``, ``upper`` and ``lower``."""
     cfg = _cfg(cfg)
-    check_inputs(t, s, upper, lower, validate)
+    check_values = _check_levels(t, s, upper, lower, validate)
     be = resolve_backend(backend, s)
     if be == "torch":
+        if check_values:
+            _check_logits(t, s)
         return dac_kl_torch(t, s, upper, lower, **cfg)
-    loss, kept, cls = _DACKLTriton.apply(t.detach(), s, upper, lower, tuple(sorted(cfg.items())))
+    cfg_items = tuple(sorted(cfg.items()))
+    loss, kept, cls = _DACKLTriton.apply(t.detach(), s, upper, lower, cfg_items, check_values)
     return loss, kept, cls.long()
 
 

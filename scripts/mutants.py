@@ -89,8 +89,9 @@ MUTANTS: list[Mutant] = [
       "tests/test_dac_kl.py -k triton", "target class: a later chunk wins a tie (convention: lowest index)"),
     M("dac-bwd-normalize", "fast/dac_kl.py", "dsv = w * (qb - pa)", "dsv = w * (qb - p * inv_b)",
       "tests/test_dac_kl.py -k triton", "normalised DAC-KL gradient divides the teacher by the student mass"),
-    M("dac-bisect-steps", "fast/dac_kl.py", "        for _ in range(31):", "        for _ in range(15):",
-      "tests/test_dac_kl.py -k triton", "value-threshold bisection stops 16 bits early"),
+    M("dac-bisect-steps", "fast/dac_kl.py", "for sh in tl.static_range(16, -1, -8):",
+      "for sh in tl.static_range(16, 15, -8):", "tests/test_dac_kl.py -k triton",
+      "value-threshold select stops 16 bits early"),
     # ---- span: Triton kernels --------------------------------------------------------------------------
     M("span-fwd-product", "fast/span.py", "e = qq - pa * pb", "e = qq - pa * pa",
       "tests/test_span.py", "span distance multiplies the wrong teacher rows"),

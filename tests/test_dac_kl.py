@@ -332,6 +332,46 @@ def test_triton_target_tie_across_chunks_goes_to_the_lowest_index():
     _run_fast(t, s, u, l, g, "triton")  # compares target_class exactly, loss and gradients to the oracle
 
 
+def test_triton_value_select_on_tied_and_signed_zero_logits():
+    # bounds="value" selects the order statistics on int32 order keys of the fp32 teacher logits (a radix
+    # select, one byte per pass), so the cases that stress a key order: long runs of equal logits (the rank
+    # falls inside a run, at its end, or the next value lies in another bucket or another 1024-wide chunk),
+    # -0.0 next to +0.0 (different keys, the same p), negative and positive logits one ulp apart (they
+    # differ only in the last byte), subnormals, -inf padding; levels at exact order statistics and between
+    rng = np.random.default_rng(12)
+    N, V = 5, 1100
+    t = rng.choice(np.array([-2.0, -0.5, -0.0, 0.0, 0.5, 2.0]), size=(N, V))  # row 0: six values, many ties
+    t[1] = np.where(rng.random(V) < 0.45, -0.0, 0.0)  # row 1: signed zeros with a few other values
+    t[1, rng.choice(V, 40, replace=False)] = rng.choice([-1.5, -1e-3, 1e-3, 1.5], 40)
+    # row 2: logits 1e4 + k ulp (k < 300: the keys differ in the last byte, or across its boundary), whose p
+    # are still 1e-3 apart relatively, so a neighbouring order statistic is told apart at fp32 tolerance
+    ulp = 2.0**-10  # the spacing of fp32 numbers in [8192, 16384)
+    t[2] = 1e4 + ulp * rng.integers(0, 300, V)
+    t[3] = rng.choice(np.array([-1e-40, -0.0, 0.0, 1e-40, -3.0, 3.0]), V)  # row 3: subnormals, padding
+    t[3, V - 300:] = -np.inf
+    t[4] = -1e4 - ulp * rng.integers(0, 300, V)  # row 4: the same below -1e4 (bits inverted in the key)
+    s = rng.normal(size=(N, V)) * 2.0
+    s[3, V - 300:] = -np.inf
+    n = np.isfinite(t).sum(-1)
+    g = rng.normal(size=N)
+    a, b = np.array([999, 523, 1005, 600, 950]), np.array([7, 477, 499, 12, 100])  # ranks (n = 1100 or 800)
+    for u, l in ((rng.uniform(0.6, 0.97, N), rng.uniform(0.05, 0.5, N)),  # anywhere
+                 (a / (n - 1), b / (n - 1)),  # at order statistics
+                 ((a + 0.5) / (n - 1), (b + 0.5) / (n - 1)),  # half way to the next one
+                 (np.ones(N), np.zeros(N))):  # the maximum (its own neighbour) and the minimum
+        T, S = torch.tensor(t, dtype=torch.float32), torch.tensor(s, dtype=torch.float32)
+        loss, _, _ = dac_kl(T, S.requires_grad_(), torch.tensor(u), torch.tensor(l), backend="triton")
+        stats = loss.grad_fn.saved_tensors[3]  # the thresholds and their slopes the forward saved
+        ref = R.dac_kl_parts(T.double().numpy(), S.detach().double().numpy(), u, l)
+        for i, key in enumerate(("tau_lo", "tau_hi")):
+            assert_close(stats[:, 2 + i], ref[key], dtype="float32", name=key)
+        for i, key in enumerate(("dlo", "dhi")):  # (n - 1) (s[k+1] - s[k]): a difference of neighbours, its
+            # rounding is relative to them, not to it, so no RMS check (as in _close_bound_grad)
+            assert_close(stats[:, 4 + i], ref[key], dtype="float32", name=key, rms=np.inf)
+        _run_fast(t, s, u, l, g, "triton")  # loss, kept mass, target class, gradients vs the oracle
+    _run_fast(t, s, u, l, g, "triton", normalize=False, target=False)
+
+
 @settings(max_examples=examples(10))
 @given(N=st.integers(1, 5), V=st.integers(2, 300), seed=st.integers(0, 2**16),
        bounds=st.sampled_from(["value", "mass"]), target=st.booleans(), normalize=st.booleans())
