@@ -265,6 +265,13 @@ def step_indices(seed: int, step: int, n: int, size: int) -> np.ndarray:
     return np.random.default_rng([seed, step]).integers(0, n, size=size)
 
 
+def micro_batch_slice(m: int, rank: int, world: int, batch_size: int) -> slice:
+    """The examples of micro-batch ``m`` on ``rank`` among a step's ``batch_size * grad_accum * world``:
+    micro-batch-major, then rank, so the micro-batches of all ranks partition the step's examples."""
+    lo = (m * world + rank) * batch_size
+    return slice(lo, lo + batch_size)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup over ``warmup`` steps, then cosine from ``lr`` to ``min_lr`` at ``steps``."""
     if step <= cfg.warmup:
@@ -378,8 +385,8 @@ def train(cfg: TrainConfig) -> dict:
             g["lr"] = lr
         step_loss = torch.zeros((), dtype=torch.float64, device=device)
         for m in range(cfg.grad_accum):
-            lo = (m * world + rank) * cfg.batch_size
-            x, y = collate(data.get(idx[lo : lo + cfg.batch_size]), block_size=cfg.block_size)
+            x, y = collate(data.get(idx[micro_batch_slice(m, rank, world, cfg.batch_size)]),
+                           block_size=cfg.block_size)
             x, y = x.to(device), y.to(device)
             sync = m == cfg.grad_accum - 1
             ctx = ddp.no_sync() if (world > 1 and not sync) else _null()

@@ -161,6 +161,9 @@ MUTANTS: list[Mutant] = [
     M("train-cosine", "fast/train.py", "(1.0 + math.cos(math.pi * min(frac, 1.0)))",
       "(1.0 + math.cos(math.pi * frac))", "tests/test_train.py",
       "cosine schedule climbs back up after the last step"),
+    M("train-ddp-slice", "fast/train.py", "lo = (m * world + rank) * batch_size",
+      "lo = (m + rank) * batch_size", "tests/test_train.py",
+      "ranks and micro-batches overlap: some examples twice per step, some never"),
     # ---- MATCH: oracle, torch backend, Triton kernels --------------------------------------------------
     M("ref-match-candidates", "reference/match.py", "    return j <= i - window\n",
       "    return j < i - window\n", "tests/test_match.py",

@@ -10,7 +10,16 @@ import sys
 import pytest
 import torch
 
-from fast.train import CheckpointError, TrainConfig, load_model, lr_at, read_log, save_model, train
+from fast.train import (
+    CheckpointError,
+    TrainConfig,
+    load_model,
+    lr_at,
+    micro_batch_slice,
+    read_log,
+    save_model,
+    train,
+)
 from tiny_models.gpt import GPT, GPTConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -184,3 +193,13 @@ def test_cosine_schedule_holds_the_floor_after_the_last_step():
     assert lr_at(20, cfg) == pytest.approx(1e-4)
     # a run resumed past its schedule (or evaluated one step late) stays at min_lr, never climbs back
     assert [lr_at(k, cfg) for k in (21, 25, 36, 100)] == pytest.approx([1e-4] * 4)
+
+
+@pytest.mark.parametrize("world,accum,bs", [(1, 1, 4), (2, 1, 3), (2, 3, 2), (3, 2, 1), (4, 2, 5)])
+def test_micro_batches_of_all_ranks_partition_the_step(world, accum, bs):
+    # the sharding half of "DDP = one process", checked without processes (the torchrun test above checks
+    # it end to end): every example of a step lands in exactly one (micro-batch, rank) slice of full size
+    step = range(bs * accum * world)
+    parts = [step[micro_batch_slice(m, r, world, bs)] for m in range(accum) for r in range(world)]
+    assert all(len(p) == bs for p in parts)
+    assert sorted(i for p in parts for i in p) == list(step)
