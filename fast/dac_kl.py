@@ -581,7 +581,8 @@ class _DACKLTriton(torch.autograd.Function):
         cls = empty((N,), dtype=torch.int32, device=dev)
         stats = empty((N, N_STATS), dtype=torch.float32, device=dev)
         err = empty((N,), dtype=torch.int32, device=dev)
-        BLOCK_V = _block_v(V)
+        # at least one entry per thread (4 warps below 2048): the histograms then see no replicated layout
+        BLOCK_V = max(_block_v(V), 128)
         if N > 0:
             dac_kl_fwd_kernel[(N,)](
                 t, s, u32, l32, loss, kept, cls, stats, err, V, t.stride(0), s.stride(0),
