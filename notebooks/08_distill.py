@@ -128,7 +128,7 @@ for r in runs["mgsr"][::10]:
 
 # %%
 STUDENTS = os.path.join(ROOT, "tiny_models/results/mgsr/students")
-found = {m: os.path.join(STUDENTS, f"{m}.safetensors") for m in ("kd", "distillm", "mgsr")}
+found = {m: os.path.join(STUDENTS, f"{m}.safetensors") for m in ("sft", "kd", "distillm", "mgsr")}
 found = {m: p for m, p in found.items() if os.path.exists(p)}
 if not found:
     print("no distilled students committed yet: run `python -m tiny_models.distill_grid` (see docs/mgsr.md)")
