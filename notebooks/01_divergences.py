@@ -327,8 +327,8 @@ import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 import tempfile  # noqa: E402
 
-good_line = "                acc += tl.sum(p * (lp - lq), axis=0)\n            elif DIV == 1:"
-bad_line = "                acc += tl.sum(q * (lp - lq), axis=0)\n            elif DIV == 1:"
+good_line = "                acc += p * (lp - lq)\n            elif DIV == 1:"
+bad_line = "                acc += q * (lp - lq)\n            elif DIV == 1:"
 src = inspect.getsource(Fd)
 assert src.count(good_line) == 1
 mutant_path = pathlib.Path(tempfile.mkdtemp()) / "divergences_mutant.py"
@@ -340,14 +340,18 @@ spec.loader.exec_module(mutant)
 t_m = torch.tensor(rng.normal(size=(5, 77)) * 2.0)
 s_m = torch.tensor(rng.normal(size=(5, 77)) * 2.0)
 want = R.forward_kl(t_m.numpy(), s_m.numpy())
+caught = {}
 for label, module in (("the real kernel", Fd), ("the planted bug", mutant)):
     got = module.divergence("forward_kl", t_m.float().to(device), s_m.float().to(device), reduction="none",
                             backend="triton")
     try:
         assert_close(got.cpu(), want, dtype="float32", name="forward KL per row")
+        caught[label] = False
         print(f"{label:16s}: passes")
     except AssertionError as e:
+        caught[label] = True
         print(f"{label:16s}: CAUGHT -> {str(e).splitlines()[0][:100]}")
+assert caught == {"the real kernel": False, "the planted bug": True}
 
 
 # %% [markdown]
