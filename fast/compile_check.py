@@ -20,7 +20,7 @@ runtime's value specialisations (``== 1`` / divisible-by-16 hints), so it proves
 not that every specialisation the runtime picks does.
 
     python -m fast.compile_check            # every dtype, every autotune config (~5 min on 2 cores)
-    python -m fast.compile_check --quick    # fp32 + bf16, first autotune config only (~1.5 min; `make test`)
+    python -m fast.compile_check --quick    # fp32 + bf16, first config only (~6 min, one core; make test)
 
 Run it without ``TRITON_INTERPRET``; it prints one line per compiled kernel variant.
 """
