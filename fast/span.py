@@ -187,6 +187,13 @@ def _probs(x, m, lz):
 
 
 @triton.jit
+def _row_stats(ST_ptr, row):
+    """The ``(max t, log2 z_t, max s, log2 z_s)`` that ``span_lse_kernel`` saved for ``row``."""
+    st = ST_ptr + row * 4
+    return tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3)
+
+
+@triton.jit
 def span_lse_kernel(
     T_ptr,  # [B*T, V] teacher logits, row stride stride_t
     S_ptr,  # [B*T, V] student logits, row stride stride_s
@@ -229,9 +236,8 @@ def span_fwd_kernel(
     k = tl.load(K_ptr + pid).to(tl.int64)
     t0, t1 = T_ptr + k * stride_t, T_ptr + (k + 1) * stride_t
     s0, s1 = S_ptr + k * stride_s, S_ptr + (k + 1) * stride_s
-    st0, st1 = ST_ptr + k * 4, ST_ptr + (k + 1) * 4
-    ma, la, mc, lc = tl.load(st0 + 0), tl.load(st0 + 1), tl.load(st0 + 2), tl.load(st0 + 3)
-    mb, lb, md, ld = tl.load(st1 + 0), tl.load(st1 + 1), tl.load(st1 + 2), tl.load(st1 + 3)
+    ma, la, mc, lc = _row_stats(ST_ptr, k)
+    mb, lb, md, ld = _row_stats(ST_ptr, k + 1)
     offs = tl.arange(0, BLOCK_V)
     ninf = float("-inf")
     acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane partial sums, reduced once after the loop
@@ -274,12 +280,9 @@ def span_bwd_kernel(
     # the rows' (max, log2 z) from the statistics pass; an unused neighbour reads row k's (a valid row)
     row_l = tl.where(has_l, k - 1, k)
     row_r = tl.where(has_r, k + 1, k)
-    mt_c, lt_c, ms_c, ls_c = (tl.load(ST_ptr + k * 4 + 0), tl.load(ST_ptr + k * 4 + 1),
-                              tl.load(ST_ptr + k * 4 + 2), tl.load(ST_ptr + k * 4 + 3))
-    mt_l, lt_l, ms_l, ls_l = (tl.load(ST_ptr + row_l * 4 + 0), tl.load(ST_ptr + row_l * 4 + 1),
-                              tl.load(ST_ptr + row_l * 4 + 2), tl.load(ST_ptr + row_l * 4 + 3))
-    mt_r, lt_r, ms_r, ls_r = (tl.load(ST_ptr + row_r * 4 + 0), tl.load(ST_ptr + row_r * 4 + 1),
-                              tl.load(ST_ptr + row_r * 4 + 2), tl.load(ST_ptr + row_r * 4 + 3))
+    mt_c, lt_c, ms_c, ls_c = _row_stats(ST_ptr, k)
+    mt_l, lt_l, ms_l, ls_l = _row_stats(ST_ptr, row_l)
+    mt_r, lt_r, ms_r, ls_r = _row_stats(ST_ptr, row_r)
     t_c, s_c = T_ptr + k * stride_t, S_ptr + k * stride_s
     t_l, s_l = T_ptr + (k - 1) * stride_t, S_ptr + (k - 1) * stride_s  # only read when has_l
     t_r, s_r = T_ptr + (k + 1) * stride_t, S_ptr + (k + 1) * stride_s  # only read when has_r
