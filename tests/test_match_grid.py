@@ -67,6 +67,30 @@ def test_prev_mix_starts_as_the_plain_model_and_looks_one_token_back():
     assert not changed[:, :5].any() and not changed[:, 7:].any()
 
 
+def test_two_tap_mix_starts_as_the_plain_model_and_looks_two_tokens_back(tmp_path):
+    torch.manual_seed(0)
+    cfg = mg.RunConfig(**TINY, prev_mix=True, prev_taps=2)
+    model = mg.new_model(cfg).double()
+    x, _ = mg.make_batch(cfg, 2, seed=1)
+    torch.testing.assert_close(model(x), GPT.forward(model, x), rtol=0, atol=1e-12)  # both maps 0 at init
+    torch.nn.init.normal_(model.prev2.weight)  # the second tap alone: token t reaches t + 2 only
+    x2 = x.clone()
+    x2[:, 5] = (x2[:, 5] + 1) % cfg.vocab_size
+    changed = (model.embed(x2) - model.embed(x)).abs().amax(-1) > 0  # [B, T]
+    assert changed[:, 5].all() and changed[:, 7].all()
+    assert not changed[:, :5].any() and not changed[:, 6].any() and not changed[:, 8:].any()
+    torch.nn.init.normal_(model.prev.weight)
+    path = str(tmp_path / "m.safetensors")
+    mg.save_run(model.float(), cfg, path, acc=0.5)
+    loaded, cfg2 = mg.load_run(path)
+    assert cfg2 == cfg and loaded.prev2 is not None
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+    swapped = mg.swapped(loaded, attention="sliding", window=128)  # the window covers T: same function
+    torch.testing.assert_close(swapped(x), loaded(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prev_taps"):
+        mg.new_model(mg.RunConfig(**TINY, prev_taps=3))
+
+
 def test_save_load_roundtrip(tmp_path):
     torch.manual_seed(0)
     cfg = mg.RunConfig(**TINY, prev_mix=True, attention="sliding", window=4)

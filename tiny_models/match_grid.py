@@ -53,6 +53,7 @@ class RunConfig:
     window: int | None = None
     attn_kwargs: tuple = ()
     prev_mix: bool = True  # add a learned map of the previous token's embedding (see RecallGPT)
+    prev_taps: int = 1  # with prev_mix: how many previous tokens are mixed in (1 or 2; see RecallGPT)
     # optimisation
     steps: int = 800
     batch_size: int = 32
@@ -96,19 +97,30 @@ class RecallGPT(GPT):
     attention layer, so recall no longer needs a previous-token head composed with an induction head.
     Alternative: no mix (``prev_mix=False``), the plain two-layer induction circuit, which learns MQAR far
     more slowly from scratch. The mix looks one token back only, so it never reaches beyond any window.
+
+    ``prev_taps=2``: ``wte(x_t) + W_prev wte(x_{t-1}) + W_prev2 wte(x_{t-2})``, the full kernel-3 short
+    convolution of Zoology/Based (``W_prev2`` also starts at zero). A key of MAD fuzzy recall is a motif of
+    3 tokens: with two taps its last token sees the whole motif, so one attention hop can match it.
     """
 
-    def __init__(self, cfg: GPTConfig, prev_mix: bool = False):
+    def __init__(self, cfg: GPTConfig, prev_mix: bool = False, prev_taps: int = 1):
         super().__init__(cfg)
+        if prev_taps not in (1, 2):
+            raise ValueError(f"prev_taps must be 1 or 2, got {prev_taps}")
         self.prev = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False) if prev_mix else None
-        if self.prev is not None:
-            nn.init.zeros_(self.prev.weight)
+        self.prev2 = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False) if prev_mix and prev_taps == 2 else None
+        for lin in (self.prev, self.prev2):
+            if lin is not None:
+                nn.init.zeros_(lin.weight)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, C]
         e = self.wte(x)
         if self.prev is None:
             return e
-        return e + self.prev(F.pad(e, (0, 0, 1, 0))[:, :-1])
+        out = e + self.prev(F.pad(e, (0, 0, 1, 0))[:, :-1])
+        if self.prev2 is not None:
+            out = out + self.prev2(F.pad(e, (0, 0, 2, 0))[:, :-2])
+        return out
 
     def forward(self, idx, **kw):  # logits at every position (KV cache / generation are not supported)
         if kw.get("cache") is not None or kw.get("pos") is not None:
@@ -117,7 +129,7 @@ class RecallGPT(GPT):
 
 
 def new_model(cfg: RunConfig) -> RecallGPT:
-    return RecallGPT(cfg.model_config(), prev_mix=cfg.prev_mix)
+    return RecallGPT(cfg.model_config(), prev_mix=cfg.prev_mix, prev_taps=cfg.prev_taps)
 
 
 def make_batch(cfg: RunConfig, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,7 +336,7 @@ def attended_fraction(seq_len: int, attention: str, window: int | None, attn_kwa
 def swapped(model: RecallGPT, *, attention: str, window: int | None, attn_kwargs=()) -> RecallGPT:
     """A copy of ``model`` with the same weights and another attention (no retraining)."""
     cfg = dataclasses.replace(model.cfg, attention=attention, window=window, attn_kwargs=tuple(attn_kwargs))
-    m = RecallGPT(cfg, prev_mix=model.prev is not None)
+    m = RecallGPT(cfg, prev_mix=model.prev is not None, prev_taps=2 if model.prev2 is not None else 1)
     m.load_state_dict(model.state_dict())
     return m.eval()
 
