@@ -67,28 +67,53 @@ def test_prev_mix_starts_as_the_plain_model_and_looks_one_token_back():
     assert not changed[:, :5].any() and not changed[:, 7:].any()
 
 
-def test_two_tap_mix_starts_as_the_plain_model_and_looks_two_tokens_back(tmp_path):
+@pytest.mark.parametrize("taps", [2, 3])
+def test_multi_tap_mix_starts_as_the_plain_model_and_looks_taps_tokens_back(tmp_path, taps):
     torch.manual_seed(0)
-    cfg = mg.RunConfig(**TINY, prev_mix=True, prev_taps=2)
+    cfg = mg.RunConfig(**TINY, prev_mix=True, prev_taps=taps)
     model = mg.new_model(cfg).double()
+    assert model.prev_taps == taps
     x, _ = mg.make_batch(cfg, 2, seed=1)
-    torch.testing.assert_close(model(x), GPT.forward(model, x), rtol=0, atol=1e-12)  # both maps 0 at init
-    torch.nn.init.normal_(model.prev2.weight)  # the second tap alone: token t reaches t + 2 only
+    torch.testing.assert_close(model(x), GPT.forward(model, x), rtol=0, atol=1e-12)  # all maps 0 at init
+    last = model.prev2 if taps == 2 else model.prev3
+    torch.nn.init.normal_(last.weight)  # the farthest tap alone: token t reaches t + taps only
     x2 = x.clone()
     x2[:, 5] = (x2[:, 5] + 1) % cfg.vocab_size
     changed = (model.embed(x2) - model.embed(x)).abs().amax(-1) > 0  # [B, T]
-    assert changed[:, 5].all() and changed[:, 7].all()
-    assert not changed[:, :5].any() and not changed[:, 6].any() and not changed[:, 8:].any()
+    assert changed[:, 5].all() and changed[:, 5 + taps].all()
+    others = [t for t in range(x.shape[1]) if t not in (5, 5 + taps)]
+    assert not changed[:, others].any()
     torch.nn.init.normal_(model.prev.weight)
     path = str(tmp_path / "m.safetensors")
     mg.save_run(model.float(), cfg, path, acc=0.5)
     loaded, cfg2 = mg.load_run(path)
-    assert cfg2 == cfg and loaded.prev2 is not None
+    assert cfg2 == cfg and loaded.prev_taps == taps
     torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
     swapped = mg.swapped(loaded, attention="sliding", window=128)  # the window covers T: same function
+    assert swapped.prev_taps == taps
     torch.testing.assert_close(swapped(x), loaded(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_taps_and_training_targets_raise():
     with pytest.raises(ValueError, match="prev_taps"):
-        mg.new_model(mg.RunConfig(**TINY, prev_taps=3))
+        mg.new_model(mg.RunConfig(**TINY, prev_taps=4))
+    with pytest.raises(ValueError, match="MAD tasks only"):
+        mg.training_config(mg.RunConfig(**TINY, train_targets="lm"))
+    with pytest.raises(ValueError, match="train_targets"):
+        mg.training_config(mg.RunConfig(task="mad_fuzzy", vocab_size=16, train_targets="all"))
+
+
+def test_lm_training_targets_label_every_next_token_of_the_same_examples():
+    cfg = mg.RunConfig(task="mad_fuzzy", seq_len=32, vocab_size=16, train_targets="lm")
+    x_lm, y_lm = mg.make_batch(mg.training_config(cfg), 3, seed=4)
+    x, y = mg.make_batch(cfg, 3, seed=4)  # evaluation batches keep the recall targets
+    assert torch.equal(x_lm, x)
+    lab = y != IGNORE
+    assert lab.sum() < (y_lm != IGNORE).sum()
+    known = y_lm[:, :-1] != IGNORE  # the left padding is unlabelled
+    assert known.float().mean() > 0.5
+    assert torch.equal(y_lm[:, :-1][known], x[:, 1:][known])  # the next token wherever it is labelled
+    assert torch.equal(y_lm[lab], y[lab])  # every recall target is also a next-token target
 
 
 def test_save_load_roundtrip(tmp_path):

@@ -53,7 +53,8 @@ class RunConfig:
     window: int | None = None
     attn_kwargs: tuple = ()
     prev_mix: bool = True  # add a learned map of the previous token's embedding (see RecallGPT)
-    prev_taps: int = 1  # with prev_mix: how many previous tokens are mixed in (1 or 2; see RecallGPT)
+    prev_taps: int = 1  # with prev_mix: how many previous tokens are mixed in (1 to 3; see RecallGPT)
+    train_targets: str = "recall"  # MAD tasks: "lm" trains on every next token (evaluation stays on recall)
     # optimisation
     steps: int = 800
     batch_size: int = 32
@@ -99,19 +100,23 @@ class RecallGPT(GPT):
     more slowly from scratch. The mix looks one token back only, so it never reaches beyond any window.
 
     ``prev_taps=2``: ``wte(x_t) + W_prev wte(x_{t-1}) + W_prev2 wte(x_{t-2})``, the full kernel-3 short
-    convolution of Zoology/Based (``W_prev2`` also starts at zero). A key of MAD fuzzy recall is a motif of
-    3 tokens: with two taps its last token sees the whole motif, so one attention hop can match it.
+    convolution of Zoology/Based (``W_prev2`` also starts at zero); ``prev_taps=3`` adds
+    ``W_prev3 wte(x_{t-3})`` (kernel 4). A key of MAD fuzzy recall is a motif of 3 tokens: with three taps
+    the first value token after it sees the whole motif, so one attention hop from the repeated key can
+    find it.
     """
 
     def __init__(self, cfg: GPTConfig, prev_mix: bool = False, prev_taps: int = 1):
         super().__init__(cfg)
-        if prev_taps not in (1, 2):
-            raise ValueError(f"prev_taps must be 1 or 2, got {prev_taps}")
-        self.prev = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False) if prev_mix else None
-        self.prev2 = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False) if prev_mix and prev_taps == 2 else None
-        for lin in (self.prev, self.prev2):
-            if lin is not None:
-                nn.init.zeros_(lin.weight)
+        if prev_taps not in (1, 2, 3):
+            raise ValueError(f"prev_taps must be 1, 2 or 3, got {prev_taps}")
+        lin = lambda on: nn.Linear(cfg.n_embd, cfg.n_embd, bias=False) if on else None  # noqa: E731
+        self.prev = lin(prev_mix)
+        self.prev2 = lin(prev_mix and prev_taps >= 2)
+        self.prev3 = lin(prev_mix and prev_taps >= 3)
+        for m in (self.prev, self.prev2, self.prev3):
+            if m is not None:
+                nn.init.zeros_(m.weight)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, C]
         e = self.wte(x)
@@ -120,7 +125,13 @@ class RecallGPT(GPT):
         out = e + self.prev(F.pad(e, (0, 0, 1, 0))[:, :-1])
         if self.prev2 is not None:
             out = out + self.prev2(F.pad(e, (0, 0, 2, 0))[:, :-2])
+        if self.prev3 is not None:
+            out = out + self.prev3(F.pad(e, (0, 0, 3, 0))[:, :-3])
         return out
+
+    @property
+    def prev_taps(self) -> int:
+        return sum(m is not None for m in (self.prev, self.prev2, self.prev3))
 
     def forward(self, idx, **kw):  # logits at every position (KV cache / generation are not supported)
         if kw.get("cache") is not None or kw.get("pos") is not None:
@@ -204,10 +215,24 @@ def heldout(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return make_batch(cfg, cfg.eval_n, 10**9 + cfg.seed)
 
 
+def training_config(cfg: RunConfig) -> RunConfig:
+    """The config whose batches train the model: ``cfg`` itself, or for ``train_targets="lm"`` (MAD tasks) the
+    same examples labelled with every next token (MAD's training targets; held-out accuracy stays on the
+    recall targets)."""
+    if cfg.train_targets == "recall":
+        return cfg
+    if cfg.train_targets != "lm":
+        raise ValueError(f"train_targets must be 'recall' or 'lm', got {cfg.train_targets!r}")
+    if not cfg.task.startswith("mad_"):
+        raise ValueError(f"train_targets='lm' is defined for the MAD tasks only, got task={cfg.task!r}")
+    return dataclasses.replace(cfg, task_kwargs=tuple(cfg.task_kwargs) + (("targets", "lm"),))
+
+
 def train_run(cfg: RunConfig, *, progress: bool = True, log=None) -> dict:
     """Train one model; returns a dict: model, acc, curve [(step, acc)], steps, time_s, num_params, eval."""
     from tqdm.auto import tqdm
 
+    train_cfg = training_config(cfg)
     torch.manual_seed(cfg.seed)
     model = new_model(cfg)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -225,7 +250,7 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log=None) -> dict:
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        x, y = make_batch(cfg, cfg.batch_size, 1_000_003 * cfg.seed + step)
+        x, y = make_batch(train_cfg, cfg.batch_size, 1_000_003 * cfg.seed + step)
         model.train()
         mask = y != IGNORE
         loss = F.cross_entropy(logits_at(model, x, mask), y[mask])
@@ -336,7 +361,7 @@ def attended_fraction(seq_len: int, attention: str, window: int | None, attn_kwa
 def swapped(model: RecallGPT, *, attention: str, window: int | None, attn_kwargs=()) -> RecallGPT:
     """A copy of ``model`` with the same weights and another attention (no retraining)."""
     cfg = dataclasses.replace(model.cfg, attention=attention, window=window, attn_kwargs=tuple(attn_kwargs))
-    m = RecallGPT(cfg, prev_mix=model.prev is not None, prev_taps=2 if model.prev2 is not None else 1)
+    m = RecallGPT(cfg, prev_mix=model.prev is not None, prev_taps=max(model.prev_taps, 1))
     m.load_state_dict(model.state_dict())
     return m.eval()
 
