@@ -200,12 +200,15 @@ def _workload(dtypes):
             lo = torch.full((4,), 0.2, requires_grad=True)
             loss, kept, _ = dac_kl.dac_kl(t, s, up, lo, backend="triton", **cfg)
             (loss.sum() + kept.sum()).backward()
-        # MATCH: token / block retrieval, joint / gated, GQA, D = 128, top_k = 0; decode (cached summaries)
+        # MATCH: token / block retrieval, joint / gated, GQA, D = 128, top_k = 0; decode (cached summaries).
+        # block_size >= 16: the block-major retrieved part (one key chunk per block; 128: several chunks)
         for bs, K, mode, hq, hkv, D, w in (
             (1, 3, "joint", 2, 2, 64, 7),
             (4, 2, "gated", 4, 2, 32, 8),
             (16, 2, "joint", 2, 1, 128, 16),
             (8, 0, "joint", 1, 1, 64, 8),
+            (32, 3, "gated", 4, 2, 64, 32),
+            (128, 2, "joint", 2, 1, 64, 128),
         ):
             if dtype == torch.float32 and D == 128:
                 continue

@@ -37,37 +37,78 @@ Kernels and design choices
    ``top_k <= 32`` (``MAX_TOP_K``): larger values raise ``ValueError`` (use ``backend="torch"``).
    Token retrieval (``block_size == 1``) uses the same kernel with the keys as "summaries": its scoring
    is O(T^2 D), as for any exact token top-k; block retrieval scores O(T (T / B) D).
-3. ``match_fwd_kernel``: one program per (query tile, batch, query head), one kernel for both parts.
-   The window part is the sliding-window loop of ``fast/attention.py`` (only the key blocks that intersect
-   the tile's window are visited; tensor-core ``tl.dot``). The retrieved part differs per query row, so it
-   is processed **per query row with gathered keys**: the flattened list of a row's retrieved keys
-   (slot ``e // B``, offset ``e % B``: key ``idx * B + e % B``) is walked in chunks of ``BLOCK_R``; each chunk
-   is a gathered ``[BLOCK_M, BLOCK_R, BLOCK_D]`` tile multiplied elementwise (no ``tl.dot``, so block sizes
-   below 16, token retrieval included, need no padding). Keys beyond ``i - w`` (a selected block's in-window
-   tail) and sentinel slots (-1) are masked. [RECON] alternative: per query tile over the union of the
-   tile's selected blocks with a mask (MoBA-style), tensor cores but a cost that grows with the union.
+3. The retrieved part has two paths, chosen in one place (``_block_major``, the same choice for the
+   forward and dq): **block-major** for ``block_size >= BLOCK_MAJOR_MIN_BLOCK`` (16), **gathered per
+   query row** below it (tokens included), where a tensor-core tile over a block of fewer than 16 keys
+   would be mostly padding. (Tests set the module constant to force either path at the same shapes.)
+   ``match_fwd_kernel``: one program per (query tile, batch, query head). The window part is the
+   sliding-window loop of ``fast/attention.py`` (only the key blocks that intersect the tile's window are
+   visited; tensor-core ``tl.dot``). Gathered path: the same kernel then walks each row's retrieved keys
+   (the flattened list of slot ``e // B``, offset ``e % B``: key ``idx * B + e % B``) in chunks of
+   ``BLOCK_R``; each chunk is a gathered ``[BLOCK_M, BLOCK_R, BLOCK_D]`` tile multiplied elementwise (no
+   ``tl.dot``, so small blocks need no padding), every query row loading its own K B keys and values.
+   Keys beyond ``i - w`` (a selected block's in-window tail) and sentinel slots (-1) are masked.
    ``joint``: one online softmax over window then retrieved keys; ``gated``: two online softmaxes, mixed
    by ``sigmoid(gate_logit)`` in the epilogue (``o = o_W`` where nothing is retrieved). exp2 with
    ``scale * log2(e)`` folded into the logits, fp32 accumulation, fully masked rows guarded (no NaN).
+   Block-major path (MoBA-style, "per selected block, the queries that selected it"), three launches:
+     * ``match_fwd_kernel`` without retrieval (``TOP_K = 0``) writes the window output in fp32 (o_W) and
+       lse_W;
+     * ``match_fwd_blocks_kernel``, one program per (block, batch, kv head), walks the block's list in the
+       reverse index (item 4) in tiles of ``BLOCK_M`` listed (query, slot) entries: the block's keys and
+       values are loaded once, the listed query rows gathered, and for each of the G query heads of the kv
+       head ``S = Q K^T`` and ``P V`` are tensor-core ``tl.dot`` (keys ``j > t - w`` and ``j >= T`` masked,
+       fully masked rows guarded). Each (query head, query, slot) gets its partial attention written to a
+       place of its own: ``o_part [B, H_q, T, K, D]`` (fp32, normalised) and ``lse_part [B, H_q, T, K]``
+       (natural log); unique writes, no atomics. A block longer than the key tile ``BLOCK_N`` (64; 32 for
+       fp32 on a GPU) is walked in ``NSUB`` chunks with an online softmax inside the program (the chunks
+       are then re-read for every query tile and head, from cache);
+     * ``match_fwd_merge_kernel``, per (query tile, batch, query head), slots in order (deterministic), a
+       running log-sum-exp: joint ``lse = logsumexp(lse_W, lse_s over the filled slots)``,
+       ``o = e^{lse_W - lse} o_W + sum_s e^{lse_s - lse} o_s``; gated ``lse_R = logsumexp_s lse_s``,
+       ``o_R = sum_s e^{lse_s - lse_R} o_s``, ``o = g o_R + (1 - g) o_W`` where R is non-empty, ``o_W``
+       elsewhere. Empty slots (-1 in idx) are never read, so the partial buffers need no initialisation;
+       every output has a buffer of its own (no in-place update: a row statistic may be loaded by several
+       warps, and a write could overtake another warp's load).
+       The saved tensors (o, lse, lse_R, o_W, o_R) are those of the gathered path: the backward formulas
+       are shared.
+   Expected cost of the block-major path (a model, not a measurement): K, V are read once per (selected
+   block, kv head) (``NSUB == 1``), so their loads are amortised over the queries that selected the block;
+   each listed (query, slot) costs the gather of G query rows (D elements each) and the write of G
+   partials (``(D + 1) * 4`` bytes each), read again by the merge. At B1 H16 T32K K8 blocks of 64 D64
+   (bf16) that is ~0.5 GB of query gathers and ~1 GiB written + read of partials, against ~68 GB of
+   gathered K/V loads for the per-row path. Memory: ``o_part`` is ``B H_q T K D * 4`` bytes (1 GiB at
+   B1 H16 T32K K8 D64) plus ``lse_part`` (``1 / D`` of it), live during the forward only; the backward's
+   dq partials are ``NSUB`` times ``o_part``. [RECON] alternatives: per query tile over the union of the
+   tile's selected blocks with a mask (no partial buffers, but a cost that grows with the union); one
+   program per block chunk with partials per (query, slot, chunk) in the forward too (``NSUB`` times the
+   buffer, no re-read of the chunks).
 4. backward. Each part (window W, retrieved R) is a partial attention with its own output cotangent
    ``dO_P``, log-sum-exp ``L_P`` and ``delta_P = rowsum(dO_P * O_P)``: joint uses ``dO, L, rowsum(dO * O)``
    for both; gated uses ``dO_W = c_W dO``, ``dO_R = c_R dO`` with ``c_R = g`` (0 where R is empty),
    ``c_W = 1 - c_R``, and ``d gate_logit = g (1 - g) rowsum(dO (O_R - O_W))`` (0 where R is empty). Then
      * ``match_bwd_dq_kernel``, per (query tile, query head): the window keys by key blocks (tensor-core
-       ``tl.dot``, the forward's loop bounds), then the row's retrieved keys with the forward's gathered
-       tiles; writes dq once;
+       ``tl.dot``, the forward's loop bounds), then (gathered path) the row's retrieved keys with the
+       forward's gathered tiles; writes dq once. Block-major path: the window keys only (``TOP_K = 0``,
+       fp32 dq_W); the retrieved part's dq comes from ``match_bwd_dkdv_kernel`` below;
      * ``match_window_dkdv_kernel``, per (key block, kv head): the queries whose window holds the block
        (the sliding-window loop bounds of ``fast/attention.py``), the G query heads summed in the
        program; fp32 partial dk/dv;
      * ``match_bwd_dkdv_kernel``: the retrieved part of dk/dv through a **reverse index** (CSR lists built
        with one torch sort: for every (batch, kv head, block) the query positions that selected it,
-       ascending). One program per (block chunk, batch, kv head) gathers the listed queries in tiles of
-       ``BLOCK_M`` (tensor-core ``tl.dot`` against the block's keys), sums the G query heads, adds the
-       window's fp32 partial and writes dk/dv: no atomics, deterministic, every key row written exactly
-       once. For ``block_size < 16`` the key tile is padded to 16 (masked columns). [RECON] alternative:
-       fp32 ``tl.atomic_add`` from the dq kernel's gathered tiles (T K B D atomics, nondeterministic).
+       ascending; each entry is ``t * K + slot``, so the slot is known too). One program per (block chunk,
+       batch, kv head) gathers the listed queries in tiles of ``BLOCK_M`` (tensor-core ``tl.dot`` against
+       the block's keys), sums the G query heads, adds the window's fp32 partial and writes dk/dv: no
+       atomics, deterministic, every key row written exactly once. For ``block_size < 16`` the key tile is
+       padded to 16 (masked columns). Block-major path (``DQ_PART``): it has P and dS of every listed
+       (query head, query) against its chunk, so it also writes the chunk's dq share ``scale dS K_chunk``
+       to ``dq_part [B, H_q, T, K, NSUB, D]`` (fp32, a place per (query head, query, slot, chunk): unique
+       writes); ``match_dq_merge_kernel`` then sums ``dq = dq_W + sum over filled slots and chunks`` in a
+       fixed order (deterministic). [RECON] alternative: fp32 ``tl.atomic_add`` from the dq kernel's
+       gathered tiles (T K B D atomics, nondeterministic).
 5. decode: one query at position ``T - 1`` against the cache; the same select and forward kernels with a
-   query offset (``q_start``), cached block summaries used as given. Forward only (no autograd).
+   query offset (``q_start``), cached block summaries used as given. Forward only (no autograd). It keeps
+   the gathered path for every block size: one query row has nothing to amortise a block's loads over.
 
 Kernels are launched with fixed tiles (one config, no autotuning): the GPU tile sizes are untuned.
 """
@@ -80,9 +121,10 @@ import triton.language as tl
 from fast.utils import empty, is_interpreting
 
 __all__ = ["retrieve_triton", "match_attention_triton", "match_decode_triton", "block_summaries_triton",
-           "reverse_index", "MAX_TOP_K"]
+           "reverse_index", "MAX_TOP_K", "BLOCK_MAJOR_MIN_BLOCK"]
 
 MAX_TOP_K = 32  # running top-k lives in registers: [BLOCK_M, next_pow2(top_k)] values + indices
+BLOCK_MAJOR_MIN_BLOCK = 16  # block_size from which the retrieved part is block-major (see _block_major)
 LOG2E = 1.4426950408889634
 
 
@@ -511,22 +553,25 @@ def match_bwd_dkdv_kernel(
     do_ptr,  # [B, Hq, T, D] dO_R (contiguous)
     lse_ptr,  # [B, Hq, T] fp32 natural-log lse of the retrieved part (contiguous)
     delta_ptr,  # [B, Hq, T] fp32 rowsum(dO_R * O_R) (contiguous)
-    list_ptr,  # [n_pairs] int32 query positions, grouped by (batch, kv head, block), ascending
+    list_ptr,  # [n_pairs] int32/int64 entries t * TOP_K + slot, grouped by (batch, kv head, block), ascending
     start_ptr,  # [B * Hkv * NB + 1] int64 CSR offsets into list_ptr
     dkw_ptr,  # [B, Hkv, T, D] fp32 window dk (contiguous), already multiplied by scale
     dvw_ptr,  # [B, Hkv, T, D] fp32 window dv (contiguous)
     dk_ptr,  # [B, Hkv, T, D] dk output, input dtype (contiguous)
     dv_ptr,  # [B, Hkv, T, D] dv output, input dtype (contiguous)
+    dqp_ptr,  # [B, Hq, T, TOP_K, NSUB, D] fp32 retrieved dq partials, times scale (DQ_PART only, contiguous)
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
-    Hq, Hkv, G, T, D, W, BS, NB, NSUB,
+    Hq, Hkv, G, T, D, W, BS, NB, NSUB, TOP_K,
     scale,
-    LOWP_DOT: tl.constexpr,
+    LOWP_DOT: tl.constexpr, DQ_PART: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per (chunk of a block, batch, kv head): the queries that selected the block, from the
-    reverse index, gathered BLOCK_M at a time for each of the G query heads of the group."""
+    reverse index, gathered BLOCK_M at a time for each of the G query heads of the group. ``DQ_PART``
+    (block-major path): also the chunk's share of dq for every listed (query head, query, slot),
+    ``scale * dS @ K_chunk``, written to its own place (the list entry and the chunk number): no atomics."""
     pid = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
     blk = pid // NSUB
@@ -561,7 +606,8 @@ def match_bwd_dkdv_kernel(
         for t0 in range(lst_lo, lst_hi, BLOCK_M):
             offs_t = t0 + tl.arange(0, BLOCK_M)
             t_ok = offs_t < lst_hi
-            qi = tl.load(list_ptr + offs_t, mask=t_ok, other=0).to(tl.int64)  # [BM] query positions
+            ent = tl.load(list_ptr + offs_t, mask=t_ok, other=0).to(tl.int64)  # [BM] t * TOP_K + slot
+            qi = ent // TOP_K  # query positions
             qd_mask = t_ok[:, None] & d_ok[None, :]
             qq = tl.load(q_ptr + b * sqb + h * sqh + qi[:, None] * sqt + offs_d[None, :] * sqd,
                          mask=qd_mask, other=0.0).to(tl.float32)  # [BM, BD]
@@ -584,11 +630,226 @@ def match_bwd_dkdv_kernel(
             else:
                 dv += tl.dot(tl.trans(p), do, input_precision="ieee")
                 dk += tl.dot(tl.trans(ds), qq, input_precision="ieee")
+            if DQ_PART:
+                if LOWP_DOT:
+                    dqt = tl.dot(ds.to(k_ptr.dtype.element_ty), k_dot)
+                else:
+                    dqt = tl.dot(ds, k_dot, input_precision="ieee")  # [BM, BD]
+                part = (stat_base * TOP_K + ent) * NSUB + sub
+                tl.store(dqp_ptr + part[:, None] * D + offs_d[None, :], dqt * scale, mask=qd_mask)
     out_off = (pid_bh * T + kpos)[:, None] * D + offs_d[None, :]
     dkw = tl.load(dkw_ptr + out_off, mask=kv_mask, other=0.0)
     dvw = tl.load(dvw_ptr + out_off, mask=kv_mask, other=0.0)
     tl.store(dk_ptr + out_off, (dkw + dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + out_off, (dvw + dv).to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def match_fwd_blocks_kernel(
+    q_ptr,  # [B, Hq, T, D] queries
+    k_ptr,  # [B, Hkv, T, D] keys
+    v_ptr,  # [B, Hkv, T, D] values
+    list_ptr,  # [n_pairs] int32/int64 entries t * TOP_K + slot, grouped by (batch, kv head, block), ascending
+    start_ptr,  # [B * Hkv * NB + 1] int64 CSR offsets into list_ptr
+    op_ptr,  # [B, Hq, T, TOP_K, D] fp32 normalised partial outputs (contiguous)
+    lsep_ptr,  # [B, Hq, T, TOP_K] fp32 partial log-sum-exps, natural log (contiguous)
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    Hq, Hkv, G, T, D, W, BS, NB, TOP_K,
+    qk_scale,  # scale * log2(e)
+    NSUB: tl.constexpr, LOWP_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Block-major retrieved part of the forward: one program per (selected block, batch, kv head). The
+    block's keys and values are loaded once (``NSUB == 1``; else its ``NSUB`` chunks of ``BLOCK_N`` keys are
+    walked with an online softmax for every query tile); the queries that selected it come from the reverse
+    index in tiles of ``BLOCK_M``, for each of the G query heads of the group. Each (query head, query, slot)
+    gets the block's partial attention: o_part normalised, lse_part (natural log, -inf if no key is
+    visible: never for a selected block, whose first key is a candidate, but guarded: no NaN).
+    Expected cost (a model, see the module docstring): the block's 2 BS D key/value elements (BS = block
+    size) are loaded once and amortised over the n queries that selected it; per listed query, G gathered
+    query rows (G D elements) and G partials written (G (D + 1) fp32); tensor-core work 4 G n BS D flops.
+    The partial buffers hold batch H_q T K (D + 1) fp32 (1 GiB at B1 H16 T32K K8 D64)."""
+    blk = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kpos0 = blk * BS + offs_n  # the first chunk: the whole block when NSUB == 1
+    col0 = (offs_n < BS) & (kpos0 < T)
+    kv0 = col0[:, None] & d_ok[None, :]
+    # kept in the input dtype for the tensor-core dots (half the registers of fp32), fp32 otherwise
+    k0 = tl.load(k_ptr + b * skb + hk * skh + kpos0[:, None] * skt + offs_d[None, :] * skd,
+                 mask=kv0, other=0.0)  # [BN, BD]
+    v0 = tl.load(v_ptr + b * svb + hk * svh + kpos0[:, None] * svt + offs_d[None, :] * svd,
+                 mask=kv0, other=0.0)
+    if not LOWP_DOT:
+        k0 = k0.to(tl.float32)
+        v0 = v0.to(tl.float32)
+    seg = pid_bh * NB + blk
+    lst_lo = tl.load(start_ptr + seg)
+    lst_hi = tl.load(start_ptr + seg + 1)
+    for t0 in range(lst_lo, lst_hi, BLOCK_M):
+        offs_t = t0 + tl.arange(0, BLOCK_M)
+        t_ok = offs_t < lst_hi
+        ent = tl.load(list_ptr + offs_t, mask=t_ok, other=0).to(tl.int64)  # [BM] t * TOP_K + slot
+        qi = ent // TOP_K  # query positions
+        qd_mask = t_ok[:, None] & d_ok[None, :]
+        for g in range(0, G):
+            h = hk * G + g
+            qq = tl.load(q_ptr + b * sqb + h * sqh + qi[:, None] * sqt + offs_d[None, :] * sqd,
+                         mask=qd_mask, other=0.0).to(tl.float32)  # [BM, BD] gathered query rows
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # log2-domain running max
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for sb in range(0, NSUB):
+                if NSUB == 1:
+                    kk = k0
+                    vv = v0
+                    kpos = kpos0
+                    col_ok = col0
+                else:
+                    offs_in = sb * BLOCK_N + offs_n
+                    kpos = blk * BS + offs_in
+                    col_ok = (offs_in < BS) & (kpos < T)
+                    kv_mask = col_ok[:, None] & d_ok[None, :]
+                    kk = tl.load(k_ptr + b * skb + hk * skh + kpos[:, None] * skt + offs_d[None, :] * skd,
+                                 mask=kv_mask, other=0.0)
+                    vv = tl.load(v_ptr + b * svb + hk * svh + kpos[:, None] * svt + offs_d[None, :] * svd,
+                                 mask=kv_mask, other=0.0)
+                    if not LOWP_DOT:
+                        kk = kk.to(tl.float32)
+                        vv = vv.to(tl.float32)
+                if LOWP_DOT:
+                    s = tl.dot(qq.to(k_ptr.dtype.element_ty), tl.trans(kk))
+                else:
+                    s = tl.dot(qq, tl.trans(kk), input_precision="ieee")  # [BM, BN]
+                s = s * qk_scale
+                # the block's candidate keys only (a selected block may reach into the window)
+                vis = t_ok[:, None] & col_ok[None, :] & (kpos[None, :] <= qi[:, None] - W)
+                s = tl.where(vis, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                if LOWP_DOT:
+                    pv = tl.dot(p.to(v_ptr.dtype.element_ty), vv)
+                else:
+                    pv = tl.dot(p, vv, input_precision="ieee")
+                acc = acc * alpha[:, None] + pv
+                m_i = m_new
+            l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+            lse_p = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+            part = ((b * Hq + h) * T) * TOP_K + ent  # [BM] the (query head, query, slot) of each row
+            tl.store(op_ptr + part[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=qd_mask)
+            tl.store(lsep_ptr + part, lse_p, mask=t_ok)
+
+
+@triton.jit
+def match_fwd_merge_kernel(
+    ow_ptr,  # [B, Hq, T, D] fp32 window output (contiguous)
+    lse_ptr,  # [B, Hq, T] fp32 window lse (contiguous)
+    lse_j_ptr,  # [B, Hq, T] fp32 joint lse (joint only, contiguous; a buffer of its own: a row's lse may be
+    # loaded by several warps, so an in-place write could overtake another warp's load)
+    op_ptr,  # [B, Hq, T, TOP_K, D] fp32 partial outputs (contiguous; read only where the slot is filled)
+    lsep_ptr,  # [B, Hq, T, TOP_K] fp32 partial lse (contiguous; read only where the slot is filled)
+    idx_ptr,  # [B, Hkv, T, TOP_K] int64 selection (contiguous), -1 = empty slot
+    gate_ptr,  # [B, Hq, T] fp32 gate logits (contiguous; gated only)
+    o_ptr,  # [B, Hq, T, D] output, input dtype
+    lse_r_ptr,  # [B, Hq, T] fp32 retrieved-part lse, -inf where empty (gated only)
+    or_ptr,  # [B, Hq, T, D] fp32 retrieved output, 0 where empty (gated only, contiguous)
+    sob, soh, sot, sod,
+    Hq, G, T, D, TOP_K,
+    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merge of the window part and the per-slot partials, one program per (query tile, batch, query head),
+    slots in order (deterministic): a running (max, sum, accumulator) over log-sum-exps. Joint: the window
+    part starts the running sum (lse_W is finite: the window holds the query); gated: the slots alone give
+    (o_R, lse_R), mixed with o_W by the gate where R is non-empty."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < T
+    d_ok = offs_d < D
+    qd_mask = row_ok[:, None] & d_ok[None, :]
+    stat = pid_bh * T + offs_m
+    o_w = tl.load(ow_ptr + stat[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
+    lse_w = tl.load(lse_ptr + stat, mask=row_ok, other=0.0)
+    if GATED:
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_s = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    else:
+        m = lse_w
+        l_s = tl.full([BLOCK_M], 1.0, tl.float32)
+        acc = o_w
+    idx_row = idx_ptr + ((b * (Hq // G) + hk) * T + offs_m) * TOP_K
+    for slot in range(0, TOP_K):
+        filled = tl.load(idx_row + slot, mask=row_ok, other=-1) >= 0
+        part = stat * TOP_K + slot
+        lse_s = tl.load(lsep_ptr + part, mask=filled, other=float("-inf"))
+        o_s = tl.load(op_ptr + part[:, None] * D + offs_d[None, :], mask=filled[:, None] & d_ok[None, :],
+                      other=0.0)
+        m_new = tl.maximum(m, lse_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        beta = tl.exp(lse_s - m_safe)  # 0 for an empty slot
+        l_s = l_s * alpha + beta
+        acc = acc * alpha[:, None] + beta[:, None] * o_s
+        m = m_new
+    has = l_s > 0.0
+    l_safe = tl.where(has, l_s, 1.0)
+    merged = acc / l_safe[:, None]
+    lse_m = tl.where(has, m + tl.log(l_safe), float("-inf"))
+    if GATED:
+        g = tl.sigmoid(tl.load(gate_ptr + stat, mask=row_ok, other=0.0))
+        out = tl.where(has[:, None], g[:, None] * merged + (1.0 - g[:, None]) * o_w, o_w)
+        tl.store(lse_r_ptr + stat, lse_m, mask=row_ok)
+        tl.store(or_ptr + stat[:, None] * D + offs_d[None, :], merged, mask=qd_mask)
+    else:
+        out = merged
+        tl.store(lse_j_ptr + stat, lse_m, mask=row_ok)
+    tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod,
+             out.to(o_ptr.dtype.element_ty), mask=qd_mask)
+
+
+@triton.jit
+def match_dq_merge_kernel(
+    dqw_ptr,  # [B, Hq, T, D] fp32 window dq, times scale (contiguous)
+    dqp_ptr,  # [B, Hq, T, TOP_K, NSUB, D] fp32 retrieved dq partials (contiguous; read where filled)
+    idx_ptr,  # [B, Hkv, T, TOP_K] int64 selection (contiguous)
+    dq_ptr,  # [B, Hq, T, D] dq output, input dtype (contiguous)
+    Hq, G, T, D, TOP_K, NSUB,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dq = dq_W + sum over the filled slots and the chunks of dq_part, in a fixed order (deterministic)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hq
+    hk = (pid_bh % Hq) // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < T
+    d_ok = offs_d < D
+    qd_mask = row_ok[:, None] & d_ok[None, :]
+    stat = pid_bh * T + offs_m
+    dq = tl.load(dqw_ptr + stat[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
+    idx_row = idx_ptr + ((b * (Hq // G) + hk) * T + offs_m) * TOP_K
+    for slot in range(0, TOP_K):
+        filled = tl.load(idx_row + slot, mask=row_ok, other=-1) >= 0
+        for sub in range(0, NSUB):
+            part = (stat * TOP_K + slot) * NSUB + sub
+            dq += tl.load(dqp_ptr + part[:, None] * D + offs_d[None, :], mask=filled[:, None] & d_ok[None, :],
+                          other=0.0)
+    tl.store(dq_ptr + stat[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qd_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -710,24 +971,97 @@ def _fwd(q, k, v, idx, gate, *, window, block_size, gated, scale, q_start=0, sto
 
 
 def reverse_index(idx, T, block_size):
-    """CSR lists of the queries that selected each (batch, kv head, block): ``(qlist int32, starts int64)``,
-    ``qlist[starts[s]:starts[s + 1]]`` ascending query positions of segment ``s = (b * H_kv + h) * NB + blk``
-    with ``NB = ceil(T / block_size)``. One sort of the valid (query, slot) pairs."""
+    """CSR lists of the (query, slot) pairs that selected each (batch, kv head, block): ``(entries, starts)``.
+    ``entries[starts[s]:starts[s + 1]]`` are the flat entries ``e = t * K + slot`` of idx [B, H_kv, T_q, K]
+    (query position ``t = e // K``, slot ``e % K``) that hold block ``blk`` of segment
+    ``s = (b * H_kv + h) * NB + blk``, ``NB = ceil(T / block_size)``, in ascending query order (a query
+    selects a block at most once, so the order is strict: deterministic); int32 (int64 if T_q K >= 2^31),
+    starts int64. The slot lets a block-major kernel write a per-(query, slot) result to a place of its
+    own. One sort of the filled (query, slot) pairs."""
     B, Hkv, TQ, K = idx.shape
     NB = triton.cdiv(T, block_size)
+    n = TQ * K
     dev = idx.device
     seg = torch.arange(B * Hkv, device=dev, dtype=torch.int64).view(B, Hkv, 1, 1) * NB + idx
-    key = seg * T + torch.arange(TQ, device=dev, dtype=torch.int64).view(1, 1, TQ, 1)
+    key = seg * n + torch.arange(n, device=dev, dtype=torch.int64).view(1, 1, TQ, K)
     key = torch.sort(key[idx >= 0]).values
-    qlist = (key % T).to(torch.int32)
+    entries = (key % n).to(torch.int32 if n < 2**31 else torch.int64)
     bounds = torch.arange(B * Hkv * NB + 1, device=dev, dtype=torch.int64)
-    starts = torch.searchsorted(key // T, bounds)
-    if qlist.numel() == 0:  # a valid pointer for the kernel (never read: every list is empty)
-        qlist = torch.zeros(1, dtype=torch.int32, device=dev)
-    return qlist, starts
+    starts = torch.searchsorted(key // n, bounds)
+    if entries.numel() == 0:  # a valid pointer for the kernel (never read: every list is empty)
+        entries = torch.zeros(1, dtype=torch.int32, device=dev)
+    return entries, starts
 
 
-def _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, *, window, block_size, gated, scale):
+def _block_major(block_size, top_k):
+    """The one path rule of the retrieved part (forward and dq): block-major (the block kernels through the
+    reverse index, tensor-core tiles) for ``block_size >= BLOCK_MAJOR_MIN_BLOCK``, else per query row with
+    gathered keys (a tensor-core tile over a block of fewer than 16 keys would be mostly padding). Tests
+    set the module constant to force either path at the same shapes."""
+    return top_k > 0 and block_size >= BLOCK_MAJOR_MIN_BLOCK
+
+
+def _block_tiles(q, block_size):
+    """(BLOCK_M, BLOCK_N, NSUB) of the block-major kernels: BLOCK_N keys of a block at a time (padded to 16,
+    every tl.dot dim >= 16), NSUB = ceil(block_size / BLOCK_N) chunks; BLOCK_M listed queries at a time.
+    fp32 "ieee" dots run on CUDA cores: smaller tiles. Untuned."""
+    big = _lowp(q) or is_interpreting()
+    bn = min(64 if big else 32, max(16, triton.next_power_of_2(block_size)))
+    return (64 if big else 32), bn, triton.cdiv(block_size, bn)
+
+
+def _fwd_block_major(q, k, v, idx, gate, *, window, block_size, gated, scale):
+    """Training forward (T_q = T_k) with the block-major retrieved part; returns what ``_fwd`` returns.
+    1. window part: ``match_fwd_kernel`` without retrieval (TOP_K = 0), writing its output in fp32 (o_W)
+       and lse_W; 2. ``match_fwd_blocks_kernel``: per (selected block, batch, kv head) the partial attention
+       of every listed (query head, query, slot) -> o_part [B, H_q, T, K, D], lse_part [B, H_q, T, K] (fp32;
+       unselected slots are never written nor read); 3. ``match_fwd_merge_kernel``: o, lse (joint) or o,
+       lse_R, o_R (gated) from the parts."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    top_k = idx.shape[-1]
+    dev = q.device
+    o_w = empty((B, Hq, T, D), dtype=torch.float32, device=dev)
+    lse = empty((B, Hq, T), dtype=torch.float32, device=dev)
+    BM, BN, BR, warps = _tiles(q)
+    no_idx = torch.zeros(1, dtype=torch.int64, device=dev)  # TOP_K = 0: never read
+    match_fwd_kernel[(triton.cdiv(T, BM), B * Hq)](
+        q, k, v, no_idx, lse, o_w, lse, lse, lse, lse,
+        *q.stride(), *k.stride(), *v.stride(), *o_w.stride(),
+        Hq, Hq // Hkv, T, T, 0, D, window, block_size, float(scale) * LOG2E,
+        TOP_K=0, GATED=False, STORE_PARTS=False, LOWP_DOT=_lowp(q),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=2, BLOCK_D=_block_d(D), num_warps=warps,
+    )
+    entries, starts = reverse_index(idx, T, block_size)
+    NB = triton.cdiv(T, block_size)
+    BM_L, BN_L, NSUB = _block_tiles(q, block_size)
+    o_part = empty((B, Hq, T, top_k, D), dtype=torch.float32, device=dev)
+    lse_part = empty((B, Hq, T, top_k), dtype=torch.float32, device=dev)
+    match_fwd_blocks_kernel[(NB, B * Hkv)](
+        q, k, v, entries, starts, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(),
+        Hq, Hkv, Hq // Hkv, T, D, window, block_size, NB, top_k, float(scale) * LOG2E,
+        NSUB=NSUB, LOWP_DOT=_lowp(q), BLOCK_M=BM_L, BLOCK_N=BN_L, BLOCK_D=_block_d(D), num_warps=4,
+    )
+    o = empty((B, Hq, T, D), dtype=q.dtype, device=dev)
+    if gated:
+        lse_r = empty((B, Hq, T), dtype=torch.float32, device=dev)
+        o_r = empty((B, Hq, T, D), dtype=torch.float32, device=dev)
+        gate = gate.float().contiguous()
+    else:
+        lse_r = o_r = gate = lse  # unused pointers
+    lse_j = lse if gated else empty((B, Hq, T), dtype=torch.float32, device=dev)
+    BM_M = 64 if is_interpreting() else 32
+    match_fwd_merge_kernel[(triton.cdiv(T, BM_M), B * Hq)](
+        o_w, lse, lse_j, o_part, lse_part, idx, gate, o, lse_r, o_r, *o.stride(), Hq, Hq // Hkv, T, D, top_k,
+        GATED=gated, BLOCK_M=BM_M, BLOCK_D=_block_d(D), num_warps=4,
+    )
+    if not gated:  # as _fwd: joint saves o and the joint lse only
+        lse = lse_r = o_w = o_r = lse_j
+    return o, lse, lse_r, o_w, o_r
+
+
+def _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, *, window, block_size, gated, scale,
+         block_major=False):
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -751,15 +1085,19 @@ def _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, *, window, block_size,
     stats = stats.contiguous()  # [4, B, Hq, T] fp32
     lowp, BD = _lowp(q), _block_d(D)
     strides = (*q.stride(), *k.stride(), *v.stride())
-    # dq: window and retrieved keys in one kernel
+    # dq: window and retrieved keys in one kernel (gathered path); block-major: the window keys here into
+    # fp32, the retrieved keys' partials from the dk/dv kernel below, summed by match_dq_merge_kernel
     dq = empty((B, Hq, T, D), dtype=q.dtype, device=dev)
+    dq_w = empty((B, Hq, T, D), dtype=torch.float32, device=dev) if block_major else dq
     BM, BN, BR, warps = _tiles(q)
     BR = min(BR, max(2, triton.next_power_of_2(max(top_k * block_size, 1))))
-    idx_arg = idx if top_k > 0 else torch.zeros(1, dtype=torch.int64, device=dev)  # never read if empty
+    no_idx = torch.zeros(1, dtype=torch.int64, device=dev)
+    idx_arg = idx if top_k > 0 else no_idx  # never read if empty
     match_bwd_dq_kernel[(triton.cdiv(T, BM), B * Hq)](
-        q, k, v, do_w, do_r, stats, idx_arg, dq, *strides, B, Hq, G, T, D, window, block_size, float(scale),
-        TOP_K=top_k, GATED=gated, LOWP_DOT=lowp, BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, BLOCK_D=BD,
-        num_warps=warps,
+        q, k, v, do_w, do_r, stats, no_idx if block_major else idx_arg, dq_w, *strides,
+        B, Hq, G, T, D, window, block_size, float(scale),
+        TOP_K=0 if block_major else top_k, GATED=gated and not block_major, LOWP_DOT=lowp,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, BLOCK_D=BD, num_warps=warps,
     )
     # dk/dv: window part into fp32 buffers, then the retrieved part through the reverse index
     dk_w = empty((B, Hkv, T, D), dtype=torch.float32, device=dev)
@@ -771,16 +1109,21 @@ def _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, *, window, block_size,
     )
     dk = empty((B, Hkv, T, D), dtype=k.dtype, device=dev)
     dv = empty((B, Hkv, T, D), dtype=v.dtype, device=dev)
-    qlist, starts = reverse_index(idx, T, block_size)
+    entries, starts = reverse_index(idx, T, block_size)
     NB = triton.cdiv(T, block_size)
-    BN = min(64 if (lowp or is_interpreting()) else 32, max(16, triton.next_power_of_2(block_size)))
-    NSUB = triton.cdiv(block_size, BN)
+    _, BN, NSUB = _block_tiles(q, block_size)
     BM_L = 64 if is_interpreting() else 32
+    dq_part = empty((B, Hq, T, top_k, NSUB, D), dtype=torch.float32, device=dev) if block_major else dk_w
     match_bwd_dkdv_kernel[(NB * NSUB, B * Hkv)](
-        q, k, v, do_r, stats[2], stats[3], qlist, starts, dk_w, dv_w, dk, dv, *strides,
-        Hq, Hkv, G, T, D, window, block_size, NB, NSUB, float(scale),
-        LOWP_DOT=lowp, BLOCK_M=BM_L, BLOCK_N=BN, BLOCK_D=BD, num_warps=4,
+        q, k, v, do_r, stats[2], stats[3], entries, starts, dk_w, dv_w, dk, dv, dq_part, *strides,
+        Hq, Hkv, G, T, D, window, block_size, NB, NSUB, max(top_k, 1), float(scale),
+        LOWP_DOT=lowp, DQ_PART=block_major, BLOCK_M=BM_L, BLOCK_N=BN, BLOCK_D=BD, num_warps=4,
     )
+    if block_major:
+        BM_M = 64 if is_interpreting() else 32
+        match_dq_merge_kernel[(triton.cdiv(T, BM_M), B * Hq)](
+            dq_w, dq_part, idx, dq, Hq, G, T, D, top_k, NSUB, BLOCK_M=BM_M, BLOCK_D=BD, num_warps=4,
+        )
     return dq, dk, dv, dgate
 
 
@@ -788,25 +1131,27 @@ class _MatchAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, gate, window, top_k, block_size, gated, scale):
         idx = _select(q, k, window=window, top_k=top_k, block_size=block_size, scale=scale)
-        o, lse, lse_r, o_w, o_r = _fwd(q, k, v, idx, gate, window=window, block_size=block_size,
-                                       gated=gated, scale=scale)
+        block_major = _block_major(block_size, top_k)
+        fwd = _fwd_block_major if block_major else _fwd
+        o, lse, lse_r, o_w, o_r = fwd(q, k, v, idx, gate, window=window, block_size=block_size,
+                                      gated=gated, scale=scale)
         if gated:
             ctx.save_for_backward(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx)
         else:
             ctx.save_for_backward(q, k, v, o, lse, idx)
-        ctx.cfg = (window, block_size, gated, scale)
+        ctx.cfg = (window, block_size, gated, scale, block_major)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        window, block_size, gated, scale = ctx.cfg
+        window, block_size, gated, scale, block_major = ctx.cfg
         if gated:
             q, k, v, o, lse, lse_r, o_w, o_r, gate, idx = ctx.saved_tensors
         else:
             q, k, v, o, lse, idx = ctx.saved_tensors
             lse_r = o_w = o_r = gate = None
         dq, dk, dv, dgate = _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, window=window,
-                                 block_size=block_size, gated=gated, scale=scale)
+                                 block_size=block_size, gated=gated, scale=scale, block_major=block_major)
         if dgate is not None:
             dgate = dgate.to(gate.dtype)
         return dq, dk, dv, dgate, None, None, None, None, None

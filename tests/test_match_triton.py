@@ -15,6 +15,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import fast.match_triton as mt
 from fast.attention import flash_attention
 from fast.match_triton import (
     MAX_TOP_K,
@@ -250,9 +251,27 @@ def test_block_summaries_are_block_means():
 
 def test_reverse_index_lists_every_selection_once():
     idx = torch.tensor([[[[2, -1], [0, 2], [-1, -1], [1, 0]]]])  # [1, 1, T=4, K=2]
-    qlist, starts = reverse_index(idx, 4, 1)
-    lists = [qlist[starts[s]:starts[s + 1]].tolist() for s in range(4)]
-    assert lists == [[1, 3], [3], [0, 1], []]
+    entries, starts = reverse_index(idx, 4, 1)
+    lists = [entries[starts[s]:starts[s + 1]].tolist() for s in range(4)]
+    assert lists == [[2, 7], [6], [0, 3], []]  # entry t * K + slot: query t = e // K, slot e % K
+    # random selections, several (batch, kv head) segments and a partial last block: every filled
+    # (query, slot) is listed exactly once, under the block it holds, in ascending query order
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, T, K, bs = 2, 3, 29, 4, 4
+    NB = -(-T // bs)
+    idx = torch.stack([torch.randperm(NB, generator=g)[:K] for _ in range(B * Hkv * T)]).view(B, Hkv, T, K)
+    idx[torch.rand(idx.shape, generator=g) < 0.3] = -1
+    entries, starts = reverse_index(idx, T, bs)
+    assert entries.dtype == torch.int32 and starts.shape == (B * Hkv * NB + 1,)
+    seen = torch.zeros_like(idx)
+    for seg in range(B * Hkv * NB):
+        lst = entries[starts[seg]:starts[seg + 1]].long()
+        t, slot = lst // K, lst % K
+        assert (t[1:] > t[:-1]).all(), "ascending query positions"
+        b, h, blk = seg // (Hkv * NB), (seg // NB) % Hkv, seg % NB
+        assert (idx[b, h, t, slot] == blk).all()
+        seen[b, h, t, slot] += 1
+    assert torch.equal(seen, (idx >= 0).long())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,3 +399,68 @@ def test_gpu_larger_shapes(dtype, mode):
     # tensor-core tiles, several tiles per row of programs, D = 64 and 128, GQA
     check_all(1, 4, 2, 700, 64, 128, 4, 32, mode, DTYPES[dtype], seed=11)
     check_all(1, 2, 1, 333, 128, 64, 6, 1, mode, DTYPES[dtype], seed=12)
+
+
+# ----------------------------------------------------------------------------------------------
+# the retrieved part: block-major (block_size >= BLOCK_MAJOR_MIN_BLOCK) and per-row gathered, forced
+
+
+def _forced(monkeypatch, path):
+    """Force the retrieved part's path (module constant of the one path rule) and record the path the
+    forward and the backward took."""
+    monkeypatch.setattr(mt, "BLOCK_MAJOR_MIN_BLOCK", 16 if path == "block-major" else 2**62)
+    took = []
+    fwd_bm, bwd = mt._fwd_block_major, mt._bwd
+
+    def spy_fwd(*a, **kw):
+        took.append("fwd block-major")
+        return fwd_bm(*a, **kw)
+
+    def spy_bwd(*a, block_major, **kw):
+        took.append("bwd block-major" if block_major else "bwd gathered")
+        return bwd(*a, block_major=block_major, **kw)
+
+    monkeypatch.setattr(mt, "_fwd_block_major", spy_fwd)
+    monkeypatch.setattr(mt, "_bwd", spy_bwd)
+    return took
+
+
+BLOCK_MAJOR_CASES = [  # B, Hq, Hkv, T, D, window, top_k, block_size, mode, dtype
+    (1, 2, 1, 77, 16, 16, 3, 16, "joint", "fp32"),  # GQA, T not a multiple of the block
+    (1, 2, 1, 77, 16, 16, 3, 16, "gated", "fp32"),
+    (2, 4, 2, 58, 16, 16, 4, 16, "joint", "bf16"),  # several (batch, kv head) segments, low precision
+    (1, 2, 1, 100, 32, 40, 5, 32, "joint", "fp32"),  # top_k > the candidate blocks (at most 2): sentinels
+    (1, 2, 1, 100, 24, 40, 5, 32, "gated", "bf16"),
+    (1, 1, 1, 190, 16, 80, 2, 80, "gated", "fp32"),  # block_size > 64: the block in chunks (NSUB = 2)
+    (1, 2, 1, 12, 16, 16, 2, 16, "gated", "fp32"),  # T <= w: nothing to retrieve, every list empty
+]
+
+
+@pytest.mark.parametrize("path", ["block-major", "gathered"])
+@pytest.mark.parametrize("B, Hq, Hkv, T, D, window, top_k, block_size, mode, dtype", BLOCK_MAJOR_CASES)
+def test_retrieved_paths_match_oracle(monkeypatch, path, B, Hq, Hkv, T, D, window, top_k, block_size, mode,
+                                      dtype):
+    took = _forced(monkeypatch, path)
+    check_all(B, Hq, Hkv, T, D, window, top_k, block_size, mode, DTYPES[dtype], seed=T + top_k)
+    want = ["fwd block-major", "bwd block-major"] if path == "block-major" else ["bwd gathered"]
+    assert took == want
+
+
+@pytest.mark.parametrize("mode", ["joint", "gated"])
+def test_block_major_equals_gathered(monkeypatch, mode):
+    # same inputs, both paths: forward and every gradient agree to fp32 rounding (the merge order differs);
+    # the block-major path is deterministic (unique writes, fixed merge order): two runs are bitwise equal
+    T, D, w, K, bs = 70, 16, 16, 4, 16
+    q, k, v, gl, do = _inputs(1, 2, 1, T, D, torch.float32, 21, normal=True)  # GQA, G = 2
+    cfg = dict(window=w, top_k=K, block_size=bs, mode=mode, scale=D ** -0.5)
+    runs = {}
+    for path in ("gathered", "block-major", "block-major again"):
+        took = _forced(monkeypatch, path.replace(" again", ""))
+        runs[path] = run_triton(q, k, v, gl, do, **cfg)
+        assert took[0] == ("bwd gathered" if path == "gathered" else "fwd block-major")
+    for name, a, b, c in zip(("out", "dq", "dk", "dv", "dgate"), runs["block-major"], runs["gathered"],
+                             runs["block-major again"], strict=True):
+        if a is None:
+            continue
+        assert_close(a, b.double(), dtype=torch.float32, name=f"{name} block-major vs gathered ({mode})")
+        assert torch.equal(a, c), f"{name}: block-major is not deterministic"
