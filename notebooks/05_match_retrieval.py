@@ -208,7 +208,12 @@ print(f"query {i}: gate {g[i]:.3f} (gated) vs softmax weight "
 #
 # The forward kernel does not merge two finished partial results: it runs **one** online softmax whose
 # running max $m$, sum $\ell$ and accumulator continue from the window keys into the retrieved keys, which
-# is the same merge done incrementally. Its retrieved loop, in NumPy, for one query row:
+# is the same merge done incrementally. That is the kernel's path for blocks of fewer than 16 keys (this toy's
+# B = 4, and token retrieval). From 16 keys on, the kernels turn the loop inside out (block-major, as MoBA
+# does): one program per selected block loads its keys once and attends to every query that selected it with
+# tensor-core tiles, writes a partial result per (query, slot), and a merge kernel combines them with the
+# window part by log-sum-exp: `merge_partials` again, done on the GPU. Its retrieved loop, in NumPy, for one
+# query row on the per-row path:
 
 # %%
 LOG2E = np.log2(np.e)
