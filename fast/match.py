@@ -219,16 +219,21 @@ def _select(qs, kc, summ, pos, window, top_k, block_size, scale, key_valid, cum_
 
 def _partial(s, mask, v):
     """Softmax attention over the keys in ``mask`` (rows may be empty: out 0, lse -inf), NaN-free in the
-    forward and the backward. ``s [..., c, M]``, ``mask`` broadcastable, ``v [..., c or 1, M, D]``."""
+    forward and the backward. ``s [..., c, M]``, ``mask`` broadcastable, ``v [..., c or 1, M, D]``: values
+    per query row (a batched product of 1-row matrices), or shared by the rows (one matrix product, the
+    values never copied per row)."""
     s = s.masked_fill(~mask, float("-inf"))
     has = mask.any(-1, keepdim=True).expand(s.shape[:-1] + (1,))  # [..., c, 1]
     m = torch.where(has, s.amax(-1, keepdim=True), torch.zeros_like(s[..., :1])).detach()  # shift only
     e = torch.exp(s - m)  # 0 where masked
     l = e.sum(-1, keepdim=True)
     l_safe = torch.where(has, l, torch.ones_like(l))
-    out = (e / l_safe).unsqueeze(-2) @ v  # [..., c, 1, D]
+    if v.shape[-3] == 1:  # shared values: [..., c, M] @ [..., M, D]
+        out = (e / l_safe) @ v.squeeze(-3)
+    else:  # per-row values: [..., c, 1, M] @ [..., c, M, D]
+        out = ((e / l_safe).unsqueeze(-2) @ v).squeeze(-2)
     lse = torch.where(has, m + torch.log(l_safe), torch.full_like(l, float("-inf")))
-    return out.squeeze(-2), lse[..., 0], has[..., 0]
+    return out, lse[..., 0], has[..., 0]
 
 
 def _torch_match(q, k, v, window, top_k, block_size, mode, gate, scale, *, key_valid=None, summaries=None,
@@ -251,6 +256,14 @@ def _torch_match(q, k, v, window, top_k, block_size, mode, gate, scale, *, key_v
     if key_valid is not None:
         cum_valid = torch.nn.functional.pad(key_valid.long().cumsum(1), (1, 0))  # [B, Tk + 1]
     offset = Tk - Tq
+    if top_k > 0 and not return_idx:
+        # keys / values as rows of whole blocks, [B * H_kv * nbk, block_size * D], the last block zero-padded:
+        # a selected block is one contiguous row, fetched by index_select (a row copy; its backward adds rows)
+        nbk = -(-Tk // block_size)
+        pad = nbk * block_size - Tk
+        k_rows = torch.nn.functional.pad(kc, (0, 0, 0, pad)).reshape(B * Hkv * nbk, block_size * D)
+        v_rows = torch.nn.functional.pad(vc, (0, 0, 0, pad)).reshape(B * Hkv * nbk, block_size * D)
+        row0 = (torch.arange(B * Hkv, device=dev) * nbk).view(B, Hkv, 1, 1)
     outs, idxs = [], []
     for a in range(0, Tq, chunk):
         b = min(a + chunk, Tq)
@@ -288,10 +301,10 @@ def _torch_match(q, k, v, window, top_k, block_size, mode, gate, scale, *, key_v
         if key_valid is not None:
             kv_all = key_valid[:, None, None, :].expand(B, Hkv, c, Tk)
             ok_r = ok_r & torch.gather(kv_all, 3, tok.clamp(0, Tk - 1))
-        M = tok.shape[-1]
-        gidx = tok.clamp(0, Tk - 1).reshape(B, Hkv, c * M, 1).expand(B, Hkv, c * M, D)
-        k_r = torch.gather(kc, 2, gidx).view(B, Hkv, 1, c, M, D)
-        v_r = torch.gather(vc, 2, gidx).view(B, Hkv, 1, c, M, D)
+        M = tok.shape[-1]  # top_k * block_size keys per query row, slot-major
+        rows = (row0 + idx.clamp_min(0)).reshape(-1)  # an empty slot (-1) fetches block 0, masked by ok_r
+        k_r = k_rows.index_select(0, rows).view(B, Hkv, 1, c, M, D)
+        v_r = v_rows.index_select(0, rows).view(B, Hkv, 1, c, M, D)
         s_r = (qg.unsqueeze(-2) @ k_r.transpose(-1, -2)).squeeze(-2) * scale  # [B, H_kv, G, c, M]
         o_r, lse_r, has_r = _partial(s_r, ok_r[:, :, None], v_r)
         # --- integration
