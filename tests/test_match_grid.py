@@ -1,6 +1,7 @@
 """The recall experiment driver (tiny_models/match_grid.py) and the MATCH demo: the model variant, the loss
 slice, the attended-fraction accounting, save/load, determinism, grid resumption, the shipped checkpoints."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -214,3 +215,16 @@ def test_plugin_pairs_sweep_table_and_plot(tmp_path):
     with pytest.raises(ValueError, match="MQAR"):
         mg.plugin_pairs(model, mg.RunConfig(**{**TINY, "task": "mad_noisy"}), [1], window=4, top_ks=[1],
                         block_size=2, n=4)
+
+
+def test_training_only_generator_options_reach_the_training_batches_only():
+    cfg = mg.RunConfig(task="mad_fuzzy", seq_len=32, vocab_size=16, train_task_kwargs=(("test", False),))
+    assert mg.training_config(cfg).task_kwargs == (("test", False),)
+    both = mg.training_config(dataclasses.replace(cfg, train_targets="lm"))
+    assert both.task_kwargs == (("test", False), ("targets", "lm"))
+    assert mg.training_config(mg.RunConfig(task="mad_fuzzy", vocab_size=16)).task_kwargs == ()
+    assert mg.RunConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg  # as in checkpoints
+    # training keys of 1-3 tokens (MAD's training form) vs evaluation keys of exactly 3
+    x_tr, _ = mg.make_batch(mg.training_config(cfg), 8, seed=2)
+    x_ev, _ = mg.make_batch(cfg, 8, seed=2)
+    assert not torch.equal(x_tr, x_ev)

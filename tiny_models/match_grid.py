@@ -55,6 +55,7 @@ class RunConfig:
     prev_mix: bool = True  # add a learned map of the previous token's embedding (see RecallGPT)
     prev_taps: int = 1  # with prev_mix: how many previous tokens are mixed in (1 to 3; see RecallGPT)
     train_targets: str = "recall"  # MAD tasks: "lm" trains on every next token (evaluation stays on recall)
+    train_task_kwargs: tuple = ()  # generator (name, value) pairs for training batches only, e.g. test=False
     # optimisation
     steps: int = 800
     batch_size: int = 32
@@ -83,7 +84,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         d = dict(d)
-        for k in ("task_kwargs", "attn_kwargs"):
+        for k in ("task_kwargs", "attn_kwargs", "train_task_kwargs"):
             d[k] = tuple(tuple(p) for p in d.get(k, ()))
         return cls(**d)
 
@@ -216,16 +217,20 @@ def heldout(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def training_config(cfg: RunConfig) -> RunConfig:
-    """The config whose batches train the model: ``cfg`` itself, or for ``train_targets="lm"`` (MAD tasks) the
-    same examples labelled with every next token (MAD's training targets; held-out accuracy stays on the
-    recall targets)."""
-    if cfg.train_targets == "recall":
-        return cfg
-    if cfg.train_targets != "lm":
+    """The config whose batches train the model: ``cfg`` with ``train_task_kwargs`` added to its generator
+    options (e.g. ``test=False``: MAD's training keys of 1 to ``k_motif_size`` tokens), and for
+    ``train_targets="lm"`` (MAD tasks) the same examples labelled with every next token (MAD's training
+    targets). Held-out accuracy always uses ``cfg`` itself: the recall targets of the test form."""
+    if cfg.train_targets not in ("recall", "lm"):
         raise ValueError(f"train_targets must be 'recall' or 'lm', got {cfg.train_targets!r}")
-    if not cfg.task.startswith("mad_"):
-        raise ValueError(f"train_targets='lm' is defined for the MAD tasks only, got task={cfg.task!r}")
-    return dataclasses.replace(cfg, task_kwargs=tuple(cfg.task_kwargs) + (("targets", "lm"),))
+    extra = tuple(tuple(p) for p in cfg.train_task_kwargs)
+    if cfg.train_targets == "lm":
+        if not cfg.task.startswith("mad_"):
+            raise ValueError(f"train_targets='lm' is defined for the MAD tasks only, got task={cfg.task!r}")
+        extra += (("targets", "lm"),)
+    if not extra:
+        return cfg
+    return dataclasses.replace(cfg, task_kwargs=tuple(cfg.task_kwargs) + extra)
 
 
 def train_run(cfg: RunConfig, *, progress: bool = True, log=None) -> dict:
@@ -791,7 +796,7 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="one run; prints the accuracy curve")
     for f in dataclasses.fields(RunConfig):
-        if f.name in ("task_kwargs", "attn_kwargs"):
+        if f.name in ("task_kwargs", "attn_kwargs", "train_task_kwargs"):
             t.add_argument(f"--{f.name}", nargs="*", default=[], help="name=value pairs")
         elif isinstance(f.default, bool):
             t.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
@@ -834,6 +839,7 @@ def main(argv=None) -> None:
     if a.cmd == "train":
         d = {f.name: getattr(a, f.name) for f in dataclasses.fields(RunConfig)}
         d["task_kwargs"], d["attn_kwargs"] = _parse_kv(a.task_kwargs), _parse_kv(a.attn_kwargs)
+        d["train_task_kwargs"] = _parse_kv(a.train_task_kwargs)
         d["window"] = None if d["window"] is None else int(d["window"])
         cfg = RunConfig(**d)
         out = train_run(cfg, log=sys.stdout)
