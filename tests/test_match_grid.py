@@ -228,3 +228,46 @@ def test_training_only_generator_options_reach_the_training_batches_only():
     x_tr, _ = mg.make_batch(mg.training_config(cfg), 8, seed=2)
     x_ev, _ = mg.make_batch(cfg, 8, seed=2)
     assert not torch.equal(x_tr, x_ev)
+
+
+def _key_run_lengths(x: torch.Tensor, m: int = 7, pad: int = 15) -> set[int]:
+    """Lengths of the maximal runs of key tokens (< m) in MAD fuzzy inputs (pad tokens excluded)."""
+    lengths = set()
+    for row in x.tolist():
+        run = 0
+        for t in row + [pad]:
+            if t < m:
+                run += 1
+            else:
+                if run:
+                    lengths.add(run)
+                run = 0
+    return lengths
+
+
+def test_key_curriculum_grows_the_training_keys_then_keeps_the_test_form():
+    cfg = mg.RunConfig(task="mad_fuzzy", seq_len=48, vocab_size=16, key_curriculum=6)
+    sizes = [dict(mg.training_config(cfg, s).task_kwargs).get("k_motif_size") for s in range(1, 9)]
+    assert sizes == [1, 1, 2, 2, 3, 3, None, None]  # then the generator's default of 3 (the test form)
+    for step, want in ((1, {1}), (3, {2}), (5, {3}), (7, {3})):
+        x, _ = mg.make_batch(mg.training_config(cfg, step), 16, seed=step)
+        assert _key_run_lengths(x) == want, step
+    x_ev, y_ev = mg.make_batch(cfg, 4, seed=1)  # evaluation batches never see the curriculum
+    x_7, y_7 = mg.make_batch(mg.training_config(cfg, 7), 4, seed=1)
+    assert torch.equal(x_ev, x_7) and torch.equal(y_ev, y_7)
+    # a 4-token key size given explicitly sets the last stage; training-only options win over shared ones
+    cfg4 = mg.RunConfig(task="mad_fuzzy", seq_len=64, vocab_size=16, key_curriculum=8,
+                        task_kwargs=(("k_motif_size", 4),))
+    sizes4 = [dict(mg.training_config(cfg4, s).task_kwargs)["k_motif_size"] for s in (1, 2, 3, 5, 7, 8, 9)]
+    assert sizes4 == [1, 1, 2, 3, 4, 4, 4]
+    assert mg.RunConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg4)))) == cfg4
+
+
+def test_key_curriculum_bad_options_raise():
+    with pytest.raises(ValueError, match="key_curriculum needs keys of several tokens"):
+        mg.training_config(mg.RunConfig(**TINY, key_curriculum=10), 1)
+    with pytest.raises(ValueError, match="test=False"):
+        mg.training_config(mg.RunConfig(task="mad_fuzzy", vocab_size=16, key_curriculum=10,
+                                        train_task_kwargs=(("test", False),)), 1)
+    with pytest.raises(ValueError, match="key_curriculum must be >= 0"):
+        mg.training_config(mg.RunConfig(task="mad_fuzzy", vocab_size=16, key_curriculum=-1))
