@@ -98,7 +98,7 @@ def test_multi_tap_mix_starts_as_the_plain_model_and_looks_taps_tokens_back(tmp_
 def test_bad_taps_and_training_targets_raise():
     with pytest.raises(ValueError, match="prev_taps"):
         mg.new_model(mg.RunConfig(**TINY, prev_taps=4))
-    with pytest.raises(ValueError, match="MAD tasks only"):
+    with pytest.raises(ValueError, match="MAD and Shakespeare tasks only"):
         mg.training_config(mg.RunConfig(**TINY, train_targets="lm"))
     with pytest.raises(ValueError, match="train_targets"):
         mg.training_config(mg.RunConfig(task="mad_fuzzy", vocab_size=16, train_targets="all"))

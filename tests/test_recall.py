@@ -193,6 +193,11 @@ def test_mad_lm_targets_are_shifted_inputs():
     assert bool((y[x == pad] == IGNORE).all())
     x, y = mad_in_context_recall(4, seed=1, seq_len=40, targets="lm")
     assert torch.equal(y[:, :-1], x[:, 1:]) and bool((y[:, -1] == IGNORE).all())
+    x_r, y_r = shakespeare_recall(3, seq_len=90, num_facts=3, seed=2, text=TEXT)
+    x, y = shakespeare_recall(3, seq_len=90, num_facts=3, seed=2, text=TEXT, targets="lm")
+    assert torch.equal(x, x_r)  # the same examples, every next byte labelled
+    assert torch.equal(y[:, :-1], x[:, 1:]) and bool((y[:, -1] == IGNORE).all())
+    assert torch.equal(y[y_r != IGNORE], y_r[y_r != IGNORE])
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -234,5 +239,7 @@ def test_bad_arguments_raise():
         mad_recall(2, seed=0, vocab_size=4, k_motif_size=3)
     with pytest.raises(ValueError, match="too short"):
         shakespeare_recall(2, seq_len=40, num_facts=3, seed=0, text=TEXT)
+    with pytest.raises(ValueError, match="targets"):
+        shakespeare_recall(2, seq_len=90, seed=0, text=TEXT, targets="all")
     with pytest.raises(ValueError, match="disagree"):
         recall_accuracy(torch.zeros(2, 5, 3), torch.zeros(2, 4, dtype=torch.long))

@@ -54,7 +54,7 @@ class RunConfig:
     attn_kwargs: tuple = ()
     prev_mix: bool = True  # add a learned map of the previous token's embedding (see RecallGPT)
     prev_taps: int = 1  # with prev_mix: how many previous tokens are mixed in (1 to 3; see RecallGPT)
-    train_targets: str = "recall"  # MAD tasks: "lm" trains on every next token (evaluation stays on recall)
+    train_targets: str = "recall"  # MAD, Shakespeare: "lm" trains on every next token (evaluation: recall)
     train_task_kwargs: tuple = ()  # generator (name, value) pairs for training batches only, e.g. test=False
     key_curriculum: int = 0  # MAD fuzzy: training keys grow 1, 2, .. k_motif_size tokens over these first steps
     # optimisation
@@ -220,8 +220,8 @@ def heldout(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
 def training_config(cfg: RunConfig, step: int | None = None) -> RunConfig:
     """The config whose batches train the model: ``cfg`` with ``train_task_kwargs`` added to its generator
     options (e.g. ``test=False``: MAD's training keys of 1 to ``k_motif_size`` tokens), and for
-    ``train_targets="lm"`` (MAD tasks) the same examples labelled with every next token (MAD's training
-    targets). Held-out accuracy always uses ``cfg`` itself: the recall targets of the test form.
+    ``train_targets="lm"`` (MAD and Shakespeare tasks) the same examples labelled with every next token (MAD's
+    training targets; byte-level language modelling for Shakespeare). Held-out accuracy always uses ``cfg`` itself: the recall targets of the test form.
 
     ``key_curriculum = S > 0`` (tasks with key motifs, i.e. MAD fuzzy recall): the batch of training ``step``
     (1-based) has keys of exactly ``1 + (step - 1) * k // S`` tokens while ``step <= S`` (``k`` =
@@ -234,8 +234,10 @@ def training_config(cfg: RunConfig, step: int | None = None) -> RunConfig:
         raise ValueError(f"train_targets must be 'recall' or 'lm', got {cfg.train_targets!r}")
     extra = tuple(tuple(p) for p in cfg.train_task_kwargs)
     if cfg.train_targets == "lm":
-        if not cfg.task.startswith("mad_"):
-            raise ValueError(f"train_targets='lm' is defined for the MAD tasks only, got task={cfg.task!r}")
+        if not (cfg.task.startswith("mad_") or cfg.task == "shakespeare"):
+            raise ValueError(
+                f"train_targets='lm' is defined for the MAD and Shakespeare tasks only, got task={cfg.task!r}"
+            )
         extra += (("targets", "lm"),)
     if cfg.key_curriculum < 0:
         raise ValueError(f"key_curriculum must be >= 0, got {cfg.key_curriculum}")

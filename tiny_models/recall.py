@@ -341,6 +341,7 @@ def shakespeare_recall(
     seed: int,
     text: str | None = None,
     min_distance: int = 0,
+    targets: str = "recall",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Byte-level long-range recall on Shakespeare: ``(inputs, labels)``, ``[n, seq_len]``, tokens 0..255.
 
@@ -348,13 +349,16 @@ def shakespeare_recall(
     places in its first part (KEY: 3 distinct uppercase consonants, VAL: 3 digits, both fresh per example),
     and ending with every fact repeated once, in shuffled order. The labels are the three digits of each
     repeated fact (at the positions just before them); everything else is -100. The passage text itself is
-    unlabelled, so the task measures recall only; ``min_distance`` keeps every fact at least that many bytes
+    unlabelled, so the task measures recall only (``targets="lm"`` labels every next byte instead, for
+    training: byte-level language modelling of the same examples, the recall targets included); ``min_distance`` keeps every fact at least that many bytes
     before the first query. ``text`` defaults to the first 300,000 characters of
     :func:`tiny_models.tasks.shakespeare_text`.
     """
     _check_int("n", n, 1)
     _check_int("num_facts", num_facts, 1)
     _check_int("min_distance", min_distance, 0)
+    if targets not in ("recall", "lm"):
+        raise ValueError(f"targets must be 'recall' or 'lm', got {targets!r}")
     flen = len(fact_text("AAA", "000"))
     body = seq_len - num_facts * flen  # bytes before the queries: passage + facts
     if body - num_facts * flen - min_distance < 1:
@@ -394,6 +398,9 @@ def shakespeare_recall(
             for d in range(3):  # digits sit at offsets flen - 4 .. flen - 2 of the fact
                 labels[b, q0 + flen - 5 + d] = ord(vals[f][d])
         inputs[b] = seq
+    if targets == "lm":  # every next byte; the last position has none
+        labels[:, :-1] = inputs[:, 1:]
+        labels[:, -1] = IGNORE
     return torch.from_numpy(inputs), torch.from_numpy(labels)
 
 
