@@ -122,7 +122,7 @@ def test_save_load_roundtrip(tmp_path):
     cfg = mg.RunConfig(**TINY, prev_mix=True, attention="sliding", window=4)
     model = mg.new_model(cfg)
     torch.nn.init.normal_(model.prev.weight)
-    path = str(tmp_path / "m.safetensors")
+    path = str(tmp_path / "new_dir" / "m.safetensors")  # a missing directory is created
     mg.save_run(model, cfg, path, acc=0.5)
     loaded, cfg2 = mg.load_run(path)
     assert cfg2 == cfg

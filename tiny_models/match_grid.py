@@ -337,6 +337,8 @@ def save_run(model: RecallGPT, cfg: RunConfig, path: str, **meta) -> None:
 
     sd = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     meta = {"run_config": json.dumps(dataclasses.asdict(cfg)), **{k: json.dumps(v) for k, v in meta.items()}}
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     save_file(sd, tmp, metadata=meta)
     os.replace(tmp, path)
