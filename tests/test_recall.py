@@ -89,16 +89,16 @@ def mad_oracle(x, y, *, m, k_motif_size):
     return pred
 
 
-def shakespeare_oracle(x, y):
+def shakespeare_oracle(x, y, link=" is "):
     pred = torch.full_like(y, IGNORE)
     for b in range(len(x)):
         s = bytes(x[b].tolist()).decode("latin-1")
         first: dict[str, str] = {}
-        for mt in re.finditer(r" ([B-Z]{3}) is (\d{3})\.", s):
+        for mt in re.finditer(r" ([B-Z]{3})" + re.escape(link) + r"(\d{3})\.", s):
             k, v = mt.group(1), mt.group(2)
             if k in first:  # a query: the digits are predicted from the planted fact
                 for d in range(3):
-                    pred[b, mt.start() + 7 + d] = ord(first[k][d])
+                    pred[b, mt.start(2) - 1 + d] = ord(first[k][d])
             else:
                 first[k] = v
     return pred
@@ -200,20 +200,20 @@ def test_mad_lm_targets_are_shifted_inputs():
     assert torch.equal(y[y_r != IGNORE], y_r[y_r != IGNORE])
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_shakespeare_oracle_and_bytes(seed):
-    x, y = shakespeare_recall(16, seq_len=120, num_facts=3, seed=seed, text=TEXT, min_distance=30)
+@pytest.mark.parametrize("seed,link", [(0, " is "), (1, " is "), (2, "="), (3, ": ")])
+def test_shakespeare_oracle_and_bytes(seed, link):
+    x, y = shakespeare_recall(16, seq_len=120, num_facts=3, seed=seed, text=TEXT, min_distance=30, link=link)
     assert x.shape == (16, 120)
     assert bool(((x >= 0) & (x < 256)).all())
-    _check_oracle(shakespeare_oracle(x, y), y)
+    _check_oracle(shakespeare_oracle(x, y, link), y)
     assert torch.equal((y != IGNORE).sum(1), torch.full((16,), 9))
     lab = y[y != IGNORE]
     assert bool(((lab >= ord("0")) & (lab <= ord("9"))).all())
-    flen = len(fact_text("AAA", "000"))
+    flen = len(fact_text("AAA", "000", link))
     # every planted fact is at least min_distance bytes before the first query
     for b in range(16):
         s = bytes(x[b].tolist()).decode("latin-1")
-        starts = [m.start() for m in re.finditer(r" [B-Z]{3} is \d{3}\.", s)]
+        starts = [m.start() for m in re.finditer(r" [B-Z]{3}" + re.escape(link) + r"\d{3}\.", s)]
         assert len(starts) == 6
         assert starts[2] + flen + 30 <= starts[3]
 
@@ -241,5 +241,8 @@ def test_bad_arguments_raise():
         shakespeare_recall(2, seq_len=40, num_facts=3, seed=0, text=TEXT)
     with pytest.raises(ValueError, match="targets"):
         shakespeare_recall(2, seq_len=90, seed=0, text=TEXT, targets="all")
+    for link in ("", " 1 ", " K ", "\n"):
+        with pytest.raises(ValueError, match="link"):
+            shakespeare_recall(2, seq_len=90, seed=0, text=TEXT, link=link)
     with pytest.raises(ValueError, match="disagree"):
         recall_accuracy(torch.zeros(2, 5, 3), torch.zeros(2, 4, dtype=torch.long))

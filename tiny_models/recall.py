@@ -328,9 +328,9 @@ def _default_text() -> str:
     return shakespeare_text(300_000)
 
 
-def fact_text(key: str, value: str) -> str:
-    """The byte string of one fact (and of its query): ``" QZK is 481."``."""
-    return f" {key} is {value}."
+def fact_text(key: str, value: str, link: str = " is ") -> str:
+    """The byte string of one fact (and of its query): ``" QZK is 481."``, or ``" QZK=481."`` for ``link="="``."""
+    return f" {key}{link}{value}."
 
 
 def shakespeare_recall(
@@ -342,6 +342,7 @@ def shakespeare_recall(
     text: str | None = None,
     min_distance: int = 0,
     targets: str = "recall",
+    link: str = " is ",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Byte-level long-range recall on Shakespeare: ``(inputs, labels)``, ``[n, seq_len]``, tokens 0..255.
 
@@ -353,13 +354,20 @@ def shakespeare_recall(
     training: byte-level language modelling of the same examples, the recall targets included); ``min_distance`` keeps every fact at least that many bytes
     before the first query. ``text`` defaults to the first 300,000 characters of
     :func:`tiny_models.tasks.shakespeare_text`.
+
+    ``link`` is the text between key and value. With the default ``" is "`` the position that predicts the
+    first digit is 4-6 bytes after the key, so recall needs a head that first gathers the key from there (a
+    two-hop circuit); with ``link="="`` (``" QZK=481."``) the key ends right before that position, as in MQAR.
+    The link must be plain printable ASCII without digits or uppercase consonants.
     """
     _check_int("n", n, 1)
     _check_int("num_facts", num_facts, 1)
     _check_int("min_distance", min_distance, 0)
     if targets not in ("recall", "lm"):
         raise ValueError(f"targets must be 'recall' or 'lm', got {targets!r}")
-    flen = len(fact_text("AAA", "000"))
+    if not link or not all(32 <= ord(c) < 127 for c in link) or any(c.isdigit() or c in _KEY_LETTERS for c in link):
+        raise ValueError(f"link must be non-empty printable ASCII without digits or key letters, got {link!r}")
+    flen = len(fact_text("AAA", "000", link))
     body = seq_len - num_facts * flen  # bytes before the queries: passage + facts
     if body - num_facts * flen - min_distance < 1:
         raise ValueError(
@@ -389,12 +397,12 @@ def shakespeare_recall(
         seq: list[int] = []
         prev = 0
         for c, k, v in zip(cut, keys, vals, strict=True):
-            seq += passage[prev:c] + list(fact_text(k, v).encode())
+            seq += passage[prev:c] + list(fact_text(k, v, link).encode())
             prev = c
         seq += passage[prev:]
         for f in rng.permutation(num_facts):
             q0 = len(seq)
-            seq += list(fact_text(keys[f], vals[f]).encode())
+            seq += list(fact_text(keys[f], vals[f], link).encode())
             for d in range(3):  # digits sit at offsets flen - 4 .. flen - 2 of the fact
                 labels[b, q0 + flen - 5 + d] = ord(vals[f][d])
         inputs[b] = seq
