@@ -218,6 +218,25 @@ def test_shakespeare_oracle_and_bytes(seed, link):
         assert starts[2] + flen + 30 <= starts[3]
 
 
+@pytest.mark.parametrize("num_queries", [1, 2])
+def test_shakespeare_fewer_queries_than_facts(num_queries):
+    x, y = shakespeare_recall(12, seq_len=120, num_facts=3, num_queries=num_queries, seed=5, text=TEXT)
+    _check_oracle(shakespeare_oracle(x, y), y)  # every query asks a planted fact
+    assert torch.equal((y != IGNORE).sum(1), torch.full((12,), 3 * num_queries))
+    asked = set()
+    for b in range(12):
+        s = bytes(x[b].tolist()).decode("latin-1")
+        keys = re.findall(r" ([B-Z]{3}) is \d{3}\.", s)
+        assert len(keys) == 3 + num_queries and len(set(keys[3:])) == num_queries  # distinct queried facts
+        assert set(keys[3:]) <= set(keys[:3])
+        asked.add(keys[:3].index(keys[3]))
+    assert len(asked) > 1  # which fact is asked varies
+    # the default queries every fact (num_queries = num_facts)
+    x_all, y_all = shakespeare_recall(4, seq_len=120, num_facts=3, seed=5, text=TEXT)
+    x_def, y_def = shakespeare_recall(4, seq_len=120, num_facts=3, num_queries=3, seed=5, text=TEXT)
+    assert torch.equal(x_all, x_def) and torch.equal(y_all, y_def)
+
+
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="even"):
         mqar(2, seq_len=63, num_kv_pairs=4, vocab_size=64, seed=0)
@@ -241,6 +260,8 @@ def test_bad_arguments_raise():
         shakespeare_recall(2, seq_len=40, num_facts=3, seed=0, text=TEXT)
     with pytest.raises(ValueError, match="targets"):
         shakespeare_recall(2, seq_len=90, seed=0, text=TEXT, targets="all")
+    with pytest.raises(ValueError, match="num_queries=3 exceeds num_facts=2"):
+        shakespeare_recall(2, seq_len=90, num_facts=2, num_queries=3, seed=0, text=TEXT)
     for link in ("", " 1 ", " K ", "\n"):
         with pytest.raises(ValueError, match="link"):
             shakespeare_recall(2, seq_len=90, seed=0, text=TEXT, link=link)

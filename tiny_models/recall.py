@@ -343,6 +343,7 @@ def shakespeare_recall(
     min_distance: int = 0,
     targets: str = "recall",
     link: str = " is ",
+    num_queries: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Byte-level long-range recall on Shakespeare: ``(inputs, labels)``, ``[n, seq_len]``, tokens 0..255.
 
@@ -359,16 +360,25 @@ def shakespeare_recall(
     first digit is 4-6 bytes after the key, so recall needs a head that first gathers the key from there (a
     two-hop circuit); with ``link="="`` (``" QZK=481."``) the key ends right before that position, as in MQAR.
     The link must be plain printable ASCII without digits or uppercase consonants.
+
+    ``num_queries`` (default: ``num_facts``) facts are queried, distinct and chosen at random. When every fact
+    is queried, the last query can be answered without reading its key, by elimination (the fact not asked
+    yet); with fewer queries than facts it cannot.
     """
     _check_int("n", n, 1)
     _check_int("num_facts", num_facts, 1)
+    if num_queries is None:
+        num_queries = num_facts
+    _check_int("num_queries", num_queries, 1)
+    if num_queries > num_facts:
+        raise ValueError(f"num_queries={num_queries} exceeds num_facts={num_facts}")
     _check_int("min_distance", min_distance, 0)
     if targets not in ("recall", "lm"):
         raise ValueError(f"targets must be 'recall' or 'lm', got {targets!r}")
     if not link or not all(32 <= ord(c) < 127 for c in link) or any(c.isdigit() or c in _KEY_LETTERS for c in link):
         raise ValueError(f"link must be non-empty printable ASCII without digits or key letters, got {link!r}")
     flen = len(fact_text("AAA", "000", link))
-    body = seq_len - num_facts * flen  # bytes before the queries: passage + facts
+    body = seq_len - num_queries * flen  # bytes before the queries: passage + facts
     if body - num_facts * flen - min_distance < 1:
         raise ValueError(
             f"seq_len={seq_len} too short for {num_facts} facts of {flen} bytes, their queries and "
@@ -400,7 +410,7 @@ def shakespeare_recall(
             seq += passage[prev:c] + list(fact_text(k, v, link).encode())
             prev = c
         seq += passage[prev:]
-        for f in rng.permutation(num_facts):
+        for f in rng.permutation(num_facts)[:num_queries]:
             q0 = len(seq)
             seq += list(fact_text(keys[f], vals[f], link).encode())
             for d in range(3):  # digits sit at offsets flen - 4 .. flen - 2 of the fact
