@@ -56,7 +56,7 @@ class RunConfig:
     prev_taps: int = 1  # with prev_mix: how many previous tokens are mixed in (1 to 3; see RecallGPT)
     train_targets: str = "recall"  # MAD, Shakespeare: "lm" trains on every next token (evaluation: recall)
     train_task_kwargs: tuple = ()  # generator (name, value) pairs for training batches only, e.g. test=False
-    key_curriculum: int = 0  # MAD fuzzy: training keys grow 1, 2, .. k_motif_size tokens over these first steps
+    key_curriculum: int = 0  # MAD fuzzy: training keys grow from 1 to k_motif_size tokens over these steps
     # optimisation
     steps: int = 800
     batch_size: int = 32
@@ -221,7 +221,8 @@ def training_config(cfg: RunConfig, step: int | None = None) -> RunConfig:
     """The config whose batches train the model: ``cfg`` with ``train_task_kwargs`` added to its generator
     options (e.g. ``test=False``: MAD's training keys of 1 to ``k_motif_size`` tokens), and for
     ``train_targets="lm"`` (MAD and Shakespeare tasks) the same examples labelled with every next token (MAD's
-    training targets; byte-level language modelling for Shakespeare). Held-out accuracy always uses ``cfg`` itself: the recall targets of the test form.
+    training targets; byte-level language modelling for Shakespeare). Held-out accuracy always uses ``cfg``
+    itself: the recall targets of the test form.
 
     ``key_curriculum = S > 0`` (tasks with key motifs, i.e. MAD fuzzy recall): the batch of training ``step``
     (1-based) has keys of exactly ``1 + (step - 1) * k // S`` tokens while ``step <= S`` (``k`` =

@@ -329,7 +329,7 @@ def _default_text() -> str:
 
 
 def fact_text(key: str, value: str, link: str = " is ") -> str:
-    """The byte string of one fact (and of its query): ``" QZK is 481."``, or ``" QZK=481."`` for ``link="="``."""
+    """One fact (and its query) as text: ``" QZK is 481."`` (``" QZK=481."`` for ``link="="``)."""
     return f" {key}{link}{value}."
 
 
@@ -349,11 +349,12 @@ def shakespeare_recall(
 
     An example is a random window of the plays with ``num_facts`` facts ``" KEY is VAL."`` inserted at random
     places in its first part (KEY: 3 distinct uppercase consonants, VAL: 3 digits, both fresh per example),
-    and ending with every fact repeated once, in shuffled order. The labels are the three digits of each
-    repeated fact (at the positions just before them); everything else is -100. The passage text itself is
-    unlabelled, so the task measures recall only (``targets="lm"`` labels every next byte instead, for
-    training: byte-level language modelling of the same examples, the recall targets included); ``min_distance`` keeps every fact at least that many bytes
-    before the first query. ``text`` defaults to the first 300,000 characters of
+    and ending with ``num_queries`` of them (all by default) repeated once, in shuffled order. The labels are
+    the three digits of each repeated fact (at the positions just before them); everything else is -100.
+    The passage text itself is unlabelled, so the task measures recall only (``targets="lm"`` labels every next byte instead, for
+    training: byte-level language modelling of the same examples, the recall targets included);
+    ``min_distance`` keeps every fact at least that many bytes before the first query. ``text`` defaults to
+    the first 300,000 characters of
     :func:`tiny_models.tasks.shakespeare_text`.
 
     ``link`` is the text between key and value. With the default ``" is "`` the position that predicts the
@@ -375,8 +376,8 @@ def shakespeare_recall(
     _check_int("min_distance", min_distance, 0)
     if targets not in ("recall", "lm"):
         raise ValueError(f"targets must be 'recall' or 'lm', got {targets!r}")
-    if not link or not all(32 <= ord(c) < 127 for c in link) or any(c.isdigit() or c in _KEY_LETTERS for c in link):
-        raise ValueError(f"link must be non-empty printable ASCII without digits or key letters, got {link!r}")
+    if not link or any(not 32 <= ord(c) < 127 or c.isdigit() or c in _KEY_LETTERS for c in link):
+        raise ValueError(f"link must be non-empty printable ASCII, no digits or key letters; got {link!r}")
     flen = len(fact_text("AAA", "000", link))
     body = seq_len - num_queries * flen  # bytes before the queries: passage + facts
     if body - num_facts * flen - min_distance < 1:
