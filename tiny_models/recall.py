@@ -351,8 +351,9 @@ def shakespeare_recall(
     places in its first part (KEY: 3 distinct uppercase consonants, VAL: 3 digits, both fresh per example),
     and ending with ``num_queries`` of them (all by default) repeated once, in shuffled order. The labels are
     the three digits of each repeated fact (at the positions just before them); everything else is -100.
-    The passage text itself is unlabelled, so the task measures recall only (``targets="lm"`` labels every next byte instead, for
-    training: byte-level language modelling of the same examples, the recall targets included);
+    The passage text itself is unlabelled, so the task measures recall only (``targets="lm"`` labels every
+    next byte instead, for training: byte-level language modelling of the same examples, recall targets
+    included);
     ``min_distance`` keeps every fact at least that many bytes before the first query. ``text`` defaults to
     the first 300,000 characters of
     :func:`tiny_models.tasks.shakespeare_text`.
