@@ -26,7 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fast.utils import check_float, empty, is_interpreting, resolve_backend
+from fast.utils import check_float, empty, fuse_fma_in_interpreter, is_interpreting, resolve_backend
+
+fuse_fma_in_interpreter()  # tl.fma below must round once under TRITON_INTERPRET=1, as on a GPU
 
 __all__ = [
     "flash_attention", "flash_attention_with_lse", "key_block_range", "key_block_split", "query_block_range",
@@ -165,15 +167,20 @@ def _torch_attention(q, k, v, causal, window, scale, chunk=TORCH_CHUNK, need_lse
 # partial last block); only edge blocks build a mask (``key_block_split`` / ``query_block_split``).
 # Loads carry bounds masks only when T is not a multiple of both blocks (EVEN_T) or D is not the padded
 # head size (EVEN_D). Offsets are int32 unless a tensor spans >= 2^31 elements (INT64, ``_needs_int64``).
-# Softmax runs in the log2 domain, exp2 with scale * log2(e) folded into one FMA (the API's lse stays a
-# natural log). The backward follows the layout of Triton's fused-attention tutorial: the dk/dv kernel
-# computes S^T = K Q^T and dP^T = V dO^T so P^T, dS^T are already the left operands of dV += P^T dO and
-# dK += dS^T Q (no register transpose through shared memory in the loop); Delta = rowsum(dO * O) - dlse
-# comes from a small kernel. [RECON] The tutorial pre-scales K by scale * log2(e); here the backward
-# recomputes P = exp2((S * scale - lse) * log2(e)) from unscaled K (the bf16 K is not rounded a second time,
-# and S * scale - lse is one exact FMA where P ~ 1). fp32 inputs keep the forward's Q K^T orientation in
-# the dk/dv kernel (a transpose per iteration on CUDA cores): a NumPy/CUDA-core K Q^T rounds its sums in
-# another order, which at |S * scale| ~ 1e4 moves the recomputed P by ~3e-4 (test_huge_logits).
+# Softmax runs in the log2 domain: with qk_scale = scale * log2(e), every score costs one FFMA,
+# exp2(fma(s, qk_scale, -m)), m the row's running max (forward) or its log2-domain lse (backward). The
+# forward kernel writes the lse in log2 units, the backward reads that tensor, and the API returns it
+# times ln(2) (a natural log). Recomputing P from one fp32 lse per row limits the gradients' relative
+# accuracy to the lse's half-ulp, about |lse| * 2^-24: nothing at ordinary scores, ~3e-4 when
+# |q.k scale| ~ 1e4 (every flash attention that stores one fp32 lse shares this;
+# tests/test_attention.py::_lse_slack). The backward follows the layout of Triton's fused-attention
+# tutorial: the dk/dv kernel computes S^T = K Q^T and dP^T = V dO^T so P^T, dS^T are already the left
+# operands of dV += P^T dO and dK += dS^T Q (no register transpose through shared memory in the loop);
+# Delta = rowsum(dO * O) - dlse comes from a small kernel. [RECON] The tutorial pre-scales K by
+# scale * log2(e); here the backward recomputes P = exp2(fma(S, qk_scale, -lse2)) from unscaled K (the
+# bf16 K is not rounded a second time). fp32 inputs keep the forward's Q K^T orientation in the dk/dv
+# kernel (a transpose per iteration on CUDA cores): a NumPy/CUDA-core K Q^T rounds its sums in another
+# order, which at |S * scale| ~ 1e4 moves the recomputed P by ~3e-4 (test_huge_logits).
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -339,26 +346,30 @@ def _allowed(qi, kj, T, W, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, CH
 def _fwd_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, lo, hi, T, W, qk_scale,
               EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_T: tl.constexpr,
               EVEN_D: tl.constexpr, LOWP_DOT: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Online softmax over key blocks [lo, hi): m_i is the running max of the raw scores s and the
-    exponents are exp2((s - m_i) * qk_scale). [RECON] The tutorial's single FMA s * qk_scale - m_i * qk_scale
-    is one instruction less per score, but its m_i * qk_scale is rounded at the magnitude of the scores:
-    with |s * scale| ~ 1e4 (test_huge_logits) the lse then moves by ~1e-3 and the backward's recomputed P
-    by as much; s - m_i is exact where it matters (s close to m_i)."""
+    """Online softmax over key blocks [lo, hi), in log2 units: m_i is the running max of the scaled scores
+    s * qk_scale (qk_scale = scale * log2(e)), each row's max rounded once, and the exponents are
+    exp2(fma(s, qk_scale, -m_new)): one FFMA per score. The fused product is exact, so the difference is
+    exact where it matters (s * qk_scale close to m_new), even for |s * scale| ~ 1e4 (test_huge_logits);
+    an unfused s * qk_scale would lose ~1e-3 there, which is why the interpreter's tl.fma is made to round
+    once (``fast.utils.fuse_fma_in_interpreter``). The rescale factor alpha = exp2(m_i - m_new) is a plain
+    difference of the stored maxima, the very offsets the exponents used, so they cancel exactly."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         k = _load_tile(k_ptrs + start_n * skt, cols, T, d_ok, EDGE and not EVEN_T, EVEN_D, LOWP_DOT)
         s = _dot(q, tl.trans(k), LOWP_DOT)  # [BM, BN] raw scores
-        # qk_scale >= 0 (the host flips q for a negative scale): the max of s is the max of s * qk_scale
+        # qk_scale >= 0 (the host flips q for a negative scale): max(s * qk_scale) = max(s) * qk_scale
         if EDGE:
             ok = _allowed(offs_m[:, None], cols[None, :], T, W, IS_CAUSAL, HAS_WINDOW, not EVEN_T)
-            m_new = tl.maximum(m_i, tl.max(tl.where(ok, s, float("-inf")), 1))
-            p = tl.math.exp2(tl.where(ok, (s - m_new[:, None]) * qk_scale, float("-inf")))  # 0 where masked
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2((s - m_new[:, None]) * qk_scale)
+            s_max = tl.max(tl.where(ok, s, float("-inf")), 1)
+            # a row with no allowed key yet stays at -inf (no -inf * 0 when scale = 0); its p is masked to 0
+            m_new = tl.maximum(m_i, tl.where(s_max == float("-inf"), float("-inf"), s_max * qk_scale))
+            p = tl.math.exp2(tl.where(ok, tl.fma(s, qk_scale, -m_new[:, None]), float("-inf")))
+        else:  # interior block: every key allowed, m_new finite
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.math.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
         # m_i = -inf before the first allowed key: alpha = 0 (no -inf - -inf, no -inf * 0 when scale = 0)
-        alpha = tl.math.exp2(tl.where(m_i == float("-inf"), float("-inf"), (m_i - m_new) * qk_scale))
+        alpha = tl.math.exp2(tl.where(m_i == float("-inf"), float("-inf"), m_i - m_new))
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_ptrs + start_n * svt, cols, T, d_ok, EDGE and not EVEN_T, EVEN_D, LOWP_DOT)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, LOWP_DOT)
@@ -375,7 +386,7 @@ def attention_fwd_kernel(
     k_ptr,  # [B, Hkv, T, D] keys
     v_ptr,  # [B, Hkv, T, D] values
     o_ptr,  # [B, Hq, T, D] output, input dtype
-    lse_ptr,  # [B, Hq, T] fp32 natural-log log-sum-exp per query (contiguous)
+    lse_ptr,  # [B, Hq, T] fp32 out: log2-domain log-sum-exp per query, lse / ln(2) (contiguous)
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
@@ -408,7 +419,7 @@ def attention_fwd_kernel(
     k_ptrs = k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd  # [BN, BD] at key 0
     v_ptrs = v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd
     qk_scale = scale * 1.4426950408889634  # log2(e): exp(x * scale) = exp2(x * qk_scale)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the raw scores
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of s * qk_scale (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running denominator
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running numerator
     # key_block_split(): edge [a, b), interior [b, c), edge [c, d)
@@ -432,9 +443,9 @@ def attention_fwd_kernel(
                               qk_scale, True, IS_CAUSAL, HAS_WINDOW, EVEN_T, EVEN_D, LOWP_DOT, BLOCK_N)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padded rows (offs_m >= T) can have l = 0
     out = acc / l_safe[:, None]
-    # natural-log lse = m * scale + ln(l), l = sum exp2((s - m) * qk_scale)
+    # log2-domain lse = m + log2(l), l = sum exp2(s * qk_scale - m); the wrapper returns it times ln(2)
     m_fin = tl.where(l_i == 0.0, 0.0, m_i)
-    lse = tl.where(l_i == 0.0, float("-inf"), m_fin * scale + tl.math.log2(l_safe) * 0.6931471805599453)
+    lse = tl.where(l_i == 0.0, float("-inf"), m_fin + tl.math.log2(l_safe))
     _store_tile(o_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod,
                 out.to(o_ptr.dtype.element_ty), offs_m, T, d_ok, not EVEN_T, EVEN_D)
     if EVEN_T:
@@ -472,7 +483,7 @@ def attention_bwd_delta_kernel(
 
 @triton.jit
 def _dkdv_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, sqt, sdt, offs_n, offs_m, d_ok, lo, hi,
-               T, W, scale, EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               T, W, qk_scale, EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                EVEN_T: tl.constexpr, EVEN_D: tl.constexpr, LOWP_DOT: tl.constexpr, BLOCK_M: tl.constexpr):
     """dK, dV of one key block over query blocks [lo, hi), in the transposed layout: S^T = K Q^T."""
     for start_m in range(lo, hi, BLOCK_M):
@@ -493,9 +504,9 @@ def _dkdv_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, sqt, sdt, of
         if EDGE:
             ok = _allowed(rows[None, :], offs_n[:, None], T, W, IS_CAUSAL, HAS_WINDOW, not EVEN_T)
             # masked before exp2: a masked score may be huge, exp2 of it must not overflow
-            p_t = tl.math.exp2(tl.where(ok, (s_t * scale - lse[None, :]) * 1.4426950408889634, float("-inf")))
-        else:  # [BN, BM] softmax recomputed from lse: s * scale - lse first (one FMA, exact where p = 1)
-            p_t = tl.math.exp2((s_t * scale - lse[None, :]) * 1.4426950408889634)
+            p_t = tl.math.exp2(tl.where(ok, tl.fma(s_t, qk_scale, -lse[None, :]), float("-inf")))
+        else:  # [BN, BM] softmax recomputed from the log2 lse: one FFMA, exact where p ~ 1
+            p_t = tl.math.exp2(tl.fma(s_t, qk_scale, -lse[None, :]))
         dv += _dot(p_t.to(do.dtype), do, LOWP_DOT)
         dp_t = _dot(v, tl.trans(do), LOWP_DOT)  # [BN, BM]
         ds_t = p_t * (dp_t - delta[None, :])
@@ -512,7 +523,7 @@ def attention_bwd_dkdv_kernel(
     k_ptr,  # [B, Hkv, T, D] keys
     v_ptr,  # [B, Hkv, T, D] values
     do_ptr,  # [B, Hq, T, D] output cotangent
-    lse_ptr,  # [B, Hq, T] fp32 forward log-sum-exp, natural log (contiguous)
+    lse_ptr,  # [B, Hq, T] fp32 forward log-sum-exp in log2 units (the forward kernel's, contiguous)
     delta_ptr,  # [B, Hq, T] fp32 rowsum(dO * O) - dlse (contiguous)
     dk_ptr,  # [B, Hkv, T, D] key gradient, its own dtype (contiguous)
     dv_ptr,  # [B, Hkv, T, D] value gradient, its own dtype (contiguous)
@@ -544,6 +555,7 @@ def attention_bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    qk_scale = scale * 1.4426950408889634  # the forward's: P = exp2(s * qk_scale - lse2)
     k = _load_tile(k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd, offs_n,
                    T, d_ok,
                    not EVEN_T, EVEN_D, LOWP_DOT)  # [BN, BD]
@@ -575,13 +587,13 @@ def attention_bwd_dkdv_kernel(
         lse_ptrs = lse_ptr + (b * Hq + h) * T
         delta_ptrs = delta_ptr + (b * Hq + h) * T
         dk, dv = _dkdv_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, sqt, sdt, offs_n,
-                            offs_m, d_ok, a, bb, T, W, scale, True, IS_CAUSAL, HAS_WINDOW, EVEN_T,
+                            offs_m, d_ok, a, bb, T, W, qk_scale, True, IS_CAUSAL, HAS_WINDOW, EVEN_T,
                             EVEN_D, LOWP_DOT, BLOCK_M)
         dk, dv = _dkdv_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, sqt, sdt, offs_n,
-                            offs_m, d_ok, bb, c, T, W, scale, False, IS_CAUSAL, HAS_WINDOW, EVEN_T,
+                            offs_m, d_ok, bb, c, T, W, qk_scale, False, IS_CAUSAL, HAS_WINDOW, EVEN_T,
                             EVEN_D, LOWP_DOT, BLOCK_M)
         dk, dv = _dkdv_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, sqt, sdt, offs_n,
-                            offs_m, d_ok, c, d, T, W, scale, True, IS_CAUSAL, HAS_WINDOW, EVEN_T,
+                            offs_m, d_ok, c, d, T, W, qk_scale, True, IS_CAUSAL, HAS_WINDOW, EVEN_T,
                             EVEN_D, LOWP_DOT, BLOCK_M)
     out = (b * Hkv + hk) * T * D + offs_n[:, None] * D + offs_d[None, :]
     _store_tile(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), offs_n, T, d_ok, not EVEN_T, EVEN_D)
@@ -589,7 +601,7 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, lo, hi, T, W, scale,
+def _dq_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, lo, hi, T, W, qk_scale,
              EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_T: tl.constexpr,
              EVEN_D: tl.constexpr, LOWP_DOT: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
@@ -600,9 +612,9 @@ def _dq_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_
         s = _dot(q, tl.trans(k), LOWP_DOT)  # [BM, BN]
         if EDGE:
             ok = _allowed(offs_m[:, None], cols[None, :], T, W, IS_CAUSAL, HAS_WINDOW, not EVEN_T)
-            p = tl.math.exp2(tl.where(ok, (s * scale - lse[:, None]) * 1.4426950408889634, float("-inf")))
+            p = tl.math.exp2(tl.where(ok, tl.fma(s, qk_scale, -lse[:, None]), float("-inf")))
         else:
-            p = tl.math.exp2((s * scale - lse[:, None]) * 1.4426950408889634)
+            p = tl.math.exp2(tl.fma(s, qk_scale, -lse[:, None]))
         dp = _dot(do, tl.trans(v), LOWP_DOT)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, LOWP_DOT)
@@ -617,7 +629,7 @@ def attention_bwd_dq_kernel(
     k_ptr,  # [B, Hkv, T, D] keys
     v_ptr,  # [B, Hkv, T, D] values
     do_ptr,  # [B, Hq, T, D] output cotangent
-    lse_ptr,  # [B, Hq, T] fp32 forward log-sum-exp, natural log (contiguous)
+    lse_ptr,  # [B, Hq, T] fp32 forward log-sum-exp in log2 units (the forward kernel's, contiguous)
     delta_ptr,  # [B, Hq, T] fp32 rowsum(dO * O) - dlse (contiguous)
     dq_ptr,  # [B, Hq, T, D] query gradient, its own dtype (contiguous)
     sqb, sqh, sqt, sqd,
@@ -651,6 +663,7 @@ def attention_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    qk_scale = scale * 1.4426950408889634  # the forward's: P = exp2(s * qk_scale - lse2)
     q = _load_tile(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, offs_m, T, d_ok,
                    not EVEN_T, EVEN_D, LOWP_DOT)  # [BM, BD]
     do = _load_tile(do_ptr + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :] * sdd, offs_m,
@@ -678,13 +691,13 @@ def attention_bwd_dq_kernel(
     c = tl.maximum(tl.minimum(c, d), a)
     bb = tl.minimum(tl.maximum(bb, a), c)
     dq = _dq_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, a, bb, T, W,
-                  scale,
+                  qk_scale,
                   True, IS_CAUSAL, HAS_WINDOW, EVEN_T, EVEN_D, LOWP_DOT, BLOCK_N)
     dq = _dq_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, bb, c, T, W,
-                  scale,
+                  qk_scale,
                   False, IS_CAUSAL, HAS_WINDOW, EVEN_T, EVEN_D, LOWP_DOT, BLOCK_N)
     dq = _dq_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, c, d, T, W,
-                  scale,
+                  qk_scale,
                   True, IS_CAUSAL, HAS_WINDOW, EVEN_T, EVEN_D, LOWP_DOT, BLOCK_N)
     _store_tile(dq_ptr + pid_bh * T * D + offs_m[:, None] * D + offs_d[None, :],
                 (dq * scale).to(dq_ptr.dtype.element_ty), offs_m, T, d_ok, not EVEN_T, EVEN_D)
@@ -702,7 +715,8 @@ def _lowp(q):
 
 
 def _triton_fwd(q, k, v, causal, W, scale):
-    """scale >= 0 here (``_FlashAttention`` flips q for a negative one)."""
+    """-> (out, lse2): lse2 in log2 units (lse / ln 2), what the backward kernels read. scale >= 0 here
+    (``_FlashAttention`` flips q for a negative one)."""
     B, Hq, T, D = q.shape
     G = Hq // k.shape[1]
     o = empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
@@ -729,7 +743,7 @@ def _triton_delta(o, do, dlse):
     return delta
 
 
-def _triton_bwd(q, k, v, o, lse, do, dlse, causal, W, scale):
+def _triton_bwd(q, k, v, o, lse2, do, dlse, causal, W, scale):
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -741,10 +755,10 @@ def _triton_bwd(q, k, v, o, lse, do, dlse, causal, W, scale):
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     bucket = _t_bucket(T, W)
     attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, *strides, Hq, Hkv, G, T, D, W, scale, bucket, **common,
+        q, k, v, do, lse2, delta, dk, dv, *strides, Hq, Hkv, G, T, D, W, scale, bucket, **common,
     )
     attention_bwd_dq_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)](
-        q, k, v, do, lse, delta, dq, *strides, Hq, G, T, D, W, scale, bucket, **common,
+        q, k, v, do, lse2, delta, dq, *strides, Hq, G, T, D, W, scale, bucket, **common,
     )
     return dq, dk, dv
 
@@ -756,15 +770,15 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, W, scale):
         qs = -q if scale < 0 else q
-        o, lse = _triton_fwd(qs, k, v, causal, W, abs(scale))
-        ctx.save_for_backward(qs, k, v, o, lse)
+        o, lse2 = _triton_fwd(qs, k, v, causal, W, abs(scale))
+        ctx.save_for_backward(qs, k, v, o, lse2)
         ctx.causal, ctx.W, ctx.scale = causal, W, scale
-        return o, lse
+        return o, lse2 * LN2
 
     @staticmethod
     def backward(ctx, do, dlse):
-        qs, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _triton_bwd(qs, k, v, o, lse, do, dlse, ctx.causal, ctx.W, abs(ctx.scale))
+        qs, k, v, o, lse2 = ctx.saved_tensors
+        dq, dk, dv = _triton_bwd(qs, k, v, o, lse2, do, dlse, ctx.causal, ctx.W, abs(ctx.scale))
         return (-dq if ctx.scale < 0 else dq), dk, dv, None, None, None
 
 

@@ -117,20 +117,21 @@ assert_close(acc / l[:, None], out, dtype="float64", name="final out")
 # | `_fwd_loop` (Triton) | NumPy replay |
 # |---|---|
 # | `s = _dot(q, tl.trans(k))` raw scores, **unscaled** | `s = scale * q @ k[j].T` |
-# | `m_new = tl.maximum(m_i, tl.max(s, 1))` (masked first on edge blocks) | `m_new = np.maximum(m, s.max(axis=1))` |
-# | `p = tl.math.exp2((s - m_new[:, None]) * qk_scale)`, `qk_scale = scale * log2(e)` | `p = np.exp(s - m_safe[:, None])` |
-# | `alpha = tl.math.exp2((m_i - m_new) * qk_scale)`, 0 while `m_i = -inf` | `alpha = np.exp(m - m_safe)` |
+# | `m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)`, `qk_scale = scale * log2(e)` (masked first on edge blocks) | `m_new = np.maximum(m, s.max(axis=1))` |
+# | `p = tl.math.exp2(tl.fma(s, qk_scale, -m_new[:, None]))` | `p = np.exp(s - m_safe[:, None])` |
+# | `alpha = tl.math.exp2(m_i - m_new)`, 0 while `m_i = -inf` | `alpha = np.exp(m - m_safe)` |
 # | `l_i = l_i * alpha + tl.sum(p, 1)` | `l = alpha * l + p.sum(1)` |
 # | `acc = acc * alpha[:, None] + _dot(p, v)` | `acc = alpha[:, None] * acc + p @ v[j]` |
-# | epilogue: `out = acc / l_i`, `lse = m_i * scale + ln(l_i)` | `acc / l`, `m + log(l)` |
+# | epilogue: `out = acc / l_i`, `lse = m_i + log2(l_i)` (log2 units; the API returns it times ln 2) | `acc / l`, `m + log(l)` |
 #
-# Three differences. (1) $e^x = 2^{x \log_2 e}$: the kernel uses `exp2`, the GPU's native instruction, with
-# $\text{scale}\cdot\log_2 e$ folded into one multiply, and keeps $m$ in units of raw scores. (2) The key
+# Three differences. (1) $e^x = 2^{x \log_2 e}$: the kernel uses `exp2`, the GPU's native instruction, and
+# keeps the running max $m$ and the lse in log2 units, so each score costs one fused multiply-add,
+# $s \cdot \text{scale}\log_2 e - m$, before its `exp2`. (2) The key
 # range `[a, d)` of a query block is split in three segments, `[a, bb)` edge, `[bb, c)` interior, `[c, d)`
 # edge: only edge blocks (the diagonal, the window's left border, a partial last block) evaluate the mask;
 # interior blocks are wholly allowed and skip it. (3) A row that has seen no allowed key keeps
 # $m = -\infty$ and gets $\alpha = 0$ by an explicit `where`. The NumPy replica below follows the kernel
-# (exp2, raw-score max, the three segments, no mask on interior blocks) and must give the oracle's output.
+# (exp2, log2-unit max, the three segments, no mask on interior blocks) and must give the oracle's output.
 
 # %%
 def kernel_replica(q, k, v, window, BLOCK_M=4, BLOCK_N=4):  # [T, D] x3 -> [T, D], [T]
@@ -157,12 +158,12 @@ def kernel_replica(q, k, v, window, BLOCK_M=4, BLOCK_N=4):  # [T, D] x3 -> [T, D
                 else:
                     assert ok.all(), "an interior block must be wholly allowed"
                     n_interior += 1
-                m_new = np.maximum(m_i, s.max(axis=1))
+                m_new = np.maximum(m_i, s.max(axis=1) * qk_scale)  # log2 units
                 m_safe = np.where(np.isneginf(m_new), 0.0, m_new)
-                p = np.exp2((s - m_safe[:, None]) * qk_scale)
-                alpha = np.where(np.isneginf(m_i), 0.0, np.exp2((m_i - m_safe) * qk_scale))
+                p = np.exp2(s * qk_scale - m_safe[:, None])  # one fused multiply-add per score
+                alpha = np.where(np.isneginf(m_i), 0.0, np.exp2(m_i - m_safe))
                 l_i, acc, m_i = l_i * alpha + p.sum(axis=1), acc * alpha[:, None] + p @ v[cols], m_new
-        out[rows], lse[rows] = acc / l_i[:, None], m_i * scale + np.log(l_i)
+        out[rows], lse[rows] = acc / l_i[:, None], (m_i + np.log2(l_i)) * np.log(2)
     return out, lse, n_interior
 
 

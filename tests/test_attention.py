@@ -229,6 +229,35 @@ def _reference(q, k, v, do, dlse, causal, window, scale):
     return out, lse, dq, dk, dv
 
 
+def _lse_slack(q, k, v, do, dlse, causal, window, scale):
+    """Elementwise bound on how far the Triton gradients move because P is recomputed from an fp32 lse.
+
+    A stored lse is exact only to its half-ulp, <= |lse| 2^-24 (natural log; the kernels keep it in log2
+    units, whose half-ulp times ln 2 has the same bound). That scales row i of the recomputed P by
+    (1 + eps_i), |eps_i| <= |lse_i| 2^-24, so to first order dV_j moves by sum_i eps_i P_ij |dO_i|, dS_ij by
+    eps_i |dS_ij|, dQ_i by scale sum_j eps_i |dS_ij| |K_j| and dK_j by scale sum_i eps_i |dS_ij| |Q_i|.
+    Negligible for ordinary scores (|lse| ~ 10: 6e-7 relative); at |q.k scale| ~ 1e4 (test_huge_logits) it
+    is ~3e-4, above fp32's rtol. Every flash attention that keeps one fp32 lse per row shares it."""
+    B, Hq, T, D = q.shape
+    G = Hq // k.shape[1]
+    qn, kn, vn, don = (x.detach().double().cpu().numpy() for x in (q, k, v, do))
+    kr, vr = np.repeat(kn, G, axis=1), np.repeat(vn, G, axis=1)
+    mask = attention_mask(T, causal=causal, window=window)
+    s = np.where(mask, scale * qn @ np.swapaxes(kr, -1, -2), -np.inf)
+    mx = s.max(-1, keepdims=True)
+    lse = mx + np.log(np.exp(s - mx).sum(-1, keepdims=True))  # [B, Hq, T, 1]
+    p = np.exp(s - lse)
+    delta = (don * (p @ vr)).sum(-1, keepdims=True)
+    if dlse is not None:
+        delta = delta - dlse.double().cpu().numpy()[..., None]
+    ds = np.abs(p * (don @ np.swapaxes(vr, -1, -2) - delta))
+    eps = np.abs(lse) * 2.0**-24
+    dq = abs(scale) * (eps * ds) @ np.abs(kr)
+    dk = (abs(scale) * np.swapaxes(eps * ds, -1, -2) @ np.abs(qn)).reshape(B, -1, G, T, D).sum(2)
+    dv = (np.swapaxes(eps * p, -1, -2) @ np.abs(don)).reshape(B, -1, G, T, D).sum(2)
+    return {"dq": dq, "dk": dk, "dv": dv}
+
+
 def _run(backend, B, Hkv, G, T, D, causal, window, dtype, seed, mag=1.0, scale=None, with_lse=True):
     gen = torch.Generator().manual_seed(seed)
     q = (mag * torch.randn(B, Hkv * G, T, D, generator=gen)).to(dtype)
@@ -245,12 +274,15 @@ def _run(backend, B, Hkv, G, T, D, causal, window, dtype, seed, mag=1.0, scale=N
         out = flash_attention(qd, kd, vd, causal=causal, window=window, scale=scale, backend=backend)
         lse = None
         out.backward(do.to(DEVICE))
-    ref = _reference(q, k, v, do, dlse, causal, window, (1 / math.sqrt(D)) if scale is None else scale)
+    sc = (1 / math.sqrt(D)) if scale is None else scale
+    ref = _reference(q, k, v, do, dlse, causal, window, sc)
+    # the torch backend differentiates through its forward; the kernels recompute P from the fp32 lse
+    slack = _lse_slack(q, k, v, do, dlse, causal, window, sc) if backend == "triton" else {}
     assert out.dtype == dtype and out.shape == q.shape
     got = (out, lse, qd.grad, kd.grad, vd.grad)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref, strict=True):
         if a is not None:
-            assert_close(a, b, dtype=dtype, name=f"{backend} {name}")
+            assert_close(a, b, dtype=dtype, name=f"{backend} {name}", slack=slack.get(name, 0.0))
     return got
 
 
