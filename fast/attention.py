@@ -505,7 +505,7 @@ def _dkdv_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, sqt, sdt, of
             ok = _allowed(rows[None, :], offs_n[:, None], T, W, IS_CAUSAL, HAS_WINDOW, not EVEN_T)
             # masked before exp2: a masked score may be huge, exp2 of it must not overflow
             p_t = tl.math.exp2(tl.where(ok, tl.fma(s_t, qk_scale, -lse[None, :]), float("-inf")))
-        else:  # [BN, BM] softmax recomputed from the log2 lse: one FFMA, exact where p ~ 1
+        else:  # [BN, BM] softmax recomputed from the log2 lse: one FFMA per score
             p_t = tl.math.exp2(tl.fma(s_t, qk_scale, -lse[None, :]))
         dv += _dot(p_t.to(do.dtype), do, LOWP_DOT)
         dp_t = _dot(v, tl.trans(do), LOWP_DOT)  # [BN, BM]
