@@ -230,7 +230,7 @@ def _needs_int64(*tensors):
 def _configs(kind):
     """CUDA: tensor-core tiles to autotune over for fp16/bf16 (``_fits`` says which head sizes each one
     serves: kernel_stats shows no spills and no serialized wgmma for those), then one small fp32 tile
-    (fp32 "ieee" dots run on CUDA cores, fully unrolled: big tiles gain nothing and compile for ~20 s)."""
+    (fp32 "ieee" dots run on CUDA cores, fully unrolled: big tiles spill and compile for ~20 s)."""
     if is_interpreting():  # interpreter cost ~ programs x loop iterations: one big-block config
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
     shapes = _SHAPES[kind]
@@ -244,13 +244,34 @@ def _configs(kind):
 # 255 registers there); dk/dv 32x128 with 4 warps, 64x64 and 64x128 with 4/8 warps at D = 128; dq 128x32
 # at D = 128.
 _ALL_D = (16, 32, 64, 128)
-_SHAPES = {
-    "fwd": [(128, 64, 8, 3, _ALL_D), (64, 64, 4, 3, _ALL_D), (32, 32, 4, 2, ())],
-    "dkdv": [(32, 64, 4, 2, _ALL_D), (64, 128, 8, 2, (16, 32, 64)), (64, 64, 4, 2, (16, 32, 64)),
-             (32, 128, 8, 2, (128,)), (64, 64, 8, 2, (128,)), (32, 32, 4, 2, ())],
-    "dq": [(128, 64, 8, 2, _ALL_D), (64, 64, 4, 2, _ALL_D), (128, 32, 4, 2, (16, 32, 64)),
-           (64, 32, 4, 2, _ALL_D), (32, 32, 4, 2, ())],
-}
+# fp32 inputs: "ieee" dots on CUDA cores, unrolled into FMAs, so registers grow with the tile. 32 x 32 with
+# 4 warps spilled 2-7 KB per thread at D >= 64 (forward and dk/dv), 16 x 32 with 4 warps up to 6 KB at
+# D = 128 with odd T; 16 x 32 with 8 warps spills at most 56 B in any kernel (kernel_stats.md).
+_FP32_TILE = (16, 32, 8, 2, ())
+
+
+def _tile_table(triton_version: str) -> dict:
+    """The tiles for one Triton version (every number from kernel_stats: no spills, no serialized wgmma)."""
+    shapes = {
+        "fwd": [(128, 64, 8, 3, _ALL_D), (64, 64, 4, 3, _ALL_D), _FP32_TILE],
+        "dkdv": [(32, 64, 4, 2, _ALL_D), (64, 128, 8, 2, (16, 32, 64)), (64, 64, 4, 2, (16, 32, 64)),
+                 (32, 128, 8, 2, (128,)), (64, 64, 8, 2, (128,)), _FP32_TILE],
+        "dq": [(128, 64, 8, 2, _ALL_D), (64, 64, 4, 2, _ALL_D), (128, 32, 4, 2, (16, 32, 64)),
+               (64, 32, 4, 2, _ALL_D), _FP32_TILE],
+    }
+    # Triton 3.6 (older GPU images) compiles the same code differently. With two software-pipelined
+    # stages ptxas serializes the wgmma (C7515) in every dk/dv tile: any one of its three query-block
+    # loops (edge, interior, edge) alone compiles clean, two or more in a row carrying dk and dv do not.
+    # The forward's 64 x 64 tile with three stages does the same at D = 128. One stage (loads not
+    # prefetched) keeps the wgmma pipeline; at D = 128 only 32 x 128 with 8 warps then fits unspilled.
+    if tuple(int(x) for x in triton_version.split(".")[:2]) < (3, 7):
+        shapes["fwd"][1] = (64, 64, 4, 2, _ALL_D)
+        shapes["dkdv"] = [(32, 64, 4, 1, (16, 32, 64)), (64, 128, 8, 1, (16, 32, 64)),
+                          (64, 64, 4, 1, (16, 32, 64)), (32, 128, 8, 1, (128,)), _FP32_TILE]
+    return shapes
+
+
+_SHAPES = _tile_table(triton.__version__)
 
 # Autotune key: log2 buckets, not T and W themselves (every new length would re-tune, minutes on a GPU
 # check); short sequences (tests, tiny GPTs) keep only the first config, so a key costs one compile.

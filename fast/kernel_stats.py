@@ -19,6 +19,7 @@ change may never lower the counts by dropping work the algorithm needs.
     python -m fast.kernel_stats                        # every kernel, every shipped config (minutes)
     python -m fast.kernel_stats --quick                # attention kernels only, bf16 D=64 and D=128
     python -m fast.kernel_stats --only attention_fwd   # kernels whose name contains the filter
+    python -m fast.kernel_stats --fp32_attention --heads 32,64,100,128   # the attention fp32 tile
     python -m fast.kernel_stats --md benchmarks/results/kernel_stats.md --json stats.json
 
 Configs are those the autotuner can pick for the workload (its ``early_config_prune`` is applied), at
@@ -258,23 +259,26 @@ def _as_the_runtime_compiles(log, only=None):
         at.Autotuner.run, jit.JITFunction.run = inner_tuner, inner_jit
 
 
-def _attention_workload(dtypes, heads=(64, 128)):
+def _attention_workload(dtypes, heads=(64, 128), lengths=(4096,)):
     """The GPU benchmark's attention flags: long T (a multiple of every block), causal full and
-    sliding window, D = 64 and 128."""
+    sliding window, D = 64 and 128; ``lengths`` adds others (an odd T compiles the bounds-masked
+    variants)."""
     import torch
 
     from fast import attention
 
     for dtype in dtypes:
         for D in heads:
-            for window in (None, 512):
-                q, k, v = (torch.zeros(1, 2, 4096, D, dtype=dtype, requires_grad=True) for _ in range(3))
-                out, lse = attention.flash_attention_with_lse(q, k, v, causal=True, window=window,
-                                                              backend="triton")
-                (out.float().sum() + lse.sum()).backward()
+            for T in lengths:
+                for window in (None, 512):
+                    q, k, v = (torch.zeros(1, 2, T, D, dtype=dtype, requires_grad=True) for _ in range(3))
+                    out, lse = attention.flash_attention_with_lse(q, k, v, causal=True, window=window,
+                                                                  backend="triton")
+                    (out.float().sum() + lse.sum()).backward()
 
 
-def collect(*, quick: bool, only: str | None, heads=(64, 128)) -> tuple[list[dict], list]:
+def collect(*, quick: bool, only: str | None, heads=(64, 128), fp32_attention: bool = False
+            ) -> tuple[list[dict], list]:
     import torch
 
     from fast.compile_check import CompileLog, _workload, compile_instead_of_launch
@@ -284,8 +288,11 @@ def collect(*, quick: bool, only: str | None, heads=(64, 128)) -> tuple[list[dic
         raise RuntimeError("Triton's bundled ptxas/cuobjdump not found (triton/backends/nvidia/bin)")
     log = CompileLog()
     with compile_instead_of_launch(log, all_configs=True), _as_the_runtime_compiles(log, only):
-        _attention_workload((torch.bfloat16,), heads)
-        if not quick:
+        if fp32_attention:  # the CUDA-core tile, D padded or not, T a multiple of the blocks or not
+            _attention_workload((torch.float32,), heads, lengths=(4096, 4001))
+        else:
+            _attention_workload((torch.bfloat16,), heads)
+        if not quick and not fp32_attention:
             _workload((torch.float32, torch.bfloat16))
     compiled = [c for c in log.compiled if only is None or only in c[0]]
     seen, unique = set(), []
@@ -362,6 +369,23 @@ def report(after: list[dict], before: list[dict] | None, command: str) -> str:
     return "\n".join(out)
 
 
+_GENERATED = ("## Summary", "## After", "## Before")
+
+
+def kept_sections(old_report: str) -> str:
+    """The sections of an earlier report that this script does not write (measurements under another
+    Triton, notes on the loss kernels): carried over when ``--md`` rewrites the file."""
+    kept, keep = [], False
+    for line in old_report.splitlines(keepends=True):
+        if line.startswith("## "):
+            keep = not line.startswith(_GENERATED)
+        elif line.startswith("# "):
+            keep = False
+        if keep:
+            kept.append(line)
+    return "".join(kept)
+
+
 def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("run without TRITON_INTERPRET: this compiles kernels", file=sys.stderr)
@@ -370,13 +394,16 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="attention kernels at bf16 only")
     ap.add_argument("--only", default=None, help="keep kernels whose name contains this")
     ap.add_argument("--heads", default="64,128", help="attention head sizes to compile (comma list)")
+    ap.add_argument("--fp32_attention", action="store_true",
+                    help="only the attention kernels' fp32 tile, at T = 4096 and 4001 (with --heads)")
     ap.add_argument("--json", default=None, help="write the records as a JSON list here")
     ap.add_argument("--md", default=None, help="write the markdown report here")
     ap.add_argument("--before", default=None, help="JSON of an earlier run: summarised beside this one")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     records, failures = collect(quick=args.quick, only=args.only,
-                               heads=tuple(int(x) for x in args.heads.split(",")))
+                               heads=tuple(int(x) for x in args.heads.split(",")),
+                               fp32_attention=args.fp32_attention)
     table = markdown(records)
     print(table)
     for what, msg in failures:
@@ -390,8 +417,13 @@ def main(argv=None) -> int:
             with open(args.before) as f:
                 before = json.load(f)
         cmd = "python -m fast.kernel_stats " + " ".join(a for a in (argv or sys.argv[1:]))
+        kept = ""
+        if os.path.exists(args.md):
+            with open(args.md) as f:
+                kept = kept_sections(f.read())
+        text = report(records, before, cmd)
         with open(args.md, "w") as f:
-            f.write(report(records, before, cmd))
+            f.write(text if not kept else text.rstrip("\n") + "\n\n" + kept)
     print(f"{len(records)} kernel variants, {len(failures)} failed, {time.perf_counter() - t0:.1f}s")
     return 1 if failures else 0
 

@@ -367,6 +367,46 @@ def test_needs_int64():
     assert _needs_int64(strided)
 
 
+@pytest.mark.parametrize("version", ["3.7.1", "3.6.0"])
+def test_tile_tables_serve_every_head_size(version):
+    # CUDA tile lists per Triton version: every padded head size gets a tensor-core tile in every
+    # kernel, the fp32 CUDA-core tile comes last; under 3.6 the dk/dv tiles run one stage (kernel_stats:
+    # two stages serialize its wgmma there)
+    table = attention_module._tile_table(version)
+    for kind in ("fwd", "dkdv", "dq"):
+        *tensor_core, fp32 = table[kind]
+        assert fp32[4] == ()
+        for d in attention_module._ALL_D:
+            assert any(d in dims for *_, dims in tensor_core), (version, kind, d)
+    stages = {s for _, _, _, s, _ in table["dkdv"][:-1]}
+    assert stages == ({1} if version == "3.6.0" else {2})
+    assert table["dq"] == attention_module._tile_table("3.7.1")["dq"]
+
+
+def _cuda_tiles(kind):
+    tiles = []
+    for version in ("3.7.1", "3.6.0"):
+        for m, n, *_ in attention_module._tile_table(version)[kind]:
+            if (m, n) not in tiles:
+                tiles.append((m, n))
+    return tiles
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_cuda_tiles_under_the_interpreter(monkeypatch, i):
+    # the interpreter otherwise runs only its 64 x 64 tile: run the i-th CUDA tile of each kernel (both
+    # Triton versions' tables, the fp32 tile included) on a shape with a partial last block and a window
+    import triton
+
+    for kernel, kind in ((attention_module.attention_fwd_kernel, "fwd"),
+                         (attention_module.attention_bwd_dkdv_kernel, "dkdv"),
+                         (attention_module.attention_bwd_dq_kernel, "dq")):
+        tiles = _cuda_tiles(kind)
+        m, n = tiles[i % len(tiles)]
+        monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4)])
+    _run("triton", 1, 1, 2, 150, 20, True, 40, torch.float32, seed=i)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("D", [100, 128])
 def test_big_and_odd_head_dims(backend, D):

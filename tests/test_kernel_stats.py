@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from fast.kernel_stats import find_loops, markdown, parse_sass, toolchain
+from fast.kernel_stats import find_loops, kept_sections, markdown, parse_sass, report, toolchain
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -87,6 +87,17 @@ TOYS = textwrap.dedent('''
 
 
 @pytest.mark.skipif(toolchain() is None, reason="Triton's bundled ptxas/cuobjdump not found")
+def test_rewrite_keeps_hand_kept_sections():
+    # --md rewrites the generated sections and carries the others (another Triton's numbers, notes) over
+    old = report([], None, "python -m fast.kernel_stats") + (
+        "## Under triton 3.6.0\n\n| a | b |\n\n## Loss kernels: passes\n\ntext\n")
+    kept = kept_sections(old)
+    assert kept == "## Under triton 3.6.0\n\n| a | b |\n\n## Loss kernels: passes\n\ntext\n"
+    assert "## Summary" not in kept and "## After" not in kept and "# Static" not in kept
+    new = report([], None, "python -m fast.kernel_stats --quick").rstrip("\n") + "\n\n" + kept
+    assert kept_sections(new) == kept  # a second rewrite keeps them once, not twice
+
+
 def test_toy_kernels(tmp_path):
     (tmp_path / "toys.py").write_text(TOYS)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MGSR_POISON_OUTPUTS")}
