@@ -310,8 +310,9 @@ def _triton_bwd(t, s, keep, stats, gscale, code, log_w, log_1mw, inv_tau, block_
 # formula (two [N, V] log-softmaxes, the loss's elementwise temporaries, and autograd's saved tensors and
 # backward temporaries, each a fresh [N, V] allocation), this allocates two [N, V] tensors in all.
 _CHUNK_ELEMS = 1 << 17
-# On a GPU small chunks cost a kernel launch per operation and a host read-back (the screen) per chunk, far more
-# than the memory they save: there the chunk is ~2^25 elements (one or a few chunks for a batch of logits).
+# On a GPU small chunks cost a kernel launch per operation and a host read-back (the screen) per chunk, far
+# more than the memory they save: there the chunk is ~2^25 elements (one or a few chunks for a batch of
+# logits).
 _CHUNK_ELEMS_CUDA = 1 << 25
 
 

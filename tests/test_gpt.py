@@ -319,7 +319,8 @@ def test_loss_ignores_masked_labels():
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 def test_sampling_frequencies_follow_the_tempered_distribution(temperature):
-    # softmax(logits / T): at T=0.5 the probabilities sharpen to p^2 / sum p^2, at T=2 flatten to sqrt(p) / sum
+    # softmax(logits / T): at T=0.5 the probabilities sharpen to p^2 / sum p^2, at T=2 flatten to
+    # sqrt(p) / sum
     probs = torch.tensor([0.1, 0.6, 0.3], dtype=torch.float64)
     tempered = probs ** (1.0 / temperature)
     tempered = tempered / tempered.sum()
