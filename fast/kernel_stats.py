@@ -20,6 +20,7 @@ change may never lower the counts by dropping work the algorithm needs.
     python -m fast.kernel_stats --quick                # attention kernels only, bf16 D=64 and D=128
     python -m fast.kernel_stats --only attention_fwd   # kernels whose name contains the filter
     python -m fast.kernel_stats --fp32_attention --heads 32,64,100,128   # the attention fp32 tile
+    python -m fast.kernel_stats --match                # MATCH at its GPU tiles, both retrieved paths
     python -m fast.kernel_stats --md benchmarks/results/kernel_stats.md --json stats.json
 
 Configs are those the autotuner can pick for the workload (its ``early_config_prune`` is applied), at
@@ -277,8 +278,26 @@ def _attention_workload(dtypes, heads=(64, 128), lengths=(4096,)):
                     (out.float().sum() + lse.sum()).backward()
 
 
-def collect(*, quick: bool, only: str | None, heads=(64, 128), fp32_attention: bool = False
-            ) -> tuple[list[dict], list]:
+def _match_workload(heads=(64, 128)):
+    """MATCH at the GPU tiles: bf16 and fp32, joint and gated, the gathered retrieved path (token
+    retrieval, top_k 8; blocks of 4, top_k 4) and the block-major one of the benchmark (8 blocks of 64)."""
+    import torch
+
+    from fast import match
+
+    for dtype in (torch.bfloat16, torch.float32):
+        for D in heads:
+            for mode in ("joint", "gated"):
+                for T, window, bs, top_k in ((1024, 64, 1, 8), (1024, 64, 4, 4), (4096, 512, 64, 8)):
+                    q, k, v = (torch.zeros(1, 2, T, D, dtype=dtype, requires_grad=True) for _ in range(3))
+                    g = torch.zeros(1, 2, T, requires_grad=True) if mode == "gated" else None
+                    out = match.match_attention(q, k, v, window=window, top_k=top_k, block_size=bs, mode=mode,
+                                                gate_logit=g, backend="triton")
+                    out.float().sum().backward()
+
+
+def collect(*, quick: bool, only: str | None, heads=(64, 128), fp32_attention: bool = False,
+            match_tiles: bool = False) -> tuple[list[dict], list]:
     import torch
 
     from fast.compile_check import CompileLog, _workload, compile_instead_of_launch
@@ -290,9 +309,11 @@ def collect(*, quick: bool, only: str | None, heads=(64, 128), fp32_attention: b
     with compile_instead_of_launch(log, all_configs=True), _as_the_runtime_compiles(log, only):
         if fp32_attention:  # the CUDA-core tile, D padded or not, T a multiple of the blocks or not
             _attention_workload((torch.float32,), heads, lengths=(4096, 4001))
+        elif match_tiles:
+            _match_workload(heads)
         else:
             _attention_workload((torch.bfloat16,), heads)
-        if not quick and not fp32_attention:
+        if not quick and not fp32_attention and not match_tiles:
             _workload((torch.float32, torch.bfloat16))
     compiled = [c for c in log.compiled if only is None or only in c[0]]
     seen, unique = set(), []
@@ -396,6 +417,8 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", default="64,128", help="attention head sizes to compile (comma list)")
     ap.add_argument("--fp32_attention", action="store_true",
                     help="only the attention kernels' fp32 tile, at T = 4096 and 4001 (with --heads)")
+    ap.add_argument("--match", action="store_true",
+                    help="only MATCH at its GPU tiles: gathered and block-major paths (with --heads)")
     ap.add_argument("--json", default=None, help="write the records as a JSON list here")
     ap.add_argument("--md", default=None, help="write the markdown report here")
     ap.add_argument("--before", default=None, help="JSON of an earlier run: summarised beside this one")
@@ -403,7 +426,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     records, failures = collect(quick=args.quick, only=args.only,
                                heads=tuple(int(x) for x in args.heads.split(",")),
-                               fp32_attention=args.fp32_attention)
+                               fp32_attention=args.fp32_attention, match_tiles=args.match)
     table = markdown(records)
     print(table)
     for what, msg in failures:

@@ -91,9 +91,10 @@ Kernels and design choices
        ``tl.dot``, the forward's loop bounds), then (gathered path) the row's retrieved keys with the
        forward's gathered tiles; writes dq once. Block-major path: the window keys only (``TOP_K = 0``,
        fp32 dq_W); the retrieved part's dq comes from ``match_bwd_dkdv_kernel`` below;
-     * ``match_window_dkdv_kernel``, per (key block, kv head): the queries whose window holds the block
-       (the sliding-window loop bounds of ``fast/attention.py``), the G query heads summed in the
-       program; fp32 partial dk/dv;
+     * the window part of dk/dv is sliding-window attention's backward with the part's own ``dO_W``,
+       ``L_W`` and ``delta_W``: ``fast/attention.py``'s dk/dv kernel (per key block and kv head, the G
+       query heads summed in the program, masked edge blocks and unmasked interior ones, its tuned
+       tiles), writing fp32 partial dk/dv;
      * ``match_bwd_dkdv_kernel``: the retrieved part of dk/dv through a **reverse index** (CSR lists built
        with one torch sort: for every (batch, kv head, block) the query positions that selected it,
        ascending; each entry is ``t * K + slot``, so the slot is known too). One program per (block chunk,
@@ -118,6 +119,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fast.attention import _t_bucket, attention_bwd_dkdv_kernel
 from fast.utils import empty, is_interpreting
 
 __all__ = ["retrieve_triton", "match_attention_triton", "match_decode_triton", "block_summaries_triton",
@@ -468,84 +470,6 @@ def match_bwd_dq_kernel(
 
 
 @triton.jit
-def match_window_dkdv_kernel(
-    q_ptr,  # [B, Hq, T, D]
-    k_ptr,  # [B, Hkv, T, D]
-    v_ptr,  # [B, Hkv, T, D]
-    do_ptr,  # [B, Hq, T, D] dO_W (contiguous)
-    stat_ptr,  # [4, B, Hq, T] fp32 (contiguous): lse_W, delta_W, ...
-    dk_ptr,  # [B, Hkv, T, D] fp32 window dk, times scale (contiguous)
-    dv_ptr,  # [B, Hkv, T, D] fp32 window dv (contiguous)
-    sqb, sqh, sqt, sqd,
-    skb, skh, skt, skd,
-    svb, svh, svt, svd,
-    B, Hq, Hkv, G, T, D, W,
-    scale,
-    LOWP_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Window part of dk/dv: one program per (key block, batch, kv head), looping over the G query heads
-    and the query blocks whose window holds a key of the block (query_block_range of fast/attention.py)."""
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // Hkv
-    hk = pid_bh % Hkv
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    col_ok = offs_n < T
-    d_ok = offs_d < D
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    kk = tl.load(k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
-                 mask=kv_mask, other=0.0).to(tl.float32)
-    vv = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
-                 mask=kv_mask, other=0.0).to(tl.float32)
-    if LOWP_DOT:
-        k_dot = kk.to(k_ptr.dtype.element_ty)
-        v_dot = vv.to(v_ptr.dtype.element_ty)
-    else:
-        k_dot = kk
-        v_dot = vv
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    qk_scale = scale * 1.4426950408889634
-    n_stat = B * Hq * T
-    lo = (start_n // BLOCK_M) * BLOCK_M
-    hi = tl.minimum(tl.minimum(start_n + BLOCK_N, T) + W - 1, T)
-    for g in range(0, G):
-        h = hk * G + g
-        row_base = (b * Hq + h) * T
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < T
-            qd_mask = row_ok[:, None] & d_ok[None, :]
-            qq = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-                         mask=qd_mask, other=0.0).to(tl.float32)
-            do = tl.load(do_ptr + (row_base + offs_m)[:, None] * D + offs_d[None, :],
-                         mask=qd_mask, other=0.0).to(tl.float32)
-            lse2 = tl.load(stat_ptr + row_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(stat_ptr + n_stat + row_base + offs_m, mask=row_ok, other=0.0)
-            if LOWP_DOT:
-                s = tl.dot(qq.to(k_ptr.dtype.element_ty), tl.trans(k_dot))
-                dp = tl.dot(do.to(v_ptr.dtype.element_ty), tl.trans(v_dot))
-            else:
-                s = tl.dot(qq, tl.trans(k_dot), input_precision="ieee")
-                dp = tl.dot(do, tl.trans(v_dot), input_precision="ieee")
-            ok = row_ok[:, None] & col_ok[None, :] & (offs_n[None, :] <= offs_m[:, None])
-            ok = ok & (offs_m[:, None] - offs_n[None, :] < W)
-            p = tl.exp2(tl.where(ok, s * qk_scale - lse2[:, None], float("-inf")))
-            ds = p * (dp - delta[:, None])
-            if LOWP_DOT:
-                dv += tl.dot(tl.trans(p.to(v_ptr.dtype.element_ty)), do.to(v_ptr.dtype.element_ty))
-                dk += tl.dot(tl.trans(ds.to(k_ptr.dtype.element_ty)), qq.to(k_ptr.dtype.element_ty))
-            else:
-                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
-                dk += tl.dot(tl.trans(ds), qq, input_precision="ieee")
-    out_off = (pid_bh * T + offs_n)[:, None] * D + offs_d[None, :]
-    tl.store(dk_ptr + out_off, dk * scale, mask=kv_mask)
-    tl.store(dv_ptr + out_off, dv, mask=kv_mask)
-
-
-@triton.jit
 def match_bwd_dkdv_kernel(
     q_ptr,  # [B, Hq, T, D]
     k_ptr,  # [B, Hkv, T, D]
@@ -887,14 +811,21 @@ def _check_triton(q, top_k):
 
 def _tiles(q):
     """(BLOCK_M, BLOCK_N, BLOCK_R, num_warps) of the forward / dq kernels. Interpreter: big tiles (cost ~
-    number of programs x loop iterations). GPU: the gathered [BLOCK_M, BLOCK_R, BLOCK_D] tiles bound the
-    register use, so BLOCK_R shrinks as D grows; fp32 "ieee" dots run on CUDA cores, unrolled: a small
-    tile (as in fast/attention.py). Untuned."""
+    number of programs x loop iterations); GPU: ``gpu_tiles``."""
     if is_interpreting():
         return 64, 64, 32, 4
-    if not _lowp(q):
-        return 32, 32, 4, 4
-    return (64, 64, 8, 8) if _block_d(q.shape[-1]) <= 64 else (64, 64, 4, 8)
+    return gpu_tiles(_lowp(q), q.shape[-1])
+
+
+def gpu_tiles(lowp: bool, D: int):
+    """The GPU tiles of the forward / dq kernels. The gathered [BLOCK_M, BLOCK_R, BLOCK_D] key and value
+    tiles of the retrieved part bound the register use: with BLOCK_R = 8 (4 at D = 128) they spilled
+    0.4-4.3 KB per thread in every gathered variant (``fast.kernel_stats``, sm_90a); BLOCK_R = 2 with 8
+    warps does not, at BLOCK_M = 32 for D = 128. fp32 "ieee" dots run on CUDA cores, unrolled: a 16-row
+    tile (as in fast/attention.py), at most 36 B spilled where 32 x 32 with 4 warps spilled up to 6 KB."""
+    if not lowp:
+        return 16, 32, 2, 8
+    return (64, 64, 2, 8) if _block_d(D) <= 64 else (32, 64, 2, 8)
 
 
 def block_summaries_triton(k, block_size):
@@ -1004,7 +935,8 @@ def _block_major(block_size, top_k):
 def _block_tiles(q, block_size):
     """(BLOCK_M, BLOCK_N, NSUB) of the block-major kernels: BLOCK_N keys of a block at a time (padded to 16,
     every tl.dot dim >= 16), NSUB = ceil(block_size / BLOCK_N) chunks; BLOCK_M listed queries at a time.
-    fp32 "ieee" dots run on CUDA cores: smaller tiles. Untuned."""
+    fp32 "ieee" dots run on CUDA cores: smaller tiles. Chosen by static counts only (no spills, no
+    serialized wgmma in ``python -m fast.kernel_stats --match``), not timed."""
     big = _lowp(q) or is_interpreting()
     bn = min(64 if big else 32, max(16, triton.next_power_of_2(block_size)))
     return (64 if big else 32), bn, triton.cdiv(block_size, bn)
@@ -1037,10 +969,12 @@ def _fwd_block_major(q, k, v, idx, gate, *, window, block_size, gated, scale):
     BM_L, BN_L, NSUB = _block_tiles(q, block_size)
     o_part = empty((B, Hq, T, top_k, D), dtype=torch.float32, device=dev)
     lse_part = empty((B, Hq, T, top_k), dtype=torch.float32, device=dev)
+    # 8 warps: with 4 the fp32 D = 128 tile spilled 1.9 KB per thread, with 8 at most 64 B
+    # (kernel_stats --match)
     match_fwd_blocks_kernel[(NB, B * Hkv)](
         q, k, v, entries, starts, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(),
         Hq, Hkv, Hq // Hkv, T, D, window, block_size, NB, top_k, float(scale) * LOG2E,
-        NSUB=NSUB, LOWP_DOT=_lowp(q), BLOCK_M=BM_L, BLOCK_N=BN_L, BLOCK_D=_block_d(D), num_warps=4,
+        NSUB=NSUB, LOWP_DOT=_lowp(q), BLOCK_M=BM_L, BLOCK_N=BN_L, BLOCK_D=_block_d(D), num_warps=8,
     )
     o = empty((B, Hq, T, D), dtype=q.dtype, device=dev)
     if gated:
@@ -1102,10 +1036,13 @@ def _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, *, window, block_size,
     # dk/dv: window part into fp32 buffers, then the retrieved part through the reverse index
     dk_w = empty((B, Hkv, T, D), dtype=torch.float32, device=dev)
     dv_w = empty((B, Hkv, T, D), dtype=torch.float32, device=dev)
-    BMW, BNW = (64, 64) if is_interpreting() else ((64, 64) if lowp else (32, 32))
-    match_window_dkdv_kernel[(triton.cdiv(T, BNW), B * Hkv)](
-        q, k, v, do_w, stats, dk_w, dv_w, *strides, B, Hq, Hkv, G, T, D, window, float(scale),
-        LOWP_DOT=lowp, BLOCK_M=BMW, BLOCK_N=BNW, BLOCK_D=BD, num_warps=4,
+    # the window part is sliding-window attention with the part's own lse, delta and dO: the tuned, split
+    # dk/dv kernel of fast/attention.py (lse in log2 units there), writing fp32 into dk_w, dv_w
+    W = min(window, T)
+    lse2_w = stats[0] * LOG2E
+    attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](
+        q, k, v, do_w, lse2_w, stats[1], dk_w, dv_w, *strides, *do_w.stride(), Hq, Hkv, G, T, D, W,
+        float(scale), _t_bucket(T, W), IS_CAUSAL=True, HAS_WINDOW=W < T, LOWP_DOT=lowp, BLOCK_D=BD,
     )
     dk = empty((B, Hkv, T, D), dtype=k.dtype, device=dev)
     dv = empty((B, Hkv, T, D), dtype=v.dtype, device=dev)
@@ -1114,10 +1051,13 @@ def _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, *, window, block_size,
     _, BN, NSUB = _block_tiles(q, block_size)
     BM_L = 64 if is_interpreting() else 32
     dq_part = empty((B, Hq, T, top_k, NSUB, D), dtype=torch.float32, device=dev) if block_major else dk_w
+    # 8 warps, one stage (kernel_stats --match): with 4 warps and 3 stages the block-major variant spilled
+    # (480 B bf16, 1.7 KB fp32 at D = 128) and serialized its wgmma (C7515); the listed queries are
+    # gathered rows, which the software pipeline does not prefetch well anyway
     match_bwd_dkdv_kernel[(NB * NSUB, B * Hkv)](
         q, k, v, do_r, stats[2], stats[3], entries, starts, dk_w, dv_w, dk, dv, dq_part, *strides,
         Hq, Hkv, G, T, D, window, block_size, NB, NSUB, max(top_k, 1), float(scale),
-        LOWP_DOT=lowp, DQ_PART=block_major, BLOCK_M=BM_L, BLOCK_N=BN, BLOCK_D=BD, num_warps=4,
+        LOWP_DOT=lowp, DQ_PART=block_major, BLOCK_M=BM_L, BLOCK_N=BN, BLOCK_D=BD, num_warps=8, num_stages=1,
     )
     if block_major:
         BM_M = 64 if is_interpreting() else 32

@@ -26,7 +26,6 @@ KERNELS = [
     "match_select_kernel",
     "match_fwd_kernel",
     "match_bwd_dq_kernel",
-    "match_window_dkdv_kernel",
     "match_bwd_dkdv_kernel",
 ]
 

@@ -230,6 +230,24 @@ def test_training_only_generator_options_reach_the_training_batches_only():
     assert not torch.equal(x_tr, x_ev)
 
 
+def test_early_task_options_reach_the_first_batches_only():
+    cfg = mg.RunConfig(task="shakespeare", seq_len=96, vocab_size=256,
+                       task_kwargs=(("link", "="), ("num_queries", 1)),
+                       early_task_kwargs=(("num_facts", 1),), early_steps=3)
+    assert dict(mg.training_config(cfg, 3).task_kwargs) == {"link": "=", "num_queries": 1, "num_facts": 1}
+    assert mg.training_config(cfg, 4).task_kwargs == cfg.task_kwargs
+    assert mg.training_config(cfg).task_kwargs == cfg.task_kwargs  # no step: the later (test) form
+    assert mg.RunConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+    # one fact per example early: a single "=" before the query's, so one "=" fewer than later
+    x1, _ = mg.make_batch(mg.training_config(cfg, 1), 8, seed=5)
+    x2, _ = mg.make_batch(mg.training_config(cfg, 4), 8, seed=5)
+    assert ((x1 == ord("=")).sum(1) == 2).all() and ((x2 == ord("=")).sum(1) == 3).all()
+    for bad, match in ((dict(early_steps=-1), "early_steps"), (dict(early_task_kwargs=()), "go together"),
+                       (dict(early_steps=0), "go together")):
+        with pytest.raises(ValueError, match=match):
+            mg.training_config(dataclasses.replace(cfg, **bad))
+
+
 def _key_run_lengths(x: torch.Tensor, m: int = 7, pad: int = 15) -> set[int]:
     """Lengths of the maximal runs of key tokens (< m) in MAD fuzzy inputs (pad tokens excluded)."""
     lengths = set()

@@ -299,6 +299,16 @@ def test_forward_and_grads_match_oracle(B, Hq, Hkv, T, D, window, top_k, block_s
     check_all(B, Hq, Hkv, T, D, window, top_k, block_size, mode, DTYPES[dtype])
 
 
+@pytest.mark.parametrize("lowp,D", [(True, 16), (True, 100), (False, 16), (False, 100)])
+@pytest.mark.parametrize("mode", ["joint", "gated"])
+def test_gpu_tiles_under_the_interpreter(monkeypatch, lowp, D, mode):
+    # the interpreter otherwise runs its own big tiles: run the GPU ones (tensor-core and fp32 choice,
+    # D <= 64 and D = 128 padded) on the gathered path, slots that straddle several BLOCK_R chunks
+    tiles = mt.gpu_tiles(lowp, D)
+    monkeypatch.setattr(mt, "_tiles", lambda q: tiles)
+    check_all(1, 2, 1, 41, D, 6, 5, 2, mode, torch.float32)
+
+
 @settings(max_examples=examples(5))
 @given(
     T=st.integers(1, 70),

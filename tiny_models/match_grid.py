@@ -57,6 +57,8 @@ class RunConfig:
     train_targets: str = "recall"  # MAD, Shakespeare: "lm" trains on every next token (evaluation: recall)
     train_task_kwargs: tuple = ()  # generator (name, value) pairs for training batches only, e.g. test=False
     key_curriculum: int = 0  # MAD fuzzy: training keys grow from 1 to k_motif_size tokens over these steps
+    early_task_kwargs: tuple = ()  # generator (name, value) pairs for the first early_steps training batches
+    early_steps: int = 0  # e.g. num_facts=1 (Shakespeare): one fact per example before the test form
     # optimisation
     steps: int = 800
     batch_size: int = 32
@@ -85,7 +87,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         d = dict(d)
-        for k in ("task_kwargs", "attn_kwargs", "train_task_kwargs"):
+        for k in ("task_kwargs", "attn_kwargs", "train_task_kwargs", "early_task_kwargs"):
             d[k] = tuple(tuple(p) for p in d.get(k, ()))
         return cls(**d)
 
@@ -230,6 +232,11 @@ def training_config(cfg: RunConfig, step: int | None = None) -> RunConfig:
     multi-token values, which the recipe learns within ~150 steps) and moves to 2- then 3-token keys in equal
     stages; after step ``S`` the keys have ``k`` tokens, the test form. [RECON: a curriculum is our choice,
     not MAD's, which trains on keys of 1-3 tokens mixed from the start.]
+
+    ``early_steps = S > 0`` with ``early_task_kwargs``: the batches of steps ``1..S`` add those generator
+    options (after ``train_task_kwargs``), e.g. ``num_facts=1 num_queries=1`` for the Shakespeare task: one
+    fact per example, so the answer is the digits after the only other ``=`` (a copy, no key to match),
+    before the test form needs the key. [RECON: our choice, as for the key curriculum.]
     """
     if cfg.train_targets not in ("recall", "lm"):
         raise ValueError(f"train_targets must be 'recall' or 'lm', got {cfg.train_targets!r}")
@@ -253,6 +260,14 @@ def training_config(cfg: RunConfig, step: int | None = None) -> RunConfig:
             raise ValueError("key_curriculum sets the key size itself; it cannot be combined with test=False")
         if step is not None and step <= cfg.key_curriculum:
             extra += (("k_motif_size", 1 + (step - 1) * k // cfg.key_curriculum),)
+    if cfg.early_steps < 0:
+        raise ValueError(f"early_steps must be >= 0, got {cfg.early_steps}")
+    if bool(cfg.early_steps) != bool(cfg.early_task_kwargs):
+        raise ValueError(
+            f"early_steps={cfg.early_steps} and early_task_kwargs={cfg.early_task_kwargs!r} go together"
+        )
+    if step is not None and step <= cfg.early_steps:
+        extra += tuple(tuple(p) for p in cfg.early_task_kwargs)
     if not extra:
         return cfg
     kw = dict(cfg.task_kwargs)
@@ -825,7 +840,7 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="one run; prints the accuracy curve")
     for f in dataclasses.fields(RunConfig):
-        if f.name in ("task_kwargs", "attn_kwargs", "train_task_kwargs"):
+        if f.name in ("task_kwargs", "attn_kwargs", "train_task_kwargs", "early_task_kwargs"):
             t.add_argument(f"--{f.name}", nargs="*", default=[], help="name=value pairs")
         elif isinstance(f.default, bool):
             t.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
@@ -869,6 +884,7 @@ def main(argv=None) -> None:
         d = {f.name: getattr(a, f.name) for f in dataclasses.fields(RunConfig)}
         d["task_kwargs"], d["attn_kwargs"] = _parse_kv(a.task_kwargs), _parse_kv(a.attn_kwargs)
         d["train_task_kwargs"] = _parse_kv(a.train_task_kwargs)
+        d["early_task_kwargs"] = _parse_kv(a.early_task_kwargs)
         d["window"] = None if d["window"] is None else int(d["window"])
         cfg = RunConfig(**d)
         out = train_run(cfg, log=sys.stdout)
