@@ -415,10 +415,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="attention kernels at bf16 only")
     ap.add_argument("--only", default=None, help="keep kernels whose name contains this")
     ap.add_argument("--heads", default="64,128", help="attention head sizes to compile (comma list)")
-    ap.add_argument("--fp32_attention", action="store_true",
-                    help="only the attention kernels' fp32 tile, at T = 4096 and 4001 (with --heads)")
-    ap.add_argument("--match", action="store_true",
-                    help="only MATCH at its GPU tiles: gathered and block-major paths (with --heads)")
+    focus = ap.add_mutually_exclusive_group()
+    focus.add_argument("--fp32_attention", action="store_true",
+                       help="only the attention kernels' fp32 tile, at T = 4096 and 4001 (with --heads)")
+    focus.add_argument("--match", action="store_true",
+                       help="only MATCH at its GPU tiles: gathered and block-major paths (with --heads)")
     ap.add_argument("--json", default=None, help="write the records as a JSON list here")
     ap.add_argument("--md", default=None, help="write the markdown report here")
     ap.add_argument("--before", default=None, help="JSON of an earlier run: summarised beside this one")

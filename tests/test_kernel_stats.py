@@ -86,7 +86,6 @@ TOYS = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.skipif(toolchain() is None, reason="Triton's bundled ptxas/cuobjdump not found")
 def test_rewrite_keeps_hand_kept_sections():
     # --md rewrites the generated sections and carries the others (another Triton's numbers, notes) over
     old = report([], None, "python -m fast.kernel_stats") + (
@@ -98,6 +97,7 @@ def test_rewrite_keeps_hand_kept_sections():
     assert kept_sections(new) == kept  # a second rewrite keeps them once, not twice
 
 
+@pytest.mark.skipif(toolchain() is None, reason="Triton's bundled ptxas/cuobjdump not found")
 def test_toy_kernels(tmp_path):
     (tmp_path / "toys.py").write_text(TOYS)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MGSR_POISON_OUTPUTS")}

@@ -36,6 +36,9 @@ from tiny_models.recall import IGNORE, TASKS, key_distance
 # ----------------------------------------------------------------------------------------------------
 # one run
 
+# RunConfig fields holding (name, value) pairs: tuples in the config, name=value words on the command line
+_KV_FIELDS = ("task_kwargs", "attn_kwargs", "train_task_kwargs", "early_task_kwargs")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -87,7 +90,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         d = dict(d)
-        for k in ("task_kwargs", "attn_kwargs", "train_task_kwargs", "early_task_kwargs"):
+        for k in _KV_FIELDS:
             d[k] = tuple(tuple(p) for p in d.get(k, ()))
         return cls(**d)
 
@@ -840,7 +843,7 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="one run; prints the accuracy curve")
     for f in dataclasses.fields(RunConfig):
-        if f.name in ("task_kwargs", "attn_kwargs", "train_task_kwargs", "early_task_kwargs"):
+        if f.name in _KV_FIELDS:
             t.add_argument(f"--{f.name}", nargs="*", default=[], help="name=value pairs")
         elif isinstance(f.default, bool):
             t.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
@@ -882,9 +885,7 @@ def main(argv=None) -> None:
     use_match_chunk()
     if a.cmd == "train":
         d = {f.name: getattr(a, f.name) for f in dataclasses.fields(RunConfig)}
-        d["task_kwargs"], d["attn_kwargs"] = _parse_kv(a.task_kwargs), _parse_kv(a.attn_kwargs)
-        d["train_task_kwargs"] = _parse_kv(a.train_task_kwargs)
-        d["early_task_kwargs"] = _parse_kv(a.early_task_kwargs)
+        d.update({k: _parse_kv(getattr(a, k)) for k in _KV_FIELDS})
         d["window"] = None if d["window"] is None else int(d["window"])
         cfg = RunConfig(**d)
         out = train_run(cfg, log=sys.stdout)
