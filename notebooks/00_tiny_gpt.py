@@ -6,28 +6,22 @@
 #
 # 1. the model in NumPy (`reference/gpt.py`, picoGPT style) next to the torch model (`tiny_models/gpt.py`),
 #    loading the *same* weights and giving the same logits;
-# 2. how the shipped teacher and student trained (`fast/train.py` logs);
+# 2. how the shipped teacher and student trained (`tiny_models/train.py` logs);
 # 3. what they generate on the held-out evaluation sets, scored with our ROUGE-L (`reference/rouge.py`).
 #
 # Conventions: pre-LN blocks, rotary positions (RoPE, rotate-half), tied embeddings, tanh-GELU. A sliding
 # window `w` means query `i` sees keys `i - w < j <= i`: **w keys including itself**.
 
 # %%
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any module with @triton.jit is imported
-
 import json
 import pathlib
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 
 import reference.gpt as R
-from fast.train import load_model
+from tiny_models.model_io import load_model
 from reference.rouge import rouge_l
 from tiny_models.evaluate import generate_responses
 from tiny_models.gpt import GPT, GPTConfig, attention_mask, generate
@@ -131,7 +125,7 @@ print(f"sliding window, max |torch - numpy| = {diff:.2e}")
 # %% [markdown]
 # ## 2. Training curves
 #
-# Both models were trained from scratch with `fast/train.py` (AdamW, warmup + cosine, clipping) on the
+# Both models were trained from scratch with `tiny_models/train.py` (AdamW, warmup + cosine, clipping) on the
 # synthetic instruction suite, batches of 32 examples, loss on response tokens only: the student for 800
 # steps, the teacher for 800 + 800 (a second stage from the first one's weights with a fresh schedule, hence
 # the bump in its curve at step 800). The CSV logs ship next to the checkpoints.

@@ -29,15 +29,12 @@
 # entry shared by teacher and student and contributes exactly 0; mixtures are formed in log space.
 
 # %%
+# without CUDA, importing `fast` sets TRITON_INTERPRET=1: its Triton kernels run in the interpreter on the CPU
 import os
 import time
 
+import matplotlib
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
-
-import matplotlib  # noqa: E402
 
 matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 import matplotlib.pyplot as plt  # noqa: E402

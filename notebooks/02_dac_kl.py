@@ -18,15 +18,10 @@
 # shuffled Zipf law with its own exponent, so some positions are peaked and some flat.
 
 # %%
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any module with @triton.jit is imported
-
+# without CUDA, importing `fast` sets TRITON_INTERPRET=1: its Triton kernels run in the interpreter on the CPU
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 
 import reference.dac_kl as R
 from fast.dac_kl import DACKL, dac_kl

@@ -17,15 +17,10 @@
 # 4. the Triton kernel against the oracle.
 
 # %%
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any module with @triton.jit is imported
-
+# without CUDA, importing `fast` sets TRITON_INTERPRET=1: its Triton kernels run in the interpreter on the CPU
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 
 import reference.span as R
 from fast.span import span_loss, spans_to_tensor

@@ -30,17 +30,12 @@
 # `i - j <= w`, i.e. $w + 1$ keys: their `window_size=w` is our `window=w+1`.
 
 # %%
-import os
-
-import torch
-
-if not torch.cuda.is_available():  # before importing any module with @triton.jit kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+# without CUDA, importing `fast` sets TRITON_INTERPRET=1: its Triton kernels run in the interpreter on the CPU
 import time
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 
 from fast.attention import flash_attention, flash_attention_with_lse, key_block_range
 from fast.testing import assert_close

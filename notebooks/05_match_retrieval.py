@@ -31,19 +31,14 @@
 # Candidates for retrieval are exactly the keys the window cannot see, $j \le i - w$.
 
 # %%
-import os
-
-import torch
-
-if not torch.cuda.is_available():  # before importing any module with @triton.jit kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+# without CUDA, importing `fast` sets TRITON_INTERPRET=1: its Triton kernels run in the interpreter on the CPU
 import pathlib
 import re
 import time
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from matplotlib.colors import ListedColormap
 
 from fast.attention import flash_attention

@@ -18,17 +18,11 @@
 # 5. the committed grid (3 seeds per model).
 
 # %%
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any module with @triton.jit is imported
-
 import json
 import pathlib
 
 import matplotlib.pyplot as plt
+import torch
 
 from tiny_models.match_grid import (
     CKPT_DIR,

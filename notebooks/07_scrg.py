@@ -36,26 +36,22 @@
 import os
 import time
 
+import matplotlib
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # fast.divergences imports triton
-torch.set_num_threads(1)
-
-import matplotlib  # noqa: E402
 
 matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fast import scrg as F  # noqa: E402
-from fast.train import load_model  # noqa: E402
+from tiny_models.model_io import load_model  # noqa: E402
 from reference import gpt as G  # noqa: E402
 from reference import scrg as R  # noqa: E402
 from reference.rouge import rouge_l  # noqa: E402
 from tiny_models.gpt import EOS  # noqa: E402
 from tiny_models.tasks import build_dataset, decode, prompt_ids  # noqa: E402
 
+torch.set_num_threads(1)
 T0 = time.perf_counter()
 CKPT = os.path.join("..", "tiny_models", "checkpoints")
 # float64 so that the NumPy oracle and the torch path agree to rounding (SCRG's choices are argmaxes)

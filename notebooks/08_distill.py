@@ -34,18 +34,14 @@ import os
 import tempfile
 import time
 
+import matplotlib
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
-
-import matplotlib  # noqa: E402
 
 matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 import matplotlib.pyplot as plt  # noqa: E402
 
-import fast.distill as distill  # noqa: E402
-from fast.train import load_model  # noqa: E402
+import tiny_models.distill as distill  # noqa: E402
+from tiny_models.model_io import load_model  # noqa: E402
 from tiny_models.evaluate import evaluate  # noqa: E402
 from tiny_models.tasks import build_dataset, decode, prompt_ids  # noqa: E402
 
