@@ -1,6 +1,7 @@
 """Test configuration. Runs before any test module (and so before any ``@triton.jit`` decorator).
 
-* Without CUDA, ``TRITON_INTERPRET=1`` is set so Triton kernels run in the interpreter on CPU.
+* Without CUDA, ``TRITON_INTERPRET=1`` is set so Triton kernels run in the interpreter on CPU: the package
+  switch in ``fast/__init__.py`` does it, run here by the import of ``fast.testing``.
 * ``MGSR_POISON_OUTPUTS=1``: kernel outputs are allocated NaN-filled (``fast.utils.empty``).
 * Under pytest-xdist (``make test``: one worker per core) each worker gets its share of the torch threads.
 * A ``gpu`` marker: those tests are skipped without a real CUDA device.
@@ -9,11 +10,11 @@
 """
 import os
 
-if "TRITON_INTERPRET" not in os.environ:
-    import torch
+import pytest
+from hypothesis import HealthCheck, settings
 
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
+from fast.testing import fuzz_examples  # NumPy only (its package's __init__ sets TRITON_INTERPRET)
+
 os.environ["MGSR_POISON_OUTPUTS"] = "1"
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:  # `make test` runs one pytest-xdist worker per core: split the cores, do not oversubscribe
@@ -21,11 +22,6 @@ if _WORKERS > 1:  # `make test` runs one pytest-xdist worker per core: split the
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 os.environ.setdefault("PYTHONHASHSEED", "0")
-
-import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
-
-from fast.testing import fuzz_examples  # noqa: E402  (NumPy only: no kernel module is imported here)
 
 _common = dict(
     deadline=None,
