@@ -16,20 +16,15 @@ row and a full-causal row are comparable as "useful work per second".
 from __future__ import annotations
 
 import argparse
-import os
-import pathlib
 import sys
 import time
 
 import torch
 
-if __name__ == "__main__":  # standalone: interpreter before fast.attention imports triton kernels
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
-        os.environ["TRITON_INTERPRET"] = "1"
-
-from _timing import fmt_table, median_ms, peak_mb  # noqa: E402
+if __package__:  # imported as benchmarks.attention (the tests, from the repository root)
+    from benchmarks._timing import fmt_table, median_ms, peak_mb
+else:  # run as a script (or by run_all.py): benchmarks/ is sys.path[0]
+    from _timing import fmt_table, median_ms, peak_mb
 
 COLS = ["op", "impl", "shape", "median_ms", "tflops", "peak_mb", "note"]
 FULL_BUDGET_S = 60.0  # stop adding rows past this (compiles and autotuning included); < 90 s on an H200

@@ -37,15 +37,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before fast.* (which defines @triton.jit kernels)
+from fast.divergences import divergence
+from fast.utils import is_interpreting
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from benchmarks._cpu import interleaved_ms, peak_rss_in_subprocess, reps_for, rss_growth_mb  # noqa: E402
-from benchmarks._timing import cli, median_ms, peak_mb  # noqa: E402
-from fast.divergences import divergence  # noqa: E402
-from fast.utils import is_interpreting  # noqa: E402
+if __package__:  # imported as benchmarks.divergences (the tests, from the repository root)
+    from benchmarks._cpu import interleaved_ms, peak_rss_in_subprocess, reps_for, rss_growth_mb
+    from benchmarks._timing import cli, median_ms, peak_mb
+else:  # run as a script (or by run_all.py): benchmarks/ is sys.path[0]
+    from _cpu import interleaved_ms, peak_rss_in_subprocess, reps_for, rss_growth_mb
+    from _timing import cli, median_ms, peak_mb
 
 BUDGET_S = float(os.environ.get("BENCH_DIVERGENCES_BUDGET_S", "60"))  # the whole script, on CUDA
 CPU_SHAPES = {"forward_kl": [(1024, 32000), (4096, 259), (256, 50257)],

@@ -22,20 +22,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import pathlib
 import sys
 import time
 
 import torch
 
-if __name__ == "__main__":  # standalone: interpreter before fast.* imports triton kernels
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
-        os.environ["TRITON_INTERPRET"] = "1"
-
-from _timing import fmt_table, median_ms, peak_mb  # noqa: E402
+if __package__:  # imported as benchmarks.match (the tests, from the repository root)
+    from benchmarks._timing import fmt_table, median_ms, peak_mb
+else:  # run as a script (or by run_all.py): benchmarks/ is sys.path[0]
+    from _timing import fmt_table, median_ms, peak_mb
 
 COLS = ["op", "impl", "shape", "median_ms", "peak_mb", "note"]
 FULL_BUDGET_S = 240.0  # CUDA: stop adding lengths past this (compiles included)

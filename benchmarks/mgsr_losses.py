@@ -23,22 +23,21 @@ interpreted there, so only at a toy size).
 from __future__ import annotations
 
 import math
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before fast.* (which defines @triton.jit kernels)
+from fast.dac_kl import dac_kl
+from fast.span import pair_rows, span_loss, spans_to_tensor
+from fast.utils import is_interpreting
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from benchmarks._cpu import interleaved_ms, peak_rss_in_subprocess, reps_for, rss_growth_mb  # noqa: E402
-from benchmarks._timing import cli, median_ms, peak_mb  # noqa: E402
-from fast.dac_kl import dac_kl  # noqa: E402
-from fast.span import pair_rows, span_loss, spans_to_tensor  # noqa: E402
-from fast.utils import is_interpreting  # noqa: E402
+if __package__:  # imported as benchmarks.mgsr_losses (the tests, from the repository root)
+    from benchmarks._cpu import interleaved_ms, peak_rss_in_subprocess, reps_for, rss_growth_mb
+    from benchmarks._timing import cli, median_ms, peak_mb
+else:  # run as a script (or by run_all.py): benchmarks/ is sys.path[0]
+    from _cpu import interleaved_ms, peak_rss_in_subprocess, reps_for, rss_growth_mb
+    from _timing import cli, median_ms, peak_mb
 
 
 # ---------------------------------------------------------------------------------- the eager formulas

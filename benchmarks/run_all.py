@@ -18,9 +18,7 @@ import sys
 import time
 import traceback
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+HERE = pathlib.Path(__file__).resolve().parent  # sys.path[0] of a script: each benchmark imports by its stem
 
 COLS = ["op", "impl", "shape", "median_ms", "ratio", "gbps", "tflops", "peak_mb", "note"]
 

@@ -4,22 +4,12 @@
 2. Tiny GPTs: the trained teacher and student on a few held-out prompts, with their ROUGE-L.
 3. The distilled students of the MGSR grid (KD, DistiLLM, MGSR), when committed.
 """
-import os
-import pathlib
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
 
 def main() -> int:
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    import demo_distill
+    import demo_distill  # the sibling scripts: this file's folder is sys.path[0]
     import demo_divergences
     import demo_tiny
 

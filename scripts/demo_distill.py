@@ -8,20 +8,15 @@ it says so and returns.
 """
 
 import os
-import sys
 
 import torch
 
-if not torch.cuda.is_available():  # before anything that may define @triton.jit kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tiny_models.model_io import load_model  # noqa: E402
+from reference.rouge import rouge_l
+from tiny_models.evaluate import generate_responses, score
+from tiny_models.tasks import EVAL_SETS, build_dataset
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from fast.train import load_model  # noqa: E402
-from reference.rouge import rouge_l  # noqa: E402
-from tiny_models.evaluate import generate_responses, score  # noqa: E402
-from tiny_models.tasks import EVAL_SETS, build_dataset  # noqa: E402
-
 STUDENTS = os.path.join(ROOT, "tiny_models", "results", "mgsr", "students")
 CKPT = os.path.join(ROOT, "tiny_models", "checkpoints")
 METHODS = ("sft", "kd", "distillm", "mgsr")  # sft: the SFT student trained on for the same steps

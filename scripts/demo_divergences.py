@@ -5,18 +5,9 @@ KL(q||p), its mass near each teacher mode, its centre (units of V) and entropy. 
 modes (mass split, high entropy); reverse KL seeks one (all mass on one mode). See
 ``fast.divergences.demo_fit`` and notebooks/01_divergences.py.
 """
-import os
-import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     from fast.divergences import demo_fit, format_demo_table
 
     print("teacher: 0.6/0.4 mixture of two bumps over V=64 tokens; student: one discretised Gaussian")

@@ -10,13 +10,8 @@ then the full model again with its attention swapped at inference (no retraining
 """
 
 import os
-import sys
 
 import torch
-
-if not torch.cuda.is_available():  # before anything that may define @triton.jit kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tiny_models.match_grid import (  # noqa: E402
     CKPT_DIR,

@@ -4,18 +4,13 @@ python scripts/demo_tiny.py
 """
 
 import os
-import sys
 
 import torch
 
-if not torch.cuda.is_available():  # before anything that may define @triton.jit kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from fast.train import load_model  # noqa: E402
-from reference.rouge import rouge_l  # noqa: E402
-from tiny_models.evaluate import generate_responses  # noqa: E402
-from tiny_models.tasks import EVAL_SETS, build_dataset  # noqa: E402
+from tiny_models.model_io import load_model  # noqa: E402
+from reference.rouge import rouge_l
+from tiny_models.evaluate import generate_responses
+from tiny_models.tasks import EVAL_SETS, build_dataset
 
 CKPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tiny_models", "checkpoints")
 

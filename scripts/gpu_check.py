@@ -86,7 +86,10 @@ def main() -> int:
 
     bench_cmd = [sys.executable, "benchmarks/run_all.py", "--out", str(OUT / "bench.md")]
     bench_cmd += os.environ.get("GPU_CHECK_BENCH_ARGS", "--full").split()
-    rc_b, dt_b, text_b = sh(bench_cmd, BENCH_LIMIT_S, OUT / "bench.log", env)
+    # pytest finds the project through its `pythonpath` setting; the benchmark scripts need it on PYTHONPATH
+    # here, since this machine need not have the editable install of `make venv`
+    bench_env = dict(env, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p))
+    rc_b, dt_b, text_b = sh(bench_cmd, BENCH_LIMIT_S, OUT / "bench.log", bench_env)
     bench_md = (OUT / "bench.md").read_text() if (OUT / "bench.md").exists() else text_b[-4000:]
 
     report = header + [

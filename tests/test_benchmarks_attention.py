@@ -1,11 +1,7 @@
 """Smoke test: the attention benchmark runs at its tiny CPU size and returns finite timings."""
 import math
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import attention as bench  # noqa: E402  (benchmarks/attention.py)
+from benchmarks import attention as bench
 
 
 def test_attention_benchmark_quick_cpu():

@@ -1,11 +1,7 @@
 """Smoke test: the MATCH benchmark runs at its tiny CPU size and returns finite timings, ratios and fits."""
 import math
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import match as bench  # noqa: E402  (benchmarks/match.py)
+from benchmarks import match as bench
 
 
 def test_match_benchmark_quick_cpu():

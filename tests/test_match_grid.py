@@ -2,10 +2,10 @@
 slice, the attended-fraction accounting, save/load, determinism, grid resumption, the shipped checkpoints."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
-import sys
 
 import pytest
 import torch
@@ -186,9 +186,9 @@ CKPTS = [pathlib.Path(mg.CKPT_DIR) / f"{n}.safetensors" for n in ("full", "swa",
 def test_shipped_checkpoints_and_demo(capsys):
     for p in CKPTS:
         assert p.stat().st_size <= 1024 * 1024
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import demo_match
-
+    spec = importlib.util.spec_from_file_location("demo_match", ROOT / "scripts" / "demo_match.py")
+    demo_match = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_match)
     out = demo_match.main(n=128)
     text = capsys.readouterr().out
     assert "trained full" in text and "trained match" in text
