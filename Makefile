@@ -58,7 +58,7 @@ clean:
 # Compile every Triton kernel for sm_90 without a GPU (all dtypes and autotune configs; `make test`
 # runs the --quick variant). Catches what the interpreter cannot: type, tile and backend errors.
 compile-check: $(STAMP)
-	env -u TRITON_INTERPRET $(BIN)/python -m fast.compile_check
+	TRITON_INTERPRET=0 $(BIN)/python -m fast.devtools.compile_check
 
 # Would the tests catch a wrong kernel? Plants each curated bug of scripts/mutants.py in a scratch copy
 # and runs the tests that cover it; writes benchmarks/results/mutants.md (about 15 minutes on 2 cores).
@@ -69,4 +69,4 @@ mutants: $(STAMP)
 # hot loop); writes benchmarks/results/kernel_stats.md. `make kernel-stats KS_ARGS="--quick"`: attention only.
 KS_ARGS ?=
 kernel-stats: $(STAMP)
-	env -u TRITON_INTERPRET $(BIN)/python -m fast.kernel_stats $(KS_ARGS) --md benchmarks/results/kernel_stats.md
+	TRITON_INTERPRET=0 $(BIN)/python -m fast.devtools.kernel_stats $(KS_ARGS) --md benchmarks/results/kernel_stats.md

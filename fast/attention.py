@@ -161,7 +161,7 @@ def _torch_attention(q, k, v, causal, window, scale, chunk=TORCH_CHUNK, need_lse
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 #
-# Cost structure (``python -m fast.kernel_stats``, benchmarks/results/kernel_stats.md): every loop over
+# Cost structure (``python -m fast.devtools.kernel_stats``, benchmarks/results/kernel_stats.md): every loop over
 # key blocks (forward, dq) or query blocks (dk/dv) is split into *interior* blocks, where every
 # (query, key) pair is allowed and in bounds, and *edge* blocks (causal diagonal, window edge, the
 # partial last block); only edge blocks build a mask (``key_block_split`` / ``query_block_split``).

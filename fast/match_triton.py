@@ -820,7 +820,7 @@ def _tiles(q):
 def gpu_tiles(lowp: bool, D: int):
     """The GPU tiles of the forward / dq kernels. The gathered [BLOCK_M, BLOCK_R, BLOCK_D] key and value
     tiles of the retrieved part bound the register use: with BLOCK_R = 8 (4 at D = 128) they spilled
-    0.4-4.3 KB per thread in every gathered variant (``fast.kernel_stats``, sm_90a); BLOCK_R = 2 with 8
+    0.4-4.3 KB per thread in every gathered variant (``fast.devtools.kernel_stats``, sm_90a); BLOCK_R = 2 with 8
     warps does not, at BLOCK_M = 32 for D = 128. fp32 "ieee" dots run on CUDA cores, unrolled: a 16-row
     tile (as in fast/attention.py), at most 36 B spilled where 32 x 32 with 4 warps spilled up to 6 KB."""
     if not lowp:
@@ -936,7 +936,7 @@ def _block_tiles(q, block_size):
     """(BLOCK_M, BLOCK_N, NSUB) of the block-major kernels: BLOCK_N keys of a block at a time (padded to 16,
     every tl.dot dim >= 16), NSUB = ceil(block_size / BLOCK_N) chunks; BLOCK_M listed queries at a time.
     fp32 "ieee" dots run on CUDA cores: smaller tiles. Chosen by static counts only (no spills, no
-    serialized wgmma in ``python -m fast.kernel_stats --match``), not timed."""
+    serialized wgmma in ``python -m fast.devtools.kernel_stats --match``), not timed."""
     big = _lowp(q) or is_interpreting()
     bn = min(64 if big else 32, max(16, triton.next_power_of_2(block_size)))
     return (64 if big else 32), bn, triton.cdiv(block_size, bn)

@@ -17,7 +17,7 @@ One round on the rows still active:
 2. ``d = fast.divergences.divergence("forward_kl", ..., reduction="none")`` per response position (the torch
    backend on CPU, Triton on CUDA unless ``kl_backend`` says otherwise);
 3. teacher tokens at the candidate positions (``i >= start``): argmax, or one uniform per position through
-   ``tiny_models.gpt.sample_next``;
+   ``fast.training.sampling.sample_next``;
 4. per row ``j = argmax d`` over candidates whose teacher token differs (first index on ties); rows with
    none stop;
 5. one batched KV-cache re-generation by the student from the per-row prefixes
@@ -28,19 +28,17 @@ RNG draw order (all from ``generator``, a CPU ``torch.Generator``): round by rou
 teacher tokens, one uniform per candidate position, rows in batch order and positions increasing within a
 row (the reference's order, rows concatenated); then the re-generation, one uniform per step for every row
 of the re-generation batch until all of its rows are done (finished rows keep drawing, as in
-``tiny_models.gpt.generate``). So the result is a deterministic function of the inputs and the generator
+``fast.training.sampling.generate``). So the result is a deterministic function of the inputs and the generator
 state, but the streams differ from the reference's ``np.random.Generator``: sampled results are equal in
 distribution, not token for token.
 
-Models: ``teacher``/``student`` are ``torch.nn.Module``s. ``logits_fn(model, idx, valid) -> [B, T, V]`` is
-the adapter: ``idx [B, T]`` left-padded token ids, ``valid [B, T]`` bool (False on padding); each row's
-positions must start at 0 at its first valid token. The default, :func:`gpt_logits`, calls
-``model(idx, pos=pos, key_valid=valid)`` (``tiny_models.gpt.GPT``); for a transformers causal LM pass e.g.
-``lambda m, idx, valid: m(input_ids=idx, attention_mask=valid.long(),
-position_ids=(valid.long().cumsum(1) - 1).clamp_min(0)).logits``. Re-generation uses the KV cache when the
-model is a ``tiny_models.gpt.GPT`` and no ``logits_fn`` is given; otherwise it recomputes the whole
-sequence through ``logits_fn`` at every step (correct for any model, quadratic in length). Both models run
-in ``eval()`` mode under ``no_grad`` for the call (their mode is restored afterwards).
+Models: ``teacher``/``student`` are causal LMs of the protocol in ``fast.training.lm`` (the tiny GPT, or
+any transformers causal LM): ``lm_logits(model, idx, valid)`` on left-padded rows, and the same with a KV
+cache for re-generation. ``logits_fn(model, idx, valid) -> [B, T, V]`` (optional) replaces the protocol for
+a model that does not serve it: ``idx [B, T]`` left-padded token ids, ``valid [B, T]`` bool (False on
+padding), each row's positions starting at 0 at its first valid token; re-generation then recomputes the
+whole sequence through ``logits_fn`` at every step (correct for any model, quadratic in length). Both models
+run in ``eval()`` mode under ``no_grad`` for the call (their mode is restored afterwards).
 """
 
 from __future__ import annotations
@@ -53,40 +51,19 @@ import numpy as np
 import torch
 
 from fast.divergences import divergence
-from tiny_models.gpt import GPT, sample_next
+from fast.training.lm import device_of, left_pad, lm_logits
+from fast.training.sampling import decode as decode_rows
+from fast.training.sampling import sample_next
 
-__all__ = ["scrg", "error_scores", "continue_responses", "gpt_logits", "TEACHER_TOKENS", "DECODES"]
+__all__ = ["scrg", "error_scores", "continue_responses", "TEACHER_TOKENS", "DECODES"]
 
 TEACHER_TOKENS = ("sample", "argmax")
 DECODES = ("sample", "greedy")
 PAD_ID = 0  # filler for left padding: any valid id (masked by ``valid``), so any vocabulary size works
 
 
-def gpt_logits(model, idx, valid):  # [B, T] long, [B, T] bool -> [B, T, V]
-    """Default adapter: a ``tiny_models.gpt.GPT``-style forward with per-row positions and a key mask."""
-    pos = (valid.long().cumsum(1) - 1).clamp_min(0)
-    out = model(idx, pos=pos, key_valid=valid)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def _device(model):
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _left_pad(rows, device):  # list of list[int] -> idx [B, L] long, valid [B, L] bool
-    L = max(len(r) for r in rows)
-    idx = torch.full((len(rows), L), PAD_ID, dtype=torch.long)
-    valid = torch.zeros((len(rows), L), dtype=torch.bool)
-    for b, r in enumerate(rows):
-        if r:
-            idx[b, L - len(r):] = torch.tensor(r, dtype=torch.long)
-            valid[b, L - len(r):] = True
-    return idx.to(device), valid.to(device)
-
-
 def _vocab_size(model, logits_fn, who):  # -> int, from a one-token forward
-    dev = _device(model)
+    dev = device_of(model)
     out = logits_fn(model, torch.zeros((1, 1), dtype=torch.long, device=dev),
                     torch.ones((1, 1), dtype=torch.bool, device=dev))
     if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[:2] != (1, 1):
@@ -98,7 +75,7 @@ def _vocab_size(model, logits_fn, who):  # -> int, from a one-token forward
 def _teacher_forced(model, prompts, responses, logits_fn):  # -> [B, T, V]: the logits predicting each token
     """Row b, response token i is predicted by the logits after ``prompt_b + response_b[:i]``."""
     seqs = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
-    idx, valid = _left_pad(seqs, _device(model))
+    idx, valid = left_pad(seqs, device_of(model), PAD_ID)
     logits = logits_fn(model, idx, valid)  # [B, L, V]
     B, L, V = logits.shape
     T = max(len(r) for r in responses)
@@ -140,7 +117,7 @@ def continue_responses(model, prompts, prefixes, *, max_new_tokens, eos_id, deco
                        temperature=1.0, logits_fn=None):  # -> list[list[int]]
     """Each ``prefix`` extended by ``model`` until it ends with EOS (kept) or has ``max_new_tokens`` tokens.
 
-    Batched, left-padded, with the KV cache for a ``tiny_models.gpt.GPT`` (``logits_fn`` None). With empty
+    Batched, left-padded, with the KV cache (``logits_fn`` None: the protocol of ``fast.training.lm``). With empty
     prefixes this is student sampling in SCRG's response convention (EOS kept). Rows already finished
     are returned unchanged and take no draws.
     """
@@ -155,33 +132,12 @@ def continue_responses(model, prompts, prefixes, *, max_new_tokens, eos_id, deco
     rows = [b for b, p in enumerate(out) if len(p) < max_new_tokens and (not p or p[-1] != eos_id)]
     if not rows:
         return out
-    use_cache = logits_fn is None and isinstance(model, GPT)
-    fn = logits_fn or gpt_logits
-    dev = _device(model)
-    idx, valid = _left_pad([list(prompts[b]) + out[b] for b in rows], dev)
-    pos = (valid.long().cumsum(1) - 1).clamp_min(0)
-    cache = [dict() for _ in range(model.cfg.n_layer)] if use_cache else None
-    step_idx, step_pos = idx, pos
-    done = [False] * len(rows)
     temp = 0.0 if decode == "greedy" else temperature  # sample_next: 0 = argmax, lowest id on ties
-    for _ in range(max(max_new_tokens - len(out[b]) for b in rows)):
-        if use_cache:
-            logits = model(step_idx, pos=step_pos, key_valid=valid, cache=cache)[:, -1]
-        else:
-            logits = fn(model, idx, valid)[:, -1]
-        nxt = sample_next(logits, temperature=temp, generator=generator)  # [R], one draw per row if sampling
-        for r, b in enumerate(rows):
-            if not done[r]:
-                out[b].append(int(nxt[r]))
-                done[r] = out[b][-1] == eos_id or len(out[b]) >= max_new_tokens
-        if all(done):
-            break
-        nxt = torch.where(torch.tensor(done, device=nxt.device), torch.full_like(nxt, PAD_ID), nxt)
-        new_pos = pos[:, -1:] + 1
-        idx = torch.cat([idx, nxt[:, None].to(dev)], 1)
-        pos = torch.cat([pos, new_pos], 1)
-        valid = torch.cat([valid, torch.ones(len(rows), 1, dtype=torch.bool, device=dev)], 1)
-        step_idx, step_pos = nxt[:, None].to(dev), new_pos
+    new = decode_rows(model, [list(prompts[b]) + out[b] for b in rows], [max_new_tokens - len(out[b]) for b in rows],
+                      lambda logits: sample_next(logits, temperature=temp, generator=generator), eos_id=eos_id,
+                      pad_id=PAD_ID, logits_fn=logits_fn)
+    for b, tokens in zip(rows, new, strict=True):
+        out[b] += tokens
     return out
 
 
@@ -254,7 +210,7 @@ def error_scores(prompts, responses, teacher, student, *, teacher_token="argmax"
     ``d[b, i] = KL(p^t || p^s)`` at response position i (0 beyond the row's length), ``y_t`` the teacher
     tokens (-1 beyond the length), ``candidates`` where the teacher token differs from the response.
     """
-    fn = logits_fn or gpt_logits
+    fn = logits_fn or lm_logits
     with _EvalMode(teacher, student):
         if teacher_token == "sample" and not isinstance(generator, torch.Generator):
             raise ValueError("teacher_token='sample' needs an explicit torch.Generator")
@@ -277,7 +233,7 @@ def scrg(prompts, responses, teacher, student, *, frequency=1, teacher_token="sa
     "sample" or "greedy". ``generator``: a CPU ``torch.Generator``, required when anything is sampled.
     ``logits_fn``: the model adapter (module docstring). ``kl_backend``: ``fast.divergences`` backend.
     """
-    fn = logits_fn or gpt_logits
+    fn = logits_fn or lm_logits
     with _EvalMode(teacher, student):
         _check(prompts, responses, teacher, student, frequency, teacher_token, decode, max_new_tokens, eos_id,
                generator, temperature, fn)

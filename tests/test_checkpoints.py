@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from fast.train import load_model
+from tiny_models.model_io import load_model
 from tiny_models.evaluate import evaluate
 from tiny_models.gpt import GPTConfig
 from tiny_models.tasks import EVAL_SETS, build_dataset
@@ -39,7 +39,7 @@ def test_checkpoint_loads_and_matches_its_card(name):
     assert model.cfg == GPTConfig(**{**card["config"], "attn_kwargs": tuple(card["config"]["attn_kwargs"])})
     assert model.num_params() == card["num_params"]
     assert meta["train_config"]["seed"] == card["seed"] and meta["step"] == card["steps"]
-    assert card["command"] and "fast/train.py" in card["command"]
+    assert card["command"] and "-m tiny_models.train" in card["command"]
     for key in ("greedy", "sampled_T1"):
         assert set(card[key]) == {"valid", *EVAL_SETS}
 

@@ -32,13 +32,14 @@ KERNELS = [
 
 def _run(args, tmp_path, script=None):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MGSR_POISON_OUTPUTS")}
+    env["TRITON_INTERPRET"] = "0"  # compile, do not interpret (importing fast sets 1 without CUDA)
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # really compile, no cache hits
     env["PYTHONPATH"] = str(ROOT)
     if script:  # triton.jit reads the kernel's source, so it must live in a file
         (tmp_path / "broken.py").write_text(script)
         cmd = [sys.executable, str(tmp_path / "broken.py")]
     else:
-        cmd = [sys.executable, "-m", "fast.compile_check", *args]
+        cmd = [sys.executable, "-m", "fast.devtools.compile_check", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
 
 
@@ -57,7 +58,7 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
 def test_the_check_catches_a_compile_only_bug(tmp_path):
     script = textwrap.dedent("""
         import torch, triton, triton.language as tl
-        from fast.compile_check import CompileLog, compile_instead_of_launch
+        from fast.devtools.compile_check import CompileLog, compile_instead_of_launch
 
         @triton.jit
         def broken_kernel(x, y, n, B: tl.constexpr):
@@ -81,7 +82,7 @@ def test_the_check_catches_a_compile_only_bug(tmp_path):
 def test_refuses_under_the_interpreter(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     p = subprocess.run(
-        [sys.executable, "-m", "fast.compile_check", "--quick"],
+        [sys.executable, "-m", "fast.devtools.compile_check", "--quick"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -1,4 +1,4 @@
-"""fast/distill.py: every registry method trains, recipes use the sequences they say, exact resume, DDP equals
+"""fast/training/distill.py and methods.py (through tiny_models/distill.py): every registry method trains, recipes use the sequences they say, exact resume, DDP equals
 one process, bad input, transformers interop, the DAC-KL bounds optimiser state round-trips."""
 
 import dataclasses
@@ -12,9 +12,10 @@ import sys
 import pytest
 import torch
 
-import fast.distill as distill
-from fast.distill import BASELINES, DistillConfig, Distiller, read_log, resolve, train
-from fast.train import save_model
+import fast.training.methods as methods
+import tiny_models.distill as distill
+from tiny_models.distill import BASELINES, DistillConfig, Distiller, read_log, resolve, train
+from tiny_models.model_io import save_model
 from tiny_models.gpt import EOS, GPT, GPTConfig
 from tiny_models.tasks import IGNORE, build_dataset
 
@@ -38,7 +39,7 @@ def _models(seed=0, v_student=None):
 
 @pytest.fixture(scope="module")
 def examples():
-    return build_dataset(0, n_per_family=30)["train"][:3]
+    return distill.as_pairs(build_dataset(0, n_per_family=30)["train"][:3])
 
 
 def _cfg(method, **kw):
@@ -86,14 +87,14 @@ def test_each_method_lowers_its_own_loss_on_a_fixed_batch(method, examples):
 class _Spy:
     def __init__(self, monkeypatch):
         self.calls = []
-        real = distill.generate_responses
+        real = methods.generate_responses
 
         def spy(model, prompts, **kw):
             out = real(model, prompts, **kw)
             self.calls.append((model, prompts, out))
             return out
 
-        monkeypatch.setattr(distill, "generate_responses", spy)
+        monkeypatch.setattr(methods, "generate_responses", spy)
 
 
 def _responses(seqs):  # the label tokens of each row (response + EOS when it ended)
@@ -140,7 +141,8 @@ def test_mgsr_loss_is_the_weighted_sum_of_its_terms_by_hand(examples):
     batch), recomputed here in float64 from the logits with the NumPy span oracle."""
     import numpy as np
 
-    from fast.distill import logits_of, response_spans
+    from fast.training.lm import logits_of
+    from fast.training.methods import response_spans
     from fast.testing import assert_close
     from reference.span import pair_distances
     from tiny_models.tasks import collate
@@ -288,14 +290,13 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     args = [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items() if v is not None]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2",
-                           str(ROOT / "fast" / "distill.py"), *args], env=env, capture_output=True, text=True,
-                          timeout=240)
+                           "--nproc_per_node=2", "-m", "tiny_models.distill", *args], env=env,
+                          capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = [r["loss"] for r in read_log(tmp_path / "ddp")]
     one = train(dataclasses.replace(cfg, out_dir=str(tmp_path / "one"), batch_size=4))
     torch.testing.assert_close(torch.tensor(ddp), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
-    from fast.train import load_model
+    from tiny_models.model_io import load_model
 
     m, _ = load_model(str(tmp_path / "ddp" / "model.safetensors"))
     for (k, a), (_, b) in zip(m.state_dict().items(), one["model"].state_dict().items(), strict=True):
@@ -324,7 +325,7 @@ def test_grid_quick_runs_skips_finished_runs_and_writes_tables(tmp_path):
     assert card["method"] == "kd" and card["training_seed"] == 1 and card["this_seed"]["greedy"]["test"][
         "rougeL"] == run["greedy"]["test"]["rougeL"]
     assert "--export_students" not in card["command"] and "--quick" in card["command"]
-    from fast.train import load_model
+    from tiny_models.model_io import load_model
 
     m1, _ = load_model(str(tmp_path / "res" / "students" / "kd.safetensors"))
     m2, _ = load_model(str(tmp_path / "runs" / "kd" / "seed1" / run["checkpoint"]))

@@ -1,4 +1,4 @@
-"""fast.kernel_stats: SASS loop detection on a hand-written listing, and on real sm_90a compiles of toy
+"""fast.devtools.kernel_stats: SASS loop detection on a hand-written listing, and on real sm_90a compiles of toy
 kernels (a lean loop, the same loop bloated with extra math, a kernel that must spill registers)."""
 
 import json
@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from fast.kernel_stats import find_loops, kept_sections, markdown, parse_sass, report, toolchain
+from fast.devtools.kernel_stats import find_loops, kept_sections, markdown, parse_sass, report, toolchain
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -47,8 +47,8 @@ def test_loops_from_back_edges():
 TOYS = textwrap.dedent('''
     import json, sys
     import torch, triton, triton.language as tl
-    from fast.compile_check import CompileLog, compile_instead_of_launch
-    from fast.kernel_stats import _as_the_runtime_compiles, stats_for, toolchain
+    from fast.devtools.compile_check import CompileLog, compile_instead_of_launch
+    from fast.devtools.kernel_stats import _as_the_runtime_compiles, stats_for, toolchain
 
     @triton.jit
     def lean_kernel(x, y, n, BLOCK: tl.constexpr):
@@ -88,12 +88,12 @@ TOYS = textwrap.dedent('''
 
 def test_rewrite_keeps_hand_kept_sections():
     # --md rewrites the generated sections and carries the others (another Triton's numbers, notes) over
-    old = report([], None, "python -m fast.kernel_stats") + (
+    old = report([], None, "python -m fast.devtools.kernel_stats") + (
         "## Under triton 3.6.0\n\n| a | b |\n\n## Loss kernels: passes\n\ntext\n")
     kept = kept_sections(old)
     assert kept == "## Under triton 3.6.0\n\n| a | b |\n\n## Loss kernels: passes\n\ntext\n"
     assert "## Summary" not in kept and "## After" not in kept and "# Static" not in kept
-    new = report([], None, "python -m fast.kernel_stats --quick").rstrip("\n") + "\n\n" + kept
+    new = report([], None, "python -m fast.devtools.kernel_stats --quick").rstrip("\n") + "\n\n" + kept
     assert kept_sections(new) == kept  # a second rewrite keeps them once, not twice
 
 
@@ -101,6 +101,7 @@ def test_rewrite_keeps_hand_kept_sections():
 def test_toy_kernels(tmp_path):
     (tmp_path / "toys.py").write_text(TOYS)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MGSR_POISON_OUTPUTS")}
+    env["TRITON_INTERPRET"] = "0"  # compile, do not interpret (importing fast sets 1 without CUDA)
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     env["PYTHONPATH"] = str(ROOT)
     p = subprocess.run([sys.executable, str(tmp_path / "toys.py")], cwd=ROOT, env=env, capture_output=True,

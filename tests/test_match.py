@@ -589,7 +589,7 @@ def test_gpt_match_with_every_candidate_equals_full_attention(bs):
 
 
 def test_gpt_match_checkpoint_round_trip(tmp_path):
-    from fast.train import load_model, save_model
+    from tiny_models.model_io import load_model, save_model
 
     m = _gpt(attention="match", window=3, attn_kwargs=_match_kwargs(2, 1, "gated"), seed=4).float()
     path = str(tmp_path / "match.safetensors")

@@ -17,7 +17,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from fast import scrg as F
-from fast.train import load_model
+from fast.training.lm import lm_logits, positions
+from tiny_models.model_io import load_model
 from reference import gpt as rgpt
 from reference import scrg as R
 from tiny_models.gpt import BOS, EOS, GPT, GPTConfig, sample_next
@@ -67,6 +68,9 @@ class Table(torch.nn.Module):
     def forward(self, idx, pos=None, key_valid=None):  # [B, T] -> [B, T, V]
         pos = torch.arange(idx.shape[1]).expand_as(idx) if pos is None else pos
         return self.W[idx] * (1 + self.alpha * pos[..., None].double())
+
+    def lm_logits(self, idx, valid, cache=None):  # the protocol of fast.training.lm (no state: no cache needed)
+        return self(idx, pos=positions(valid)[:, -idx.shape[1] :])
 
     def oracle(self, tokens):  # list[int] -> [V]
         return self.W.numpy()[tokens[-1]] * (1 + self.alpha * (len(tokens) - 1))
@@ -291,14 +295,14 @@ def test_no_cache_path_and_foreign_model_equal_the_cache_path():
     prompts, responses = _batch(5, 4, 10, 3, 9, False)
     kw = dict(frequency=3, max_new_tokens=9, eos_id=3, **GREEDY)
     a = F.scrg(prompts, responses, t, s, **kw)
-    b = F.scrg(prompts, responses, t, s, logits_fn=F.gpt_logits, **kw)
+    b = F.scrg(prompts, responses, t, s, logits_fn=lm_logits, **kw)
 
     class Wrapped(torch.nn.Module):  # not a tiny GPT: reached only through logits_fn
         def __init__(self, m):
             super().__init__()
             self.m = m
 
-    fn = lambda w, idx, valid: F.gpt_logits(w.m, idx, valid)
+    fn = lambda w, idx, valid: lm_logits(w.m, idx, valid)
     c = F.scrg(prompts, responses, Wrapped(t), Wrapped(s), logits_fn=fn, **kw)
     assert a == b == c
 

@@ -1,4 +1,4 @@
-"""fast/train.py: exact resume, bad checkpoints, accumulation = big batch, DDP = one process."""
+"""tiny_models/train.py: exact resume, bad checkpoints, accumulation = big batch, DDP = one process."""
 
 import dataclasses
 import json
@@ -10,16 +10,11 @@ import sys
 import pytest
 import torch
 
-from fast.train import (
-    CheckpointError,
-    TrainConfig,
-    load_model,
-    lr_at,
-    micro_batch_slice,
-    read_log,
-    save_model,
-    train,
-)
+from fast.training.checkpoint import CheckpointError
+from fast.training.loop import micro_batch_slice, read_log
+from fast.training.schedule import lr_at
+from tiny_models.model_io import load_model, save_model
+from tiny_models.train import TrainConfig, train
 from tiny_models.gpt import GPT, GPTConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -131,7 +126,8 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node=2",
-            str(ROOT / "fast" / "train.py"),
+            "-m",
+            "tiny_models.train",
             *args,
         ],
         env=env,
@@ -173,7 +169,7 @@ def test_weight_decay_reaches_matrices_only(tmp_path):
     # AdamW's decoupled weight decay belongs on the weight matrices (and the tied embedding); LayerNorm
     # weights and biases get none. The saved optimizer state records each group's decay and its
     # parameters, whose moment shapes tell matrices (2-D) from vectors.
-    from fast.train import _load
+    from fast.training.checkpoint import load_tensors as _load
 
     cfg = _cfg(tmp_path, "wd", steps=1, weight_decay=0.1)
     model = train(cfg)["model"]

@@ -16,16 +16,9 @@ import os
 from dataclasses import dataclass
 
 from fast.training import distill as _distill
-from fast.training.distill import (  # noqa: F401  (the trainer's public names, for the tiny models)
-    LOG_COLS,
-    Distiller,
-    load_state,
-    save_state,
-    validate,
-    validation_subset,
-)
+from fast.training.distill import Distiller, validation_subset  # noqa: F401  (re-exported for the tiny models)
 from fast.training.loop import read_log, setup_process
-from fast.training.methods import BASELINES, METHODS, describe, resolve  # noqa: F401
+from fast.training.methods import BASELINES, METHODS, describe, resolve  # noqa: F401  (re-exported)
 from tiny_models.model_io import load_model, saver
 from tiny_models.tasks import build_dataset, decode, encode, prompt_ids
 from tiny_models.train import parse_config

@@ -5,7 +5,7 @@
     python -m tiny_models.distill_grid --timing 12      # seconds per training step of every method
     nohup python -m tiny_models.distill_grid --steps 150 > grid.log 2>&1 &     # background-friendly
 
-Each (method, training seed) is one run of ``fast.distill.train`` in ``<runs>/<method>/seed<k>/`` from the
+Each (method, training seed) is one run of ``tiny_models.distill.train`` in ``<runs>/<method>/seed<k>/`` from the
 same
 initial student (``tiny_models/checkpoints/student.safetensors``) and frozen teacher, for the same number of
 steps (SFT is the student's SFT continued for those steps: the equal-steps baseline). The run keeps its best
@@ -37,8 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python tiny_models/distill_grid.py`
     sys.path.insert(0, ROOT)
 
-from fast.distill import BASELINES, METHODS, DistillConfig, read_log, train  # noqa: E402
-from fast.train import load_model  # noqa: E402
+from tiny_models.distill import BASELINES, METHODS, DistillConfig, read_log, train  # noqa: E402
+from tiny_models.model_io import load_model  # noqa: E402
 from tiny_models.evaluate import evaluate  # noqa: E402
 from tiny_models.tasks import EVAL_SETS, build_dataset  # noqa: E402
 
@@ -232,7 +232,7 @@ def export_students(args, results: dict, summary: dict, methods, cmd: str) -> No
         f"(`{some['init']}`, {some['parameters']:,} parameters)",
         f"and the same frozen teacher (`{some['teacher']}`). Every run trained {some['steps']} steps of",
         f"{args.batch_size} examples; the weights are fp32 with the model config in the safetensors metadata",
-        "(`fast.train.load_model(path)` returns the model).", "",
+        "(`tiny_models.model_io.load_model(path)` returns the model).", "",
         f"Command: `{cmd}`", "",
         "Greedy ROUGE-L (x100) on the held-out evaluation sets for this seed, and the held-out average over",
         "all training seeds (mean ± std; the full tables are in `../results.md`). The JSON card next to each",

@@ -15,8 +15,9 @@ import statistics
 
 import torch
 
-from reference.rouge import rouge_l
-from tiny_models.gpt import GPT, generate
+from fast.training.evaluate import generate_texts, score_texts
+from tiny_models.gpt import EOS, PAD, GPT
+from tiny_models.model_io import load_model
 from tiny_models.tasks import EVAL_SETS, Example, build_dataset, decode, prompt_ids
 
 
@@ -31,28 +32,14 @@ def generate_responses(
     batch_size: int = 64,
     max_new_tokens: int = 48,
 ) -> list[str]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        ids = generate(
-            model,
-            [prompt_ids(e.prompt) for e in chunk],
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            generator=g,
-        )
-        out += [decode(t) for t in ids]
-    return out
+    return generate_texts(model, [prompt_ids(e.prompt) for e in examples], decode, eos_id=EOS, pad_id=PAD,
+                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens)
 
 
 def score(candidates: list[str], examples: list[Example]) -> dict[str, float]:
     """Mean ROUGE-L F1 and exact match, both x 100."""
-    f1 = [rouge_l(c, e.response)[2] for c, e in zip(candidates, examples, strict=True)]
-    em = [float(c.strip() == e.response.strip()) for c, e in zip(candidates, examples, strict=True)]
-    return {"rougeL": 100 * sum(f1) / len(f1), "exact_match": 100 * sum(em) / len(em), "n": len(f1)}
+    return score_texts(candidates, [e.response for e in examples])
 
 
 def evaluate(
@@ -94,8 +81,6 @@ def evaluate(
 
 
 def main(argv=None) -> None:
-    from fast.train import load_model
-
     p = argparse.ArgumentParser(description="ROUGE-L / exact match of a checkpoint on the evaluation sets")
     p.add_argument("checkpoint")
     p.add_argument("--sets", nargs="+", default=["valid", *EVAL_SETS])

@@ -41,6 +41,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fast.training import sampling
+from fast.training.sampling import filter_logits, sample_next  # noqa: F401  (the tiny GPT's samplers)
+
 # byte-level tokenizer ids (tiny_models/tasks.py encodes text as UTF-8 bytes 0..255)
 BOS, EOS, PAD = 256, 257, 258
 VOCAB_SIZE = 259
@@ -277,6 +280,16 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    # the causal-LM protocol of fast.training.lm: left-padded rows, positions from the key mask, a KV cache
+    eos_id, pad_id = EOS, PAD
+
+    def new_cache(self) -> list[dict]:
+        return [dict() for _ in range(self.cfg.n_layer)]
+
+    def lm_logits(self, idx, valid, cache=None):  # [B, T] long, [B, Tk] bool -> [B, T, V]
+        pos = (valid.long().cumsum(1) - 1).clamp_min(0)[:, -idx.shape[1] :]
+        return self(idx, pos=pos, key_valid=valid, cache=cache)
+
     def forward(self, idx, *, targets=None, pos=None, key_valid=None, cache=None):
         """``idx [B, T]`` -> logits ``[B, T, V]`` (and the mean token loss if ``targets`` is given).
 
@@ -300,54 +313,9 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# generation
+# generation (the loop and the samplers are fast.training.sampling's; this binds the tiny GPT's ids)
 
 
-def filter_logits(logits, *, top_k: int | None = None, top_p: float | None = None):  # [B, V] -> [B, V]
-    """Top-k then top-p (nucleus) filtering; removed entries become -inf.
-
-    convention: top-k keeps every logit >= the k-th largest (ties at the boundary are all kept, like nanoGPT);
-    top-p keeps the smallest prefix of the descending-probability order whose mass reaches p (the first token
-    is always kept).
-    """
-    if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
-        probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs  # mass of the strictly better tokens
-        drop_sorted = mass_before >= top_p
-        drop_sorted[:, 0] = False
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def sample_next(logits, *, temperature: float, top_k=None, top_p=None, generator=None):  # [B, V] -> [B]
-    """Greedy when ``temperature == 0`` (argmax, lowest id on ties), else inverse-CDF sampling.
-
-    Sampling draws one uniform per row from ``generator`` and inverts the CDF, so two runs whose logits
-    agree to rounding pick the same token unless the uniform lands within rounding of a CDF step.
-    """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = filter_logits(logits.double() / temperature, top_k=top_k, top_p=top_p)
-    cdf = logits.softmax(-1).cumsum(-1)
-    u = torch.rand(logits.size(0), 1, generator=generator, dtype=torch.float64, device="cpu").to(
-        logits.device
-    )
-    u = u * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp_max(logits.size(-1) - 1)
-
-
-@torch.no_grad()
 def generate(
     model: GPT,
     prompts: list[list[int]],
@@ -367,35 +335,6 @@ def generate(
     recomputes the whole sequence every step (the oracle the KV-cache path is tested against).
     Sampling needs an explicit ``torch.Generator`` (a CPU generator; draws are moved to the model device).
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (e.g. BOS)")
-    if temperature > 0 and generator is None:
-        raise ValueError("sampling (temperature > 0) needs an explicit torch.Generator")
-    device = next(model.parameters()).device
-    B, L = len(prompts), max(len(p) for p in prompts)
-    idx = torch.full((B, L), PAD, dtype=torch.long, device=device)
-    valid = torch.zeros((B, L), dtype=torch.bool, device=device)
-    for b, p in enumerate(prompts):
-        idx[b, L - len(p) :] = torch.tensor(p, dtype=torch.long)
-        valid[b, L - len(p) :] = True
-    pos = (valid.long().cumsum(1) - 1).clamp_min(0)
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    cache = [dict() for _ in range(model.cfg.n_layer)] if use_cache else None
-    step_idx, step_pos = idx, pos
-    for _ in range(max_new_tokens):
-        logits = model(step_idx, pos=step_pos, key_valid=valid, cache=cache)[:, -1]
-        nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        for b in range(B):
-            if not done[b] and int(nxt[b]) != eos_id:
-                out[b].append(int(nxt[b]))
-        done = done | (nxt == eos_id)
-        if bool(done.all()):
-            break
-        nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
-        new_pos = pos[:, -1:] + 1
-        idx = torch.cat([idx, nxt[:, None]], 1)
-        pos = torch.cat([pos, new_pos], 1)
-        valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
-        step_idx, step_pos = (nxt[:, None], new_pos) if use_cache else (idx, pos)
-    return out
+    return sampling.generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                             temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                             pad_id=PAD, use_cache=use_cache)

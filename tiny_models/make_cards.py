@@ -21,7 +21,8 @@ import shutil
 
 import torch
 
-from fast.train import load_model, read_log
+from fast.training.loop import read_log
+from tiny_models.model_io import load_model
 from tiny_models.evaluate import evaluate
 from tiny_models.tasks import EVAL_SETS, build_dataset
 
@@ -35,7 +36,7 @@ SAMPLE_SEEDS = (0, 1, 2)
 
 
 def card(name: str, run_dirs: list[str], cpu_s: float | None) -> dict:
-    """Card of a model trained in one or more stages (each stage a ``fast/train.py`` run in ``run_dirs``;
+    """Card of a model trained in one or more stages (each stage a ``tiny_models/train.py`` run in ``run_dirs``;
     a later stage starts from the previous weights with ``--init_from``). The last stage is the checkpoint."""
     os.makedirs(CKPT, exist_ok=True)
     dst = os.path.join(CKPT, f"{name}.safetensors")
@@ -138,7 +139,7 @@ def write_markdown(cards: dict[str, dict]) -> None:
     )
     about = f"""Two SFT'd byte-level GPTs (`tiny_models/gpt.py`: pre-LN, RoPE, tied embeddings, no biases in linears),
 trained from random initialisation on the synthetic instruction suite (`tiny_models/tasks.py`, data seed
-{t["data_seed"]}) with `fast/train.py` on a 2-core CPU, one thread each, under `nice`, on a loaded
+{t["data_seed"]}) with `tiny_models/train.py` on a 2-core CPU, one thread each, under `nice`, on a loaded
 machine (so wall time is an upper bound; CPU time is the process's own).
 The student is one run of 800 steps; the teacher is two (800 steps, then 800 more from those weights with a fresh
 warmup + cosine schedule and another batch-order seed, `--init_from`), because after 800 steps it was only

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fast.training import data
+from fast.training.data import IGNORE, sft_example
 from tiny_models.gpt import BOS, EOS, PAD
-
-IGNORE = -100
 
 # ----------------------------------------------------------------------------------------------------
 # tokenizer
@@ -55,24 +55,12 @@ def prompt_ids(prompt: str) -> list[int]:
 
 def example_ids(prompt: str, response: str) -> tuple[list[int], list[int]]:
     """(input ids, labels) for one example; labels[t] is the target of position t or -100."""
-    p = prompt_ids(prompt)
-    full = p + encode(response) + [EOS]
-    inputs, targets = full[:-1], full[1:]
-    labels = [IGNORE if t < len(p) - 1 else targets[t] for t in range(len(targets))]
-    return inputs, labels
+    return sft_example(prompt_ids(prompt), encode(response), EOS)
 
 
 def collate(examples, *, block_size: int | None = None):  # list of (inputs, labels) -> [B, T] x2
     """Right-pad a batch: inputs with PAD, labels with -100. Longer examples are cut to block_size."""
-    if block_size is not None:
-        examples = [(i[:block_size], l[:block_size]) for i, l in examples]
-    T = max(len(i) for i, _ in examples)
-    x = torch.full((len(examples), T), PAD, dtype=torch.long)
-    y = torch.full((len(examples), T), IGNORE, dtype=torch.long)
-    for b, (i, l) in enumerate(examples):
-        x[b, : len(i)] = torch.tensor(i)
-        y[b, : len(l)] = torch.tensor(l)
-    return x, y
+    return data.collate(examples, pad_id=PAD, block_size=block_size)
 
 
 # ----------------------------------------------------------------------------------------------------

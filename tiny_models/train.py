@@ -20,12 +20,10 @@ import numpy as np
 import torch
 
 from fast.training import sft
-from fast.training.checkpoint import CheckpointError  # noqa: F401  (raised by load_model and resume)
-from fast.training.loop import read_log  # noqa: F401
-from fast.training.schedule import lr_at  # noqa: F401
-from fast.training.sft import SFTConfig, eval_loss  # noqa: F401
+from fast.training.loop import setup_process
+from fast.training.sft import SFTConfig
 from tiny_models.gpt import GPT, PAD, GPTConfig
-from tiny_models.model_io import load_model, save_model, saver  # noqa: F401
+from tiny_models.model_io import load_model, saver
 from tiny_models.tasks import IGNORE, build_dataset, example_ids, shakespeare_text
 
 
@@ -106,7 +104,7 @@ class TextData:
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training; returns {"losses": [...], "val": [...], "elapsed_s", "step", "num_params",
     "model"}. ``losses`` are only the steps run in this call. Under torchrun every rank calls this."""
-    world_rank_device = sft.setup_process(cfg.device, cfg.threads)
+    world_rank_device = setup_process(cfg.device, cfg.threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     data = InstructData(cfg) if cfg.data == "instruct" else TextData(cfg)

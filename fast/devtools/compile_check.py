@@ -19,8 +19,8 @@ how to run this with 3.6 in a throwaway env, done once with 237 variants, 0 fail
 runtime's value specialisations (``== 1`` / divisible-by-16 hints), so it proves the kernels compile,
 not that every specialisation the runtime picks does.
 
-    python -m fast.compile_check            # every dtype, every autotune config (~5 min on 2 cores)
-    python -m fast.compile_check --quick    # fp32 + bf16, first config only (~6 min, one core; make test)
+    python -m fast.devtools.compile_check            # every dtype, every autotune config (~5 min on 2 cores)
+    python -m fast.devtools.compile_check --quick    # fp32 + bf16, first config only (~6 min, one core; make test)
 
 Run it without ``TRITON_INTERPRET``; it prints one line per compiled kernel variant.
 """

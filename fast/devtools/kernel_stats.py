@@ -1,6 +1,6 @@
 """Static cost of every Triton kernel of ``fast/`` on Hopper (sm_90a), without a GPU.
 
-Each kernel x autotune config is compiled the way ``fast.compile_check`` does it (the public ops are
+Each kernel x autotune config is compiled the way ``fast.devtools.compile_check`` does it (the public ops are
 called on small CPU tensors and every launch compiles instead of running), then the cubin is read with
 the tools bundled in the Triton wheel (``triton/backends/nvidia/bin``: ``ptxas``, ``cuobjdump``):
 
@@ -16,12 +16,12 @@ the tools bundled in the Triton wheel (``triton/backends/nvidia/bin``: ``ptxas``
 It is a proxy for cost, not a timing: issue-bound loops get faster with fewer SASS per iteration, but a
 change may never lower the counts by dropping work the algorithm needs.
 
-    python -m fast.kernel_stats                        # every kernel, every shipped config (minutes)
-    python -m fast.kernel_stats --quick                # attention kernels only, bf16 D=64 and D=128
-    python -m fast.kernel_stats --only attention_fwd   # kernels whose name contains the filter
-    python -m fast.kernel_stats --fp32_attention --heads 32,64,100,128   # the attention fp32 tile
-    python -m fast.kernel_stats --match                # MATCH at its GPU tiles, both retrieved paths
-    python -m fast.kernel_stats --md benchmarks/results/kernel_stats.md --json stats.json
+    python -m fast.devtools.kernel_stats                        # every kernel, every shipped config (minutes)
+    python -m fast.devtools.kernel_stats --quick                # attention kernels only, bf16 D=64 and D=128
+    python -m fast.devtools.kernel_stats --only attention_fwd   # kernels whose name contains the filter
+    python -m fast.devtools.kernel_stats --fp32_attention --heads 32,64,100,128   # the attention fp32 tile
+    python -m fast.devtools.kernel_stats --match                # MATCH at its GPU tiles, both retrieved paths
+    python -m fast.devtools.kernel_stats --md benchmarks/results/kernel_stats.md --json stats.json
 
 Configs are those the autotuner can pick for the workload (its ``early_config_prune`` is applied), at
 long sequences (T a multiple of every block size), so the numbers are those of the GPU benchmark.
@@ -209,7 +209,7 @@ def _as_the_runtime_compiles(log, only=None):
     from triton.runtime import autotuner as at
     from triton.runtime import jit
 
-    from fast.compile_check import CAPABILITY
+    from fast.devtools.compile_check import CAPABILITY
 
     target = GPUTarget("cuda", CAPABILITY, 32)
     backend = make_backend(target)
@@ -300,7 +300,7 @@ def collect(*, quick: bool, only: str | None, heads=(64, 128), fp32_attention: b
             match_tiles: bool = False) -> tuple[list[dict], list]:
     import torch
 
-    from fast.compile_check import CompileLog, _workload, compile_instead_of_launch
+    from fast.devtools.compile_check import CompileLog, _workload, compile_instead_of_launch
 
     tools = toolchain()
     if tools is None:
@@ -371,7 +371,7 @@ def report(after: list[dict], before: list[dict] | None, command: str) -> str:
     out = [
         "# Static kernel statistics (sm_90a, no GPU)",
         "",
-        f"Command: `{command}` (`fast/kernel_stats.py`): registers, spills and warnings",
+        f"Command: `{command}` (`fast/devtools/kernel_stats.py`): registers, spills and warnings",
         "from the ptxas bundled with Triton, loops from the SASS back edges. A loop's SASS count is the",
         "instructions of one iteration (what each warp issues). Split attention kernels list their",
         "innermost loops in code order: masked edge loop, interior loop (no mask), masked edge loop.",
@@ -440,7 +440,7 @@ def main(argv=None) -> int:
         if args.before:
             with open(args.before) as f:
                 before = json.load(f)
-        cmd = "python -m fast.kernel_stats " + " ".join(a for a in (argv or sys.argv[1:]))
+        cmd = "python -m fast.devtools.kernel_stats " + " ".join(a for a in (argv or sys.argv[1:]))
         kept = ""
         if os.path.exists(args.md):
             with open(args.md) as f:
