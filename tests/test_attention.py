@@ -22,7 +22,7 @@ from fast.attention import (
     query_block_range,
     query_block_split,
 )
-from fast.testing import assert_close, compare
+from fast.testing import assert_close, central_difference, compare
 from reference.attention import (
     allowed,
     attention,
@@ -127,15 +127,12 @@ def test_reference_grad_finite_differences(causal, window):
     grads = attention_grad(q, k, v, dout, causal=causal, window=window, scale=0.8, dlse=dlse)
     eps = 1e-6
     for idx, (x, g) in enumerate(zip((q, k, v), grads, strict=True)):
-        fd = np.zeros_like(x)
-        for pos in np.ndindex(x.shape):
-            xp, xm = x.copy(), x.copy()
-            xp[pos] += eps
-            xm[pos] -= eps
-            args_p = [q, k, v]
-            args_m = [q, k, v]
-            args_p[idx], args_m[idx] = xp, xm
-            fd[pos] = (loss(*args_p) - loss(*args_m)) / (2 * eps)
+        def loss_of(x_, idx=idx):  # L with argument idx (0: q, 1: k, 2: v) replaced by x_
+            args = [q, k, v]
+            args[idx] = x_
+            return loss(*args)
+
+        fd = central_difference(loss_of, x, eps=eps)
         assert_close(g, fd, dtype="float64", name=("dq", "dk", "dv")[idx], atol=1e-7, rtol=1e-6, rms=1e-7)
         # FD truncation/rounding error ~ eps^2 + 1e-16/eps ~ 1e-10 per entry: looser than the fp64 row
 

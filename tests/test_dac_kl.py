@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import reference.dac_kl as R
 from fast.dac_kl import DACKL, dac_kl, teacher_features
-from fast.testing import assert_close, examples, tolerance_for
+from fast.testing import assert_close, central_difference, examples, tolerance_for
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # interpreter: exp overflow in the sigmoid tails and -inf - -inf before a where (both intended)
@@ -46,18 +46,6 @@ def _inputs(seed, N, V, scale=3.0, kind="normal"):
 
 # ------------------------------------------------------------------------------------ reference (float64)
 
-def _fd(f, x, h=1e-6):
-    out = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        if not np.isfinite(x[i]):
-            continue
-        xp, xm = x.copy(), x.copy()
-        xp[i] += h
-        xm[i] -= h
-        out[i] = (f(xp) - f(xm)) / (2 * h)
-    return out
-
-
 CFGS = [dict(bounds=b, target=tg, band=bd, normalize=nm, floor=fl)
         for b, tg, bd, nm, fl in itertools.product(["value", "mass"], [True, False], [True, False],
                                                     [True, False], [True, False])]
@@ -69,9 +57,9 @@ def test_reference_grad_matches_finite_differences(cfg):
     t[0, :4] = 0.7  # a tie in the teacher
     ds, du, dl = R.dac_kl_grad(t, s, u, l, g=g, **cfg)
     f = lambda s_, u_=u, l_=l: float(np.sum(g * R.dac_kl(t, s_, u_, l_, **cfg)))
-    assert_close(ds, _fd(lambda x: f(x), s), dtype="float32", name="d student")  # FD error ~1e-9
-    assert_close(du, _fd(lambda x: f(s, x, l), u), dtype="float32", name="d upper")
-    assert_close(dl, _fd(lambda x: f(s, u, x), l), dtype="float32", name="d lower")
+    assert_close(ds, central_difference(f, s), dtype="float32", name="d student")  # FD error ~1e-9
+    assert_close(du, central_difference(lambda x: f(s, x, l), u), dtype="float32", name="d upper")
+    assert_close(dl, central_difference(lambda x: f(s, u, x), l), dtype="float32", name="d lower")
     assert np.any(ds != 0)
     if cfg["band"]:
         assert np.any(du != 0) and np.any(dl != 0)
@@ -128,7 +116,7 @@ def test_reference_mlp_backward_matches_finite_differences():
         def f(v, name=name):
             u_, l_, _ = R.mlp_bounds({**params, name: v}, x)
             return float(np.sum(cu * u_ + cl * l_))
-        assert_close(grads[name], _fd(f, val), dtype="float32", name=name)
+        assert_close(grads[name], central_difference(f, val), dtype="float32", name=name)
 
 
 def test_reference_end_to_end_chain():
@@ -143,7 +131,7 @@ def test_reference_end_to_end_chain():
     def f(W2):
         u_, l_, _ = R.mlp_bounds({**params, "W2": W2}, x)
         return float(np.sum(g * R.dac_kl(t, s, u_, l_)))
-    assert_close(gW, _fd(f, params["W2"]), dtype="float32", name="dL/dW2")
+    assert_close(gW, central_difference(f, params["W2"]), dtype="float32", name="dL/dW2")
 
 
 # ------------------------------------------------------------------------------ fast backends vs oracle

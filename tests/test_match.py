@@ -18,7 +18,7 @@ from fast.match import (
     retrieve,
     update_block_summaries,
 )
-from fast.testing import assert_close, tolerance_for
+from fast.testing import assert_close, central_difference, tolerance_for
 from reference import match as ref
 from reference.attention import attention as ref_attention
 
@@ -180,16 +180,6 @@ def test_identities(B):
                                      gate_logit=gate[:w]), ref_attention(qs, ks, vs)[0], name="T <= w")
 
 
-def _fd(fn, x, eps=1e-6):
-    g = np.zeros_like(x)
-    for pos in np.ndindex(x.shape):
-        xp, xm = x.copy(), x.copy()
-        xp[pos] += eps
-        xm[pos] -= eps
-        g[pos] = (fn(xp) - fn(xm)) / (2 * eps)
-    return g
-
-
 @pytest.mark.parametrize("mode,B,gate_shape", [("joint", 1, None), ("joint", 2, None), ("gated", 1, (2, 9)),
                                                 ("gated", 3, (1, 9)), ("gated", 2, ())])
 def test_oracle_grad_finite_differences(mode, B, gate_shape):
@@ -208,14 +198,15 @@ def test_oracle_grad_finite_differences(mode, B, gate_shape):
 
     dq, dk, dv, dg = ref.match_attention_grad(q, k, v, dout, gate_logit=gate, **kw)
     tol = dict(atol=1e-7, rtol=1e-6, rms=1e-7)  # FD error ~ eps^2 + 1e-16 / eps per entry
-    assert_close(dq, _fd(lambda x: loss(q=x), q), name="dq", **tol)
-    assert_close(dk, _fd(lambda x: loss(k=x), k), name="dk", **tol)
-    assert_close(dv, _fd(lambda x: loss(v=x), v), name="dv", **tol)
+    assert_close(dq, central_difference(lambda x: loss(q=x), q), name="dq", **tol)
+    assert_close(dk, central_difference(lambda x: loss(k=x), k), name="dk", **tol)
+    assert_close(dv, central_difference(lambda x: loss(v=x), v), name="dv", **tol)
     if mode == "joint":
         assert dg is None
     else:
         assert dg.shape == np.shape(gate)
-        assert_close(dg, _fd(lambda x: loss(gate=x), np.asarray(gate, dtype=np.float64)), name="dgate", **tol)
+        assert_close(dg, central_difference(lambda x: loss(gate=x), np.asarray(gate, dtype=np.float64)),
+                     name="dgate", **tol)
 
 
 def test_oracle_gate_gradient_is_zero_without_retrieval():
