@@ -170,7 +170,7 @@ def test_grid_runs_each_config_once_and_resumes(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(mg, "train_run", boom)
+    monkeypatch.setattr(mg.grid, "train_run", boom)  # the name run_grid calls
     again = mg.run_grid(spec, str(tmp_path), progress=False)
     assert [r["name"] for r in again] == [r["name"] for r in first]
     rec = json.loads((tmp_path / first[0]["name"] / "result.json").read_text())
@@ -207,7 +207,7 @@ def test_plugin_pairs_sweep_table_and_plot(tmp_path):
     assert len(rows[0].split("|")) == len(head.split("|"))
     # the full-attention row equals a direct evaluation at each number of pairs
     for i, P in enumerate([1, 2, 3]):
-        x, y = mg.make_batch(mg.dataclasses.replace(cfg, num_kv_pairs=P), 8, mg.DEMO_SEED)
+        x, y = mg.make_batch(dataclasses.replace(cfg, num_kv_pairs=P), 8, mg.DEMO_SEED)
         want = 100 * mg.evaluate(model, x, y)["acc"]
         assert rows[0].startswith("| full |")
         assert float(rows[0].split("|")[3 + i]) == pytest.approx(want, abs=0.05)

@@ -30,10 +30,8 @@ import random
 import zlib
 from dataclasses import dataclass
 
-import torch
-
 from fast.training import data
-from fast.training.data import IGNORE, sft_example
+from fast.training.data import IGNORE, sft_example  # noqa: F401  (IGNORE: the label of untrained positions)
 from tiny_models.gpt import BOS, EOS, PAD
 
 # ----------------------------------------------------------------------------------------------------

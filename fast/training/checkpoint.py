@@ -42,7 +42,8 @@ def save_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: s
 
 
 def load_tensors(path: str, *, checksum: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a checkpoint; ``checksum=False`` accepts files written without one."""
+    """(tensors, metadata) of a checkpoint. The checksum is required, or with ``checksum=False`` checked only
+    where the file has one (files written before checksums were added)."""
     from safetensors import safe_open
 
     if not os.path.exists(path):
@@ -53,11 +54,10 @@ def load_tensors(path: str, *, checksum: bool = True) -> tuple[dict[str, torch.T
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated/garbled files
         raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file: {e}") from e
-    if checksum:
-        if "sha256" not in meta:
-            raise CheckpointError(f"checkpoint {path} has no sha256 in its metadata (not written by fast.training?)")
-        if tensors_sha256(tensors) != meta["sha256"]:
-            raise CheckpointError(f"checkpoint {path} is corrupt: the tensor sha256 does not match its metadata")
+    if checksum and "sha256" not in meta:
+        raise CheckpointError(f"checkpoint {path} has no sha256 in its metadata (not written by fast.training?)")
+    if "sha256" in meta and tensors_sha256(tensors) != meta["sha256"]:
+        raise CheckpointError(f"checkpoint {path} is corrupt: the tensor sha256 does not match its metadata")
     return tensors, meta
 
 

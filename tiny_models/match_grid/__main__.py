@@ -1,0 +1,3 @@
+from tiny_models.match_grid.cli import main
+
+main()
