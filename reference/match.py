@@ -72,6 +72,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from reference.attention import attention_mask
+from reference.nn import sigmoid
+
 MODES = ("joint", "gated")
 
 
@@ -102,9 +105,8 @@ def _scale(D, scale):
 
 
 def window_mask(T, *, window):  # int -> [T, T] bool
-    """W: query i sees keys i - w < j <= i."""
-    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
-    return (j <= i) & (j > i - window)
+    """W: query i sees keys i - w < j <= i (``reference.attention``'s causal sliding-window mask)."""
+    return attention_mask(T, causal=True, window=window)
 
 
 def candidate_mask(T, *, window):  # int -> [T, T] bool
@@ -227,7 +229,7 @@ def match_attention(q, k, v, *, window, top_k, block_size=1, mode="joint", gate_
     if mode == "joint":
         return merge_partials(o_w, lse_w, o_r, lse_r)[0]
     has_r = m_r.any(axis=-1)[..., None]  # [..., T, 1]
-    gate = 1.0 / (1.0 + np.exp(-g))[..., None]  # [..., T, 1]
+    gate = sigmoid(g)[..., None]  # [..., T, 1]
     return np.where(has_r, gate * o_r + (1.0 - gate) * o_w, o_w)
 
 
@@ -256,7 +258,7 @@ def match_attention_grad(q, k, v, dout, *, window, top_k, block_size=1, mode="jo
     if mode == "joint":
         return (*_partial_grad(q, k, v, m_w | m_r, dout, scale), None)
     has_r = m_r.any(axis=-1)[..., None]  # [..., T, 1]
-    gate = 1.0 / (1.0 + np.exp(-g))[..., None]  # [..., T, 1]
+    gate = sigmoid(g)[..., None]  # [..., T, 1]
     o_w, _ = partial_attention(q, k, v, m_w, scale)
     o_r, _ = partial_attention(q, k, v, m_r, scale)
     d_ow = np.where(has_r, (1.0 - gate) * dout, dout)
@@ -302,6 +304,6 @@ def match_attention_by_definition(q, k, v, *, window, top_k, block_size=1, mode=
             out[i] = attend(i, win + ret)[0]
         else:
             o_w, o_r = attend(i, win)[0], attend(i, ret)[0]
-            gate = 1.0 / (1.0 + np.exp(-g[i]))
+            gate = sigmoid(g[i])
             out[i] = gate * o_r + (1 - gate) * o_w if ret else o_w
     return out

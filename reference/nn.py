@@ -1,4 +1,4 @@
-"""The few building blocks every oracle shares, written once: log-softmax, sigmoid and GELU.
+"""The few building blocks every oracle shares, written once: log-softmax, softmax, sigmoid and GELU.
 
 Float64 NumPy, row-wise over the last axis. The attention mask is in ``reference/attention.py``
 (``allowed``, ``attention_mask``).
@@ -20,6 +20,14 @@ def log_softmax(x):  # [..., V] -> [..., V]
     with np.errstate(divide="ignore", invalid="ignore"):  # log 0 and -inf - -inf on an all -inf row
         out = z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
     return np.where(np.isneginf(x), -np.inf, out)
+
+
+def softmax(x):  # [..., V] -> [..., V]
+    """``exp(x - max) / sum`` over the last axis: a ``-inf`` entry gets probability exactly 0. A row needs
+    one finite entry (an all ``-inf`` row gives NaN here; ``exp(log_softmax(x))`` gives zeros)."""
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(x - np.max(x, axis=-1, keepdims=True))  # [..., V]
+    return e / np.sum(e, axis=-1, keepdims=True)
 
 
 def sigmoid(z):  # [...] -> [...]

@@ -66,14 +66,10 @@ from __future__ import annotations
 import numpy as np
 
 from reference.divergences import forward_kl
+from reference.nn import softmax
 
 TEACHER_TOKENS = ("sample", "argmax")
 DECODES = ("sample", "greedy")
-
-
-def softmax(z):  # [V] -> [V]
-    e = np.exp(z - np.max(z))
-    return e / e.sum()
 
 
 def sample_token(logits, u, temperature):  # [V], float in [0, 1), float > 0 -> int
