@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # The 15 slowest tests are listed at the end: keep the suite under ~10 minutes on a 2-core CPU.
 PYTEST_WORKERS ?= auto
 
-.PHONY: venv test demo bench gpu-check compile-check notebooks lab lint clean mutants kernel-stats
+.PHONY: venv test test-quick demo bench gpu-check compile-check notebooks lab lint format clean mutants kernel-stats
 
 venv: $(STAMP)
 
@@ -25,6 +25,12 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
+
+# The inner loop (about 2 minutes on a 2-core CPU): every test except the slow ones, the notebooks and the
+# sm_90a compiles. `make test` runs everything.
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal -m "not slow and not notebook and not compile" \
+		$(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
@@ -43,8 +49,14 @@ lab: $(STAMP)
 		set-default-viewer python
 	cd notebooks && ../$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root,)
 
+# ruff's checks and its formatter, as CI runs them (before the tests); `make format` rewrites the files.
 lint: $(STAMP)
-	$(BIN)/python -m ruff check . || true
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/python -m ruff format .
+	$(BIN)/python -m ruff check --fix .
 
 # On a CUDA machine with torch/triton/numpy/pytest/hypothesis already installed (no package registry
 # needed): installs nothing, runs the kernel tests compiled + gpu tests + benchmarks,

@@ -434,7 +434,7 @@ def _status(t, s):  # [n, V] x2 -> [n] int32 status bits (see _STATUS)
     return nonfinite.int() | (mismatch.int() * 2) | (all_ninf.int() * 4)
 
 
-def _torch_fwd(t, s, keep, code, w, inv_tau, need_grad):  # -> loss [N], y [N, V] or None, coef
+def _torch_fwd(t, s, keep, code, w, inv_tau, need_grad, chunk_elems=None):  # -> loss [N], y [N, V] | None, coef
     """Eager: each chunk is screened by one cheap reduction (the row sums of t and s are finite exactly
     when a row holds no -inf, NaN or +inf); only flagged rows are diagnosed. A kept row with bad values
     raises (``_raise_on_status`` over the whole batch, so the message counts every bad row); a kept
@@ -458,7 +458,9 @@ def _torch_fwd(t, s, keep, code, w, inv_tau, need_grad):  # -> loss [N], y [N, V
         return torch.where(kb, loss, 0.0), y, coef
     loss = torch.zeros(N, dtype=cd, device=s.device)
     y = torch.empty((N, V), dtype=cd, device=s.device) if (need_grad and eff is not None) else None
-    rows = max(1, (_CHUNK_ELEMS_CUDA if s.is_cuda else _CHUNK_ELEMS) // V)
+    if chunk_elems is None:
+        chunk_elems = _CHUNK_ELEMS_CUDA if s.is_cuda else _CHUNK_ELEMS
+    rows = max(1, chunk_elems // V)
     for r0 in range(0, N, rows):
         tc, sc, kc = t[r0:r0 + rows], s[r0:r0 + rows], kb[r0:r0 + rows]
         flagged = ~torch.isfinite(tc.sum(-1, dtype=cd) + sc.sum(-1, dtype=cd))
@@ -497,7 +499,7 @@ class _DivergenceRows(torch.autograd.Function):
                 _raise_on_status(status)
             ctx.save_for_backward(t, s, keep, stats)
         else:  # the torch backend checks its input chunk by chunk (eager only), raising the same errors
-            loss, y, ctx.coef = _torch_fwd(t, s, keep, code, w, inv_tau, need_grad)
+            loss, y, ctx.coef = _torch_fwd(t, s, keep, code, w, inv_tau, need_grad, block_v)
             ctx.save_for_backward(keep, y)
         ctx.cfg = (code, log_w, log_1mw, inv_tau, backend, block_v)
         ctx.student = (s.shape, s.dtype, s.device)
@@ -548,8 +550,9 @@ def divergence(name, teacher_logits, student_logits, *, mask=None, labels=None, 
     (``[...]``, 0 at dropped tokens). ``params``: ``beta`` for ``js_divergence``, ``alpha`` for the
     skew KLs (see ``PARAMS`` for defaults). No τ² factor is applied. The loss is float32 (float64 for a
     float64 student); the gradient has the student's dtype. The Triton backend computes in fp32;
-    the torch backend in fp32, or fp64 when an input is fp64. ``block_v`` (Triton only) overrides the
-    vocabulary chunk, a power of two. Bad input raises ``ValueError`` naming the problem.
+    the torch backend in fp32, or fp64 when an input is fp64. ``block_v`` overrides the chunk size: the
+    vocabulary block of the Triton kernels (a power of two), or the elements per row chunk of the torch
+    backend (1: one row per chunk). Bad input raises ``ValueError`` naming the problem.
 
     Under ``torch.compile`` the whole call traces as one graph (``fullgraph=True`` works): the checks on
     shapes, dtypes and options still run at trace time, but the check of the logits' *values* (NaN,

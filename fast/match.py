@@ -54,7 +54,6 @@ Token retrieval is quadratic in T (scoring only, no softmax over it); block retr
 """
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
@@ -324,19 +323,6 @@ def _torch_match(q, k, v, window, top_k, block_size, mode, gate, scale, *, key_v
 # backend choice
 
 
-def _triton_module(required):
-    """``fast.match_triton``, imported lazily; None when absent and not required."""
-    try:
-        return importlib.import_module("fast.match_triton")
-    except ModuleNotFoundError as e:
-        if e.name != "fast.match_triton":
-            raise
-        if required:
-            raise ValueError("backend='triton' needs fast/match_triton.py, which is not available; "
-                             "use backend='torch'") from e
-        return None
-
-
 def _backend(backend, q, top_k):
     """-> ('torch', None) or ('triton', module). "auto" takes Triton only for CUDA tensors the kernels
     support (fp16/bf16/fp32, D <= 128, top_k <= their MAX_TOP_K); with "triton" the kernels reject the
@@ -344,9 +330,8 @@ def _backend(backend, q, top_k):
     resolved = resolve_backend(backend, q)
     if resolved == "torch":
         return "torch", None
-    mod = _triton_module(required=backend == "triton")
-    if mod is None:
-        return "torch", None
+    from fast import match_triton as mod  # imported on first use: importing it compiles nothing
+
     if backend == "auto":
         fits = q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 128
         if not fits or top_k > getattr(mod, "MAX_TOP_K", top_k):

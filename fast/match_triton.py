@@ -870,7 +870,7 @@ def retrieve_triton(q, k, *, window, top_k, block_size, scale):
     return _select(q, k, window=window, top_k=top_k, block_size=block_size, scale=scale)
 
 
-def _fwd(q, k, v, idx, gate, *, window, block_size, gated, scale, q_start=0, store_parts=True):
+def _fwd(q, k, v, idx, gate, *, window, block_size, gated, scale, q_start=0, store_parts=True, tiles=None):
     B, Hq, TQ, D = q.shape
     TK = k.shape[2]
     top_k = idx.shape[-1]
@@ -887,7 +887,7 @@ def _fwd(q, k, v, idx, gate, *, window, block_size, gated, scale, q_start=0, sto
         gate = gate.float().contiguous()
     else:
         lse_r = o_w = o_r = gate = lse  # unused pointers
-    BM, BN, BR, warps = _tiles(q)
+    BM, BN, BR, warps = tiles or _tiles(q)
     BR = min(BR, max(2, triton.next_power_of_2(max(top_k * block_size, 1))))
     if top_k == 0:  # no retrieval: a valid pointer that is never read
         idx = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -942,7 +942,7 @@ def _block_tiles(q, block_size):
     return (64 if big else 32), bn, triton.cdiv(block_size, bn)
 
 
-def _fwd_block_major(q, k, v, idx, gate, *, window, block_size, gated, scale):
+def _fwd_block_major(q, k, v, idx, gate, *, window, block_size, gated, scale, tiles=None):
     """Training forward (T_q = T_k) with the block-major retrieved part; returns what ``_fwd`` returns.
     1. window part: ``match_fwd_kernel`` without retrieval (TOP_K = 0), writing its output in fp32 (o_W)
        and lse_W; 2. ``match_fwd_blocks_kernel``: per (selected block, batch, kv head) the partial attention
@@ -955,7 +955,7 @@ def _fwd_block_major(q, k, v, idx, gate, *, window, block_size, gated, scale):
     dev = q.device
     o_w = empty((B, Hq, T, D), dtype=torch.float32, device=dev)
     lse = empty((B, Hq, T), dtype=torch.float32, device=dev)
-    BM, BN, BR, warps = _tiles(q)
+    BM, BN, BR, warps = tiles or _tiles(q)
     no_idx = torch.zeros(1, dtype=torch.int64, device=dev)  # TOP_K = 0: never read
     match_fwd_kernel[(triton.cdiv(T, BM), B * Hq)](
         q, k, v, no_idx, lse, o_w, lse, lse, lse, lse,
@@ -995,7 +995,7 @@ def _fwd_block_major(q, k, v, idx, gate, *, window, block_size, gated, scale):
 
 
 def _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, *, window, block_size, gated, scale,
-         block_major=False):
+         block_major=False, tiles=None):
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -1023,7 +1023,7 @@ def _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, *, window, block_size,
     # fp32, the retrieved keys' partials from the dk/dv kernel below, summed by match_dq_merge_kernel
     dq = empty((B, Hq, T, D), dtype=q.dtype, device=dev)
     dq_w = empty((B, Hq, T, D), dtype=torch.float32, device=dev) if block_major else dq
-    BM, BN, BR, warps = _tiles(q)
+    BM, BN, BR, warps = tiles or _tiles(q)
     BR = min(BR, max(2, triton.next_power_of_2(max(top_k * block_size, 1))))
     no_idx = torch.zeros(1, dtype=torch.int64, device=dev)
     idx_arg = idx if top_k > 0 else no_idx  # never read if empty
@@ -1069,42 +1069,52 @@ def _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, *, window, block_size,
 
 class _MatchAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, gate, window, top_k, block_size, gated, scale):
+    def forward(ctx, q, k, v, gate, window, top_k, block_size, gated, scale, tiles, block_major):
         idx = _select(q, k, window=window, top_k=top_k, block_size=block_size, scale=scale)
-        block_major = _block_major(block_size, top_k)
+        block_major = _block_major(block_size, top_k) if block_major is None else block_major and top_k > 0
         fwd = _fwd_block_major if block_major else _fwd
         o, lse, lse_r, o_w, o_r = fwd(q, k, v, idx, gate, window=window, block_size=block_size,
-                                      gated=gated, scale=scale)
+                                      gated=gated, scale=scale, tiles=tiles)
         if gated:
             ctx.save_for_backward(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx)
         else:
             ctx.save_for_backward(q, k, v, o, lse, idx)
-        ctx.cfg = (window, block_size, gated, scale, block_major)
+        ctx.cfg = (window, block_size, gated, scale, block_major, tiles)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        window, block_size, gated, scale, block_major = ctx.cfg
+        window, block_size, gated, scale, block_major, tiles = ctx.cfg
         if gated:
             q, k, v, o, lse, lse_r, o_w, o_r, gate, idx = ctx.saved_tensors
         else:
             q, k, v, o, lse, idx = ctx.saved_tensors
             lse_r = o_w = o_r = gate = None
         dq, dk, dv, dgate = _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, window=window,
-                                 block_size=block_size, gated=gated, scale=scale, block_major=block_major)
+                                 block_size=block_size, gated=gated, scale=scale, block_major=block_major,
+                                 tiles=tiles)
         if dgate is not None:
             dgate = dgate.to(gate.dtype)
-        return dq, dk, dv, dgate, None, None, None, None, None
+        return dq, dk, dv, dgate, None, None, None, None, None, None, None
 
 
 def match_attention_triton(q, k, v, *, window, top_k, block_size, mode, gate_logit, scale):
     """MATCH attention (joint or gated), differentiable in q, k, v and gate_logit ([B, H_q, T] or None)."""
+    return _launch(q, k, v, window=window, top_k=top_k, block_size=block_size, mode=mode, gate_logit=gate_logit,
+                   scale=scale)
+
+
+def _launch(q, k, v, *, window, top_k, block_size, mode, gate_logit, scale, tiles=None, block_major=None):
+    """:func:`match_attention_triton` with the launch choices explicit (tests run every path at every tile):
+    ``tiles`` = (BLOCK_M, BLOCK_N, BLOCK_R, num_warps) of the window and gathered kernels (default
+    ``_tiles(q)``), ``block_major`` the retrieved part's path (default ``_block_major(block_size, top_k)``)."""
     _check_triton(q, top_k)
     gated = mode == "gated"
     if gated and gate_logit is None:
         raise ValueError("mode='gated' needs gate_logit [B, H_q, T]")
     gate = gate_logit if gated else None
-    return _MatchAttention.apply(q, k, v, gate, int(window), int(top_k), int(block_size), gated, float(scale))
+    return _MatchAttention.apply(q, k, v, gate, int(window), int(top_k), int(block_size), gated, float(scale),
+                                 tiles, block_major)
 
 
 def match_decode_triton(q, k_cache, v_cache, *, window, top_k, block_size, mode, gate_logit, scale,

@@ -2,7 +2,6 @@
 one process, bad input, transformers interop, the DAC-KL bounds optimiser state round-trips."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
@@ -21,8 +20,6 @@ from tiny_models.tasks import IGNORE, build_dataset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-HAS_SCRG = importlib.util.find_spec("fast.scrg") is not None
-needs_scrg = pytest.mark.skipif(not HAS_SCRG, reason="fast/scrg.py (SCRG) is not in this checkout")
 
 TINY = dict(n_per_family=30, block_size=96, max_new_tokens=6, batch_size=3, steps=6, eval_every=0,
             eval_examples=4, progress=False, threads=1, device="cpu", backend="torch", dac_k=8, dac_hidden=16,
@@ -58,11 +55,7 @@ def test_registry_has_every_method_and_ablation():
     assert "| mgsr | " in distill.describe()
 
 
-_SCRG_METHODS = ("mgsr", "mgsr-no-dackl", "mgsr-no-span")  # their fresh samples go through SCRG
-
-
-@pytest.mark.parametrize("method", [pytest.param(m, marks=needs_scrg) if m in _SCRG_METHODS else m
-                                    for m in (*BASELINES, "mgsr-no-scrg", "mgsr-no-dackl", "mgsr-no-span")])
+@pytest.mark.parametrize("method", [*BASELINES, "mgsr-no-scrg", "mgsr-no-dackl", "mgsr-no-span"])
 def test_each_method_lowers_its_own_loss_on_a_fixed_batch(method, examples):
     t, s = _models()
     d = Distiller(_cfg(method, gkd_lambda=1.0), t, s)
@@ -174,7 +167,6 @@ def test_mgsr_loss_is_the_weighted_sum_of_its_terms_by_hand(examples):
     assert_close(loss.detach(), want, dtype=torch.float32, name="MGSR loss")
 
 
-@needs_scrg
 def test_mgsr_revises_fresh_samples_with_scrg_before_the_buffer(examples, monkeypatch):
     import fast.scrg
 
@@ -209,7 +201,6 @@ def _files(tmp_path, v_student=None):
     return dict(teacher=str(tmp_path / "t.safetensors"), student=str(tmp_path / "s.safetensors"))
 
 
-@needs_scrg
 def test_kill_and_resume_reproduces_the_run(tmp_path):
     f = _files(tmp_path)
     kw = dict(f, init_threshold=0.6, capacity=4, eval_every=3, ckpt_every=1, lr=3e-3, min_lr=3e-4)
@@ -268,7 +259,6 @@ def test_bad_input_raises_value_error_naming_it(examples, tmp_path):
         train(_cfg("kd", out_dir=str(tmp_path / "v"), **_files(tmp_path, v_student=300)))
 
 
-@needs_scrg
 def test_gpt2_interop_one_mgsr_step_and_scrg(examples):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -98,6 +98,7 @@ def test_rewrite_keeps_hand_kept_sections():
 
 
 @pytest.mark.skipif(toolchain() is None, reason="Triton's bundled ptxas/cuobjdump not found")
+@pytest.mark.compile
 def test_toy_kernels(tmp_path):
     (tmp_path / "toys.py").write_text(TOYS)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MGSR_POISON_OUTPUTS")}

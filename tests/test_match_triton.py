@@ -7,6 +7,7 @@ The oracle is one head per call; grouped-query attention (GQA) is checked agains
 implementation that takes its masks from the oracle (``retrieve(..., grouped=True)``, ``retrieved_mask``)
 and is itself checked against ``reference.match`` for G = 1.
 """
+import functools
 import math
 
 import numpy as np
@@ -103,23 +104,24 @@ def expected(q, k, v, gl, do, *, window, top_k, block_size, mode, scale):
     return idx, out.detach(), qq.grad, kk.grad, vv.grad, (gg.grad if mode == "gated" else None)
 
 
-def run_triton(q, k, v, gl, do, *, window, top_k, block_size, mode, scale):
+def run_triton(q, k, v, gl, do, *, window, top_k, block_size, mode, scale, **launch):
+    """The op forward + backward; ``launch``: explicit launch choices of ``mt._launch`` (tiles, path)."""
     qq, kk, vv = (x.detach().to(DEVICE).requires_grad_() for x in (q, k, v))
     gg = gl.detach().to(DEVICE).requires_grad_() if mode == "gated" else None
-    out = match_attention_triton(qq, kk, vv, window=window, top_k=top_k, block_size=block_size, mode=mode,
-                                 gate_logit=gg, scale=scale)
+    op = functools.partial(mt._launch, **launch) if launch else match_attention_triton
+    out = op(qq, kk, vv, window=window, top_k=top_k, block_size=block_size, mode=mode, gate_logit=gg, scale=scale)
     out.backward(do.to(DEVICE))
     return out, qq.grad, kk.grad, vv.grad, (gg.grad if gg is not None else None)
 
 
-def check_all(B, Hq, Hkv, T, D, window, top_k, block_size, mode, dtype, seed=0):
+def check_all(B, Hq, Hkv, T, D, window, top_k, block_size, mode, dtype, seed=0, **launch):
     scale = _scale(D)
     q, k, v, gl, do = _inputs(B, Hq, Hkv, T, D, dtype, seed)
     cfg = dict(window=window, top_k=top_k, block_size=block_size, scale=scale)
     idx_e, *exp = expected(q, k, v, gl, do, mode=mode, **cfg)
     idx = retrieve_triton(q.to(DEVICE), k.to(DEVICE), **cfg)
     assert torch.equal(idx.cpu(), idx_e), "selection differs from the oracle"
-    got = run_triton(q, k, v, gl, do, mode=mode, **cfg)
+    got = run_triton(q, k, v, gl, do, mode=mode, **cfg, **launch)
     for name, a, e in zip(("out", "dq", "dk", "dv", "dgate"), got, exp, strict=True):
         if e is None:
             assert a is None
@@ -301,12 +303,10 @@ def test_forward_and_grads_match_oracle(B, Hq, Hkv, T, D, window, top_k, block_s
 
 @pytest.mark.parametrize("lowp,D", [(True, 16), (True, 100), (False, 16), (False, 100)])
 @pytest.mark.parametrize("mode", ["joint", "gated"])
-def test_gpu_tiles_under_the_interpreter(monkeypatch, lowp, D, mode):
+def test_gpu_tiles_under_the_interpreter(lowp, D, mode):
     # the interpreter otherwise runs its own big tiles: run the GPU ones (tensor-core and fp32 choice,
     # D <= 64 and D = 128 padded) on the gathered path, slots that straddle several BLOCK_R chunks
-    tiles = mt.gpu_tiles(lowp, D)
-    monkeypatch.setattr(mt, "_tiles", lambda q: tiles)
-    check_all(1, 2, 1, 41, D, 6, 5, 2, mode, torch.float32)
+    check_all(1, 2, 1, 41, D, 6, 5, 2, mode, torch.float32, tiles=mt.gpu_tiles(lowp, D))
 
 
 @settings(max_examples=examples(5))
@@ -415,10 +415,8 @@ def test_gpu_larger_shapes(dtype, mode):
 # the retrieved part: block-major (block_size >= BLOCK_MAJOR_MIN_BLOCK) and per-row gathered, forced
 
 
-def _forced(monkeypatch, path):
-    """Force the retrieved part's path (module constant of the one path rule) and record the path the
-    forward and the backward took."""
-    monkeypatch.setattr(mt, "BLOCK_MAJOR_MIN_BLOCK", 16 if path == "block-major" else 2**62)
+def _spied(monkeypatch):
+    """Record the path the forward and the backward took (the path itself is chosen by ``block_major``)."""
     took = []
     fwd_bm, bwd = mt._fwd_block_major, mt._bwd
 
@@ -450,8 +448,9 @@ BLOCK_MAJOR_CASES = [  # B, Hq, Hkv, T, D, window, top_k, block_size, mode, dtyp
 @pytest.mark.parametrize("B, Hq, Hkv, T, D, window, top_k, block_size, mode, dtype", BLOCK_MAJOR_CASES)
 def test_retrieved_paths_match_oracle(monkeypatch, path, B, Hq, Hkv, T, D, window, top_k, block_size, mode,
                                       dtype):
-    took = _forced(monkeypatch, path)
-    check_all(B, Hq, Hkv, T, D, window, top_k, block_size, mode, DTYPES[dtype], seed=T + top_k)
+    took = _spied(monkeypatch)
+    check_all(B, Hq, Hkv, T, D, window, top_k, block_size, mode, DTYPES[dtype], seed=T + top_k,
+              block_major=path == "block-major")
     want = ["fwd block-major", "bwd block-major"] if path == "block-major" else ["bwd gathered"]
     assert took == want
 
@@ -465,8 +464,8 @@ def test_block_major_equals_gathered(monkeypatch, mode):
     cfg = dict(window=w, top_k=K, block_size=bs, mode=mode, scale=D ** -0.5)
     runs = {}
     for path in ("gathered", "block-major", "block-major again"):
-        took = _forced(monkeypatch, path.replace(" again", ""))
-        runs[path] = run_triton(q, k, v, gl, do, **cfg)
+        took = _spied(monkeypatch)
+        runs[path] = run_triton(q, k, v, gl, do, **cfg, block_major=path != "gathered")
         assert took[0] == ("bwd gathered" if path == "gathered" else "fwd block-major")
     for name, a, b, c in zip(("out", "dq", "dk", "dv", "dgate"), runs["block-major"], runs["gathered"],
                              runs["block-major again"], strict=True):

@@ -10,10 +10,7 @@ from test_divergences_fast import CASES, IDS, _check, _make
 from fast import divergences as F
 
 
-@pytest.fixture
-def one_row_per_chunk(monkeypatch):
-    monkeypatch.setattr(F, "_CHUNK_ELEMS", 1)
-    monkeypatch.setattr(F, "_CHUNK_ELEMS_CUDA", 1)
+ONE_ROW_PER_CHUNK = 1  # ``block_v`` of the torch backend: elements per row chunk, so one row per chunk
 
 
 def _mixed_rows(rng, n=7, v=37):  # padded rows, clean rows, masked rows holding NaN / a -inf mismatch
@@ -27,26 +24,26 @@ def _mixed_rows(rng, n=7, v=37):  # padded rows, clean rows, masked rows holding
 
 
 @pytest.mark.parametrize("name,params", CASES, ids=IDS)
-def test_chunked_rows_match_reference(name, params, one_row_per_chunk):
+def test_chunked_rows_match_reference(name, params):
     rng = np.random.default_rng(30)
     t, s, keep = _mixed_rows(rng)
-    _check(name, "torch", t, s, tau=1.5, params=params, keep=keep, reduction="none", go_seed=1)
-    _check(name, "torch", t, s, tau=1.0, params=params, keep=keep, reduction="mean", go_seed=2)
+    _check(name, "torch", t, s, tau=1.5, params=params, keep=keep, reduction="none", go_seed=1,
+           block_v=ONE_ROW_PER_CHUNK)
+    _check(name, "torch", t, s, tau=1.0, params=params, keep=keep, reduction="mean", go_seed=2,
+           block_v=ONE_ROW_PER_CHUNK)
 
 
 @pytest.mark.parametrize("chunked", [False, True])
-def test_bad_rows_are_counted_across_chunks(chunked, monkeypatch):
-    if chunked:
-        monkeypatch.setattr(F, "_CHUNK_ELEMS", 1)
-        monkeypatch.setattr(F, "_CHUNK_ELEMS_CUDA", 1)
+def test_bad_rows_are_counted_across_chunks(chunked):
+    chunk = ONE_ROW_PER_CHUNK if chunked else None
     t, s = torch.randn(6, 9), torch.randn(6, 9)
     s[3, 1] = float("nan")
     t[5, 2] = float("-inf")  # a mismatch in a later chunk
     t[0, 4] = s[0, 4] = float("-inf")  # shared padding: fine
     with pytest.raises(ValueError, match=r"in 2 unmasked row\(s\), first row 3 \(flattened\): NaN or \+inf"):
-        F.divergence("forward_kl", t, s, backend="torch")
+        F.divergence("forward_kl", t, s, backend="torch", block_v=chunk)
     keep = torch.tensor([1, 1, 1, 0, 1, 0], dtype=torch.bool)
-    assert torch.isfinite(F.divergence("forward_kl", t, s, mask=keep, backend="torch"))
+    assert torch.isfinite(F.divergence("forward_kl", t, s, mask=keep, backend="torch", block_v=chunk))
 
 
 @pytest.mark.parametrize("name", ["forward_kl", "js_divergence", "skew_reverse_kl", "tv_distance"])

@@ -33,14 +33,12 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # `python tiny_models/distill_grid.py`
-    sys.path.insert(0, ROOT)
+from tiny_models.distill import BASELINES, METHODS, DistillConfig, read_log, train
+from tiny_models.evaluate import evaluate
+from tiny_models.model_io import load_model
+from tiny_models.tasks import EVAL_SETS, build_dataset
 
-from tiny_models.distill import BASELINES, METHODS, DistillConfig, read_log, train  # noqa: E402
-from tiny_models.model_io import load_model  # noqa: E402
-from tiny_models.evaluate import evaluate  # noqa: E402
-from tiny_models.tasks import EVAL_SETS, build_dataset  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ABLATIONS = ("mgsr-no-scrg", "mgsr-no-dackl", "mgsr-no-span", "mgsr-scrg3", "mgsr-scrg5", "mgsr-reverse_kl",
              "mgsr-symmetric_kl", "mgsr-js_divergence", "mgsr-tv_distance", "mgsr-skew_forward_kl",

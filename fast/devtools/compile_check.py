@@ -231,6 +231,32 @@ def _workload(dtypes):
             span.span_loss(t, s, spans, squared=squared, backend="triton").backward()
 
 
+def all_kernels() -> dict[str, str]:
+    """Every launched ``@triton.jit`` kernel defined in a ``fast`` module: {kernel name: module}. Found by
+    importing each module of the package (devtools excepted) and reading its globals, autotuned kernels
+    unwrapped. convention: launched kernels are named ``*_kernel``; the other jit functions (``_name``) are
+    device helpers, inlined into the kernels that call them."""
+    import importlib
+    import pkgutil
+
+    from triton.runtime.autotuner import Autotuner, Heuristics
+    from triton.runtime.jit import JITFunction
+
+    import fast
+
+    found = {}
+    for info in pkgutil.walk_packages(fast.__path__, "fast."):
+        if info.name.startswith("fast.devtools"):
+            continue
+        mod = importlib.import_module(info.name)
+        for obj in vars(mod).values():
+            while isinstance(obj, (Autotuner, Heuristics)):
+                obj = obj.fn
+            if isinstance(obj, JITFunction) and obj.__module__ == info.name and obj.__name__.endswith("_kernel"):
+                found[obj.__name__] = info.name
+    return found
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print(
@@ -247,6 +273,12 @@ def main() -> int:
         _workload(dtypes)
     for (name, _sig, cx, opts), dt in sorted(log.done.items(), key=lambda kv: kv[0][0]):
         print(f"compiled {name:28s} {dt:6.2f}s  constexprs={dict(cx)} options={dict(opts)}")
+    compiled = {name for name, *_ in log.done}
+    kernels = all_kernels()
+    print(f"{len(kernels)} kernels in fast/: {', '.join(sorted(kernels))}")
+    for name, module in sorted(kernels.items()):
+        if name not in compiled:
+            log.failures.append((f"{name} ({module})", "never compiled: add a call that launches it to _workload"))
     for what, msg in log.failures:
         print(f"FAILED {what}\n{msg}\n")
     print(
