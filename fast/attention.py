@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fast.utils import check_float, empty, fuse_fma_in_interpreter, is_interpreting, resolve_backend
+from fast.utils import LN2, LOG2E, check_float, empty, fuse_fma_in_interpreter, is_interpreting, resolve_backend
 
 fuse_fma_in_interpreter()  # tl.fma below must round once under TRITON_INTERPRET=1, as on a GPU
 
@@ -182,8 +182,6 @@ def _torch_attention(q, k, v, causal, window, scale, chunk=TORCH_CHUNK, need_lse
 # kernel (a transpose per iteration on CUDA cores): a NumPy/CUDA-core K Q^T rounds its sums in another
 # order, which at |S * scale| ~ 1e4 moves the recomputed P by ~3e-4 (test_huge_logits).
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 _INT32_LIMIT = 2**31
 
 
@@ -439,7 +437,7 @@ def attention_fwd_kernel(
                    not EVEN_T, EVEN_D, LOWP_DOT)  # [BM, BD]
     k_ptrs = k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd  # [BN, BD] at key 0
     v_ptrs = v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd
-    qk_scale = scale * 1.4426950408889634  # log2(e): exp(x * scale) = exp2(x * qk_scale)
+    qk_scale = scale * LOG2E  # log2(e): exp(x * scale) = exp2(x * qk_scale)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of s * qk_scale (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running denominator
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running numerator
@@ -576,7 +574,7 @@ def attention_bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    qk_scale = scale * 1.4426950408889634  # the forward's: P = exp2(s * qk_scale - lse2)
+    qk_scale = scale * LOG2E  # the forward's: P = exp2(s * qk_scale - lse2)
     k = _load_tile(k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd, offs_n,
                    T, d_ok,
                    not EVEN_T, EVEN_D, LOWP_DOT)  # [BN, BD]
@@ -684,7 +682,7 @@ def attention_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    qk_scale = scale * 1.4426950408889634  # the forward's: P = exp2(s * qk_scale - lse2)
+    qk_scale = scale * LOG2E  # the forward's: P = exp2(s * qk_scale - lse2)
     q = _load_tile(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, offs_m, T, d_ok,
                    not EVEN_T, EVEN_D, LOWP_DOT)  # [BM, BD]
     do = _load_tile(do_ptr + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :] * sdd, offs_m,
@@ -794,7 +792,7 @@ class _FlashAttention(torch.autograd.Function):
         o, lse2 = _triton_fwd(qs, k, v, causal, W, abs(scale))
         ctx.save_for_backward(qs, k, v, o, lse2)
         ctx.causal, ctx.W, ctx.scale = causal, W, scale
-        return o, lse2 * LN2
+        return o, lse2 * LN2.value
 
     @staticmethod
     def backward(ctx, do, dlse):

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fast.utils import check_float, empty, resolve_backend
+from fast.utils import LN2, LOG2E, check_float, empty, resolve_backend
 
 __all__ = ["divergence", "DIVERGENCES", "PARAMS", "divergence_fwd_kernel", "divergence_bwd_kernel",
            "demo_fit", "format_demo_table"]
@@ -60,8 +60,6 @@ _STATUS = {1: "NaN or +inf", 2: "-inf (padded vocabulary) in only one of teacher
 # =============================================================================================
 # Triton kernels. One program per row; vocabulary in chunks of BLOCK_V; fp32 accumulation.
 # =============================================================================================
-LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x log2 e)
-LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) ln 2
 
 
 @triton.jit

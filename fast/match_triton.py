@@ -120,14 +120,13 @@ import triton
 import triton.language as tl
 
 from fast.attention import _t_bucket, attention_bwd_dkdv_kernel
-from fast.utils import empty, is_interpreting
+from fast.utils import LN2, LOG2E, empty, is_interpreting
 
 __all__ = ["retrieve_triton", "match_attention_triton", "match_decode_triton", "block_summaries_triton",
            "reverse_index", "MAX_TOP_K", "BLOCK_MAJOR_MIN_BLOCK"]
 
 MAX_TOP_K = 32  # running top-k lives in registers: [BLOCK_M, next_pow2(top_k)] values + indices
 BLOCK_MAJOR_MIN_BLOCK = 16  # block_size from which the retrieved part is block-major (see _block_major)
-LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,7 +343,7 @@ def match_fwd_kernel(
     # ---- epilogue (l_i > 0 for every real row: the window holds the query itself)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o_w = acc / l_safe[:, None]
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     stat = pid_bh * TQ + offs_m
     qd_mask = row_ok[:, None] & d_ok[None, :]
     if GATED:
@@ -354,7 +353,7 @@ def match_fwd_kernel(
         glog = tl.load(gate_ptr + stat, mask=row_ok, other=0.0)
         gate = 1.0 / (1.0 + tl.exp(-glog))
         out = tl.where(has[:, None], gate[:, None] * o_r + (1.0 - gate[:, None]) * o_w, o_w)
-        lse_r = tl.where(has, (m_r + tl.log2(lr_safe)) * 0.6931471805599453, float("-inf"))
+        lse_r = tl.where(has, (m_r + tl.log2(lr_safe)) * LN2, float("-inf"))
         tl.store(lse_r_ptr + stat, lse_r, mask=row_ok)
         if STORE_PARTS:
             part = stat[:, None] * D + offs_d[None, :]
@@ -403,9 +402,9 @@ def match_bwd_dq_kernel(
     q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
                 mask=qd_mask, other=0.0).to(tl.float32)
     do = tl.load(dow_ptr + stat[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0).to(tl.float32)
-    lse2 = tl.load(stat_ptr + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(stat_ptr + stat, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(stat_ptr + n_stat + stat, mask=row_ok, other=0.0)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     if LOWP_DOT:
         q_dot = q.to(q_ptr.dtype.element_ty)
         do_dot = do.to(q_ptr.dtype.element_ty)
@@ -442,7 +441,7 @@ def match_bwd_dq_kernel(
     # ---- retrieved keys
     if GATED:
         do = tl.load(dor_ptr + stat[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0).to(tl.float32)
-        lse2 = tl.load(stat_ptr + 2 * n_stat + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(stat_ptr + 2 * n_stat + stat, mask=row_ok, other=0.0) * LOG2E
         lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # empty R: every p below is masked to 0 anyway
         delta = tl.load(stat_ptr + 3 * n_stat + stat, mask=row_ok, other=0.0)
     n_ret = TOP_K * BS
@@ -523,7 +522,7 @@ def match_bwd_dkdv_kernel(
     seg = pid_bh * NB + blk
     lst_lo = tl.load(start_ptr + seg)
     lst_hi = tl.load(start_ptr + seg + 1)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     for g in range(0, G):
         h = hk * G + g
         stat_base = (b * Hq + h) * T
@@ -537,7 +536,7 @@ def match_bwd_dkdv_kernel(
                          mask=qd_mask, other=0.0).to(tl.float32)  # [BM, BD]
             do = tl.load(do_ptr + (stat_base + qi)[:, None] * D + offs_d[None, :],
                          mask=qd_mask, other=0.0).to(tl.float32)
-            lse2 = tl.load(lse_ptr + stat_base + qi, mask=t_ok, other=0.0) * 1.4426950408889634
+            lse2 = tl.load(lse_ptr + stat_base + qi, mask=t_ok, other=0.0) * LOG2E
             delta = tl.load(delta_ptr + stat_base + qi, mask=t_ok, other=0.0)
             if LOWP_DOT:
                 s = tl.dot(qq.to(k_ptr.dtype.element_ty), tl.trans(k_dot))
@@ -667,7 +666,7 @@ def match_fwd_blocks_kernel(
                 acc = acc * alpha[:, None] + pv
                 m_i = m_new
             l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-            lse_p = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+            lse_p = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
             part = ((b * Hq + h) * T) * TOP_K + ent  # [BM] the (query head, query, slot) of each row
             tl.store(op_ptr + part[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=qd_mask)
             tl.store(lsep_ptr + part, lse_p, mask=t_ok)
@@ -894,7 +893,7 @@ def _fwd(q, k, v, idx, gate, *, window, block_size, gated, scale, q_start=0, sto
     match_fwd_kernel[(triton.cdiv(TQ, BM), B * Hq)](
         q, k, v, idx, gate, o, lse, lse_r, o_w, o_r,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        Hq, Hq // k.shape[1], TQ, TK, q_start, D, window, block_size, float(scale) * LOG2E,
+        Hq, Hq // k.shape[1], TQ, TK, q_start, D, window, block_size, float(scale) * LOG2E.value,
         TOP_K=top_k, GATED=gated, STORE_PARTS=gated and store_parts, LOWP_DOT=_lowp(q),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, BLOCK_D=_block_d(D), num_warps=warps,
     )
@@ -960,7 +959,7 @@ def _fwd_block_major(q, k, v, idx, gate, *, window, block_size, gated, scale, ti
     match_fwd_kernel[(triton.cdiv(T, BM), B * Hq)](
         q, k, v, no_idx, lse, o_w, lse, lse, lse, lse,
         *q.stride(), *k.stride(), *v.stride(), *o_w.stride(),
-        Hq, Hq // Hkv, T, T, 0, D, window, block_size, float(scale) * LOG2E,
+        Hq, Hq // Hkv, T, T, 0, D, window, block_size, float(scale) * LOG2E.value,
         TOP_K=0, GATED=False, STORE_PARTS=False, LOWP_DOT=_lowp(q),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=2, BLOCK_D=_block_d(D), num_warps=warps,
     )
@@ -973,7 +972,7 @@ def _fwd_block_major(q, k, v, idx, gate, *, window, block_size, gated, scale, ti
     # (kernel_stats --match)
     match_fwd_blocks_kernel[(NB, B * Hkv)](
         q, k, v, entries, starts, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(),
-        Hq, Hkv, Hq // Hkv, T, D, window, block_size, NB, top_k, float(scale) * LOG2E,
+        Hq, Hkv, Hq // Hkv, T, D, window, block_size, NB, top_k, float(scale) * LOG2E.value,
         NSUB=NSUB, LOWP_DOT=_lowp(q), BLOCK_M=BM_L, BLOCK_N=BN_L, BLOCK_D=_block_d(D), num_warps=8,
     )
     o = empty((B, Hq, T, D), dtype=q.dtype, device=dev)
@@ -1039,7 +1038,7 @@ def _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, *, window, block_size,
     # the window part is sliding-window attention with the part's own lse, delta and dO: the tuned, split
     # dk/dv kernel of fast/attention.py (lse in log2 units there), writing fp32 into dk_w, dv_w
     W = min(window, T)
-    lse2_w = stats[0] * LOG2E
+    lse2_w = stats[0] * LOG2E.value
     attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, do_w, lse2_w, stats[1], dk_w, dv_w, *strides, *do_w.stride(), Hq, Hkv, G, T, D, W,
         float(scale), _t_bucket(T, W), IS_CAUSAL=True, HAS_WINDOW=W < T, LOWP_DOT=lowp, BLOCK_D=BD,

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fast.utils import check_float, empty, is_interpreting, resolve_backend
+from fast.utils import LOG2E, check_float, empty, is_interpreting, resolve_backend
 
 PAD = -1
 
@@ -165,7 +165,6 @@ def span_loss_torch(t, s, spans, *, squared: bool = False, validate: bool = True
 
 # ----------------------------------------------------------------------------------------- Triton kernels
 
-LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): e^x = 2^(x log2 e), and exp2 is one MUFU instruction
 
 
 @triton.jit

@@ -6,11 +6,19 @@ kernel lane that never writes its output shows up as NaN instead of stale memory
 """
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import time
 
 import torch
+import triton.language as tl
+
+# log2(e) and ln 2 for every kernel: each computes exp and log in base 2 (exp(x) = exp2(x LOG2E), one MUFU
+# instruction; ln(x) = log2(x) LN2). Triton constants, because a kernel may read a module global only when
+# it is a tl.constexpr; host code reads ``LOG2E.value``.
+LOG2E = tl.constexpr(math.log2(math.e))
+LN2 = tl.constexpr(math.log(2.0))
 
 BACKENDS = ("auto", "torch", "triton")
 

@@ -16,7 +16,8 @@
 # MGSR: *Multi-Granularity Semantic Revision for LLM distillation* (arXiv 2407.10068); the baselines include
 # DistiLLM (arXiv 2402.03898) and MiniLLM (arXiv 2306.08543).
 #
-# `fast/distill.py` trains the tiny student (`tiny_models/checkpoints/student.safetensors`, 0.25M parameters)
+# `python -m tiny_models.distill` (the trainer `fast/training/distill.py`, the registry
+# `fast/training/methods.py`) trains the tiny student (`tiny_models/checkpoints/student.safetensors`, 0.25M parameters)
 # towards the tiny teacher (1.8M) with one of a registry of methods. Each method is a *recipe*: which
 # sequences a step trains on, and with which loss. This notebook:
 #
@@ -59,6 +60,7 @@ print(distill.describe())
 
 # %%
 from fast.scrg import scrg  # noqa: E402
+from fast.training.methods import generate_responses  # noqa: E402
 from tiny_models.gpt import EOS  # noqa: E402
 
 teacher, _ = load_model(os.path.join(ROOT, "tiny_models/checkpoints/teacher.safetensors"))
@@ -66,8 +68,8 @@ student, _ = load_model(os.path.join(ROOT, "tiny_models/checkpoints/student.safe
 ds = build_dataset(0, n_per_family=200)
 ex = ds["valid"][5]
 g = torch.Generator().manual_seed(3)
-(sample,), (ended,) = distill.generate_responses(student, [prompt_ids(ex.prompt)], max_new_tokens=32,
-                                                 temperature=1.0, generator=g)
+(sample,), (ended,) = generate_responses(student, [prompt_ids(ex.prompt)], max_new_tokens=32, temperature=1.0,
+                                         generator=g, eos_id=EOS)
 (revised,), (pos,) = scrg([prompt_ids(ex.prompt)], [sample + ([EOS] if ended else [])], teacher, student,
                           max_new_tokens=32, eos_id=EOS, generator=g)
 print("prompt   :", ex.prompt)

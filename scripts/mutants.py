@@ -192,7 +192,7 @@ MUTANTS: list[Mutant] = [
     M("match-triton-gate", "fast/match_triton.py", "gate = 1.0 / (1.0 + tl.exp(-glog))",
       "gate = 1.0 / (1.0 + tl.exp(glog))", "tests/test_match_triton.py",
       "gated mode uses sigmoid(-gate_logit)"),
-    M("match-triton-window-lse", "fast/match_triton.py", "lse2_w = stats[0] * LOG2E",
+    M("match-triton-window-lse", "fast/match_triton.py", "lse2_w = stats[0] * LOG2E.value",
       "lse2_w = stats[0]", "tests/test_match_triton.py",
       "window dk/dv: the natural-log lse passed where the attention kernel reads log2 units"),
     # ---- SCRG and the distillation trainer ---------------------------------------------------------------
