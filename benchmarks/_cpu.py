@@ -12,6 +12,7 @@ growth is then the call's own peak memory above its inputs (the gradient, every 
 MiB of one-time library initialisation, the same for every implementation). ``tracemalloc`` does not
 see torch's allocations, and torch's CPU allocator keeps no peak statistics, hence the resident set.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -27,7 +28,7 @@ def interleaved_ms(fns: dict, *, warmup: int = 1, rep: int = 5) -> dict:
     times = {k: [] for k in fns}
     keys = list(fns)
     for r in range(rep):
-        for k in keys[r % len(keys):] + keys[: r % len(keys)]:  # rotate: no implementation always runs first
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:  # rotate: no implementation always runs first
             t0 = time.perf_counter()
             fns[k]()
             times[k].append((time.perf_counter() - t0) * 1e3)
@@ -54,6 +55,7 @@ def rss_growth_mb(fn) -> float:
 
 def peak_rss_in_subprocess(script: str, *args) -> float:
     """Run ``python script --peak-rss *args`` (the script prints ``rss_growth_mb`` last) and parse it."""
-    out = subprocess.run([sys.executable, script, "--peak-rss", *map(str, args)], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, script, "--peak-rss", *map(str, args)], capture_output=True, text=True, check=True
+    )
     return float(out.stdout.strip().splitlines()[-1])

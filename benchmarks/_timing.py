@@ -5,6 +5,7 @@ the median in milliseconds: CUDA events on a GPU (after a synchronize), ``perf_c
 ``peak_mb(fn)`` runs ``fn`` once and returns the peak CUDA memory allocated during it (MiB), or
 ``None`` on CPU. Absolute times are only meaningful from a GPU; on CPU compare ratios side by side.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -53,6 +54,7 @@ def peak_mb(fn, *, device: str):
 
 def fmt_table(rows: list[dict], cols: list[str]) -> str:
     """A markdown table of ``rows`` restricted to ``cols`` (missing -> '')."""
+
     def cell(v):
         if v is None:
             return ""

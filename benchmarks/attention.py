@@ -13,6 +13,7 @@ row and a full-causal row are comparable as "useful work per second".
     python benchmarks/attention.py --device cuda          # full sizes, bf16, T = 1K..32K
     python benchmarks/attention.py --device cpu --quick   # tiny, proves the script runs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -102,8 +103,9 @@ def run(*, device: str, quick: bool) -> list[dict]:
 
     def measure(impl, T, D, w, fwd, note=""):
         gen = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v, do = (torch.randn(B, H, T, D, generator=gen).to(device=device, dtype=dtype)
-                       for _ in range(4))
+        q, k, v, do = (
+            torch.randn(B, H, T, D, generator=gen).to(device=device, dtype=dtype) for _ in range(4)
+        )
         for t in (q, k, v):
             t.requires_grad_(True)
         r = (1, 1) if (impl == "triton" and not cuda) else (warm, rep)  # interpreted: one call
@@ -118,8 +120,17 @@ def run(*, device: str, quick: bool) -> list[dict]:
             if not cuda:  # no CPU peak counter: the autograd-saved memory, labelled as such
                 mem = saved_mb(fwd_only)
                 row_note = (note + "; " if note else "") + "peak_mb = autograd-saved MB"
-            rows.append(dict(op=op, impl=impl, shape=shape, median_ms=ms,
-                             tflops=mult * flops / (ms * 1e-3) / 1e12, peak_mb=mem, note=row_note))
+            rows.append(
+                dict(
+                    op=op,
+                    impl=impl,
+                    shape=shape,
+                    median_ms=ms,
+                    tflops=mult * flops / (ms * 1e-3) / 1e12,
+                    peak_mb=mem,
+                    note=row_note,
+                )
+            )
         return rows[-2:]
 
     # torch backend (CPU training path) and SDPA (full causal) at the small sizes / full grid
@@ -128,31 +139,63 @@ def run(*, device: str, quick: bool) -> list[dict]:
             rows.append(dict(op="-", impl="-", shape=f"T{T} D{D} w{w}", note="skipped: time budget"))
             continue
         if not cuda:  # our torch backend against the textbook eager formula (ratio = eager / ours)
-            eager = measure("eager", T, D, w, lambda q, k, v, w=w: eager_attention(q, k, v, w),
-                            note="textbook masked softmax")
-            mine = measure("torch-blocked", T, D, w,
-                           lambda q, k, v, w=w: ours(q, k, v, window=w, backend="torch"))
+            eager = measure(
+                "eager",
+                T,
+                D,
+                w,
+                lambda q, k, v, w=w: eager_attention(q, k, v, w),
+                note="textbook masked softmax",
+            )
+            mine = measure(
+                "torch-blocked", T, D, w, lambda q, k, v, w=w: ours(q, k, v, window=w, backend="torch")
+            )
             for e, m in zip(eager, mine, strict=True):
                 m["note"] = f"{e['median_ms'] / m['median_ms']:.2f}x eager; " + m["note"]
         if w is not None and not cuda:
             mask = torch.ones(T, T, dtype=torch.bool).tril() & ~torch.ones(T, T, dtype=torch.bool).tril(-w)
-            measure("sdpa", T, D, w, lambda q, k, v, m=mask: torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=m), note="boolean mask")
+            measure(
+                "sdpa",
+                T,
+                D,
+                w,
+                lambda q, k, v, m=mask: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=m
+                ),
+                note="boolean mask",
+            )
         if w is None:
-            measure("sdpa", T, D, w,
-                    lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+            measure(
+                "sdpa",
+                T,
+                D,
+                w,
+                lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+            )
         if (T, D, w) in triton_cases:
             measure("triton", T, D, w, lambda q, k, v, w=w: ours(q, k, v, window=w, backend="triton"))
         if flex is not None and (T, D, w) in flex_cases:
             create_block_mask, flex_fn = flex
             mask_mod = lambda b, h, qi, ki, w=w: (qi >= ki) & (qi - ki < w)  # same convention: w keys
             bm = create_block_mask(mask_mod, None, None, T, T, device=device)
-            measure("flex", T, D, w, lambda q, k, v, bm=bm, fn=flex_fn: fn(q, k, v, block_mask=bm),
-                    note="torch.compile")
+            measure(
+                "flex",
+                T,
+                D,
+                w,
+                lambda q, k, v, bm=bm, fn=flex_fn: fn(q, k, v, block_mask=bm),
+                note="torch.compile",
+            )
     for T, D, w in triton_cases:  # CPU: the interpreted tiny size (not in `cases`)
         if (T, D, w) not in cases:
-            measure("triton", T, D, w, lambda q, k, v, w=w: ours(q, k, v, window=w, backend="triton"),
-                    note="interpreted" if not cuda else "")
+            measure(
+                "triton",
+                T,
+                D,
+                w,
+                lambda q, k, v, w=w: ours(q, k, v, window=w, backend="triton"),
+                note="interpreted" if not cuda else "",
+            )
     return rows
 
 

@@ -28,6 +28,7 @@ the process's peak resident set over one fwd+bwd call, in a fresh subprocess per
     OMP_NUM_THREADS=2 python benchmarks/divergences.py --device cpu
     python benchmarks/divergences.py --device cpu --quick
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,10 @@ else:  # run as a script (or by run_all.py): benchmarks/ is sys.path[0]
     from _timing import cli, median_ms, peak_mb
 
 BUDGET_S = float(os.environ.get("BENCH_DIVERGENCES_BUDGET_S", "60"))  # the whole script, on CUDA
-CPU_SHAPES = {"forward_kl": [(1024, 32000), (4096, 259), (256, 50257)],
-              "js_divergence": [(1024, 32000), (4096, 259), (256, 50257)]}
+CPU_SHAPES = {
+    "forward_kl": [(1024, 32000), (4096, 259), (256, 50257)],
+    "js_divergence": [(1024, 32000), (4096, 259), (256, 50257)],
+}
 
 
 def eager(name, t, s, beta=0.5):
@@ -58,8 +61,9 @@ def eager(name, t, s, beta=0.5):
     if name == "forward_kl":  # kl_div(input=log q, target=log p) = KL(p‖q)
         return F.kl_div(lq, lp, log_target=True, reduction="batchmean")
     lm = torch.log(beta * lp.exp() + (1 - beta) * lq.exp())
-    return (beta * F.kl_div(lm, lp, log_target=True, reduction="batchmean")
-            + (1 - beta) * F.kl_div(lm, lq, log_target=True, reduction="batchmean"))
+    return beta * F.kl_div(lm, lp, log_target=True, reduction="batchmean") + (1 - beta) * F.kl_div(
+        lm, lq, log_target=True, reduction="batchmean"
+    )
 
 
 def _liger(name):
@@ -75,6 +79,7 @@ def _liger(name):
         if name == "forward_kl":  # kl_div(input=log q, target=log p) = KL(p‖q)
             return liger_kl_div(lq, lp, reduction="batchmean", log_target=True)
         return liger_jsd(lq, lp, beta=0.5)
+
     return run
 
 
@@ -92,6 +97,7 @@ def _fwd_bwd(fwd, t, s):
     def fn():
         s.grad = None
         fwd(t, s).backward()
+
     return fn
 
 
@@ -117,10 +123,17 @@ def run_cpu() -> list[dict]:
             fns = {i: _fwd_bwd(_fwd(name, i), t, s) for i in impls}
             ms = interleaved_ms(fns, warmup=1, rep=reps_for(N * V))
             for impl in impls:
-                rows.append(dict(op=f"{name} fwd+bwd", impl=impl, shape=f"N={N} V={V} float32",
-                                 median_ms=ms[impl], vs_eager=ms["eager"] / ms[impl],
-                                 gbps=3 * N * V * 4 / ms[impl] / 1e6,
-                                 peak_mb=peak_rss_in_subprocess(__file__, name, impl, N, V)))
+                rows.append(
+                    dict(
+                        op=f"{name} fwd+bwd",
+                        impl=impl,
+                        shape=f"N={N} V={V} float32",
+                        median_ms=ms[impl],
+                        vs_eager=ms["eager"] / ms[impl],
+                        gbps=3 * N * V * 4 / ms[impl] / 1e6,
+                        peak_mb=peak_rss_in_subprocess(__file__, name, impl, N, V),
+                    )
+                )
             del t, s
     return rows
 
@@ -139,8 +152,10 @@ def run(*, device: str, quick: bool) -> list[dict]:
     # phase 1: the kernels, the torch backend and the eager formula at every size; phase 2: the extras,
     # torch.compile at the first size (its compile time would dominate the budget) and Liger if present.
     # --quick compiles forward KL only (one inductor compile, ~30 s on 2 cores)
-    phases = [["triton", "torch", "eager"] if (cuda or is_interpreting()) else ["torch", "eager"],
-              ["torch.compile", "liger"]]
+    phases = [
+        ["triton", "torch", "eager"] if (cuda or is_interpreting()) else ["torch", "eager"],
+        ["torch.compile", "liger"],
+    ]
     rows = []
     for phase in phases:
         for name in ("forward_kl", "js_divergence"):

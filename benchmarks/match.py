@@ -18,6 +18,7 @@ is O(T (w + K B) D), so a sits between 1 and 2. Peak memory (``peak_mb``) is mea
     python benchmarks/match.py --device cpu           # fp32, T = 1K..8K, D = 64 (minutes)
     python benchmarks/match.py --device cpu --quick   # tiny, proves the script runs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,8 +84,9 @@ def run(*, device: str, quick: bool) -> list[dict]:
 
     def measure(name, fn, T, D, shape, note=""):
         gen = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v, do = (torch.randn(B, H, T, D, generator=gen).to(device=device, dtype=dtype)
-                       for _ in range(4))
+        q, k, v, do = (
+            torch.randn(B, H, T, D, generator=gen).to(device=device, dtype=dtype) for _ in range(4)
+        )
         for t in (q, k, v):
             t.requires_grad_(True)
         r = (0, 1) if note == "interpreted" else (warm, rep)
@@ -106,20 +108,33 @@ def run(*, device: str, quick: bool) -> list[dict]:
             measure(name, fn, T, D, shape)
         for op in ("fwd", "fwd+bwd"):
             m, s, f = (times[(n, op, T, D)] for n in ("match", "swa", "full"))
-            rows.append(dict(op=f"match {op}", impl="ratios", shape=shape,
-                             note=f"MATCH/SWA={m / s:.2f} full/MATCH={f / m:.2f}"))
+            rows.append(
+                dict(
+                    op=f"match {op}",
+                    impl="ratios",
+                    shape=shape,
+                    note=f"MATCH/SWA={m / s:.2f} full/MATCH={f / m:.2f}",
+                )
+            )
     if not cuda:
         measured = [(T, D) for T, D in cases if ("match", "fwd", T, D) in times]
         for name in impls:
             for op in ("fwd", "fwd+bwd"):
                 ts = [T for T, _ in measured]
                 a = fit_exponent(ts, [times[(name, op, T, D)] for T, D in measured])
-                rows.append(dict(op=f"match {op}", impl=f"fit {name}", shape=f"T {ts[0]}..{ts[-1]}",
-                                 note=f"time ~ T^{a:.2f}"))
+                rows.append(
+                    dict(
+                        op=f"match {op}",
+                        impl=f"fit {name}",
+                        shape=f"T {ts[0]}..{ts[-1]}",
+                        note=f"time ~ T^{a:.2f}",
+                    )
+                )
         if is_interpreting():  # the Triton path once, interpreted (proves it runs; the time means nothing)
             T, D = 128, 16
-            tiny = lambda q, k, v: match_attention(q, k, v, window=32, top_k=2, block_size=16,
-                                                   backend="triton")
+            tiny = lambda q, k, v: match_attention(
+                q, k, v, window=32, top_k=2, block_size=16, backend="triton"
+            )
             measure("match-triton", tiny, T, D, f"B{B} H{H} T{T} D{D} w32 K2x16", note="interpreted")
     return rows
 

@@ -20,6 +20,7 @@ interpreted there, so only at a toy size).
     OMP_NUM_THREADS=2 python benchmarks/mgsr_losses.py --device cpu
     python benchmarks/mgsr_losses.py --device cpu --quick
 """
+
 from __future__ import annotations
 
 import math
@@ -109,7 +110,9 @@ def _dac_case(N, V, dtype, device, bounds):
             else:
                 loss, _, _ = dac_kl(t, s, u, l, backend=impl, validate=False, bounds=bounds)
             loss.sum().backward()
+
         return fn
+
     return make, N * V * t.element_size() * 2  # read t and s once: the minimum traffic of one pass
 
 
@@ -126,12 +129,20 @@ def _span_case(B, T, V, dtype, device, width=4):
                 eager_span(t, s, spans).backward()
             else:
                 span_loss(t, s, spans, backend=impl, validate=False).backward()
+
         return fn
+
     return make, B * T * V * t.element_size() * 2
 
 
-CPU_CASES = [("dac", (1024, 32000), "value"), ("dac", (1024, 32000), "mass"), ("dac", (4096, 259), "value"),
-             ("dac", (4096, 259), "mass"), ("span", (2, 512, 32000), None), ("span", (8, 512, 259), None)]
+CPU_CASES = [
+    ("dac", (1024, 32000), "value"),
+    ("dac", (1024, 32000), "mass"),
+    ("dac", (4096, 259), "value"),
+    ("dac", (4096, 259), "mass"),
+    ("span", (2, 512, 32000), None),
+    ("span", (8, 512, 259), None),
+]
 
 
 def _case(kind, shape, bounds, dtype, device):
@@ -154,10 +165,17 @@ def run_cpu() -> list[dict]:
         impls = ("torch", "eager")
         ms = interleaved_ms({i: make(i) for i in impls}, warmup=1, rep=reps_for(math.prod(shape)))
         for impl in impls:
-            rows.append(dict(op=op, impl=impl, shape=f"{shp} float32", median_ms=ms[impl],
-                             vs_eager=ms["eager"] / ms[impl], gbps=nbytes / ms[impl] / 1e6,
-                             peak_mb=peak_rss_in_subprocess(__file__, kind, "x".join(map(str, shape)),
-                                                            bounds, impl)))
+            rows.append(
+                dict(
+                    op=op,
+                    impl=impl,
+                    shape=f"{shp} float32",
+                    median_ms=ms[impl],
+                    vs_eager=ms["eager"] / ms[impl],
+                    gbps=nbytes / ms[impl] / 1e6,
+                    peak_mb=peak_rss_in_subprocess(__file__, kind, "x".join(map(str, shape)), bounds, impl),
+                )
+            )
     return rows
 
 
@@ -173,8 +191,9 @@ def run(*, device: str, quick: bool) -> list[dict]:
         dac_shapes, span_shapes, dtypes = [(4096, 32000)], [(8, 512, 32000)], [torch.bfloat16, torch.float32]
         warmup, rep = 2, 5
     impls = ["torch", "triton", "eager"] if (cuda or is_interpreting()) else ["torch", "eager"]
-    cases = [("dac", sh, b) for sh in dac_shapes for b in ("value", "mass")] + [("span", sh, None)
-                                                                               for sh in span_shapes]
+    cases = [("dac", sh, b) for sh in dac_shapes for b in ("value", "mass")] + [
+        ("span", sh, None) for sh in span_shapes
+    ]
     for dtype in dtypes:
         for kind, shape, bounds in cases:
             make, nbytes, op, shp = _case(kind, shape, bounds, dtype, device)

@@ -7,6 +7,7 @@ mean nothing, compare the ratios within one table. On CUDA the full-sized proble
     python benchmarks/run_all.py                 # auto device, quick on CPU
     python benchmarks/run_all.py --full --out benchmarks/results/gpu.md
 """
+
 from __future__ import annotations
 
 import argparse

@@ -10,6 +10,7 @@ variable is already set) so every ``@triton.jit`` kernel below runs in Triton's 
 It runs before any kernel module is imported, which is when Triton reads the variable. Set
 ``TRITON_INTERPRET=0`` to compile kernels instead (``make compile-check``, ``make kernel-stats``).
 """
+
 import os as _os
 
 if "TRITON_INTERPRET" not in _os.environ:

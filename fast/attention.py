@@ -18,6 +18,7 @@ outside the window skipped by the loop bounds, so the cost is O(T*w) and not O(T
 torch backend is a blocked loop over query chunks that only touches the keys a chunk can see, so CPU
 training of the tiny GPTs is also O(T*w) in time and memory, and autograd does the backward.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,12 +27,24 @@ import torch
 import triton
 import triton.language as tl
 
-from fast.utils import LN2, LOG2E, check_float, empty, fuse_fma_in_interpreter, is_interpreting, resolve_backend
+from fast.utils import (
+    LN2,
+    LOG2E,
+    check_float,
+    empty,
+    fuse_fma_in_interpreter,
+    is_interpreting,
+    resolve_backend,
+)
 
 fuse_fma_in_interpreter()  # tl.fma below must round once under TRITON_INTERPRET=1, as on a GPU
 
 __all__ = [
-    "flash_attention", "flash_attention_with_lse", "key_block_range", "key_block_split", "query_block_range",
+    "flash_attention",
+    "flash_attention_with_lse",
+    "key_block_range",
+    "key_block_split",
+    "query_block_range",
     "query_block_split",
 ]
 
@@ -140,9 +153,17 @@ def _torch_attention(q, k, v, causal, window, scale, chunk=TORCH_CHUNK, need_lse
         if not need_lse:
             dense_causal = causal and window is None and a == 0 and hi == b
             ok = None if dense_causal else _chunk_mask(a, b, lo, hi, causal, window, q.device)
-            outs.append(torch.nn.functional.scaled_dot_product_attention(
-                qc[:, :, a:b], kc[:, :, lo:hi], vc[:, :, lo:hi], attn_mask=ok, is_causal=dense_causal,
-                scale=scale, enable_gqa=G > 1))
+            outs.append(
+                torch.nn.functional.scaled_dot_product_attention(
+                    qc[:, :, a:b],
+                    kc[:, :, lo:hi],
+                    vc[:, :, lo:hi],
+                    attn_mask=ok,
+                    is_causal=dense_causal,
+                    scale=scale,
+                    enable_gqa=G > 1,
+                )
+            )
             continue
         s = qc[..., a:b, :] @ kc[..., lo:hi, :].transpose(-1, -2)  # [B, Hkv, (G,) b-a, hi-lo]
         ok = _chunk_mask(a, b, lo, hi, causal, window, q.device)
@@ -161,7 +182,8 @@ def _torch_attention(q, k, v, causal, window, scale, chunk=TORCH_CHUNK, need_lse
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 #
-# Cost structure (``python -m fast.devtools.kernel_stats``, benchmarks/results/kernel_stats.md): every loop over
+# Cost structure (``python -m fast.devtools.kernel_stats``, benchmarks/results/kernel_stats.md): every loop
+# over
 # key blocks (forward, dq) or query blocks (dk/dv) is split into *interior* blocks, where every
 # (query, key) pair is allowed and in bounds, and *edge* blocks (causal diagonal, window edge, the
 # partial last block); only edge blocks build a mask (``key_block_split`` / ``query_block_split``).
@@ -232,8 +254,9 @@ def _configs(kind):
     if is_interpreting():  # interpreter cost ~ programs x loop iterations: one big-block config
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
     shapes = _SHAPES[kind]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s,
-                          _ in shapes]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s, _ in shapes
+    ]
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, padded head sizes served); the fp32 tile last. The first tile
@@ -252,10 +275,21 @@ def _tile_table(triton_version: str) -> dict:
     """The tiles for one Triton version (every number from kernel_stats: no spills, no serialized wgmma)."""
     shapes = {
         "fwd": [(128, 64, 8, 3, _ALL_D), (64, 64, 4, 3, _ALL_D), _FP32_TILE],
-        "dkdv": [(32, 64, 4, 2, _ALL_D), (64, 128, 8, 2, (16, 32, 64)), (64, 64, 4, 2, (16, 32, 64)),
-                 (32, 128, 8, 2, (128,)), (64, 64, 8, 2, (128,)), _FP32_TILE],
-        "dq": [(128, 64, 8, 2, _ALL_D), (64, 64, 4, 2, _ALL_D), (128, 32, 4, 2, (16, 32, 64)),
-               (64, 32, 4, 2, _ALL_D), _FP32_TILE],
+        "dkdv": [
+            (32, 64, 4, 2, _ALL_D),
+            (64, 128, 8, 2, (16, 32, 64)),
+            (64, 64, 4, 2, (16, 32, 64)),
+            (32, 128, 8, 2, (128,)),
+            (64, 64, 8, 2, (128,)),
+            _FP32_TILE,
+        ],
+        "dq": [
+            (128, 64, 8, 2, _ALL_D),
+            (64, 64, 4, 2, _ALL_D),
+            (128, 32, 4, 2, (16, 32, 64)),
+            (64, 32, 4, 2, _ALL_D),
+            _FP32_TILE,
+        ],
     }
     # Triton 3.6 (older GPU images) compiles the same code differently. With two software-pipelined
     # stages ptxas serializes the wgmma (C7515) in every dk/dv tile: any one of its three query-block
@@ -264,8 +298,13 @@ def _tile_table(triton_version: str) -> dict:
     # prefetched) keeps the wgmma pipeline; at D = 128 only 32 x 128 with 8 warps then fits unspilled.
     if tuple(int(x) for x in triton_version.split(".")[:2]) < (3, 7):
         shapes["fwd"][1] = (64, 64, 4, 2, _ALL_D)
-        shapes["dkdv"] = [(32, 64, 4, 1, (16, 32, 64)), (64, 128, 8, 1, (16, 32, 64)),
-                          (64, 64, 4, 1, (16, 32, 64)), (32, 128, 8, 1, (128,)), _FP32_TILE]
+        shapes["dkdv"] = [
+            (32, 64, 4, 1, (16, 32, 64)),
+            (64, 128, 8, 1, (16, 32, 64)),
+            (64, 64, 4, 1, (16, 32, 64)),
+            (32, 128, 8, 1, (128,)),
+            _FP32_TILE,
+        ]
     return shapes
 
 
@@ -362,9 +401,31 @@ def _allowed(qi, kj, T, W, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, CH
 
 
 @triton.jit
-def _fwd_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, lo, hi, T, W, qk_scale,
-              EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_T: tl.constexpr,
-              EVEN_D: tl.constexpr, LOWP_DOT: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_loop(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_ptrs,
+    v_ptrs,
+    skt,
+    svt,
+    offs_m,
+    offs_n,
+    d_ok,
+    lo,
+    hi,
+    T,
+    W,
+    qk_scale,
+    EDGE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    EVEN_T: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    LOWP_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Online softmax over key blocks [lo, hi), in log2 units: m_i is the running max of the scaled scores
     s * qk_scale (qk_scale = scale * log2(e)), each row's max rounded once, and the exponents are
     exp2(fma(s, qk_scale, -m_new)): one FFMA per score. The fused product is exact, so the difference is
@@ -396,8 +457,9 @@ def _fwd_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, 
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY,
-                 prune_configs_by={"early_config_prune": _fits("fwd")})
+@triton.autotune(
+    configs=_configs("fwd"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _fits("fwd")}
+)
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def attention_fwd_kernel(
@@ -406,15 +468,38 @@ def attention_fwd_kernel(
     v_ptr,  # [B, Hkv, T, D] values
     o_ptr,  # [B, Hq, T, D] output, input dtype
     lse_ptr,  # [B, Hq, T] fp32 out: log2-domain log-sum-exp per query, lse / ln(2) (contiguous)
-    sqb, sqh, sqt, sqd,
-    skb, skh, skt, skd,
-    svb, svh, svt, svd,
-    sob, soh, sot, sod,
-    Hq, G, T, D, W,  # G = Hq // Hkv; W = window (T when None)
-    scale, T_BUCKET,  # scale >= 0; T_BUCKET: autotune key only (``_t_bucket``)
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, LOWP_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_T: tl.constexpr, EVEN_D: tl.constexpr, INT64: tl.constexpr,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    skb,
+    skh,
+    skt,
+    skd,
+    svb,
+    svh,
+    svt,
+    svd,
+    sob,
+    soh,
+    sot,
+    sod,
+    Hq,
+    G,
+    T,
+    D,
+    W,  # G = Hq // Hkv; W = window (T when None)
+    scale,
+    T_BUCKET,  # scale >= 0; T_BUCKET: autotune key only (``_t_bucket``)
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    LOWP_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_T: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     """Grid (B * Hq, query blocks); launched x-fastest, so with the query blocks reversed under a causal
     mask every head's heaviest block (the most keys) starts first."""
@@ -433,8 +518,15 @@ def attention_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)  # head dim, padded to a power of two >= 16
     d_ok = offs_d < D
-    q = _load_tile(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, offs_m, T, d_ok,
-                   not EVEN_T, EVEN_D, LOWP_DOT)  # [BM, BD]
+    q = _load_tile(
+        q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
+        offs_m,
+        T,
+        d_ok,
+        not EVEN_T,
+        EVEN_D,
+        LOWP_DOT,
+    )  # [BM, BD]
     k_ptrs = k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd  # [BN, BD] at key 0
     v_ptrs = v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd
     qk_scale = scale * LOG2E  # log2(e): exp(x * scale) = exp2(x * qk_scale)
@@ -454,19 +546,95 @@ def attention_fwd_kernel(
     bb = ((tl.maximum(end_m - W, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
     c = tl.maximum(tl.minimum(c, d), a)
     bb = tl.minimum(tl.maximum(bb, a), c)
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, a, bb, T, W,
-                              qk_scale, True, IS_CAUSAL, HAS_WINDOW, EVEN_T, EVEN_D, LOWP_DOT, BLOCK_N)
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, bb, c, T, W,
-                              qk_scale, False, IS_CAUSAL, HAS_WINDOW, EVEN_T, EVEN_D, LOWP_DOT, BLOCK_N)
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, c, d, T, W,
-                              qk_scale, True, IS_CAUSAL, HAS_WINDOW, EVEN_T, EVEN_D, LOWP_DOT, BLOCK_N)
+    acc, l_i, m_i = _fwd_loop(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_ptrs,
+        v_ptrs,
+        skt,
+        svt,
+        offs_m,
+        offs_n,
+        d_ok,
+        a,
+        bb,
+        T,
+        W,
+        qk_scale,
+        True,
+        IS_CAUSAL,
+        HAS_WINDOW,
+        EVEN_T,
+        EVEN_D,
+        LOWP_DOT,
+        BLOCK_N,
+    )
+    acc, l_i, m_i = _fwd_loop(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_ptrs,
+        v_ptrs,
+        skt,
+        svt,
+        offs_m,
+        offs_n,
+        d_ok,
+        bb,
+        c,
+        T,
+        W,
+        qk_scale,
+        False,
+        IS_CAUSAL,
+        HAS_WINDOW,
+        EVEN_T,
+        EVEN_D,
+        LOWP_DOT,
+        BLOCK_N,
+    )
+    acc, l_i, m_i = _fwd_loop(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_ptrs,
+        v_ptrs,
+        skt,
+        svt,
+        offs_m,
+        offs_n,
+        d_ok,
+        c,
+        d,
+        T,
+        W,
+        qk_scale,
+        True,
+        IS_CAUSAL,
+        HAS_WINDOW,
+        EVEN_T,
+        EVEN_D,
+        LOWP_DOT,
+        BLOCK_N,
+    )
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padded rows (offs_m >= T) can have l = 0
     out = acc / l_safe[:, None]
     # log2-domain lse = m + log2(l), l = sum exp2(s * qk_scale - m); the wrapper returns it times ln(2)
     m_fin = tl.where(l_i == 0.0, 0.0, m_i)
     lse = tl.where(l_i == 0.0, float("-inf"), m_fin + tl.math.log2(l_safe))
-    _store_tile(o_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod,
-                out.to(o_ptr.dtype.element_ty), offs_m, T, d_ok, not EVEN_T, EVEN_D)
+    _store_tile(
+        o_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod,
+        out.to(o_ptr.dtype.element_ty),
+        offs_m,
+        T,
+        d_ok,
+        not EVEN_T,
+        EVEN_D,
+    )
     if EVEN_T:
         tl.store(lse_ptr + pid_bh * T + offs_m, lse)
     else:
@@ -479,10 +647,20 @@ def attention_bwd_delta_kernel(
     do_ptr,  # [B, Hq, T, D] output cotangent
     dlse_ptr,  # [B, Hq, T] fp32 lse cotangent (contiguous; unused without HAS_DLSE)
     delta_ptr,  # [B, Hq, T] fp32 out: rowsum(dO * O) - dlse (contiguous)
-    sob, soh, sot, sod,
-    sdb, sdh, sdt, sdd,
-    Hq, T, D,
-    HAS_DLSE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    sob,
+    soh,
+    sot,
+    sod,
+    sdb,
+    sdh,
+    sdt,
+    sdd,
+    Hq,
+    T,
+    D,
+    HAS_DLSE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)  # one cheap pass: int64 always
@@ -492,8 +670,9 @@ def attention_bwd_delta_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows < T)[:, None] & (offs_d < D)[None, :]
     o = tl.load(o_ptr + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :] * sod, mask=mask, other=0.0)
-    do = tl.load(do_ptr + b * sdb + h * sdh + rows[:, None] * sdt + offs_d[None, :] * sdd, mask=mask,
-                 other=0.0)
+    do = tl.load(
+        do_ptr + b * sdb + h * sdh + rows[:, None] * sdt + offs_d[None, :] * sdd, mask=mask, other=0.0
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(dlse_ptr + pid_bh * T + rows, mask=rows < T, other=0.0)
@@ -501,9 +680,33 @@ def attention_bwd_delta_kernel(
 
 
 @triton.jit
-def _dkdv_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, sqt, sdt, offs_n, offs_m, d_ok, lo, hi,
-               T, W, qk_scale, EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-               EVEN_T: tl.constexpr, EVEN_D: tl.constexpr, LOWP_DOT: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dkdv_loop(
+    dk,
+    dv,
+    k,
+    v,
+    q_ptrs,
+    do_ptrs,
+    lse_ptrs,
+    delta_ptrs,
+    sqt,
+    sdt,
+    offs_n,
+    offs_m,
+    d_ok,
+    lo,
+    hi,
+    T,
+    W,
+    qk_scale,
+    EDGE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    EVEN_T: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    LOWP_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """dK, dV of one key block over query blocks [lo, hi), in the transposed layout: S^T = K Q^T."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -533,8 +736,9 @@ def _dkdv_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, sqt, sdt, of
     return dk, dv
 
 
-@triton.autotune(configs=_configs("dkdv"), key=_TUNE_KEY,
-                 prune_configs_by={"early_config_prune": _fits("dkdv")})
+@triton.autotune(
+    configs=_configs("dkdv"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _fits("dkdv")}
+)
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def attention_bwd_dkdv_kernel(
@@ -546,15 +750,39 @@ def attention_bwd_dkdv_kernel(
     delta_ptr,  # [B, Hq, T] fp32 rowsum(dO * O) - dlse (contiguous)
     dk_ptr,  # [B, Hkv, T, D] key gradient, its own dtype (contiguous)
     dv_ptr,  # [B, Hkv, T, D] value gradient, its own dtype (contiguous)
-    sqb, sqh, sqt, sqd,
-    skb, skh, skt, skd,
-    svb, svh, svt, svd,
-    sdb, sdh, sdt, sdd,
-    Hq, Hkv, G, T, D, W,
-    scale, T_BUCKET,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, LOWP_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_T: tl.constexpr, EVEN_D: tl.constexpr, INT64: tl.constexpr,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    skb,
+    skh,
+    skt,
+    skd,
+    svb,
+    svh,
+    svt,
+    svd,
+    sdb,
+    sdh,
+    sdt,
+    sdd,
+    Hq,
+    Hkv,
+    G,
+    T,
+    D,
+    W,
+    scale,
+    T_BUCKET,
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    LOWP_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_T: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     """Grid (key blocks, B * Hkv). One program per (key block, batch, kv head): loops over the G query
     heads of the group and over the query blocks that see this key block (``query_block_split``),
@@ -575,12 +803,24 @@ def attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     qk_scale = scale * LOG2E  # the forward's: P = exp2(s * qk_scale - lse2)
-    k = _load_tile(k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd, offs_n,
-                   T, d_ok,
-                   not EVEN_T, EVEN_D, LOWP_DOT)  # [BN, BD]
-    v = _load_tile(v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd, offs_n,
-                   T, d_ok,
-                   not EVEN_T, EVEN_D, LOWP_DOT)  # [BN, BD]
+    k = _load_tile(
+        k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
+        offs_n,
+        T,
+        d_ok,
+        not EVEN_T,
+        EVEN_D,
+        LOWP_DOT,
+    )  # [BN, BD]
+    v = _load_tile(
+        v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
+        offs_n,
+        T,
+        d_ok,
+        not EVEN_T,
+        EVEN_D,
+        LOWP_DOT,
+    )  # [BN, BD]
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # query_block_split(): edge [a, bb), interior [bb, c), edge [c, d)
@@ -605,24 +845,119 @@ def attention_bwd_dkdv_kernel(
         do_ptrs = do_ptr + b * sdb + h * sdh + do_off
         lse_ptrs = lse_ptr + (b * Hq + h) * T
         delta_ptrs = delta_ptr + (b * Hq + h) * T
-        dk, dv = _dkdv_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, sqt, sdt, offs_n,
-                            offs_m, d_ok, a, bb, T, W, qk_scale, True, IS_CAUSAL, HAS_WINDOW, EVEN_T,
-                            EVEN_D, LOWP_DOT, BLOCK_M)
-        dk, dv = _dkdv_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, sqt, sdt, offs_n,
-                            offs_m, d_ok, bb, c, T, W, qk_scale, False, IS_CAUSAL, HAS_WINDOW, EVEN_T,
-                            EVEN_D, LOWP_DOT, BLOCK_M)
-        dk, dv = _dkdv_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, sqt, sdt, offs_n,
-                            offs_m, d_ok, c, d, T, W, qk_scale, True, IS_CAUSAL, HAS_WINDOW, EVEN_T,
-                            EVEN_D, LOWP_DOT, BLOCK_M)
+        dk, dv = _dkdv_loop(
+            dk,
+            dv,
+            k,
+            v,
+            q_ptrs,
+            do_ptrs,
+            lse_ptrs,
+            delta_ptrs,
+            sqt,
+            sdt,
+            offs_n,
+            offs_m,
+            d_ok,
+            a,
+            bb,
+            T,
+            W,
+            qk_scale,
+            True,
+            IS_CAUSAL,
+            HAS_WINDOW,
+            EVEN_T,
+            EVEN_D,
+            LOWP_DOT,
+            BLOCK_M,
+        )
+        dk, dv = _dkdv_loop(
+            dk,
+            dv,
+            k,
+            v,
+            q_ptrs,
+            do_ptrs,
+            lse_ptrs,
+            delta_ptrs,
+            sqt,
+            sdt,
+            offs_n,
+            offs_m,
+            d_ok,
+            bb,
+            c,
+            T,
+            W,
+            qk_scale,
+            False,
+            IS_CAUSAL,
+            HAS_WINDOW,
+            EVEN_T,
+            EVEN_D,
+            LOWP_DOT,
+            BLOCK_M,
+        )
+        dk, dv = _dkdv_loop(
+            dk,
+            dv,
+            k,
+            v,
+            q_ptrs,
+            do_ptrs,
+            lse_ptrs,
+            delta_ptrs,
+            sqt,
+            sdt,
+            offs_n,
+            offs_m,
+            d_ok,
+            c,
+            d,
+            T,
+            W,
+            qk_scale,
+            True,
+            IS_CAUSAL,
+            HAS_WINDOW,
+            EVEN_T,
+            EVEN_D,
+            LOWP_DOT,
+            BLOCK_M,
+        )
     out = (b * Hkv + hk) * T * D + offs_n[:, None] * D + offs_d[None, :]
     _store_tile(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), offs_n, T, d_ok, not EVEN_T, EVEN_D)
     _store_tile(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), offs_n, T, d_ok, not EVEN_T, EVEN_D)
 
 
 @triton.jit
-def _dq_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, lo, hi, T, W, qk_scale,
-             EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_T: tl.constexpr,
-             EVEN_D: tl.constexpr, LOWP_DOT: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dq_loop(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_ptrs,
+    v_ptrs,
+    skt,
+    svt,
+    offs_m,
+    offs_n,
+    d_ok,
+    lo,
+    hi,
+    T,
+    W,
+    qk_scale,
+    EDGE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    EVEN_T: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    LOWP_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -651,15 +986,38 @@ def attention_bwd_dq_kernel(
     lse_ptr,  # [B, Hq, T] fp32 forward log-sum-exp in log2 units (the forward kernel's, contiguous)
     delta_ptr,  # [B, Hq, T] fp32 rowsum(dO * O) - dlse (contiguous)
     dq_ptr,  # [B, Hq, T, D] query gradient, its own dtype (contiguous)
-    sqb, sqh, sqt, sqd,
-    skb, skh, skt, skd,
-    svb, svh, svt, svd,
-    sdb, sdh, sdt, sdd,
-    Hq, G, T, D, W,
-    scale, T_BUCKET,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, LOWP_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_T: tl.constexpr, EVEN_D: tl.constexpr, INT64: tl.constexpr,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    skb,
+    skh,
+    skt,
+    skd,
+    svb,
+    svh,
+    svt,
+    svd,
+    sdb,
+    sdh,
+    sdt,
+    sdd,
+    Hq,
+    G,
+    T,
+    D,
+    W,
+    scale,
+    T_BUCKET,
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    LOWP_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_T: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     """Grid (query blocks, B * Hq); same key loop split as the forward. Causal: programs renumbered so
     the last query blocks (the most keys) of every head start first."""
@@ -683,11 +1041,24 @@ def attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     qk_scale = scale * LOG2E  # the forward's: P = exp2(s * qk_scale - lse2)
-    q = _load_tile(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, offs_m, T, d_ok,
-                   not EVEN_T, EVEN_D, LOWP_DOT)  # [BM, BD]
-    do = _load_tile(do_ptr + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :] * sdd, offs_m,
-                    T, d_ok,
-                    not EVEN_T, EVEN_D, LOWP_DOT)  # [BM, BD]
+    q = _load_tile(
+        q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
+        offs_m,
+        T,
+        d_ok,
+        not EVEN_T,
+        EVEN_D,
+        LOWP_DOT,
+    )  # [BM, BD]
+    do = _load_tile(
+        do_ptr + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :] * sdd,
+        offs_m,
+        T,
+        d_ok,
+        not EVEN_T,
+        EVEN_D,
+        LOWP_DOT,
+    )  # [BM, BD]
     if EVEN_T:
         lse = tl.load(lse_ptr + pid_bh * T + offs_m)  # [BM]
         delta = tl.load(delta_ptr + pid_bh * T + offs_m)
@@ -709,17 +1080,93 @@ def attention_bwd_dq_kernel(
     bb = ((tl.maximum(end_m - W, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
     c = tl.maximum(tl.minimum(c, d), a)
     bb = tl.minimum(tl.maximum(bb, a), c)
-    dq = _dq_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, a, bb, T, W,
-                  qk_scale,
-                  True, IS_CAUSAL, HAS_WINDOW, EVEN_T, EVEN_D, LOWP_DOT, BLOCK_N)
-    dq = _dq_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, bb, c, T, W,
-                  qk_scale,
-                  False, IS_CAUSAL, HAS_WINDOW, EVEN_T, EVEN_D, LOWP_DOT, BLOCK_N)
-    dq = _dq_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, c, d, T, W,
-                  qk_scale,
-                  True, IS_CAUSAL, HAS_WINDOW, EVEN_T, EVEN_D, LOWP_DOT, BLOCK_N)
-    _store_tile(dq_ptr + pid_bh * T * D + offs_m[:, None] * D + offs_d[None, :],
-                (dq * scale).to(dq_ptr.dtype.element_ty), offs_m, T, d_ok, not EVEN_T, EVEN_D)
+    dq = _dq_loop(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_ptrs,
+        v_ptrs,
+        skt,
+        svt,
+        offs_m,
+        offs_n,
+        d_ok,
+        a,
+        bb,
+        T,
+        W,
+        qk_scale,
+        True,
+        IS_CAUSAL,
+        HAS_WINDOW,
+        EVEN_T,
+        EVEN_D,
+        LOWP_DOT,
+        BLOCK_N,
+    )
+    dq = _dq_loop(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_ptrs,
+        v_ptrs,
+        skt,
+        svt,
+        offs_m,
+        offs_n,
+        d_ok,
+        bb,
+        c,
+        T,
+        W,
+        qk_scale,
+        False,
+        IS_CAUSAL,
+        HAS_WINDOW,
+        EVEN_T,
+        EVEN_D,
+        LOWP_DOT,
+        BLOCK_N,
+    )
+    dq = _dq_loop(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_ptrs,
+        v_ptrs,
+        skt,
+        svt,
+        offs_m,
+        offs_n,
+        d_ok,
+        c,
+        d,
+        T,
+        W,
+        qk_scale,
+        True,
+        IS_CAUSAL,
+        HAS_WINDOW,
+        EVEN_T,
+        EVEN_D,
+        LOWP_DOT,
+        BLOCK_N,
+    )
+    _store_tile(
+        dq_ptr + pid_bh * T * D + offs_m[:, None] * D + offs_d[None, :],
+        (dq * scale).to(dq_ptr.dtype.element_ty),
+        offs_m,
+        T,
+        d_ok,
+        not EVEN_T,
+        EVEN_D,
+    )
 
 
 def _block_d(D):
@@ -742,9 +1189,26 @@ def _triton_fwd(q, k, v, causal, W, scale):
     lse = empty((B, Hq, T), dtype=torch.float32, device=q.device)
     grid = lambda meta: (B * Hq, triton.cdiv(T, meta["BLOCK_M"]))
     attention_fwd_kernel[grid](
-        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        Hq, G, T, D, W, scale, _t_bucket(T, W),
-        IS_CAUSAL=causal, HAS_WINDOW=W < T, LOWP_DOT=_lowp(q), BLOCK_D=_block_d(D),
+        q,
+        k,
+        v,
+        o,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *o.stride(),
+        Hq,
+        G,
+        T,
+        D,
+        W,
+        scale,
+        _t_bucket(T, W),
+        IS_CAUSAL=causal,
+        HAS_WINDOW=W < T,
+        LOWP_DOT=_lowp(q),
+        BLOCK_D=_block_d(D),
     )
     return o, lse
 
@@ -756,8 +1220,18 @@ def _triton_delta(o, do, dlse):
     dl = dlse.float().contiguous() if dlse is not None else delta
     BLOCK_T = 64
     attention_bwd_delta_kernel[(triton.cdiv(T, BLOCK_T), B * Hq)](
-        o, do, dl, delta, *o.stride(), *do.stride(), Hq, T, D,
-        HAS_DLSE=dlse is not None, BLOCK_T=BLOCK_T, BLOCK_D=_block_d(D),
+        o,
+        do,
+        dl,
+        delta,
+        *o.stride(),
+        *do.stride(),
+        Hq,
+        T,
+        D,
+        HAS_DLSE=dlse is not None,
+        BLOCK_T=BLOCK_T,
+        BLOCK_D=_block_d(D),
     )
     return delta
 
@@ -774,10 +1248,42 @@ def _triton_bwd(q, k, v, o, lse2, do, dlse, causal, W, scale):
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     bucket = _t_bucket(T, W)
     attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, do, lse2, delta, dk, dv, *strides, Hq, Hkv, G, T, D, W, scale, bucket, **common,
+        q,
+        k,
+        v,
+        do,
+        lse2,
+        delta,
+        dk,
+        dv,
+        *strides,
+        Hq,
+        Hkv,
+        G,
+        T,
+        D,
+        W,
+        scale,
+        bucket,
+        **common,
     )
     attention_bwd_dq_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)](
-        q, k, v, do, lse2, delta, dq, *strides, Hq, G, T, D, W, scale, bucket, **common,
+        q,
+        k,
+        v,
+        do,
+        lse2,
+        delta,
+        dq,
+        *strides,
+        Hq,
+        G,
+        T,
+        D,
+        W,
+        scale,
+        bucket,
+        **common,
     )
     return dq, dk, dv
 

@@ -19,6 +19,7 @@ Cost per row (forward): 5 passes over V for ``bounds="value"`` (log-sum-exp + to
 the sums), 34 for ``"mass"``, 2 with ``band=False``; backward 1. Memory: O(N) saved statistics, no [N, V]
 intermediate (the torch backend keeps several).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,17 @@ import triton.language as tl
 from fast.utils import check_float, empty, is_interpreting, resolve_backend
 
 BOUNDS = ("value", "mass")
-DEFAULTS = dict(bounds="value", gamma=0.05, eps=1e-8, target=True, band=True, normalize=True,
-                floor=True, rho_min=0.5, lam_m=1.0)
+DEFAULTS = dict(
+    bounds="value",
+    gamma=0.05,
+    eps=1e-8,
+    target=True,
+    band=True,
+    normalize=True,
+    floor=True,
+    rho_min=0.5,
+    lam_m=1.0,
+)
 ONE_BITS = 0x3F800000  # int32 bit pattern of 1.0f
 N_STATS = 12  # saved per row: max_t, log z_t, tau_lo, tau_hi, dlo, dhi, A, B, cross, active, max_s, log z_s
 
@@ -63,8 +73,9 @@ def _check_levels(t, s, upper, lower, validate: bool) -> bool:
     check_float("upper", upper)
     check_float("lower", lower)
     if t.dim() != 2 or t.shape != s.shape:
-        raise ValueError(f"teacher/student logits must both be [N, V], got {tuple(t.shape)} "
-                         f"and {tuple(s.shape)}")
+        raise ValueError(
+            f"teacher/student logits must both be [N, V], got {tuple(t.shape)} and {tuple(s.shape)}"
+        )
     N = t.shape[0]
     if upper.shape != (N,) or lower.shape != (N,):
         raise ValueError(f"upper/lower must be [N]={N}, got {tuple(upper.shape)} and {tuple(lower.shape)}")
@@ -72,13 +83,16 @@ def _check_levels(t, s, upper, lower, validate: bool) -> bool:
         return False
     u, l = upper.detach(), lower.detach()
     if not (torch.isfinite(u).all() and torch.isfinite(l).all() and (u <= 1).all() and (l >= 0).all()):
-        raise ValueError(f"bounds must lie in [0, 1]; got upper in [{u.min().item()}, {u.max().item()}], "
-                         f"lower in [{l.min().item()}, {l.max().item()}]")
+        raise ValueError(
+            f"bounds must lie in [0, 1]; got upper in [{u.min().item()}, {u.max().item()}], "
+            f"lower in [{l.min().item()}, {l.max().item()}]"
+        )
     bad = l >= u
     if bad.any():
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"need lower < upper for every token; row {i} has lower={l[i].item()} "
-                         f">= upper={u[i].item()}")
+        raise ValueError(
+            f"need lower < upper for every token; row {i} has lower={l[i].item()} >= upper={u[i].item()}"
+        )
     return True
 
 
@@ -103,6 +117,7 @@ def _raise_on_bad_rows(empty_row, unshared_padding) -> None:  # bool-like, bool-
 
 
 # ------------------------------------------------------------------------------------------ torch backend
+
 
 def _value_sorted(p, valid):  # [N, V] -> the valid entries of p ascending, then +inf (serves both levels)
     return torch.where(valid, p, float("inf")).sort(-1).values
@@ -180,6 +195,7 @@ def dac_kl_torch(t, s, upper, lower, **cfg):  # [N, V], [N, V], [N], [N] -> ([N]
 
 # ----------------------------------------------------------------------------------------- Triton kernels
 
+
 @triton.jit
 def _sigmoid(z):
     return 1.0 / (1.0 + tl.exp(-z))
@@ -230,9 +246,21 @@ def dac_kl_fwd_kernel(
     C_ptr,  # [N] int32 out: target class (argmax of teacher logits, first index)
     STATS_ptr,  # [N, N_STATS] fp32 out: saved for the backward
     ERR_ptr,  # [N] int32 out (CHECK): 1 if no teacher logit is finite, + 2 if the student is -inf where it is
-    V, stride_t, stride_s, gamma, eps, rho_min, lam_m,
-    MASS: tl.constexpr, TARGET: tl.constexpr, BAND: tl.constexpr, NORMALIZE: tl.constexpr,
-    FLOOR: tl.constexpr, CHECK: tl.constexpr, N_STATS: tl.constexpr, BLOCK_V: tl.constexpr,
+    V,
+    stride_t,
+    stride_s,
+    gamma,
+    eps,
+    rho_min,
+    lam_m,
+    MASS: tl.constexpr,
+    TARGET: tl.constexpr,
+    BAND: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    FLOOR: tl.constexpr,
+    CHECK: tl.constexpr,
+    N_STATS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     t_row = T_ptr + row * stride_t
@@ -482,9 +510,18 @@ def dac_kl_bwd_kernel(
     DS_ptr,  # [N, V] out: dL/d student logits (dtype of S), row stride stride_ds
     DLO_ptr,  # [N] fp32 out: dL / d(level feeding tau_lo)
     DHI_ptr,  # [N] fp32 out: dL / d(level feeding tau_hi)
-    V, stride_t, stride_s, stride_ds, gamma, eps, lam_m,
-    TARGET: tl.constexpr, BAND: tl.constexpr, NORMALIZE: tl.constexpr,
-    N_STATS: tl.constexpr, BLOCK_V: tl.constexpr,
+    V,
+    stride_t,
+    stride_s,
+    stride_ds,
+    gamma,
+    eps,
+    lam_m,
+    TARGET: tl.constexpr,
+    BAND: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    N_STATS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     t_row = T_ptr + row * stride_t
@@ -585,11 +622,31 @@ class _DACKLTriton(torch.autograd.Function):
         BLOCK_V = max(_block_v(V), 128)
         if N > 0:
             dac_kl_fwd_kernel[(N,)](
-                t, s, u32, l32, loss, kept, cls, stats, err, V, t.stride(0), s.stride(0),
-                float(cfg["gamma"]), float(cfg["eps"]), float(cfg["rho_min"]), float(cfg["lam_m"]),
-                MASS=cfg["bounds"] == "mass", TARGET=bool(cfg["target"]), BAND=bool(cfg["band"]),
-                NORMALIZE=bool(cfg["normalize"]), FLOOR=bool(cfg["floor"]), CHECK=bool(check),
-                N_STATS=N_STATS, BLOCK_V=BLOCK_V, num_warps=8 if BLOCK_V >= 2048 else 4,
+                t,
+                s,
+                u32,
+                l32,
+                loss,
+                kept,
+                cls,
+                stats,
+                err,
+                V,
+                t.stride(0),
+                s.stride(0),
+                float(cfg["gamma"]),
+                float(cfg["eps"]),
+                float(cfg["rho_min"]),
+                float(cfg["lam_m"]),
+                MASS=cfg["bounds"] == "mass",
+                TARGET=bool(cfg["target"]),
+                BAND=bool(cfg["band"]),
+                NORMALIZE=bool(cfg["normalize"]),
+                FLOOR=bool(cfg["floor"]),
+                CHECK=bool(check),
+                N_STATS=N_STATS,
+                BLOCK_V=BLOCK_V,
+                num_warps=8 if BLOCK_V >= 2048 else 4,
             )
             if check:  # the logits' value checks, made by the first pass instead of two host reads of t, s
                 _raise_on_bad_rows((err & 1).any(), (err & 2).any())
@@ -611,10 +668,27 @@ class _DACKLTriton(torch.autograd.Function):
         BLOCK_V = _block_v(V)
         if N > 0:
             dac_kl_bwd_kernel[(N,)](
-                t, s, cls, stats, g, ds, d_lo, d_hi, V, t.stride(0), s.stride(0), ds.stride(0),
-                float(cfg["gamma"]), float(cfg["eps"]), float(cfg["lam_m"]),
-                TARGET=bool(cfg["target"]), BAND=bool(cfg["band"]), NORMALIZE=bool(cfg["normalize"]),
-                N_STATS=N_STATS, BLOCK_V=BLOCK_V, num_warps=8 if BLOCK_V >= 2048 else 4,
+                t,
+                s,
+                cls,
+                stats,
+                g,
+                ds,
+                d_lo,
+                d_hi,
+                V,
+                t.stride(0),
+                s.stride(0),
+                ds.stride(0),
+                float(cfg["gamma"]),
+                float(cfg["eps"]),
+                float(cfg["lam_m"]),
+                TARGET=bool(cfg["target"]),
+                BAND=bool(cfg["band"]),
+                NORMALIZE=bool(cfg["normalize"]),
+                N_STATS=N_STATS,
+                BLOCK_V=BLOCK_V,
+                num_warps=8 if BLOCK_V >= 2048 else 4,
             )
         if cfg["bounds"] == "mass":
             d_up, d_low = d_lo, d_hi
@@ -644,6 +718,7 @@ def dac_kl(t, s, upper, lower, *, backend: str = "auto", validate: bool = True, 
 
 # ------------------------------------------------------------------------------------ the module with f_sub
 
+
 def teacher_features(t, k: int):  # [N, V] -> [N, k+1]
     """Sorted top-k teacher probabilities (zero-padded when V < k) and the entropy; no gradient."""
     with torch.no_grad():
@@ -664,8 +739,16 @@ class DACKL(nn.Module):
     ``forward(t, s, mask=None)`` returns ``(mean loss over mask, info)`` with ``info`` holding per-token
     ``upper``, ``lower``, ``kept`` and ``kl`` (detached) for logging."""
 
-    def __init__(self, k: int = 64, hidden: int = 256, u_min: float = 0.5, fixed_bounds=None,
-                 backend: str = "auto", generator: torch.Generator | None = None, **cfg):
+    def __init__(
+        self,
+        k: int = 64,
+        hidden: int = 256,
+        u_min: float = 0.5,
+        fixed_bounds=None,
+        backend: str = "auto",
+        generator: torch.Generator | None = None,
+        **cfg,
+    ):
         super().__init__()
         self.cfg = _cfg(cfg)
         self.k, self.u_min, self.backend = k, u_min, backend
@@ -673,12 +756,18 @@ class DACKL(nn.Module):
         if fixed_bounds is not None:
             u, l = fixed_bounds
             if not (0 <= l < u <= 1):
-                raise ValueError(f"fixed_bounds must satisfy 0 <= lower < upper <= 1, "
-                                 f"got upper={u}, lower={l}")
+                raise ValueError(
+                    f"fixed_bounds must satisfy 0 <= lower < upper <= 1, got upper={u}, lower={l}"
+                )
             self.mlp = None
             return
-        self.mlp = nn.Sequential(nn.Linear(k + 1, hidden), nn.GELU(approximate="tanh"),
-                                 nn.Linear(hidden, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, 2))
+        self.mlp = nn.Sequential(
+            nn.Linear(k + 1, hidden),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(hidden, hidden),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(hidden, 2),
+        )
         if generator is not None:  # explicit, reproducible init: nn.Linear's default U(+-1/sqrt(fan_in))
             with torch.no_grad():
                 for lin in (self.mlp[0], self.mlp[2], self.mlp[4]):

@@ -32,6 +32,7 @@ NaN or +inf; only flagged rows are diagnosed, with the same errors), then one lo
 only the divergence asked for; the forward also forms each row's gradient ∂L/∂b (up to a constant) and
 saves it, the one ``[N, V]`` tensor it allocates, and the backward scales it by the row's cotangent.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,19 +43,33 @@ import triton.language as tl
 
 from fast.utils import LN2, LOG2E, check_float, empty, resolve_backend
 
-__all__ = ["divergence", "DIVERGENCES", "PARAMS", "divergence_fwd_kernel", "divergence_bwd_kernel",
-           "demo_fit", "format_demo_table"]
+__all__ = [
+    "divergence",
+    "DIVERGENCES",
+    "PARAMS",
+    "divergence_fwd_kernel",
+    "divergence_bwd_kernel",
+    "demo_fit",
+    "format_demo_table",
+]
 
 # name -> (kernel code, {param: default}); the registry has the same keys as reference.DIVERGENCES
 _CODES = {
-    "forward_kl": (0, {}), "reverse_kl": (1, {}), "symmetric_kl": (2, {}),
-    "js_divergence": (3, {"beta": 0.5}), "tv_distance": (4, {}),
-    "skew_forward_kl": (5, {"alpha": 0.1}), "skew_reverse_kl": (6, {"alpha": 0.1}),
+    "forward_kl": (0, {}),
+    "reverse_kl": (1, {}),
+    "symmetric_kl": (2, {}),
+    "js_divergence": (3, {"beta": 0.5}),
+    "tv_distance": (4, {}),
+    "skew_forward_kl": (5, {"alpha": 0.1}),
+    "skew_reverse_kl": (6, {"alpha": 0.1}),
 }
 PARAMS = {name: dict(p) for name, (_, p) in _CODES.items()}
 REDUCTIONS = ("mean", "sum", "none")
-_STATUS = {1: "NaN or +inf", 2: "-inf (padded vocabulary) in only one of teacher/student",
-           4: "-inf everywhere (no distribution)"}
+_STATUS = {
+    1: "NaN or +inf",
+    2: "-inf (padded vocabulary) in only one of teacher/student",
+    4: "-inf everywhere (no distribution)",
+}
 
 
 # =============================================================================================
@@ -72,14 +87,18 @@ def _logaddexp2(x, y):
 
 @triton.jit
 def divergence_fwd_kernel(
-    T, S,  # [N, V] teacher / student logits (any float dtype, upcast to fp32 after load)
+    T,
+    S,  # [N, V] teacher / student logits (any float dtype, upcast to fp32 after load)
     KEEP,  # [N] int32, 0 = masked row (skipped)
     LOSS,  # [N] fp32 per-row loss (out)
     STATS,  # [N, 6] fp32 (max t, log2 z_a, max s, log2 z_b, c0, c1) for the backward (out)
     STATUS,  # [N] int32 input-check bits (out)
-    stride_t, stride_s, V,
+    stride_t,
+    stride_s,
+    V,
     inv_tau,  # 1 / temperature
-    log_w, log_1mw,  # log(param), log(1 - param): mixture weights in log space (may be -inf)
+    log_w,
+    log_1mw,  # log(param), log(1 - param): mixture weights in log space (may be -inf)
     DIV: tl.constexpr,  # divergence code, see _CODES
     BLOCK_V: tl.constexpr,
 ):
@@ -199,13 +218,19 @@ def divergence_fwd_kernel(
 
 @triton.jit
 def divergence_bwd_kernel(
-    T, S,  # [N, V] teacher / student logits
+    T,
+    S,  # [N, V] teacher / student logits
     KEEP,  # [N] int32
     STATS,  # [N, 6] fp32 from the forward
     GSCALE,  # [N] fp32: grad_output of the row / τ
     GRAD,  # [N, V] out, the student's dtype
-    stride_t, stride_s, stride_g, V,
-    inv_tau, log_w, log_1mw,
+    stride_t,
+    stride_s,
+    stride_g,
+    V,
+    inv_tau,
+    log_w,
+    log_1mw,
     DIV: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -284,8 +309,23 @@ def _triton_fwd(t, s, keep, code, log_w, log_1mw, inv_tau, block_v):  # [N,V] x2
     stats = empty((N, 6), dtype=torch.float32, device=s.device)
     status = empty((N,), dtype=torch.int32, device=s.device)
     BLOCK_V, warps = _block_and_warps(V, block_v)
-    divergence_fwd_kernel[(N,)](t, s, keep, loss, stats, status, t.stride(0), s.stride(0), V,
-                                inv_tau, log_w, log_1mw, DIV=code, BLOCK_V=BLOCK_V, num_warps=warps)
+    divergence_fwd_kernel[(N,)](
+        t,
+        s,
+        keep,
+        loss,
+        stats,
+        status,
+        t.stride(0),
+        s.stride(0),
+        V,
+        inv_tau,
+        log_w,
+        log_1mw,
+        DIV=code,
+        BLOCK_V=BLOCK_V,
+        num_warps=warps,
+    )
     return loss, stats, status
 
 
@@ -293,8 +333,24 @@ def _triton_bwd(t, s, keep, stats, gscale, code, log_w, log_1mw, inv_tau, block_
     N, V = s.shape
     grad = empty((N, V), dtype=s.dtype, device=s.device)
     BLOCK_V, warps = _block_and_warps(V, block_v)
-    divergence_bwd_kernel[(N,)](t, s, keep, stats, gscale, grad, t.stride(0), s.stride(0), grad.stride(0), V,
-                                inv_tau, log_w, log_1mw, DIV=code, BLOCK_V=BLOCK_V, num_warps=warps)
+    divergence_bwd_kernel[(N,)](
+        t,
+        s,
+        keep,
+        stats,
+        gscale,
+        grad,
+        t.stride(0),
+        s.stride(0),
+        grad.stride(0),
+        V,
+        inv_tau,
+        log_w,
+        log_1mw,
+        DIV=code,
+        BLOCK_V=BLOCK_V,
+        num_warps=warps,
+    )
     return grad
 
 
@@ -412,8 +468,15 @@ def _chunk_rows(code, w, t, s, inv_tau, cd, padded, y):  # [n, V] x2 -> loss [n]
 
 
 # the row-constant factor of the gradient that _chunk_rows leaves out of y (given the weight w)
-_COEF = {0: lambda w: 1.0, 1: lambda w: 1.0, 2: lambda w: -1.0, 3: lambda w: 1.0 - w, 4: lambda w: 1.0,
-         5: lambda w: -(1.0 - w) ** 2, 6: lambda w: 1.0}
+_COEF = {
+    0: lambda w: 1.0,
+    1: lambda w: 1.0,
+    2: lambda w: -1.0,
+    3: lambda w: 1.0 - w,
+    4: lambda w: 1.0,
+    5: lambda w: -((1.0 - w) ** 2),
+    6: lambda w: 1.0,
+}
 
 
 def _effective(code, w):  # the degenerate ends: identically zero (None), or plainly forward/reverse KL
@@ -432,7 +495,9 @@ def _status(t, s):  # [n, V] x2 -> [n] int32 status bits (see _STATUS)
     return nonfinite.int() | (mismatch.int() * 2) | (all_ninf.int() * 4)
 
 
-def _torch_fwd(t, s, keep, code, w, inv_tau, need_grad, chunk_elems=None):  # -> loss [N], y [N, V] | None, coef
+def _torch_fwd(
+    t, s, keep, code, w, inv_tau, need_grad, chunk_elems=None
+):  # -> loss [N], y [N, V] | None, coef
     """Eager: each chunk is screened by one cheap reduction (the row sums of t and s are finite exactly
     when a row holds no -inf, NaN or +inf); only flagged rows are diagnosed. A kept row with bad values
     raises (``_raise_on_status`` over the whole batch, so the message counts every bad row); a kept
@@ -460,7 +525,7 @@ def _torch_fwd(t, s, keep, code, w, inv_tau, need_grad, chunk_elems=None):  # ->
         chunk_elems = _CHUNK_ELEMS_CUDA if s.is_cuda else _CHUNK_ELEMS
     rows = max(1, chunk_elems // V)
     for r0 in range(0, N, rows):
-        tc, sc, kc = t[r0:r0 + rows], s[r0:r0 + rows], kb[r0:r0 + rows]
+        tc, sc, kc = t[r0 : r0 + rows], s[r0 : r0 + rows], kb[r0 : r0 + rows]
         flagged = ~torch.isfinite(tc.sum(-1, dtype=cd) + sc.sum(-1, dtype=cd))
         padded = False
         if bool(flagged.any()):
@@ -474,8 +539,8 @@ def _torch_fwd(t, s, keep, code, w, inv_tau, need_grad, chunk_elems=None):  # ->
                 sc = torch.where(kc[:, None], sc, 0.0)
         if eff is None:
             continue
-        yc = None if y is None else y[r0:r0 + rows]
-        loss[r0:r0 + rows] = _chunk_rows(eff, w, tc, sc, inv_tau, cd, padded, yc)
+        yc = None if y is None else y[r0 : r0 + rows]
+        loss[r0 : r0 + rows] = _chunk_rows(eff, w, tc, sc, inv_tau, cd, padded, yc)
     return torch.where(kb, loss, 0.0), y, coef
 
 
@@ -537,8 +602,20 @@ def _raise_on_status(status: torch.Tensor) -> None:
     raise ValueError(f"bad logits in {bad.numel()} unmasked row(s), first row {row} (flattened): {what}")
 
 
-def divergence(name, teacher_logits, student_logits, *, mask=None, labels=None, ignore_index=-100,
-               reduction="mean", temperature=1.0, backend="auto", block_v=None, **params):
+def divergence(
+    name,
+    teacher_logits,
+    student_logits,
+    *,
+    mask=None,
+    labels=None,
+    ignore_index=-100,
+    reduction="mean",
+    temperature=1.0,
+    backend="auto",
+    block_v=None,
+    **params,
+):
     """Divergence ``name`` between softmax(teacher/τ) and softmax(student/τ) over the last axis.
 
     teacher_logits, student_logits: ``[..., V]``, fp32/fp16/bf16/fp64 (dtypes may differ). The teacher
@@ -575,8 +652,10 @@ def divergence(name, teacher_logits, student_logits, *, mask=None, labels=None, 
     check_float("teacher_logits", teacher_logits)
     check_float("student_logits", student_logits)
     if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher and student logits must have the same shape, got "
-                         f"{tuple(teacher_logits.shape)} vs {tuple(student_logits.shape)}")
+        raise ValueError(
+            f"teacher and student logits must have the same shape, got "
+            f"{tuple(teacher_logits.shape)} vs {tuple(student_logits.shape)}"
+        )
     if teacher_logits.device != student_logits.device:
         raise ValueError(f"teacher on {teacher_logits.device} but student on {student_logits.device}")
     if student_logits.dim() < 1 or student_logits.shape[-1] < 1:
@@ -589,8 +668,10 @@ def divergence(name, teacher_logits, student_logits, *, mask=None, labels=None, 
         if m is None:
             continue
         if not isinstance(m, torch.Tensor) or tuple(m.shape) != lead:
-            raise ValueError(f"{nm} must be a tensor of shape {lead} (the logits without V), "
-                             f"got {getattr(m, 'shape', type(m).__name__)}")
+            raise ValueError(
+                f"{nm} must be a tensor of shape {lead} (the logits without V), "
+                f"got {getattr(m, 'shape', type(m).__name__)}"
+            )
         keep = keep & (m.to(keep.device).bool() if nm == "mask" else (m.to(keep.device) != ignore_index))
     t = teacher_logits.detach().reshape(-1, V)
     s = student_logits.reshape(-1, V)
@@ -645,14 +726,18 @@ def demo_fit(*, V: int = 64, steps: int = 200, lr: float = 0.05, seed: int = 0, 
         with torch.no_grad():
             s = student()
             q = torch.softmax(s, -1)[0].double()
-            rows.append({
-                "divergence": name,
-                "final_loss": float(divergence(name, teacher, s, backend=backend)),
-                "KL(p||q)": float(divergence("forward_kl", teacher, s, backend=backend)),
-                "KL(q||p)": float(divergence("reverse_kl", teacher, s, backend=backend)),
-                "mass_mode_1": float(q[modes[0]].sum()), "mass_mode_2": float(q[modes[1]].sum()),
-                "centre": float(centre), "entropy_q": float(-(q * q.clamp_min(1e-30).log()).sum()),
-            })
+            rows.append(
+                {
+                    "divergence": name,
+                    "final_loss": float(divergence(name, teacher, s, backend=backend)),
+                    "KL(p||q)": float(divergence("forward_kl", teacher, s, backend=backend)),
+                    "KL(q||p)": float(divergence("reverse_kl", teacher, s, backend=backend)),
+                    "mass_mode_1": float(q[modes[0]].sum()),
+                    "mass_mode_2": float(q[modes[1]].sum()),
+                    "centre": float(centre),
+                    "entropy_q": float(-(q * q.clamp_min(1e-30).log()).sum()),
+                }
+            )
     return rows
 
 

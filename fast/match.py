@@ -52,6 +52,7 @@ decode, one token        O(T D / B + (w + K B) D)    summaries O(T D / B) when c
 
 Token retrieval is quadratic in T (scoring only, no softmax over it); block retrieval divides that by B.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,16 @@ import torch
 
 from fast.utils import check_float, resolve_backend
 
-__all__ = ["match_attention", "match_attention_kv", "retrieve", "match_decode", "block_summaries",
-           "update_block_summaries", "MODES", "TORCH_CHUNK"]
+__all__ = [
+    "match_attention",
+    "match_attention_kv",
+    "retrieve",
+    "match_decode",
+    "block_summaries",
+    "update_block_summaries",
+    "MODES",
+    "TORCH_CHUNK",
+]
 
 TORCH_CHUNK = 128  # query rows per step of the torch backend
 MODES = ("joint", "gated")
@@ -81,8 +90,10 @@ def _check_params(window, top_k, block_size):
     _check_int("top_k", top_k, 0)
     _check_int("block_size", block_size, 1)
     if block_size > window:
-        raise ValueError(f"block_size={block_size} must be <= window={window} (candidate blocks then lie "
-                         "wholly in the past)")
+        raise ValueError(
+            f"block_size={block_size} must be <= window={window} (candidate blocks then lie "
+            "wholly in the past)"
+        )
 
 
 def _validate(q, k, v, window, top_k, block_size, mode, gate_logit, scale, *, need_v=True):
@@ -103,8 +114,10 @@ def _validate(q, k, v, window, top_k, block_size, mode, gate_logit, scale, *, ne
     B, Hq, Tq, D = q.shape
     Bk, Hkv, Tk, Dk = k.shape
     if B != Bk or D != Dk or Tq > Tk:
-        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on B and D, with "
-                         "T_q <= T_k ([B, H, T, D])")
+        raise ValueError(
+            f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on B and D, with "
+            "T_q <= T_k ([B, H, T, D])"
+        )
     if min(B, Hq, Hkv, Tq, D) < 1:
         raise ValueError(f"empty dimension: q {tuple(q.shape)}, k {tuple(k.shape)}")
     if Hq % Hkv != 0:
@@ -114,8 +127,7 @@ def _validate(q, k, v, window, top_k, block_size, mode, gate_logit, scale, *, ne
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "gated":
         if gate_logit is None:
-            raise ValueError("mode='gated' needs gate_logit, broadcastable to [B, H_q, T] = "
-                             f"{[B, Hq, Tq]}")
+            raise ValueError(f"mode='gated' needs gate_logit, broadcastable to [B, H_q, T] = {[B, Hq, Tq]}")
         check_float("gate_logit", gate_logit)
         if gate_logit.device != q.device:
             raise ValueError(f"gate_logit is on {gate_logit.device}, q on {q.device}")
@@ -124,12 +136,15 @@ def _validate(q, k, v, window, top_k, block_size, mode, gate_logit, scale, *, ne
         except RuntimeError:
             ok = False
         if not ok:
-            raise ValueError(f"gate_logit of shape {tuple(gate_logit.shape)} does not broadcast to "
-                             f"[B, H_q, T] = {[B, Hq, Tq]}")
+            raise ValueError(
+                f"gate_logit of shape {tuple(gate_logit.shape)} does not broadcast to "
+                f"[B, H_q, T] = {[B, Hq, Tq]}"
+            )
     elif gate_logit is not None:
         raise ValueError("gate_logit is only used by mode='gated' (got one with mode='joint')")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale)):
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+    ):
         raise ValueError(f"scale must be None or a finite number, got {scale!r}")
     return 1.0 / math.sqrt(D) if scale is None else float(scale)
 
@@ -138,8 +153,10 @@ def _check_key_valid(key_valid, k):
     if key_valid is None:
         return None
     if not isinstance(key_valid, torch.Tensor) or tuple(key_valid.shape) != (k.shape[0], k.shape[2]):
-        raise ValueError(f"key_valid must be a [B, T_k] = {[k.shape[0], k.shape[2]]} tensor, got "
-                         f"{getattr(key_valid, 'shape', type(key_valid).__name__)}")
+        raise ValueError(
+            f"key_valid must be a [B, T_k] = {[k.shape[0], k.shape[2]]} tensor, got "
+            f"{getattr(key_valid, 'shape', type(key_valid).__name__)}"
+        )
     if key_valid.device != k.device:
         raise ValueError(f"key_valid is on {key_valid.device}, k on {k.device}")
     return key_valid.bool()
@@ -180,8 +197,13 @@ def update_block_summaries(summaries, k_cache, block_size, *, key_valid=None):
     keep = max(summaries.shape[2] - 1, 0)
     start = keep * block_size
     kv = None if key_valid is None else key_valid[:, start:]
-    return torch.cat([summaries[:, :, :keep].to(_cdt(k_cache)),
-                      block_summaries(k_cache[:, :, start:], block_size, key_valid=kv)], dim=2)
+    return torch.cat(
+        [
+            summaries[:, :, :keep].to(_cdt(k_cache)),
+            block_summaries(k_cache[:, :, start:], block_size, key_valid=kv),
+        ],
+        dim=2,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,8 +257,22 @@ def _partial(s, mask, v):
     return out, lse[..., 0], has[..., 0]
 
 
-def _torch_match(q, k, v, window, top_k, block_size, mode, gate, scale, *, key_valid=None, summaries=None,
-                 chunk=TORCH_CHUNK, return_idx=False):
+def _torch_match(
+    q,
+    k,
+    v,
+    window,
+    top_k,
+    block_size,
+    mode,
+    gate,
+    scale,
+    *,
+    key_valid=None,
+    summaries=None,
+    chunk=TORCH_CHUNK,
+    return_idx=False,
+):
     """q [B, H_q, Tq, D], k, v [B, H_kv, Tk, D] (queries = the last Tq positions), gate [B, H_q, Tq] or
     None, key_valid [B, Tk] bool or None. Returns out [B, H_q, Tq, D] in q.dtype (or idx if return_idx)."""
     B, Hq, Tq, D = q.shape
@@ -350,8 +386,9 @@ def _expand_gate(gate_logit, q):
 # public API
 
 
-def match_attention(q, k, v, *, window, top_k, block_size=1, mode="joint", gate_logit=None, scale=None,
-                    backend="auto"):
+def match_attention(
+    q, k, v, *, window, top_k, block_size=1, mode="joint", gate_logit=None, scale=None, backend="auto"
+):
     """MATCH attention ``out [B, H_q, T, D]`` (input dtype); differentiable in q, k, v and gate_logit.
 
     ``window=w``: query i sees keys i - w < j <= i, plus the retrieved out-of-window keys (see the module
@@ -360,18 +397,41 @@ def match_attention(q, k, v, *, window, top_k, block_size=1, mode="joint", gate_
     support, else torch), "torch" or "triton"."""
     scale = _validate(q, k, v, window, top_k, block_size, mode, gate_logit, scale)
     if q.shape[2] != k.shape[2]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same T "
-                         "(match_attention_kv / match_decode take a longer key sequence)")
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same T "
+            "(match_attention_kv / match_decode take a longer key sequence)"
+        )
     name, mod = _backend(backend, q, top_k)
     gate = _expand_gate(gate_logit, q)
     if name == "triton":
-        return mod.match_attention_triton(q, k, v, window=window, top_k=top_k, block_size=block_size,
-                                          mode=mode, gate_logit=gate, scale=scale)
+        return mod.match_attention_triton(
+            q,
+            k,
+            v,
+            window=window,
+            top_k=top_k,
+            block_size=block_size,
+            mode=mode,
+            gate_logit=gate,
+            scale=scale,
+        )
     return _torch_match(q, k, v, window, top_k, block_size, mode, gate, scale)
 
 
-def match_attention_kv(q, k, v, *, window, top_k, block_size=1, mode="joint", gate_logit=None, scale=None,
-                       key_valid=None, chunk=TORCH_CHUNK):
+def match_attention_kv(
+    q,
+    k,
+    v,
+    *,
+    window,
+    top_k,
+    block_size=1,
+    mode="joint",
+    gate_logit=None,
+    scale=None,
+    key_valid=None,
+    chunk=TORCH_CHUNK,
+):
     """Torch backend with ``T_q <= T_k`` (the queries are the *last* T_q key positions, as in KV-cache
     decoding) and an optional padding mask ``key_valid [B, T_k]``: invalid keys are never candidates, never
     in a block summary, and never in a window except as a query's own position (a query always sees
@@ -380,8 +440,19 @@ def match_attention_kv(q, k, v, *, window, top_k, block_size=1, mode="joint", ga
     scale = _validate(q, k, v, window, top_k, block_size, mode, gate_logit, scale)
     key_valid = _check_key_valid(key_valid, k)
     _check_int("chunk", chunk, 1)
-    return _torch_match(q, k, v, window, top_k, block_size, mode, _expand_gate(gate_logit, q), scale,
-                        key_valid=key_valid, chunk=chunk)
+    return _torch_match(
+        q,
+        k,
+        v,
+        window,
+        top_k,
+        block_size,
+        mode,
+        _expand_gate(gate_logit, q),
+        scale,
+        key_valid=key_valid,
+        chunk=chunk,
+    )
 
 
 def retrieve(q, k, *, window, top_k, block_size=1, scale=None, backend="auto"):
@@ -398,8 +469,21 @@ def retrieve(q, k, *, window, top_k, block_size=1, scale=None, backend="auto"):
         return _torch_match(q, k, None, window, top_k, block_size, "joint", None, scale, return_idx=True)
 
 
-def match_decode(q, k_cache, v_cache, *, window, top_k, block_size=1, mode="joint", gate_logit=None,
-                 scale=None, summaries=None, key_valid=None, backend="auto"):
+def match_decode(
+    q,
+    k_cache,
+    v_cache,
+    *,
+    window,
+    top_k,
+    block_size=1,
+    mode="joint",
+    gate_logit=None,
+    scale=None,
+    summaries=None,
+    key_valid=None,
+    backend="auto",
+):
     """One new token against a KV cache: ``q [B, H_q, 1, D]``, ``k_cache, v_cache [B, H_kv, T, D]`` whose
     last position is the new token's own key. Equals the last row of ``match_attention`` over the T tokens.
 
@@ -415,14 +499,37 @@ def match_decode(q, k_cache, v_cache, *, window, top_k, block_size=1, mode="join
         B, Hkv, T, D = k_cache.shape
         want = (B, Hkv, -(-T // block_size), D)
         if not isinstance(summaries, torch.Tensor) or tuple(summaries.shape) != want:
-            raise ValueError(f"summaries must be a tensor of shape [B, H_kv, ceil(T / B), D] = {list(want)}, "
-                             f"got {getattr(summaries, 'shape', type(summaries).__name__)}")
+            raise ValueError(
+                f"summaries must be a tensor of shape [B, H_kv, ceil(T / B), D] = {list(want)}, "
+                f"got {getattr(summaries, 'shape', type(summaries).__name__)}"
+            )
         if summaries.device != q.device:
             raise ValueError(f"summaries are on {summaries.device}, q on {q.device}")
     name, mod = _backend(backend, q, top_k) if key_valid is None else ("torch", None)
     gate = _expand_gate(gate_logit, q)
     if name == "triton":
-        return mod.match_decode_triton(q, k_cache, v_cache, window=window, top_k=top_k, block_size=block_size,
-                                       mode=mode, gate_logit=gate, scale=scale, summaries=summaries)
-    return _torch_match(q, k_cache, v_cache, window, top_k, block_size, mode, gate, scale,
-                        key_valid=key_valid, summaries=summaries)
+        return mod.match_decode_triton(
+            q,
+            k_cache,
+            v_cache,
+            window=window,
+            top_k=top_k,
+            block_size=block_size,
+            mode=mode,
+            gate_logit=gate,
+            scale=scale,
+            summaries=summaries,
+        )
+    return _torch_match(
+        q,
+        k_cache,
+        v_cache,
+        window,
+        top_k,
+        block_size,
+        mode,
+        gate,
+        scale,
+        key_valid=key_valid,
+        summaries=summaries,
+    )

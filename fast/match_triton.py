@@ -113,6 +113,7 @@ Kernels and design choices
 
 Kernels are launched with fixed tiles (one config, no autotuning): the GPU tile sizes are untuned.
 """
+
 from __future__ import annotations
 
 import torch
@@ -122,8 +123,15 @@ import triton.language as tl
 from fast.attention import _t_bucket, attention_bwd_dkdv_kernel
 from fast.utils import LN2, LOG2E, empty, is_interpreting
 
-__all__ = ["retrieve_triton", "match_attention_triton", "match_decode_triton", "block_summaries_triton",
-           "reverse_index", "MAX_TOP_K", "BLOCK_MAJOR_MIN_BLOCK"]
+__all__ = [
+    "retrieve_triton",
+    "match_attention_triton",
+    "match_decode_triton",
+    "block_summaries_triton",
+    "reverse_index",
+    "MAX_TOP_K",
+    "BLOCK_MAJOR_MIN_BLOCK",
+]
 
 MAX_TOP_K = 32  # running top-k lives in registers: [BLOCK_M, next_pow2(top_k)] values + indices
 BLOCK_MAJOR_MIN_BLOCK = 16  # block_size from which the retrieved part is block-major (see _block_major)
@@ -137,9 +145,16 @@ BLOCK_MAJOR_MIN_BLOCK = 16  # block_size from which the retrieved part is block-
 def match_summary_kernel(
     k_ptr,  # [B, Hkv, T, D] keys
     s_ptr,  # [B, Hkv, NB, D] fp32 block means (contiguous)
-    skb, skh, skt, skd,
-    Hkv, NB, D, BS,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    skb,
+    skh,
+    skt,
+    skd,
+    Hkv,
+    NB,
+    D,
+    BS,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One program per (full block, batch, kv head): the mean of the block's BS keys."""
     blk = tl.program_id(0).to(tl.int64)
@@ -153,8 +168,11 @@ def match_summary_kernel(
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = offs_t < BS
         pos = blk * BS + offs_t
-        kk = tl.load(k_ptr + b * skb + hk * skh + pos[:, None] * skt + offs_d[None, :] * skd,
-                     mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        kk = tl.load(
+            k_ptr + b * skb + hk * skh + pos[:, None] * skt + offs_d[None, :] * skd,
+            mask=t_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc += tl.sum(kk, axis=0)
     tl.store(s_ptr + (pid_bh * NB + blk) * D + offs_d, acc / BS, mask=d_ok)
 
@@ -164,12 +182,27 @@ def match_select_kernel(
     q_ptr,  # [B, Hq, TQ, D] queries
     c_ptr,  # [B, Hkv, N, D] candidates: block summaries (fp32) or the keys themselves (block_size 1)
     idx_ptr,  # [B, Hkv, TQ, TOP_K] int64 selection (contiguous)
-    sqb, sqh, sqt, sqd,
-    scb, sch, sct, scd,
-    Hkv, G, TQ, q_start, D, W, BS,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    scb,
+    sch,
+    sct,
+    scd,
+    Hkv,
+    G,
+    TQ,
+    q_start,
+    D,
+    W,
+    BS,
     scale,
-    TOP_K: tl.constexpr, KP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TOP_K: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Running top-k over streamed candidate chunks (see the module docstring for the tie proof)."""
     pid_m = tl.program_id(0).to(tl.int64)
@@ -184,8 +217,11 @@ def match_select_kernel(
     qsum = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for g in range(0, G):
         h = hk * G + g
-        qsum += tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        qsum += tl.load(
+            q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
     slot = tl.arange(0, KP)
     slot_real = slot < TOP_K
     # empty slots: -inf with distinct negative indices (so exactly one is the eviction target); padding
@@ -198,8 +234,11 @@ def match_select_kernel(
     for start_n in range(0, n_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_hi
-        cand = tl.load(c_ptr + b * scb + hk * sch + offs_n[:, None] * sct + offs_d[None, :] * scd,
-                       mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BN, BD]
+        cand = tl.load(
+            c_ptr + b * scb + hk * sch + offs_n[:, None] * sct + offs_d[None, :] * scd,
+            mask=n_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [BN, BD]
         # fp32 "ieee" for every input dtype: a discrete choice, TF32 / bf16 rounding would move near-ties
         s = tl.dot(qsum, tl.trans(cand), input_precision="ieee") * scale  # [BM, BN]
         ok = row_ok[:, None] & n_ok[None, :] & (offs_n[None, :] * BS <= pos[:, None] - W)
@@ -224,8 +263,9 @@ def match_select_kernel(
     for r in range(0, TOP_K):
         best = tl.max(top_v, axis=1)
         have = best > float("-inf")
-        best_i = tl.min(tl.where((top_v == best[:, None]) & have[:, None], top_i, 9223372036854775807),
-                        axis=1)
+        best_i = tl.min(
+            tl.where((top_v == best[:, None]) & have[:, None], top_i, 9223372036854775807), axis=1
+        )
         tl.store(out_base + r, tl.where(have, best_i, -1), mask=row_ok)
         top_v = tl.where(have[:, None] & (top_i == best_i[:, None]), float("-inf"), top_v)
 
@@ -242,14 +282,39 @@ def match_fwd_kernel(
     lse_r_ptr,  # [B, Hq, TQ] fp32 retrieved-part lse, -inf where empty (gated only)
     ow_ptr,  # [B, Hq, TQ, D] fp32 window output (gated only, contiguous)
     or_ptr,  # [B, Hq, TQ, D] fp32 retrieved output, 0 where empty (gated only, contiguous)
-    sqb, sqh, sqt, sqd,
-    skb, skh, skt, skd,
-    svb, svh, svt, svd,
-    sob, soh, sot, sod,
-    Hq, G, TQ, TK, q_start, D, W, BS,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    skb,
+    skh,
+    skt,
+    skd,
+    svb,
+    svh,
+    svt,
+    svd,
+    sob,
+    soh,
+    sot,
+    sod,
+    Hq,
+    G,
+    TQ,
+    TK,
+    q_start,
+    D,
+    W,
+    BS,
     qk_scale,  # scale * log2(e)
-    TOP_K: tl.constexpr, GATED: tl.constexpr, STORE_PARTS: tl.constexpr, LOWP_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    TOP_K: tl.constexpr,
+    GATED: tl.constexpr,
+    STORE_PARTS: tl.constexpr,
+    LOWP_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -262,8 +327,11 @@ def match_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < TQ
     d_ok = offs_d < D
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BM, BD]
+    q = tl.load(
+        q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)  # [BM, BD]
     if LOWP_DOT:
         q_dot = q.to(k_ptr.dtype.element_ty)
     else:
@@ -280,10 +348,16 @@ def match_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < TK
         kv_mask = col_ok[:, None] & d_ok[None, :]
-        kk = tl.load(k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
-                     mask=kv_mask, other=0.0).to(tl.float32)
-        vv = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
-                     mask=kv_mask, other=0.0).to(tl.float32)
+        kk = tl.load(
+            k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
+            mask=kv_mask,
+            other=0.0,
+        ).to(tl.float32)
+        vv = tl.load(
+            v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
+            mask=kv_mask,
+            other=0.0,
+        ).to(tl.float32)
         if LOWP_DOT:
             s = tl.dot(q_dot, tl.trans(kk.to(k_ptr.dtype.element_ty)))
         else:
@@ -318,12 +392,18 @@ def match_fwd_kernel(
         kpos = blk * BS + (e - slot * BS)[None, :]  # [BM, BR] int64
         ok = (blk >= 0) & (kpos <= pos[:, None] - W)
         ok3 = ok[:, :, None] & d_ok[None, None, :]
-        kk = tl.load(k_ptr + b * skb + hk * skh + kpos[:, :, None] * skt + offs_d[None, None, :] * skd,
-                     mask=ok3, other=0.0).to(tl.float32)  # [BM, BR, BD]
+        kk = tl.load(
+            k_ptr + b * skb + hk * skh + kpos[:, :, None] * skt + offs_d[None, None, :] * skd,
+            mask=ok3,
+            other=0.0,
+        ).to(tl.float32)  # [BM, BR, BD]
         s = tl.sum(q[:, None, :] * kk, axis=2) * qk_scale  # [BM, BR]
         s = tl.where(ok, s, float("-inf"))
-        vv = tl.load(v_ptr + b * svb + hk * svh + kpos[:, :, None] * svt + offs_d[None, None, :] * svd,
-                     mask=ok3, other=0.0).to(tl.float32)  # [BM, BR, BD]
+        vv = tl.load(
+            v_ptr + b * svb + hk * svh + kpos[:, :, None] * svt + offs_d[None, None, :] * svd,
+            mask=ok3,
+            other=0.0,
+        ).to(tl.float32)  # [BM, BR, BD]
         if GATED:
             m_new = tl.maximum(m_r, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -361,8 +441,11 @@ def match_fwd_kernel(
             tl.store(or_ptr + part, o_r, mask=qd_mask)
     else:
         out = o_w
-    tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod,
-             out.to(o_ptr.dtype.element_ty), mask=qd_mask)
+    tl.store(
+        o_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod,
+        out.to(o_ptr.dtype.element_ty),
+        mask=qd_mask,
+    )
     tl.store(lse_ptr + stat, lse, mask=row_ok)
 
 
@@ -376,13 +459,33 @@ def match_bwd_dq_kernel(
     stat_ptr,  # [4, B, Hq, T] fp32 (contiguous): lse_W, delta_W, lse_R, delta_R (lse: natural log)
     idx_ptr,  # [B, Hkv, T, TOP_K] int64
     dq_ptr,  # [B, Hq, T, D] dq output, input dtype (contiguous)
-    sqb, sqh, sqt, sqd,
-    skb, skh, skt, skd,
-    svb, svh, svt, svd,
-    B, Hq, G, T, D, W, BS,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    skb,
+    skh,
+    skt,
+    skd,
+    svb,
+    svh,
+    svt,
+    svd,
+    B,
+    Hq,
+    G,
+    T,
+    D,
+    W,
+    BS,
     scale,
-    TOP_K: tl.constexpr, GATED: tl.constexpr, LOWP_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    TOP_K: tl.constexpr,
+    GATED: tl.constexpr,
+    LOWP_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dq = scale * sum_j dS_ij k_j: window keys by key blocks (tl.dot, the forward's loop bounds), then the
     row's retrieved keys (gathered tiles, as in the forward). dS = P (dO_P . v - delta_P) per part P."""
@@ -399,8 +502,9 @@ def match_bwd_dq_kernel(
     qd_mask = row_ok[:, None] & d_ok[None, :]
     stat = pid_bh * T + offs_m
     n_stat = B * Hq * T
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-                mask=qd_mask, other=0.0).to(tl.float32)
+    q = tl.load(
+        q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=qd_mask, other=0.0
+    ).to(tl.float32)
     do = tl.load(dow_ptr + stat[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0).to(tl.float32)
     lse2 = tl.load(stat_ptr + stat, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(stat_ptr + n_stat + stat, mask=row_ok, other=0.0)
@@ -420,10 +524,16 @@ def match_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < T
         kv_mask = col_ok[:, None] & d_ok[None, :]
-        kk = tl.load(k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
-                     mask=kv_mask, other=0.0).to(tl.float32)
-        vv = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
-                     mask=kv_mask, other=0.0).to(tl.float32)
+        kk = tl.load(
+            k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
+            mask=kv_mask,
+            other=0.0,
+        ).to(tl.float32)
+        vv = tl.load(
+            v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
+            mask=kv_mask,
+            other=0.0,
+        ).to(tl.float32)
         if LOWP_DOT:
             s = tl.dot(q_dot, tl.trans(kk.to(k_ptr.dtype.element_ty)))
             dp = tl.dot(do_dot, tl.trans(vv.to(v_ptr.dtype.element_ty)))
@@ -455,17 +565,24 @@ def match_bwd_dq_kernel(
         kpos = blk * BS + (e - slot * BS)[None, :]
         ok = (blk >= 0) & (kpos <= offs_m[:, None] - W)
         ok3 = ok[:, :, None] & d_ok[None, None, :]
-        kk = tl.load(k_ptr + b * skb + hk * skh + kpos[:, :, None] * skt + offs_d[None, None, :] * skd,
-                     mask=ok3, other=0.0).to(tl.float32)
-        vv = tl.load(v_ptr + b * svb + hk * svh + kpos[:, :, None] * svt + offs_d[None, None, :] * svd,
-                     mask=ok3, other=0.0).to(tl.float32)
+        kk = tl.load(
+            k_ptr + b * skb + hk * skh + kpos[:, :, None] * skt + offs_d[None, None, :] * skd,
+            mask=ok3,
+            other=0.0,
+        ).to(tl.float32)
+        vv = tl.load(
+            v_ptr + b * svb + hk * svh + kpos[:, :, None] * svt + offs_d[None, None, :] * svd,
+            mask=ok3,
+            other=0.0,
+        ).to(tl.float32)
         s = tl.sum(q[:, None, :] * kk, axis=2) * qk_scale
         p = tl.exp2(tl.where(ok, s - lse2[:, None], float("-inf")))  # [BM, BR]
         dp = tl.sum(do[:, None, :] * vv, axis=2)
         ds = p * (dp - delta[:, None])
         dq += tl.sum(ds[:, :, None] * kk, axis=1)
-    tl.store(dq_ptr + stat[:, None] * D + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
-             mask=qd_mask)
+    tl.store(
+        dq_ptr + stat[:, None] * D + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask
+    )
 
 
 @triton.jit
@@ -483,13 +600,34 @@ def match_bwd_dkdv_kernel(
     dk_ptr,  # [B, Hkv, T, D] dk output, input dtype (contiguous)
     dv_ptr,  # [B, Hkv, T, D] dv output, input dtype (contiguous)
     dqp_ptr,  # [B, Hq, T, TOP_K, NSUB, D] fp32 retrieved dq partials, times scale (DQ_PART only, contiguous)
-    sqb, sqh, sqt, sqd,
-    skb, skh, skt, skd,
-    svb, svh, svt, svd,
-    Hq, Hkv, G, T, D, W, BS, NB, NSUB, TOP_K,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    skb,
+    skh,
+    skt,
+    skd,
+    svb,
+    svh,
+    svt,
+    svd,
+    Hq,
+    Hkv,
+    G,
+    T,
+    D,
+    W,
+    BS,
+    NB,
+    NSUB,
+    TOP_K,
     scale,
-    LOWP_DOT: tl.constexpr, DQ_PART: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    LOWP_DOT: tl.constexpr,
+    DQ_PART: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One program per (chunk of a block, batch, kv head): the queries that selected the block, from the
     reverse index, gathered BLOCK_M at a time for each of the G query heads of the group. ``DQ_PART``
@@ -507,10 +645,12 @@ def match_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     kv_mask = col_ok[:, None] & d_ok[None, :]
-    kk = tl.load(k_ptr + b * skb + hk * skh + kpos[:, None] * skt + offs_d[None, :] * skd,
-                 mask=kv_mask, other=0.0).to(tl.float32)  # [BN, BD]
-    vv = tl.load(v_ptr + b * svb + hk * svh + kpos[:, None] * svt + offs_d[None, :] * svd,
-                 mask=kv_mask, other=0.0).to(tl.float32)
+    kk = tl.load(
+        k_ptr + b * skb + hk * skh + kpos[:, None] * skt + offs_d[None, :] * skd, mask=kv_mask, other=0.0
+    ).to(tl.float32)  # [BN, BD]
+    vv = tl.load(
+        v_ptr + b * svb + hk * svh + kpos[:, None] * svt + offs_d[None, :] * svd, mask=kv_mask, other=0.0
+    ).to(tl.float32)
     if LOWP_DOT:
         k_dot = kk.to(k_ptr.dtype.element_ty)
         v_dot = vv.to(v_ptr.dtype.element_ty)
@@ -532,10 +672,12 @@ def match_bwd_dkdv_kernel(
             ent = tl.load(list_ptr + offs_t, mask=t_ok, other=0).to(tl.int64)  # [BM] t * TOP_K + slot
             qi = ent // TOP_K  # query positions
             qd_mask = t_ok[:, None] & d_ok[None, :]
-            qq = tl.load(q_ptr + b * sqb + h * sqh + qi[:, None] * sqt + offs_d[None, :] * sqd,
-                         mask=qd_mask, other=0.0).to(tl.float32)  # [BM, BD]
-            do = tl.load(do_ptr + (stat_base + qi)[:, None] * D + offs_d[None, :],
-                         mask=qd_mask, other=0.0).to(tl.float32)
+            qq = tl.load(
+                q_ptr + b * sqb + h * sqh + qi[:, None] * sqt + offs_d[None, :] * sqd, mask=qd_mask, other=0.0
+            ).to(tl.float32)  # [BM, BD]
+            do = tl.load(
+                do_ptr + (stat_base + qi)[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0
+            ).to(tl.float32)
             lse2 = tl.load(lse_ptr + stat_base + qi, mask=t_ok, other=0.0) * LOG2E
             delta = tl.load(delta_ptr + stat_base + qi, mask=t_ok, other=0.0)
             if LOWP_DOT:
@@ -576,13 +718,33 @@ def match_fwd_blocks_kernel(
     start_ptr,  # [B * Hkv * NB + 1] int64 CSR offsets into list_ptr
     op_ptr,  # [B, Hq, T, TOP_K, D] fp32 normalised partial outputs (contiguous)
     lsep_ptr,  # [B, Hq, T, TOP_K] fp32 partial log-sum-exps, natural log (contiguous)
-    sqb, sqh, sqt, sqd,
-    skb, skh, skt, skd,
-    svb, svh, svt, svd,
-    Hq, Hkv, G, T, D, W, BS, NB, TOP_K,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    skb,
+    skh,
+    skt,
+    skd,
+    svb,
+    svh,
+    svt,
+    svd,
+    Hq,
+    Hkv,
+    G,
+    T,
+    D,
+    W,
+    BS,
+    NB,
+    TOP_K,
     qk_scale,  # scale * log2(e)
-    NSUB: tl.constexpr, LOWP_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    NSUB: tl.constexpr,
+    LOWP_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Block-major retrieved part of the forward: one program per (selected block, batch, kv head). The
     block's keys and values are loaded once (``NSUB == 1``; else its ``NSUB`` chunks of ``BLOCK_N`` keys are
@@ -605,10 +767,12 @@ def match_fwd_blocks_kernel(
     col0 = (offs_n < BS) & (kpos0 < T)
     kv0 = col0[:, None] & d_ok[None, :]
     # kept in the input dtype for the tensor-core dots (half the registers of fp32), fp32 otherwise
-    k0 = tl.load(k_ptr + b * skb + hk * skh + kpos0[:, None] * skt + offs_d[None, :] * skd,
-                 mask=kv0, other=0.0)  # [BN, BD]
-    v0 = tl.load(v_ptr + b * svb + hk * svh + kpos0[:, None] * svt + offs_d[None, :] * svd,
-                 mask=kv0, other=0.0)
+    k0 = tl.load(
+        k_ptr + b * skb + hk * skh + kpos0[:, None] * skt + offs_d[None, :] * skd, mask=kv0, other=0.0
+    )  # [BN, BD]
+    v0 = tl.load(
+        v_ptr + b * svb + hk * svh + kpos0[:, None] * svt + offs_d[None, :] * svd, mask=kv0, other=0.0
+    )
     if not LOWP_DOT:
         k0 = k0.to(tl.float32)
         v0 = v0.to(tl.float32)
@@ -623,8 +787,9 @@ def match_fwd_blocks_kernel(
         qd_mask = t_ok[:, None] & d_ok[None, :]
         for g in range(0, G):
             h = hk * G + g
-            qq = tl.load(q_ptr + b * sqb + h * sqh + qi[:, None] * sqt + offs_d[None, :] * sqd,
-                         mask=qd_mask, other=0.0).to(tl.float32)  # [BM, BD] gathered query rows
+            qq = tl.load(
+                q_ptr + b * sqb + h * sqh + qi[:, None] * sqt + offs_d[None, :] * sqd, mask=qd_mask, other=0.0
+            ).to(tl.float32)  # [BM, BD] gathered query rows
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # log2-domain running max
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -639,10 +804,16 @@ def match_fwd_blocks_kernel(
                     kpos = blk * BS + offs_in
                     col_ok = (offs_in < BS) & (kpos < T)
                     kv_mask = col_ok[:, None] & d_ok[None, :]
-                    kk = tl.load(k_ptr + b * skb + hk * skh + kpos[:, None] * skt + offs_d[None, :] * skd,
-                                 mask=kv_mask, other=0.0)
-                    vv = tl.load(v_ptr + b * svb + hk * svh + kpos[:, None] * svt + offs_d[None, :] * svd,
-                                 mask=kv_mask, other=0.0)
+                    kk = tl.load(
+                        k_ptr + b * skb + hk * skh + kpos[:, None] * skt + offs_d[None, :] * skd,
+                        mask=kv_mask,
+                        other=0.0,
+                    )
+                    vv = tl.load(
+                        v_ptr + b * svb + hk * svh + kpos[:, None] * svt + offs_d[None, :] * svd,
+                        mask=kv_mask,
+                        other=0.0,
+                    )
                     if not LOWP_DOT:
                         kk = kk.to(tl.float32)
                         vv = vv.to(tl.float32)
@@ -685,9 +856,18 @@ def match_fwd_merge_kernel(
     o_ptr,  # [B, Hq, T, D] output, input dtype
     lse_r_ptr,  # [B, Hq, T] fp32 retrieved-part lse, -inf where empty (gated only)
     or_ptr,  # [B, Hq, T, D] fp32 retrieved output, 0 where empty (gated only, contiguous)
-    sob, soh, sot, sod,
-    Hq, G, T, D, TOP_K,
-    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    sob,
+    soh,
+    sot,
+    sod,
+    Hq,
+    G,
+    T,
+    D,
+    TOP_K,
+    GATED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Merge of the window part and the per-slot partials, one program per (query tile, batch, query head),
     slots in order (deterministic): a running (max, sum, accumulator) over log-sum-exps. Joint: the window
@@ -719,8 +899,9 @@ def match_fwd_merge_kernel(
         filled = tl.load(idx_row + slot, mask=row_ok, other=-1) >= 0
         part = stat * TOP_K + slot
         lse_s = tl.load(lsep_ptr + part, mask=filled, other=float("-inf"))
-        o_s = tl.load(op_ptr + part[:, None] * D + offs_d[None, :], mask=filled[:, None] & d_ok[None, :],
-                      other=0.0)
+        o_s = tl.load(
+            op_ptr + part[:, None] * D + offs_d[None, :], mask=filled[:, None] & d_ok[None, :], other=0.0
+        )
         m_new = tl.maximum(m, lse_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
@@ -740,8 +921,11 @@ def match_fwd_merge_kernel(
     else:
         out = merged
         tl.store(lse_j_ptr + stat, lse_m, mask=row_ok)
-    tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod,
-             out.to(o_ptr.dtype.element_ty), mask=qd_mask)
+    tl.store(
+        o_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod,
+        out.to(o_ptr.dtype.element_ty),
+        mask=qd_mask,
+    )
 
 
 @triton.jit
@@ -750,8 +934,14 @@ def match_dq_merge_kernel(
     dqp_ptr,  # [B, Hq, T, TOP_K, NSUB, D] fp32 retrieved dq partials (contiguous; read where filled)
     idx_ptr,  # [B, Hkv, T, TOP_K] int64 selection (contiguous)
     dq_ptr,  # [B, Hq, T, D] dq output, input dtype (contiguous)
-    Hq, G, T, D, TOP_K, NSUB,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    Hq,
+    G,
+    T,
+    D,
+    TOP_K,
+    NSUB,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dq = dq_W + sum over the filled slots and the chunks of dq_part, in a fixed order (deterministic)."""
     pid_m = tl.program_id(0).to(tl.int64)
@@ -770,8 +960,9 @@ def match_dq_merge_kernel(
         filled = tl.load(idx_row + slot, mask=row_ok, other=-1) >= 0
         for sub in range(0, NSUB):
             part = (stat * TOP_K + slot) * NSUB + sub
-            dq += tl.load(dqp_ptr + part[:, None] * D + offs_d[None, :], mask=filled[:, None] & d_ok[None, :],
-                          other=0.0)
+            dq += tl.load(
+                dqp_ptr + part[:, None] * D + offs_d[None, :], mask=filled[:, None] & d_ok[None, :], other=0.0
+            )
     tl.store(dq_ptr + stat[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qd_mask)
 
 
@@ -796,11 +987,13 @@ def _kp(top_k):
 def _check_triton(q, top_k):
     """Limits of these kernels (the API validates everything else)."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"the Triton MATCH kernels take fp16/bf16/fp32 inputs, got {q.dtype} "
-                         "(use backend='torch')")
+        raise ValueError(
+            f"the Triton MATCH kernels take fp16/bf16/fp32 inputs, got {q.dtype} (use backend='torch')"
+        )
     if q.shape[-1] > 128:
-        raise ValueError(f"the Triton MATCH kernels support head dim D <= 128, got D={q.shape[-1]} "
-                         "(use backend='torch')")
+        raise ValueError(
+            f"the Triton MATCH kernels support head dim D <= 128, got D={q.shape[-1]} (use backend='torch')"
+        )
     if top_k > MAX_TOP_K:
         raise ValueError(
             f"the Triton MATCH kernels keep the running top-k in registers and support top_k <= {MAX_TOP_K}, "
@@ -819,7 +1012,8 @@ def _tiles(q):
 def gpu_tiles(lowp: bool, D: int):
     """The GPU tiles of the forward / dq kernels. The gathered [BLOCK_M, BLOCK_R, BLOCK_D] key and value
     tiles of the retrieved part bound the register use: with BLOCK_R = 8 (4 at D = 128) they spilled
-    0.4-4.3 KB per thread in every gathered variant (``fast.devtools.kernel_stats``, sm_90a); BLOCK_R = 2 with 8
+    0.4-4.3 KB per thread in every gathered variant (``fast.devtools.kernel_stats``, sm_90a); BLOCK_R = 2 with
+    8
     warps does not, at BLOCK_M = 32 for D = 128. fp32 "ieee" dots run on CUDA cores, unrolled: a 16-row
     tile (as in fast/attention.py), at most 36 B spilled where 32 x 32 with 4 warps spilled up to 6 KB."""
     if not lowp:
@@ -836,7 +1030,15 @@ def block_summaries_triton(k, block_size):
     if NB > 0:
         BLOCK_T = min(64, max(2, triton.next_power_of_2(block_size)))
         match_summary_kernel[(NB, B * Hkv)](
-            k, summ, *k.stride(), Hkv, NB, D, block_size, BLOCK_T=BLOCK_T, BLOCK_D=_block_d(D),
+            k,
+            summ,
+            *k.stride(),
+            Hkv,
+            NB,
+            D,
+            block_size,
+            BLOCK_T=BLOCK_T,
+            BLOCK_D=_block_d(D),
         )
     return summ
 
@@ -853,10 +1055,25 @@ def _select(q, k, *, window, top_k, block_size, scale, q_start=0, summaries=None
         cand = block_summaries_triton(k, block_size) if summaries is None else summaries
     BM, BN, warps = (64, 64, 4) if is_interpreting() else (32, 32, 4)  # fp32 dots: small GPU tile
     match_select_kernel[(triton.cdiv(TQ, BM), B * Hkv)](
-        q, cand, idx, *q.stride(), *cand.stride(),
-        Hkv, Hq // Hkv, TQ, q_start, D, window, block_size, float(scale),
-        TOP_K=top_k, KP=_kp(top_k),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D), num_warps=warps,
+        q,
+        cand,
+        idx,
+        *q.stride(),
+        *cand.stride(),
+        Hkv,
+        Hq // Hkv,
+        TQ,
+        q_start,
+        D,
+        window,
+        block_size,
+        float(scale),
+        TOP_K=top_k,
+        KP=_kp(top_k),
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        BLOCK_D=_block_d(D),
+        num_warps=warps,
     )
     return idx
 
@@ -891,11 +1108,38 @@ def _fwd(q, k, v, idx, gate, *, window, block_size, gated, scale, q_start=0, sto
     if top_k == 0:  # no retrieval: a valid pointer that is never read
         idx = torch.zeros(1, dtype=torch.int64, device=dev)
     match_fwd_kernel[(triton.cdiv(TQ, BM), B * Hq)](
-        q, k, v, idx, gate, o, lse, lse_r, o_w, o_r,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        Hq, Hq // k.shape[1], TQ, TK, q_start, D, window, block_size, float(scale) * LOG2E.value,
-        TOP_K=top_k, GATED=gated, STORE_PARTS=gated and store_parts, LOWP_DOT=_lowp(q),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, BLOCK_D=_block_d(D), num_warps=warps,
+        q,
+        k,
+        v,
+        idx,
+        gate,
+        o,
+        lse,
+        lse_r,
+        o_w,
+        o_r,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *o.stride(),
+        Hq,
+        Hq // k.shape[1],
+        TQ,
+        TK,
+        q_start,
+        D,
+        window,
+        block_size,
+        float(scale) * LOG2E.value,
+        TOP_K=top_k,
+        GATED=gated,
+        STORE_PARTS=gated and store_parts,
+        LOWP_DOT=_lowp(q),
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        BLOCK_R=BR,
+        BLOCK_D=_block_d(D),
+        num_warps=warps,
     )
     return o, lse, lse_r, o_w, o_r
 
@@ -957,11 +1201,38 @@ def _fwd_block_major(q, k, v, idx, gate, *, window, block_size, gated, scale, ti
     BM, BN, BR, warps = tiles or _tiles(q)
     no_idx = torch.zeros(1, dtype=torch.int64, device=dev)  # TOP_K = 0: never read
     match_fwd_kernel[(triton.cdiv(T, BM), B * Hq)](
-        q, k, v, no_idx, lse, o_w, lse, lse, lse, lse,
-        *q.stride(), *k.stride(), *v.stride(), *o_w.stride(),
-        Hq, Hq // Hkv, T, T, 0, D, window, block_size, float(scale) * LOG2E.value,
-        TOP_K=0, GATED=False, STORE_PARTS=False, LOWP_DOT=_lowp(q),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=2, BLOCK_D=_block_d(D), num_warps=warps,
+        q,
+        k,
+        v,
+        no_idx,
+        lse,
+        o_w,
+        lse,
+        lse,
+        lse,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *o_w.stride(),
+        Hq,
+        Hq // Hkv,
+        T,
+        T,
+        0,
+        D,
+        window,
+        block_size,
+        float(scale) * LOG2E.value,
+        TOP_K=0,
+        GATED=False,
+        STORE_PARTS=False,
+        LOWP_DOT=_lowp(q),
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        BLOCK_R=2,
+        BLOCK_D=_block_d(D),
+        num_warps=warps,
     )
     entries, starts = reverse_index(idx, T, block_size)
     NB = triton.cdiv(T, block_size)
@@ -971,9 +1242,32 @@ def _fwd_block_major(q, k, v, idx, gate, *, window, block_size, gated, scale, ti
     # 8 warps: with 4 the fp32 D = 128 tile spilled 1.9 KB per thread, with 8 at most 64 B
     # (kernel_stats --match)
     match_fwd_blocks_kernel[(NB, B * Hkv)](
-        q, k, v, entries, starts, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(),
-        Hq, Hkv, Hq // Hkv, T, D, window, block_size, NB, top_k, float(scale) * LOG2E.value,
-        NSUB=NSUB, LOWP_DOT=_lowp(q), BLOCK_M=BM_L, BLOCK_N=BN_L, BLOCK_D=_block_d(D), num_warps=8,
+        q,
+        k,
+        v,
+        entries,
+        starts,
+        o_part,
+        lse_part,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        Hq,
+        Hkv,
+        Hq // Hkv,
+        T,
+        D,
+        window,
+        block_size,
+        NB,
+        top_k,
+        float(scale) * LOG2E.value,
+        NSUB=NSUB,
+        LOWP_DOT=_lowp(q),
+        BLOCK_M=BM_L,
+        BLOCK_N=BN_L,
+        BLOCK_D=_block_d(D),
+        num_warps=8,
     )
     o = empty((B, Hq, T, D), dtype=q.dtype, device=dev)
     if gated:
@@ -985,16 +1279,52 @@ def _fwd_block_major(q, k, v, idx, gate, *, window, block_size, gated, scale, ti
     lse_j = lse if gated else empty((B, Hq, T), dtype=torch.float32, device=dev)
     BM_M = 64 if is_interpreting() else 32
     match_fwd_merge_kernel[(triton.cdiv(T, BM_M), B * Hq)](
-        o_w, lse, lse_j, o_part, lse_part, idx, gate, o, lse_r, o_r, *o.stride(), Hq, Hq // Hkv, T, D, top_k,
-        GATED=gated, BLOCK_M=BM_M, BLOCK_D=_block_d(D), num_warps=4,
+        o_w,
+        lse,
+        lse_j,
+        o_part,
+        lse_part,
+        idx,
+        gate,
+        o,
+        lse_r,
+        o_r,
+        *o.stride(),
+        Hq,
+        Hq // Hkv,
+        T,
+        D,
+        top_k,
+        GATED=gated,
+        BLOCK_M=BM_M,
+        BLOCK_D=_block_d(D),
+        num_warps=4,
     )
     if not gated:  # as _fwd: joint saves o and the joint lse only
         lse = lse_r = o_w = o_r = lse_j
     return o, lse, lse_r, o_w, o_r
 
 
-def _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, *, window, block_size, gated, scale,
-         block_major=False, tiles=None):
+def _bwd(
+    q,
+    k,
+    v,
+    o,
+    lse,
+    lse_r,
+    o_w,
+    o_r,
+    gate,
+    idx,
+    do,
+    *,
+    window,
+    block_size,
+    gated,
+    scale,
+    block_major=False,
+    tiles=None,
+):
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -1027,10 +1357,31 @@ def _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, *, window, block_size,
     no_idx = torch.zeros(1, dtype=torch.int64, device=dev)
     idx_arg = idx if top_k > 0 else no_idx  # never read if empty
     match_bwd_dq_kernel[(triton.cdiv(T, BM), B * Hq)](
-        q, k, v, do_w, do_r, stats, no_idx if block_major else idx_arg, dq_w, *strides,
-        B, Hq, G, T, D, window, block_size, float(scale),
-        TOP_K=0 if block_major else top_k, GATED=gated and not block_major, LOWP_DOT=lowp,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, BLOCK_D=BD, num_warps=warps,
+        q,
+        k,
+        v,
+        do_w,
+        do_r,
+        stats,
+        no_idx if block_major else idx_arg,
+        dq_w,
+        *strides,
+        B,
+        Hq,
+        G,
+        T,
+        D,
+        window,
+        block_size,
+        float(scale),
+        TOP_K=0 if block_major else top_k,
+        GATED=gated and not block_major,
+        LOWP_DOT=lowp,
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        BLOCK_R=BR,
+        BLOCK_D=BD,
+        num_warps=warps,
     )
     # dk/dv: window part into fp32 buffers, then the retrieved part through the reverse index
     dk_w = empty((B, Hkv, T, D), dtype=torch.float32, device=dev)
@@ -1040,8 +1391,28 @@ def _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, *, window, block_size,
     W = min(window, T)
     lse2_w = stats[0] * LOG2E.value
     attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, do_w, lse2_w, stats[1], dk_w, dv_w, *strides, *do_w.stride(), Hq, Hkv, G, T, D, W,
-        float(scale), _t_bucket(T, W), IS_CAUSAL=True, HAS_WINDOW=W < T, LOWP_DOT=lowp, BLOCK_D=BD,
+        q,
+        k,
+        v,
+        do_w,
+        lse2_w,
+        stats[1],
+        dk_w,
+        dv_w,
+        *strides,
+        *do_w.stride(),
+        Hq,
+        Hkv,
+        G,
+        T,
+        D,
+        W,
+        float(scale),
+        _t_bucket(T, W),
+        IS_CAUSAL=True,
+        HAS_WINDOW=W < T,
+        LOWP_DOT=lowp,
+        BLOCK_D=BD,
     )
     dk = empty((B, Hkv, T, D), dtype=k.dtype, device=dev)
     dv = empty((B, Hkv, T, D), dtype=v.dtype, device=dev)
@@ -1054,14 +1425,55 @@ def _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, *, window, block_size,
     # (480 B bf16, 1.7 KB fp32 at D = 128) and serialized its wgmma (C7515); the listed queries are
     # gathered rows, which the software pipeline does not prefetch well anyway
     match_bwd_dkdv_kernel[(NB * NSUB, B * Hkv)](
-        q, k, v, do_r, stats[2], stats[3], entries, starts, dk_w, dv_w, dk, dv, dq_part, *strides,
-        Hq, Hkv, G, T, D, window, block_size, NB, NSUB, max(top_k, 1), float(scale),
-        LOWP_DOT=lowp, DQ_PART=block_major, BLOCK_M=BM_L, BLOCK_N=BN, BLOCK_D=BD, num_warps=8, num_stages=1,
+        q,
+        k,
+        v,
+        do_r,
+        stats[2],
+        stats[3],
+        entries,
+        starts,
+        dk_w,
+        dv_w,
+        dk,
+        dv,
+        dq_part,
+        *strides,
+        Hq,
+        Hkv,
+        G,
+        T,
+        D,
+        window,
+        block_size,
+        NB,
+        NSUB,
+        max(top_k, 1),
+        float(scale),
+        LOWP_DOT=lowp,
+        DQ_PART=block_major,
+        BLOCK_M=BM_L,
+        BLOCK_N=BN,
+        BLOCK_D=BD,
+        num_warps=8,
+        num_stages=1,
     )
     if block_major:
         BM_M = 64 if is_interpreting() else 32
         match_dq_merge_kernel[(triton.cdiv(T, BM_M), B * Hq)](
-            dq_w, dq_part, idx, dq, Hq, G, T, D, top_k, NSUB, BLOCK_M=BM_M, BLOCK_D=BD, num_warps=4,
+            dq_w,
+            dq_part,
+            idx,
+            dq,
+            Hq,
+            G,
+            T,
+            D,
+            top_k,
+            NSUB,
+            BLOCK_M=BM_M,
+            BLOCK_D=BD,
+            num_warps=4,
         )
     return dq, dk, dv, dgate
 
@@ -1072,8 +1484,9 @@ class _MatchAttention(torch.autograd.Function):
         idx = _select(q, k, window=window, top_k=top_k, block_size=block_size, scale=scale)
         block_major = _block_major(block_size, top_k) if block_major is None else block_major and top_k > 0
         fwd = _fwd_block_major if block_major else _fwd
-        o, lse, lse_r, o_w, o_r = fwd(q, k, v, idx, gate, window=window, block_size=block_size,
-                                      gated=gated, scale=scale, tiles=tiles)
+        o, lse, lse_r, o_w, o_r = fwd(
+            q, k, v, idx, gate, window=window, block_size=block_size, gated=gated, scale=scale, tiles=tiles
+        )
         if gated:
             ctx.save_for_backward(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx)
         else:
@@ -1089,9 +1502,25 @@ class _MatchAttention(torch.autograd.Function):
         else:
             q, k, v, o, lse, idx = ctx.saved_tensors
             lse_r = o_w = o_r = gate = None
-        dq, dk, dv, dgate = _bwd(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, do, window=window,
-                                 block_size=block_size, gated=gated, scale=scale, block_major=block_major,
-                                 tiles=tiles)
+        dq, dk, dv, dgate = _bwd(
+            q,
+            k,
+            v,
+            o,
+            lse,
+            lse_r,
+            o_w,
+            o_r,
+            gate,
+            idx,
+            do,
+            window=window,
+            block_size=block_size,
+            gated=gated,
+            scale=scale,
+            block_major=block_major,
+            tiles=tiles,
+        )
         if dgate is not None:
             dgate = dgate.to(gate.dtype)
         return dq, dk, dv, dgate, None, None, None, None, None, None, None
@@ -1099,25 +1528,37 @@ class _MatchAttention(torch.autograd.Function):
 
 def match_attention_triton(q, k, v, *, window, top_k, block_size, mode, gate_logit, scale):
     """MATCH attention (joint or gated), differentiable in q, k, v and gate_logit ([B, H_q, T] or None)."""
-    return _launch(q, k, v, window=window, top_k=top_k, block_size=block_size, mode=mode, gate_logit=gate_logit,
-                   scale=scale)
+    return _launch(
+        q,
+        k,
+        v,
+        window=window,
+        top_k=top_k,
+        block_size=block_size,
+        mode=mode,
+        gate_logit=gate_logit,
+        scale=scale,
+    )
 
 
 def _launch(q, k, v, *, window, top_k, block_size, mode, gate_logit, scale, tiles=None, block_major=None):
     """:func:`match_attention_triton` with the launch choices explicit (tests run every path at every tile):
     ``tiles`` = (BLOCK_M, BLOCK_N, BLOCK_R, num_warps) of the window and gathered kernels (default
-    ``_tiles(q)``), ``block_major`` the retrieved part's path (default ``_block_major(block_size, top_k)``)."""
+    ``_tiles(q)``), ``block_major`` the retrieved part's path (default
+    ``_block_major(block_size, top_k)``)."""
     _check_triton(q, top_k)
     gated = mode == "gated"
     if gated and gate_logit is None:
         raise ValueError("mode='gated' needs gate_logit [B, H_q, T]")
     gate = gate_logit if gated else None
-    return _MatchAttention.apply(q, k, v, gate, int(window), int(top_k), int(block_size), gated, float(scale),
-                                 tiles, block_major)
+    return _MatchAttention.apply(
+        q, k, v, gate, int(window), int(top_k), int(block_size), gated, float(scale), tiles, block_major
+    )
 
 
-def match_decode_triton(q, k_cache, v_cache, *, window, top_k, block_size, mode, gate_logit, scale,
-                        summaries=None):
+def match_decode_triton(
+    q, k_cache, v_cache, *, window, top_k, block_size, mode, gate_logit, scale, summaries=None
+):
     """One new query (q [B, H_q, 1, D], position T - 1 of the cache k/v [B, H_kv, T, D]): out [B, H_q, 1, D],
     equal to the last row of ``match_attention_triton`` over the cache. ``summaries``: cached block means
     [B, H_kv, nblocks, D] (any float dtype; at least the candidate blocks), or None to compute them."""
@@ -1127,8 +1568,27 @@ def match_decode_triton(q, k_cache, v_cache, *, window, top_k, block_size, mode,
     if gated and gate_logit is None:
         raise ValueError("mode='gated' needs gate_logit [B, H_q, 1]")
     with torch.no_grad():
-        idx = _select(q, k_cache, window=window, top_k=top_k, block_size=block_size, scale=scale,
-                      q_start=T - 1, summaries=summaries if block_size > 1 else None)
-        o = _fwd(q, k_cache, v_cache, idx, gate_logit if gated else None, window=window,
-                 block_size=block_size, gated=gated, scale=scale, q_start=T - 1, store_parts=False)[0]
+        idx = _select(
+            q,
+            k_cache,
+            window=window,
+            top_k=top_k,
+            block_size=block_size,
+            scale=scale,
+            q_start=T - 1,
+            summaries=summaries if block_size > 1 else None,
+        )
+        o = _fwd(
+            q,
+            k_cache,
+            v_cache,
+            idx,
+            gate_logit if gated else None,
+            window=window,
+            block_size=block_size,
+            gated=gated,
+            scale=scale,
+            q_start=T - 1,
+            store_parts=False,
+        )[0]
     return o

@@ -28,7 +28,8 @@ RNG draw order (all from ``generator``, a CPU ``torch.Generator``): round by rou
 teacher tokens, one uniform per candidate position, rows in batch order and positions increasing within a
 row (the reference's order, rows concatenated); then the re-generation, one uniform per step for every row
 of the re-generation batch until all of its rows are done (finished rows keep drawing, as in
-``fast.training.sampling.generate``). So the result is a deterministic function of the inputs and the generator
+``fast.training.sampling.generate``). So the result is a deterministic function of the inputs and the
+generator
 state, but the streams differ from the reference's ``np.random.Generator``: sampled results are equal in
 distribution, not token for token.
 
@@ -64,11 +65,16 @@ PAD_ID = 0  # filler for left padding: any valid id (masked by ``valid``), so an
 
 def _vocab_size(model, logits_fn, who):  # -> int, from a one-token forward
     dev = device_of(model)
-    out = logits_fn(model, torch.zeros((1, 1), dtype=torch.long, device=dev),
-                    torch.ones((1, 1), dtype=torch.bool, device=dev))
+    out = logits_fn(
+        model,
+        torch.zeros((1, 1), dtype=torch.long, device=dev),
+        torch.ones((1, 1), dtype=torch.bool, device=dev),
+    )
     if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[:2] != (1, 1):
-        raise ValueError(f"logits_fn must return [B, T, V] logits for the {who}, got "
-                         f"{getattr(out, 'shape', type(out).__name__)}")
+        raise ValueError(
+            f"logits_fn must return [B, T, V] logits for the {who}, got "
+            f"{getattr(out, 'shape', type(out).__name__)}"
+        )
     return out.shape[-1]
 
 
@@ -86,8 +92,9 @@ def _teacher_forced(model, prompts, responses, logits_fn):  # -> [B, T, V]: the 
     return logits.gather(1, cols[..., None].expand(B, T, V))
 
 
-def _detect(teacher, student, prompts, seqs, starts, *, teacher_token, generator, temperature, logits_fn,
-            kl_backend):  # -> d [B, T] (student's device), y_t [B, T] long, cand [B, T] bool
+def _detect(
+    teacher, student, prompts, seqs, starts, *, teacher_token, generator, temperature, logits_fn, kl_backend
+):  # -> d [B, T] (student's device), y_t [B, T] long, cand [B, T] bool
     """One detection step: per-position KL, teacher tokens at positions ``i >= start``, candidate mask."""
     lt = _teacher_forced(teacher, prompts, seqs, logits_fn)
     ls = _teacher_forced(student, prompts, seqs, logits_fn)
@@ -113,11 +120,22 @@ def _detect(teacher, student, prompts, seqs, starts, *, teacher_token, generator
 
 
 @torch.no_grad()
-def continue_responses(model, prompts, prefixes, *, max_new_tokens, eos_id, decode="sample", generator=None,
-                       temperature=1.0, logits_fn=None):  # -> list[list[int]]
+def continue_responses(
+    model,
+    prompts,
+    prefixes,
+    *,
+    max_new_tokens,
+    eos_id,
+    decode="sample",
+    generator=None,
+    temperature=1.0,
+    logits_fn=None,
+):  # -> list[list[int]]
     """Each ``prefix`` extended by ``model`` until it ends with EOS (kept) or has ``max_new_tokens`` tokens.
 
-    Batched, left-padded, with the KV cache (``logits_fn`` None: the protocol of ``fast.training.lm``). With empty
+    Batched, left-padded, with the KV cache (``logits_fn`` None: the protocol of ``fast.training.lm``). With
+    empty
     prefixes this is student sampling in SCRG's response convention (EOS kept). Rows already finished
     are returned unchanged and take no draws.
     """
@@ -126,16 +144,23 @@ def continue_responses(model, prompts, prefixes, *, max_new_tokens, eos_id, deco
     if decode == "sample" and not isinstance(generator, torch.Generator):
         raise ValueError("decode='sample' needs an explicit torch.Generator")
     if len(prompts) != len(prefixes) or any(len(p) == 0 for p in prompts):
-        raise ValueError(f"need one non-empty prompt per prefix, got {len(prompts)} prompts for "
-                         f"{len(prefixes)} prefixes")
+        raise ValueError(
+            f"need one non-empty prompt per prefix, got {len(prompts)} prompts for {len(prefixes)} prefixes"
+        )
     out = [list(p) for p in prefixes]
     rows = [b for b, p in enumerate(out) if len(p) < max_new_tokens and (not p or p[-1] != eos_id)]
     if not rows:
         return out
     temp = 0.0 if decode == "greedy" else temperature  # sample_next: 0 = argmax, lowest id on ties
-    new = decode_rows(model, [list(prompts[b]) + out[b] for b in rows], [max_new_tokens - len(out[b]) for b in rows],
-                      lambda logits: sample_next(logits, temperature=temp, generator=generator), eos_id=eos_id,
-                      pad_id=PAD_ID, logits_fn=logits_fn)
+    new = decode_rows(
+        model,
+        [list(prompts[b]) + out[b] for b in rows],
+        [max_new_tokens - len(out[b]) for b in rows],
+        lambda logits: sample_next(logits, temperature=temp, generator=generator),
+        eos_id=eos_id,
+        pad_id=PAD_ID,
+        logits_fn=logits_fn,
+    )
     for b, tokens in zip(rows, new, strict=True):
         out[b] += tokens
     return out
@@ -145,13 +170,27 @@ def _is_int(x) -> bool:  # Python or NumPy integer, not bool
     return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
-def _check(prompts, responses, teacher, student, frequency, teacher_token, decode, max_new_tokens, eos_id,
-           generator, temperature, logits_fn):  # -> None, raises ValueError
+def _check(
+    prompts,
+    responses,
+    teacher,
+    student,
+    frequency,
+    teacher_token,
+    decode,
+    max_new_tokens,
+    eos_id,
+    generator,
+    temperature,
+    logits_fn,
+):  # -> None, raises ValueError
     if not isinstance(prompts, (list, tuple)) or not isinstance(responses, (list, tuple)):
         raise ValueError("prompts and responses must be lists of token-id lists")
     if len(prompts) == 0 or len(prompts) != len(responses):
-        raise ValueError(f"need one response per prompt and at least one row, got {len(prompts)} prompts and "
-                         f"{len(responses)} responses")
+        raise ValueError(
+            f"need one response per prompt and at least one row, got {len(prompts)} prompts and "
+            f"{len(responses)} responses"
+        )
     empty = [b for b, p in enumerate(prompts) if len(p) == 0]
     if empty:
         raise ValueError(f"every prompt needs at least one token (e.g. BOS); empty rows: {empty[:5]}")
@@ -164,8 +203,9 @@ def _check(prompts, responses, teacher, student, frequency, teacher_token, decod
     if (teacher_token == "sample" or decode == "sample") and not isinstance(generator, torch.Generator):
         raise ValueError("sampling (teacher_token or decode 'sample') needs an explicit torch.Generator")
     if generator is not None and generator.device.type != "cpu":
-        raise ValueError(f"the generator must be a CPU torch.Generator (draws move to the model), got "
-                         f"{generator.device}")
+        raise ValueError(
+            f"the generator must be a CPU torch.Generator (draws move to the model), got {generator.device}"
+        )
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
@@ -203,8 +243,18 @@ class _EvalMode:  # eval() + no_grad for both models, the training flags restore
         torch.set_grad_enabled(self.grad)
 
 
-def error_scores(prompts, responses, teacher, student, *, teacher_token="argmax", generator=None,
-                 temperature=1.0, logits_fn: Callable | None = None, kl_backend="auto"):
+def error_scores(
+    prompts,
+    responses,
+    teacher,
+    student,
+    *,
+    teacher_token="argmax",
+    generator=None,
+    temperature=1.0,
+    logits_fn: Callable | None = None,
+    kl_backend="auto",
+):
     """One detection step on a batch (round 1 of SCRG): ``(d, y_t, candidates)``, each ``[B, T]``.
 
     ``d[b, i] = KL(p^t || p^s)`` at response position i (0 beyond the row's length), ``y_t`` the teacher
@@ -217,14 +267,36 @@ def error_scores(prompts, responses, teacher, student, *, teacher_token="argmax"
         if max(len(r) for r in responses) == 0:
             z = torch.zeros((len(responses), 0))
             return z, z.long(), z.bool()
-        return _detect(teacher, student, prompts, [list(r) for r in responses], [0] * len(responses),
-                       teacher_token=teacher_token, generator=generator, temperature=temperature,
-                       logits_fn=fn, kl_backend=kl_backend)
+        return _detect(
+            teacher,
+            student,
+            prompts,
+            [list(r) for r in responses],
+            [0] * len(responses),
+            teacher_token=teacher_token,
+            generator=generator,
+            temperature=temperature,
+            logits_fn=fn,
+            kl_backend=kl_backend,
+        )
 
 
-def scrg(prompts, responses, teacher, student, *, frequency=1, teacher_token="sample", decode="sample",
-         max_new_tokens, eos_id, generator=None, temperature=1.0, logits_fn: Callable | None = None,
-         kl_backend="auto"):  # -> (revised list[list[int]], positions list[list[int]])
+def scrg(
+    prompts,
+    responses,
+    teacher,
+    student,
+    *,
+    frequency=1,
+    teacher_token="sample",
+    decode="sample",
+    max_new_tokens,
+    eos_id,
+    generator=None,
+    temperature=1.0,
+    logits_fn: Callable | None = None,
+    kl_backend="auto",
+):  # -> (revised list[list[int]], positions list[list[int]])
     """SCRG on a batch: ``revised[b]`` is row b's revised response, ``positions[b]`` its corrected indices.
 
     ``prompts``/``responses``: lists of token-id lists (any lengths; responses may be empty, may end with
@@ -235,8 +307,20 @@ def scrg(prompts, responses, teacher, student, *, frequency=1, teacher_token="sa
     """
     fn = logits_fn or lm_logits
     with _EvalMode(teacher, student):
-        _check(prompts, responses, teacher, student, frequency, teacher_token, decode, max_new_tokens, eos_id,
-               generator, temperature, fn)
+        _check(
+            prompts,
+            responses,
+            teacher,
+            student,
+            frequency,
+            teacher_token,
+            decode,
+            max_new_tokens,
+            eos_id,
+            generator,
+            temperature,
+            fn,
+        )
         seqs = [list(r) for r in responses]
         positions: list[list[int]] = [[] for _ in seqs]
         starts = [0] * len(seqs)
@@ -244,17 +328,33 @@ def scrg(prompts, responses, teacher, student, *, frequency=1, teacher_token="sa
         for _ in range(frequency):
             if not active:
                 break
-            d, y_t, cand = _detect(teacher, student, [prompts[b] for b in active], [seqs[b] for b in active],
-                                   [starts[b] for b in active], teacher_token=teacher_token,
-                                   generator=generator, temperature=temperature, logits_fn=fn,
-                                   kl_backend=kl_backend)
+            d, y_t, cand = _detect(
+                teacher,
+                student,
+                [prompts[b] for b in active],
+                [seqs[b] for b in active],
+                [starts[b] for b in active],
+                teacher_token=teacher_token,
+                generator=generator,
+                temperature=temperature,
+                logits_fn=fn,
+                kl_backend=kl_backend,
+            )
             j = torch.where(cand, d, torch.full_like(d, -math.inf)).argmax(-1).tolist()  # first max on ties
             has = cand.any(-1).tolist()
             fixed = [(b, j[r]) for r, b in enumerate(active) if has[r]]  # rows without a candidate stop
             prefixes = [seqs[b][: j[r]] + [int(y_t[r, j[r]])] for r, b in enumerate(active) if has[r]]
-            new = continue_responses(student, [prompts[b] for b, _ in fixed], prefixes,
-                                     max_new_tokens=max_new_tokens, eos_id=eos_id, decode=decode,
-                                     generator=generator, temperature=temperature, logits_fn=logits_fn)
+            new = continue_responses(
+                student,
+                [prompts[b] for b, _ in fixed],
+                prefixes,
+                max_new_tokens=max_new_tokens,
+                eos_id=eos_id,
+                decode=decode,
+                generator=generator,
+                temperature=temperature,
+                logits_fn=logits_fn,
+            )
             for (b, jb), s in zip(fixed, new, strict=True):
                 seqs[b] = s
                 positions[b].append(jb)

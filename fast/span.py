@@ -24,6 +24,7 @@ log-sum-exp computed once:
 Passes over V per row in a span's interior (two pairs): 1 (statistics) + 2 (forward, one per pair) + 3
 (backward: its own position and both neighbours read it), for the teacher and the student row alike.
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,17 +60,21 @@ def check_spans(spans: torch.Tensor, B: int, T: int, validate: bool = True) -> N
     bad = ~pad & ((a < 0) | (e > T) | (e - a < 2))
     if bad.any():
         b, j = (int(x) for x in bad.nonzero()[0])
-        raise ValueError(f"span {tuple(spans[b, j].tolist())} (batch {b}) out of range or shorter than "
-                         "2 tokens "
-                         f"for T={T} (need 0 <= start, start + 2 <= end <= T)")
+        raise ValueError(
+            f"span {tuple(spans[b, j].tolist())} (batch {b}) out of range or shorter than "
+            "2 tokens "
+            f"for T={T} (need 0 <= start, start + 2 <= end <= T)"
+        )
     big = torch.iinfo(torch.int64).max
     order = torch.where(pad, torch.full_like(a, big), a).argsort(-1)
     a_s, e_s, pad_s = a.gather(-1, order), e.gather(-1, order), pad.gather(-1, order)
     ov = ~pad_s[:, 1:] & (a_s[:, 1:] < e_s[:, :-1])
     if ov.any():
         b, j = (int(x) for x in ov.nonzero()[0])
-        raise ValueError(f"spans overlap in batch {b}: ({a_s[b, j].item()}, {e_s[b, j].item()}) and "
-                         f"({a_s[b, j + 1].item()}, {e_s[b, j + 1].item()})")
+        raise ValueError(
+            f"spans overlap in batch {b}: ({a_s[b, j].item()}, {e_s[b, j].item()}) and "
+            f"({a_s[b, j + 1].item()}, {e_s[b, j + 1].item()})"
+        )
 
 
 def pair_rows(spans: torch.Tensor, T: int) -> torch.Tensor:
@@ -89,8 +94,10 @@ def _prep(t, s, spans, validate):
     check_float("t_logits", t)
     check_float("s_logits", s)
     if t.shape != s.shape or t.dim() not in (2, 3):
-        raise ValueError(f"teacher/student logits must both be [B, T, V] or [T, V], got {tuple(t.shape)} "
-                         f"and {tuple(s.shape)}")
+        raise ValueError(
+            f"teacher/student logits must both be [B, T, V] or [T, V], got {tuple(t.shape)} "
+            f"and {tuple(s.shape)}"
+        )
     if t.dim() == 2:
         t, s = t[None], s[None]
         if isinstance(spans, torch.Tensor) and spans.dim() == 2:
@@ -101,6 +108,7 @@ def _prep(t, s, spans, validate):
 
 
 # ------------------------------------------------------------------------------------------ torch backend
+
 
 def _rowdot(a, b):  # [n, V] x2 -> [n]: one dot product per row, no [n, V] temporary
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
@@ -166,7 +174,6 @@ def span_loss_torch(t, s, spans, *, squared: bool = False, validate: bool = True
 # ----------------------------------------------------------------------------------------- Triton kernels
 
 
-
 @triton.jit
 def _online(m, z, x):
     """One step of an online log-sum-exp over a chunk ``x`` (safe for all -inf), in base 2: ``m`` the
@@ -198,7 +205,9 @@ def span_lse_kernel(
     S_ptr,  # [B*T, V] student logits, row stride stride_s
     NEED_ptr,  # [B*T] int32: 1 where the row belongs to a pair (other rows are never loaded)
     ST_ptr,  # [B*T, 4] fp32 out: (max t, log2 z_t, max s, log2 z_s) of the row (all -inf if not needed)
-    V, stride_t, stride_s,
+    V,
+    stride_t,
+    stride_s,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -228,7 +237,9 @@ def span_fwd_kernel(
     ST_ptr,  # [B*T, 4] fp32 row statistics from span_lse_kernel
     D2_ptr,  # [P] fp32 out: squared distance of the pair's Hadamard products
     A_ptr,  # [P] fp32 out: <e, q_k q_{k+1}>, the pair's share of the backward's softmax dot products
-    V, stride_t, stride_s,
+    V,
+    stride_t,
+    stride_s,
     BLOCK_V: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -265,7 +276,10 @@ def span_bwd_kernel(
     CR_ptr,  # [B*T] fp32 coefficient of the pair (k, k+1) (0 if none)
     DOT_ptr,  # [B*T] fp32 <gq_k, q_k> = c_{k-1} A_{k-1} + c_k A_k (A from span_fwd_kernel)
     DS_ptr,  # [B*T, V] out: d loss / d student logits (dtype of S), row stride stride_ds
-    V, stride_t, stride_s, stride_ds,
+    V,
+    stride_t,
+    stride_s,
+    stride_ds,
     BLOCK_V: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
@@ -323,13 +337,26 @@ class _SpanTriton(torch.autograd.Function):
             need = torch.zeros(BT, dtype=torch.int32, device=t.device)
             need[k] = 1
             need[k + 1] = 1
-            span_lse_kernel[(BT,)](t, s, need, stats, V, t.stride(0), s.stride(0), BLOCK_V=BLOCK_V,
-                                   num_warps=warps)
+            span_lse_kernel[(BT,)](
+                t, s, need, stats, V, t.stride(0), s.stride(0), BLOCK_V=BLOCK_V, num_warps=warps
+            )
             # enable_fp_fusion=False: with FMA contraction, q_k q_k1 - p_k p_k1 is not exactly 0 for a pair
             # where student == teacher (seen on the H200), so D = rounding noise and e/D a noise gradient of
             # size ~|q|; unfused, identical rows give D = 0 exactly and the zero subgradient (reference).
-            span_fwd_kernel[(P,)](t, s, k, stats, d2, dots, V, t.stride(0), s.stride(0), BLOCK_V=BLOCK_V,
-                                  num_warps=warps, enable_fp_fusion=False)
+            span_fwd_kernel[(P,)](
+                t,
+                s,
+                k,
+                stats,
+                d2,
+                dots,
+                V,
+                t.stride(0),
+                s.stride(0),
+                BLOCK_V=BLOCK_V,
+                num_warps=warps,
+                enable_fp_fusion=False,
+            )
         if squared:
             per = d2
         else:
@@ -370,8 +397,21 @@ class _SpanTriton(torch.autograd.Function):
         BLOCK_V = _block_v(V)
         if P == 0:  # no statistics were computed: every row is inactive and its gradient 0
             stats = torch.zeros((BT, 4), dtype=torch.float32, device=s.device)
-        span_bwd_kernel[(BT,)](t, s, stats, cl, cr, dot, ds, V, t.stride(0), s.stride(0), ds.stride(0),
-                               BLOCK_V=BLOCK_V, num_warps=8 if BLOCK_V >= 2048 else 4)
+        span_bwd_kernel[(BT,)](
+            t,
+            s,
+            stats,
+            cl,
+            cr,
+            dot,
+            ds,
+            V,
+            t.stride(0),
+            s.stride(0),
+            ds.stride(0),
+            BLOCK_V=BLOCK_V,
+            num_warps=8 if BLOCK_V >= 2048 else 4,
+        )
         return None, ds, None, None
 
 
@@ -385,5 +425,6 @@ def span_loss(t, s, spans, *, squared: bool = False, backend: str = "auto", vali
         return span_loss_torch(t, s, spans, squared=squared, validate=validate)
     t, s, spans, B, T, V = _prep(t, s, spans, validate)
     k = pair_rows(spans, T).contiguous()
-    return _SpanTriton.apply(t.detach().reshape(B * T, V).contiguous(), s.reshape(B * T, V).contiguous(), k,
-                             bool(squared))
+    return _SpanTriton.apply(
+        t.detach().reshape(B * T, V).contiguous(), s.reshape(B * T, V).contiguous(), k, bool(squared)
+    )

@@ -48,6 +48,7 @@ value below fp32's normal range, measures the cancellation, not the error).
 ``central_difference(f, x)``: the finite-difference gradient (or Jacobian) that the oracles' analytic
 gradients are checked against.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,8 +56,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Tolerance", "TOLERANCES", "tolerance_for", "compare", "assert_close", "rel_rms",
-           "central_difference", "fuzz_examples", "examples"]
+__all__ = [
+    "Tolerance",
+    "TOLERANCES",
+    "tolerance_for",
+    "compare",
+    "assert_close",
+    "rel_rms",
+    "central_difference",
+    "fuzz_examples",
+    "examples",
+]
 
 
 @dataclass(frozen=True)
@@ -81,8 +91,15 @@ def _dtype_name(dtype) -> str:
     else:
         name = str(dtype)
     name = name.replace("torch.", "")
-    aliases = {"fp64": "float64", "double": "float64", "fp32": "float32", "float": "float32",
-               "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+    aliases = {
+        "fp64": "float64",
+        "double": "float64",
+        "fp32": "float32",
+        "float": "float32",
+        "fp16": "float16",
+        "half": "float16",
+        "bf16": "bfloat16",
+    }
     name = aliases.get(name, name)
     if name not in TOLERANCES:
         raise ValueError(f"no tolerance defined for dtype {dtype!r}; known: {sorted(TOLERANCES)}")
@@ -123,8 +140,10 @@ def _slack_array(slack, shape) -> np.ndarray:
     except ValueError:
         raise ValueError(f"slack of shape {sl.shape} does not broadcast to the shape {shape}") from None
     if not np.all(np.isfinite(sl)) or np.any(sl < 0):
-        raise ValueError(f"slack must be finite and >= 0, got min {sl.min() if sl.size else 0!r}, "
-                         f"non-finite {int((~np.isfinite(sl)).sum())}")
+        raise ValueError(
+            f"slack must be finite and >= 0, got min {sl.min() if sl.size else 0!r}, "
+            f"non-finite {int((~np.isfinite(sl)).sum())}"
+        )
     return sl
 
 
@@ -150,8 +169,10 @@ def compare(actual, expected, *, dtype="float64", atol=None, rtol=None, rms=None
     inf_bad = (inf_a | inf_e) & ~(inf_a & inf_e & (np.sign(a) == np.sign(e)))
     if inf_bad.any():
         idx = tuple(int(i) for i in np.argwhere(inf_bad)[0])
-        problems.append(f"{int(inf_bad.sum())} infinity mismatch(es), first at {list(idx)}: "
-                        f"actual {a[idx]!r} vs expected {e[idx]!r}")
+        problems.append(
+            f"{int(inf_bad.sum())} infinity mismatch(es), first at {list(idx)}: "
+            f"actual {a[idx]!r} vs expected {e[idx]!r}"
+        )
 
     fin = np.isfinite(a) & np.isfinite(e)
     err = np.zeros_like(a)
@@ -179,8 +200,9 @@ def compare(actual, expected, *, dtype="float64", atol=None, rtol=None, rms=None
     return (not problems), head + ("\n" + "\n".join(problems) if problems else ""), stats
 
 
-def assert_close(actual, expected, *, dtype="float64", name: str = "", atol=None, rtol=None, rms=None,
-                 slack=0.0):
+def assert_close(
+    actual, expected, *, dtype="float64", name: str = "", atol=None, rtol=None, rms=None, slack=0.0
+):
     """Raise AssertionError with a readable report unless ``actual`` matches ``expected``."""
     ok, report, stats = compare(actual, expected, dtype=dtype, atol=atol, rtol=rtol, rms=rms, slack=slack)
     if not ok:

@@ -4,6 +4,7 @@ Output poisoning: when the environment variable ``MGSR_POISON_OUTPUTS=1`` is set
 sets it), :func:`empty` returns NaN-filled tensors (integer tensors get their dtype's minimum), so a
 kernel lane that never writes its output shows up as NaN instead of stale memory or zeros.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,7 +72,6 @@ def is_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-
 def fuse_fma_in_interpreter() -> None:
     """Make the Triton interpreter round ``tl.fma(x, y, z)`` once, as a GPU's FFMA does.
 
@@ -102,6 +102,7 @@ def fuse_fma_in_interpreter() -> None:
 
     builder.create_fma = create_fma
     builder._mgsr_fused_fma = True
+
 
 # ---- timing in the notebooks (benchmarks/ holds the real benchmark scripts)
 

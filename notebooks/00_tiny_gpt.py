@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 import reference.gpt as R
-from tiny_models.model_io import load_model
 from reference.rouge import rouge_l
 from tiny_models.evaluate import generate_responses
 from tiny_models.gpt import GPT, GPTConfig, attention_mask, generate
+from tiny_models.model_io import load_model
 from tiny_models.tasks import EVAL_SETS, build_dataset, decode, prompt_ids
 
 ROOT = pathlib.Path.cwd().parent if pathlib.Path.cwd().name == "notebooks" else pathlib.Path.cwd()

@@ -91,8 +91,10 @@ fits = {name: fit(name) for name in NAMES}
 
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.5), sharey=True)
 p_plot = torch.softmax(teacher, -1)[0]
-GROUPS = [["forward_kl", "reverse_kl", "symmetric_kl"],
-          ["js_divergence", "tv_distance", "skew_forward_kl", "skew_reverse_kl"]]
+GROUPS = [
+    ["forward_kl", "reverse_kl", "symmetric_kl"],
+    ["js_divergence", "tv_distance", "skew_forward_kl", "skew_reverse_kl"],
+]
 for ax, group in zip(axes, GROUPS, strict=True):
     ax.fill_between(x, p_plot, color="lightgray", label="teacher p")
     for name in group:
@@ -104,10 +106,10 @@ fig.suptitle("A unimodal student fitted to a bimodal teacher")
 plt.show()
 
 for name, q in fits.items():
-    left, right = float(q[: V // 2].sum()), float(q[V // 2:].sum())
+    left, right = float(q[: V // 2].sum()), float(q[V // 2 :].sum())
     print(f"{name:16s} mass left {left:.3f}  right {right:.3f}")
-assert min(float(fits["forward_kl"][: V // 2].sum()), float(fits["forward_kl"][V // 2:].sum())) > 0.2
-assert min(float(fits["reverse_kl"][: V // 2].sum()), float(fits["reverse_kl"][V // 2:].sum())) < 0.02
+assert min(float(fits["forward_kl"][: V // 2].sum()), float(fits["forward_kl"][V // 2 :].sum())) > 0.2
+assert min(float(fits["reverse_kl"][: V // 2].sum()), float(fits["reverse_kl"][V // 2 :].sum())) < 0.02
 
 # %% [markdown]
 # ## 2. The gradients, derived and checked
@@ -146,7 +148,9 @@ print(f"{'divergence':16s} {'τ':>4s}  max |analytic − finite difference|")
 for name, (f, g) in R.DIVERGENCES.items():
     for tau in (0.5, 2.0):
         kw = {k: 0.3 for k in R.PARAMS[name]}
-        err = np.abs(g(t_np, s_np, temperature=tau, **kw) - fd_grad(f, t_np, s_np, temperature=tau, **kw)).max()
+        err = np.abs(
+            g(t_np, s_np, temperature=tau, **kw) - fd_grad(f, t_np, s_np, temperature=tau, **kw)
+        ).max()
         print(f"{name:16s} {tau:4.1f}  {err:.2e}")
         assert err < 1e-7
 
@@ -172,7 +176,7 @@ from fast import divergences as Fd  # noqa: E402
 
 src = inspect.getsource(Fd.divergence_fwd_kernel.fn)
 start = src.index("# ---- pass 1")
-print(src[start: src.index("# ---- pass 2")])
+print(src[start : src.index("# ---- pass 2")])
 
 # %% [markdown]
 # **Pass 2 and the backward: where each divergence lives.** Pass 1 is the same for every divergence; the
@@ -180,10 +184,10 @@ print(src[start: src.index("# ---- pass 2")])
 # and in the backward (the line that writes $\partial L/\partial b$). Both branches, from the kernel source:
 
 # %%
-fwd_src = src[src.index("# ---- pass 2"):]
+fwd_src = src[src.index("# ---- pass 2") :]
 print(fwd_src[: fwd_src.index("tl.store(LOSS")])
 bwd_src = inspect.getsource(Fd.divergence_bwd_kernel.fn)
-print(bwd_src[bwd_src.index("# ∂L/∂b"): bwd_src.index("g = tl.where(valid, g, 0.0)")])
+print(bwd_src[bwd_src.index("# ∂L/∂b") : bwd_src.index("g = tl.where(valid, g, 0.0)")])
 
 # %% [markdown]
 # Each branch replayed in NumPy, line for line (`log_w`, `log_1mw` are $\log w$, $\log(1-w)$ of the mixture
@@ -191,6 +195,7 @@ print(bwd_src[bwd_src.index("# ∂L/∂b"): bwd_src.index("g = tl.where(valid, g
 # statistics; the backward rebuilds $\partial L/\partial b$ from those six numbers alone, and
 # $\partial L/\partial s = \frac1\tau\,\partial L/\partial b$. Both are compared with the oracle, on the
 # rows of section 2 (which hold a padded −inf entry), at τ = 2.
+
 
 # %%
 def lae(x, y):  # log(e^x + e^y) with -inf allowed
@@ -264,10 +269,12 @@ for N, V_big in [(4096, 32000), (16384, 128256)]:
     b = 2  # bf16 logits
     kernel_bytes = (4 + 3) * N * V_big * b  # fwd reads t, s twice; bwd reads t, s and writes grad
     saved_torch = 2 * N * V_big * 4  # log p, log q in fp32 kept for autograd
-    print(f"N={N:6d} V={V_big:6d}: kernel moves {kernel_bytes / 2**30:6.2f} GiB; "
-          f"the inputs alone are {2 * N * V_big * b / 2**30:5.2f} GiB; a naive torch autograd graph keeps "
-          f"≥ {saved_torch / 2**30:5.2f} GiB of fp32 log-probs between forward and backward (kernel: "
-          f"{N * 6 * 4 / 2**20:.2f} MiB)")
+    print(
+        f"N={N:6d} V={V_big:6d}: kernel moves {kernel_bytes / 2**30:6.2f} GiB; "
+        f"the inputs alone are {2 * N * V_big * b / 2**30:5.2f} GiB; a naive torch autograd graph keeps "
+        f"≥ {saved_torch / 2**30:5.2f} GiB of fp32 log-probs between forward and backward (kernel: "
+        f"{N * 6 * 4 / 2**20:.2f} MiB)"
+    )
 
 # %% [markdown]
 # ## 4. An odd shape against the oracle
@@ -288,8 +295,17 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 for name in NAMES:
     kw = {k: 0.3 for k in R.PARAMS[name]}
     s_in = s_odd.to(device).clone().requires_grad_(True)
-    loss = divergence(name, t_odd.to(device), s_in, mask=keep.to(device), reduction="sum", temperature=2.0,
-                      backend="triton", block_v=256, **kw)
+    loss = divergence(
+        name,
+        t_odd.to(device),
+        s_in,
+        mask=keep.to(device),
+        reduction="sum",
+        temperature=2.0,
+        backend="triton",
+        block_v=256,
+        **kw,
+    )
     loss.backward()
     tr, sr = t_odd.double().numpy(), s_odd.double().numpy()
     k = keep.numpy()
@@ -303,8 +319,10 @@ for name in NAMES:
         got_grad, want_grad = np.where(amb, 0, got_grad), np.where(amb, 0, want_grad)
     s_loss = assert_close(loss.detach(), np.array(want), dtype="bfloat16", name=f"{name} loss")
     s_grad = assert_close(got_grad, want_grad, dtype="bfloat16", name=f"{name} grad")
-    print(f"{name:16s} loss {float(loss):10.4f}  max|Δloss| {s_loss['max_abs']:.1e}  "
-          f"grad rel-RMS {s_grad['rel_rms']:.1e}")
+    print(
+        f"{name:16s} loss {float(loss):10.4f}  max|Δloss| {s_loss['max_abs']:.1e}  "
+        f"grad rel-RMS {s_grad['rel_rms']:.1e}"
+    )
 
 
 # %% [markdown]
@@ -336,8 +354,9 @@ s_m = torch.tensor(rng.normal(size=(5, 77)) * 2.0)
 want = R.forward_kl(t_m.numpy(), s_m.numpy())
 caught = {}
 for label, module in (("the real kernel", Fd), ("the planted bug", mutant)):
-    got = module.divergence("forward_kl", t_m.float().to(device), s_m.float().to(device), reduction="none",
-                            backend="triton")
+    got = module.divergence(
+        "forward_kl", t_m.float().to(device), s_m.float().to(device), reduction="none", backend="triton"
+    )
     try:
         assert_close(got.cpu(), want, dtype="float32", name="forward KL per row")
         caught[label] = False
@@ -366,11 +385,15 @@ s_b = torch.randn(512, 4096, device=device, requires_grad=True)
 
 
 def eager_kl():
-    TF.kl_div(TF.log_softmax(s_b, -1), TF.log_softmax(t_b, -1), log_target=True, reduction="batchmean").backward()
+    TF.kl_div(
+        TF.log_softmax(s_b, -1), TF.log_softmax(t_b, -1), log_target=True, reduction="batchmean"
+    ).backward()
 
 
-impls = {"eager formula": eager_kl,
-         "torch backend": lambda: divergence("forward_kl", t_b, s_b, backend="torch").backward()}
+impls = {
+    "eager formula": eager_kl,
+    "torch backend": lambda: divergence("forward_kl", t_b, s_b, backend="torch").backward(),
+}
 if torch.cuda.is_available():
     impls["triton"] = lambda: divergence("forward_kl", t_b, s_b, backend="triton").backward()
 for label, fn in impls.items():

@@ -62,7 +62,7 @@ i = int(np.argmin(np.abs(alpha - 1.1)))
 u, l = np.array([0.98]), np.array([0.6])
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
 for ax, bounds in zip(axes, ["value", "mass"], strict=True):
-    f = R.dac_kl_parts(t_np[i:i + 1], t_np[i:i + 1], u, l, bounds=bounds)
+    f = R.dac_kl_parts(t_np[i : i + 1], t_np[i : i + 1], u, l, bounds=bounds)
     order = np.argsort(-f["p"][0])
     ax.semilogy(f["p"][0][order], label="teacher p (sorted)")
     ax.semilogy(np.maximum(f["mk"][0][order] * f["p"][0][order], 1e-12), label="kept m * p")
@@ -96,8 +96,11 @@ plt.show()
 
 # %%
 N_TRAIN, STEPS = 96, 80
-runs = {"value, lam_m=1": dict(lam_m=1.0), "value, lam_m=10": dict(lam_m=10.0),
-        "mass, lam_m=10": dict(bounds="mass", lam_m=10.0)}
+runs = {
+    "value, lam_m=1": dict(lam_m=1.0),
+    "value, lam_m=10": dict(lam_m=10.0),
+    "mass, lam_m=10": dict(bounds="mass", lam_m=10.0),
+}
 
 
 def train(cfg, steps=STEPS, seed=0):
@@ -199,8 +202,10 @@ for level in (0.6, 0.98):
     tau = float(s_k) + (idx_f - k) * (float(s_next) - float(s_k))
     want = np.quantile(p32.astype(np.float64), level)  # numpy's default 'linear' method
     assert_close(tau, want, dtype="float64", name=f"quantile {level}")
-    print(f"level {level}: k = {k}, interval width after steps 1, 10, 20, 31: "
-          f"{[widths[j] for j in (0, 9, 19, 30)]}; tau = {tau:.6e}, np.quantile = {want:.6e}")
+    print(
+        f"level {level}: k = {k}, interval width after steps 1, 10, 20, 31: "
+        f"{[widths[j] for j in (0, 9, 19, 30)]}; tau = {tau:.6e}, np.quantile = {want:.6e}"
+    )
 plt.figure(figsize=(5, 2.6))
 plt.semilogy(np.arange(1, 32), np.maximum(widths, 0.5), "o-", ms=3)
 plt.xlabel("bisection step")
@@ -222,8 +227,12 @@ s_s = (0.5 * torch.randn(3, 77)).requires_grad_()
 u_s = torch.tensor([0.9, 0.8, 0.95], requires_grad=True)
 l_s = torch.tensor([0.2, 0.5, 0.05], requires_grad=True)
 g_s = torch.tensor([0.7, -1.3, 2.1])  # grad_output != 1
-args = (t_s.double().numpy(), s_s.detach().double().numpy(), u_s.detach().double().numpy(),
-        l_s.detach().double().numpy())
+args = (
+    t_s.double().numpy(),
+    s_s.detach().double().numpy(),
+    u_s.detach().double().numpy(),
+    l_s.detach().double().numpy(),
+)
 for bounds in ("value", "mass"):
     ref = R.dac_kl(*args, bounds=bounds)  # [3]
     rds, rdu, rdl = R.dac_kl_grad(*args, g=g_s.double().numpy(), bounds=bounds)  # [3, 77], [3], [3]
@@ -239,8 +248,10 @@ for bounds in ("value", "mass"):
         assert_close(s_s.grad, rds, dtype=torch.float32, name=f"{be} {bounds} d student")
         assert_close(u_s.grad, rdu, dtype=torch.float32, name=f"{be} {bounds} d upper")
         assert_close(l_s.grad, rdl, dtype=torch.float32, name=f"{be} {bounds} d lower")
-    print(f"{bounds}: loss {ref.round(4)}, d upper {rdu.round(4)}, d lower {rdl.round(4)}: "
-          "torch and triton match the oracle (loss, d student, d upper, d lower)")
+    print(
+        f"{bounds}: loss {ref.round(4)}, d upper {rdu.round(4)}, d lower {rdl.round(4)}: "
+        "torch and triton match the oracle (loss, d student, d upper, d lower)"
+    )
 
 # %% [markdown]
 # ## Timing
@@ -260,8 +271,10 @@ up_np, lo_np = np.full(64, 0.9), np.full(64, 0.2)
 t_b = torch.tensor(t_np, dtype=torch.float32, device=dev)
 s_b = torch.tensor(s_np, dtype=torch.float32, device=dev, requires_grad=True)
 up_b, lo_b = torch.tensor(up_np, device=dev), torch.tensor(lo_np, device=dev)
-impls = {"NumPy oracle (fwd+bwd)": lambda: R.dac_kl_grad(t_np, s_np, up_np, lo_np),
-         "torch backend": lambda: dac_kl(t_b, s_b, up_b, lo_b, backend="torch")[0].sum().backward()}
+impls = {
+    "NumPy oracle (fwd+bwd)": lambda: R.dac_kl_grad(t_np, s_np, up_np, lo_np),
+    "torch backend": lambda: dac_kl(t_b, s_b, up_b, lo_b, backend="torch")[0].sum().backward(),
+}
 if torch.cuda.is_available():
     impls["triton"] = lambda: dac_kl(t_b, s_b, up_b, lo_b, backend="triton")[0].sum().backward()
 for label, fn in impls.items():

@@ -33,8 +33,23 @@ from fast.testing import assert_close
 # `window` (fixed windows of 3, the ablation). Only spans of >= 2 tokens carry an adjacent pair.
 
 # %%
-tokens = ["The", " distill", "ation", " loss", " aligns", " neighbour", "ing", " token", " probabilities",
-          ",", " not", " just", " single", " positions", "."]
+tokens = [
+    "The",
+    " distill",
+    "ation",
+    " loss",
+    " aligns",
+    " neighbour",
+    "ing",
+    " token",
+    " probabilities",
+    ",",
+    " not",
+    " just",
+    " single",
+    " positions",
+    ".",
+]
 modes = {"word": {}, "phrase": {}, "window": {"size": 3}}
 fig, axes = plt.subplots(len(modes), 1, figsize=(12, 3.6))
 for ax, (mode, kw) in zip(axes, modes.items(), strict=True):
@@ -145,7 +160,7 @@ P3 = len(k3)
 def row_lse(x):  # [V] -> float, streamed: pass 1
     m, z = -np.inf, 0.0
     for c0 in range(0, len(x), CH):
-        chunk = x[c0:c0 + CH]
+        chunk = x[c0 : c0 + CH]
         m_new = max(m, chunk.max())
         z = z * np.exp(m - m_new) + np.exp(chunk - m_new).sum()
         m = m_new
@@ -158,11 +173,14 @@ Ls = np.array([row_lse(s3[k]) for k in range(T3)])  # [T]
 
 def e_chunk(k, c0):  # [CH] chunk of e_k = q_k q_{k+1} - p_k p_{k+1}, recomputed from logits and LSEs
     sl = slice(c0, c0 + CH)
-    return (np.exp(s3[k, sl] + s3[k + 1, sl] - Ls[k] - Ls[k + 1])
-            - np.exp(t3[k, sl] + t3[k + 1, sl] - Lt[k] - Lt[k + 1]))
+    return np.exp(s3[k, sl] + s3[k + 1, sl] - Ls[k] - Ls[k + 1]) - np.exp(
+        t3[k, sl] + t3[k + 1, sl] - Lt[k] - Lt[k + 1]
+    )
 
 
-D = np.array([np.sqrt(sum((e_chunk(k, c0) ** 2).sum() for c0 in range(0, V3, CH))) for k in k3])  # [P], pass 2
+D = np.array(
+    [np.sqrt(sum((e_chunk(k, c0) ** 2).sum() for c0 in range(0, V3, CH))) for k in k3]
+)  # [P], pass 2
 assert_close(D, R.pair_distances(t3, s3, spans3), dtype="float64", name="streamed D_k")
 assert_close(D.mean(), R.span_loss(t3, s3, spans3), dtype="float64", name="streamed loss")
 print("pair distances D_k:", D.round(5), " loss = mean =", round(D.mean(), 6))
@@ -199,8 +217,9 @@ span_lists = [[(0, 3), (4, 7)], [(1, 3)], []]
 sp_t = spans_to_tensor(span_lists)
 P = sum(len(R.pairs(x)) for x in span_lists)
 ref = sum(len(R.pairs(span_lists[b])) / P * R.span_loss(t_np[b], s_np[b], span_lists[b]) for b in range(B))
-ref_g = np.stack([len(R.pairs(span_lists[b])) / P * R.span_loss_grad(t_np[b], s_np[b], span_lists[b])
-                  for b in range(B)])
+ref_g = np.stack(
+    [len(R.pairs(span_lists[b])) / P * R.span_loss_grad(t_np[b], s_np[b], span_lists[b]) for b in range(B)]
+)
 for be in ("torch", "triton"):
     s = torch.tensor(s_np, dtype=torch.float32, requires_grad=True)
     # Interpreter warnings, explained and silenced: a position with no pair on one side skips loading that
@@ -234,8 +253,10 @@ sp = [(a, a + 8) for a in range(0, 128, 8)]
 t_b = torch.tensor(t_np[None], dtype=torch.float32, device=dev)
 s_b = torch.tensor(s_np[None], dtype=torch.float32, device=dev, requires_grad=True)
 sp_b = spans_to_tensor([sp], dev)
-impls = {"NumPy oracle (fwd+bwd)": lambda: R.span_loss_grad(t_np, s_np, sp),
-         "torch backend": lambda: span_loss(t_b, s_b, sp_b, backend="torch").backward()}
+impls = {
+    "NumPy oracle (fwd+bwd)": lambda: R.span_loss_grad(t_np, s_np, sp),
+    "torch backend": lambda: span_loss(t_b, s_b, sp_b, backend="torch").backward(),
+}
 if torch.cuda.is_available():
     impls["triton"] = lambda: span_loss(t_b, s_b, sp_b, backend="triton").backward()
 for label, fn in impls.items():

@@ -61,8 +61,10 @@ assert_close(lse, lse_loop, dtype="float64", name="lse")
 print("max |vectorised - loop| =", np.abs(out - out_loop).max())
 for T_big in (4096, 32768, 131072):  # what the [T, T] score matrix would cost, per head and per layer of 16
     per_head = T_big * T_big * 4  # fp32 scores
-    print(f"T = {T_big:6d}: [T, T] fp32 = {per_head / 2**30:7.2f} GiB per head, {16 * per_head / 2**30:8.1f} GiB "
-          f"for 16 heads; flash attention's state: {T_big * (64 + 2) * 4 / 2**20:.1f} MiB per head (D = 64)")
+    print(
+        f"T = {T_big:6d}: [T, T] fp32 = {per_head / 2**30:7.2f} GiB per head, {16 * per_head / 2**30:8.1f} GiB "
+        f"for 16 heads; flash attention's state: {T_big * (64 + 2) * 4 / 2**20:.1f} MiB per head (D = 64)"
+    )
 
 # %% [markdown]
 # ## 2. The online-softmax recurrence, checked step by step
@@ -83,7 +85,7 @@ scale = 1 / np.sqrt(D)
 m, l, acc = np.full(T, -np.inf), np.zeros(T), np.zeros((T, D))
 idx = np.arange(T)
 for start in range(0, T, block):
-    j = idx[start:start + block]
+    j = idx[start : start + block]
     s = np.where(allowed(idx[:, None], j[None, :], window=w), scale * q @ k[j].T, -np.inf)
     m_new = np.maximum(m, s.max(axis=1))
     m_safe = np.where(np.isneginf(m_new), 0.0, m_new)
@@ -97,7 +99,7 @@ for start in range(0, T, block):
     mx = s_full.max(1, keepdims=True)
     pf = np.exp(s_full - mx)
     expect_out = (pf / pf.sum(1, keepdims=True)) @ v[: start + block]
-    expect_lse = (mx[:, 0] + np.log(pf.sum(1)))
+    expect_lse = mx[:, 0] + np.log(pf.sum(1))
     assert_close(acc[seen] / l[seen, None], expect_out, dtype="float64", name=f"block {start}")
     assert_close(m[seen] + np.log(l[seen]), expect_lse, dtype="float64", name=f"lse block {start}")
     print(f"after keys [0, {start + block:2d}): {seen.sum():2d} rows have seen a key, prefix check OK")
@@ -127,6 +129,7 @@ assert_close(acc / l[:, None], out, dtype="float64", name="final out")
 # interior blocks are wholly allowed and skip it. (3) A row that has seen no allowed key keeps
 # $m = -\infty$ and gets $\alpha = 0$ by an explicit `where`. The NumPy replica below follows the kernel
 # (exp2, log2-unit max, the three segments, no mask on interior blocks) and must give the oracle's output.
+
 
 # %%
 def kernel_replica(q, k, v, window, BLOCK_M=4, BLOCK_N=4):  # [T, D] x3 -> [T, D], [T]
@@ -179,9 +182,11 @@ for w2 in (None, 9):
 # %%
 T_draw = 24
 fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-panels = [("full causal", dict(window=None)),
-          ("window = 6 (6 keys incl. self)", dict(window=6)),
-          ("non-causal window = 4 (|i-j| < 4)", dict(causal=False, window=4))]
+panels = [
+    ("full causal", dict(window=None)),
+    ("window = 6 (6 keys incl. self)", dict(window=6)),
+    ("non-causal window = 4 (|i-j| < 4)", dict(causal=False, window=4)),
+]
 for ax, (title, kw) in zip(axes, panels, strict=True):
     ax.imshow(attention_mask(T_draw, **kw), cmap="Blues")
     ax.set_title(title)
@@ -209,8 +214,10 @@ for bm in range(T_tiles // BM):
 fig, ax = plt.subplots(figsize=(5, 5))
 ax.imshow(np.kron(visited, np.ones((BM, BN))), cmap="Greys", alpha=0.35)
 ax.imshow(np.ma.masked_where(~mask, mask), cmap="autumn", alpha=0.8)
-ax.set_title(f"T={T_tiles}, window={w_tiles}, blocks {BM}x{BN}: {visited.sum()} of "
-             f"{(T_tiles // BM) * (T_tiles // BN + 1) // 2} causal tiles visited")
+ax.set_title(
+    f"T={T_tiles}, window={w_tiles}, blocks {BM}x{BN}: {visited.sum()} of "
+    f"{(T_tiles // BM) * (T_tiles // BN + 1) // 2} causal tiles visited"
+)
 ax.set_xlabel("key")
 ax.set_ylabel("query")
 plt.show()
@@ -247,8 +254,11 @@ for backend in ("torch", "triton"):
     assert_close(l5, ref_lse, dtype=torch.float32, name=f"{backend} lse")
     for name, t, r in (("dq", qd, ref_dq), ("dk", kd, ref_dk), ("dv", vd, ref_dv)):
         assert_close(t.grad, r, dtype=torch.float32, name=f"{backend} {name}")
-    print(backend, "out, lse, dq, dk, dv match the oracle; max |dk - oracle| =",
-          f"{np.abs(kd.grad.cpu().double().numpy() - ref_dk).max():.1e}")
+    print(
+        backend,
+        "out, lse, dq, dk, dv match the oracle; max |dk - oracle| =",
+        f"{np.abs(kd.grad.cpu().double().numpy() - ref_dk).max():.1e}",
+    )
 
 # %% [markdown]
 # ## 6. Cost growth in $T$ on the torch path (CPU)
@@ -303,6 +313,9 @@ assert slope_full > slope_win + 0.3, "full attention should grow clearly faster 
 # %%
 import pathlib  # noqa: E402
 
-rows = [ln for ln in pathlib.Path("../benchmarks/results/gpu_report_h200.md").read_text().splitlines()
-        if ln.startswith("| attn fwd+bwd |")]
+rows = [
+    ln
+    for ln in pathlib.Path("../benchmarks/results/gpu_report_h200.md").read_text().splitlines()
+    if ln.startswith("| attn fwd+bwd |")
+]
 print("\n".join(rows[:8]))

@@ -107,8 +107,10 @@ fig, ax = plt.subplots(figsize=(6, 6))
 ax.imshow(picture, cmap=cmap, vmin=-0.5, vmax=3.5)
 for b in range(1, -(-T // B)):
     ax.axvline(b * B - 0.5, color="k", lw=0.3)
-ax.set_title(f"T={T}, window={w}, block_size={B}, top_k={K}\nblue: window, orange: retrieved, "
-             "grey: unselected candidates")
+ax.set_title(
+    f"T={T}, window={w}, block_size={B}, top_k={K}\nblue: window, orange: retrieved, "
+    "grey: unselected candidates"
+)
 ax.set_xlabel("key j")
 ax.set_ylabel("query i")
 plt.show()
@@ -153,8 +155,10 @@ o_r, L_r = ref.partial_attention(q, k, v, m_r, scale)  # [T, D], [T]; L_r = -inf
 merged = (np.exp(L_w)[:, None] * o_w + np.exp(L_r)[:, None] * o_r) / (np.exp(L_w) + np.exp(L_r))[:, None]
 o_union, _ = ref.partial_attention(q, k, v, m_w | m_r, scale)  # one softmax over W u R
 assert_close(merged, o_union, dtype="float64", name="merge identity")
-print(f"query {i}: e^L_W = {np.exp(L_w[i]):.3f}, e^L_R = {np.exp(L_r[i]):.3f}, "
-      f"weight of the retrieved part = {np.exp(L_r[i]) / (np.exp(L_w[i]) + np.exp(L_r[i])):.3f}")
+print(
+    f"query {i}: e^L_W = {np.exp(L_w[i]):.3f}, e^L_R = {np.exp(L_r[i]):.3f}, "
+    f"weight of the retrieved part = {np.exp(L_r[i]) / (np.exp(L_w[i]) + np.exp(L_r[i])):.3f}"
+)
 print("max |merged - single softmax| =", np.abs(merged - o_union).max())
 out_joint = ref.match_attention(q, k, v, window=w, top_k=K, block_size=B)  # [T, D]
 out_loop = ref.match_attention_by_definition(q, k, v, window=w, top_k=K, block_size=B)  # [T, D]
@@ -176,15 +180,18 @@ print("top_k = 0 equals SWA, top_k = T equals full causal attention")
 
 # %%
 gate_logit = rng.standard_normal(T)  # [T]
-out_gated = ref.match_attention(q, k, v, window=w, top_k=K, block_size=B, mode="gated",
-                                gate_logit=gate_logit)  # [T, D]
+out_gated = ref.match_attention(
+    q, k, v, window=w, top_k=K, block_size=B, mode="gated", gate_logit=gate_logit
+)  # [T, D]
 g = 1 / (1 + np.exp(-gate_logit))  # [T]
 has_r = m_r.any(axis=1)  # [T]
 by_hand = np.where(has_r[:, None], g[:, None] * o_r + (1 - g[:, None]) * o_w, o_w)  # [T, D]
 assert_close(out_gated, by_hand, dtype="float64", name="gated")
 print("rows with nothing retrieved (o = o_W):", np.flatnonzero(~has_r).tolist())
-print(f"query {i}: gate {g[i]:.3f} (gated) vs softmax weight "
-      f"{np.exp(L_r[i]) / (np.exp(L_w[i]) + np.exp(L_r[i])):.3f} (joint) on the retrieved part")
+print(
+    f"query {i}: gate {g[i]:.3f} (gated) vs softmax weight "
+    f"{np.exp(L_r[i]) / (np.exp(L_w[i]) + np.exp(L_r[i])):.3f} (joint) on the retrieved part"
+)
 
 # %% [markdown]
 # ## 7. The Triton kernel beside the oracle
@@ -229,8 +236,10 @@ for slot in idx[row]:  # retrieved part: flattened (slot, offset) list, key = id
         alpha, p = 2.0 ** (m_i - m_new), 2.0 ** (s2 - m_new)
         l_i, acc, m_i = l_i * alpha + p, acc * alpha + p * v[j], m_new
 assert_close(acc / l_i, out_joint[row], dtype="float64", name="one online softmax = joint output")
-print(f"row {row}: lse = {(m_i + np.log2(l_i)) / LOG2E:.4f} "
-      f"= logaddexp(L_W, L_R) = {np.logaddexp(L_w[row], L_r[row]):.4f}")
+print(
+    f"row {row}: lse = {(m_i + np.log2(l_i)) / LOG2E:.4f} "
+    f"= logaddexp(L_W, L_R) = {np.logaddexp(L_w[row], L_r[row]):.4f}"
+)
 
 # %% [markdown]
 # ### The odd-shape check
@@ -258,16 +267,21 @@ gl7 = torch.randn(Bt, Hq, T7, generator=gen)  # [1, 4, 37]
 do7 = torch.randn(Bt, Hq, T7, D7, generator=gen)  # [1, 4, 37, 12]
 qn, kn, vn, gn, don = (x.double().numpy()[0] for x in (q7, k7, v7, gl7, do7))  # batch 0
 
-idx_ref = ref.retrieve(qn.reshape(Hkv, G, T7, D7), kn, window=w7, top_k=K7, block_size=B7, scale=sc7,
-                       grouped=True)  # [Hkv, T, K] = [2, 37, 3]
-idx_tri = retrieve(q7.to(DEVICE), k7.to(DEVICE), window=w7, top_k=K7, block_size=B7, scale=sc7,
-                   backend="triton")  # [1, Hkv, T, K]
+idx_ref = ref.retrieve(
+    qn.reshape(Hkv, G, T7, D7), kn, window=w7, top_k=K7, block_size=B7, scale=sc7, grouped=True
+)  # [Hkv, T, K] = [2, 37, 3]
+idx_tri = retrieve(
+    q7.to(DEVICE), k7.to(DEVICE), window=w7, top_k=K7, block_size=B7, scale=sc7, backend="triton"
+)  # [1, Hkv, T, K]
 assert np.array_equal(idx_tri[0].cpu().numpy(), idx_ref), "selection differs"
-s_grp = ref.retrieval_scores(qn.reshape(Hkv, G, T7, D7), kn, window=w7, block_size=B7, scale=sc7,
-                             grouped=True)  # [2, 37, 10]
+s_grp = ref.retrieval_scores(
+    qn.reshape(Hkv, G, T7, D7), kn, window=w7, block_size=B7, scale=sc7, grouped=True
+)  # [2, 37, 10]
 finite = [r[np.isfinite(r)] for r in s_grp.reshape(-1, s_grp.shape[-1])]
 n_ties = sum(len(np.unique(r)) < len(r) for r in finite)  # rows with two equal candidate scores
-print(f"selection: all {idx_ref.size} entries equal; {n_ties} of {len(finite)} rows have tied candidate scores")
+print(
+    f"selection: all {idx_ref.size} entries equal; {n_ties} of {len(finite)} rows have tied candidate scores"
+)
 
 for mode in ("joint", "gated"):
     qd, kd, vd = (x.clone().to(DEVICE).requires_grad_() for x in (q7, k7, v7))
@@ -279,8 +293,15 @@ for mode in ("joint", "gated"):
     ref_dk, ref_dv, ref_dg = np.zeros((Hkv, T7, D7)), np.zeros((Hkv, T7, D7)), np.zeros((Hq, T7))
     for h in range(Hq):  # the oracle is one head per call: query head h reads KV head h // G
         hk = h // G
-        args = dict(window=w7, top_k=K7, block_size=B7, scale=sc7, idx=idx_ref[hk], mode=mode,
-                    gate_logit=gn[h] if mode == "gated" else None)
+        args = dict(
+            window=w7,
+            top_k=K7,
+            block_size=B7,
+            scale=sc7,
+            idx=idx_ref[hk],
+            mode=mode,
+            gate_logit=gn[h] if mode == "gated" else None,
+        )
         ref_out[h] = ref.match_attention(qn[h], kn[hk], vn[hk], **args)
         dq_h, dk_h, dv_h, dg_h = ref.match_attention_grad(qn[h], kn[hk], vn[hk], don[h], **args)
         ref_dq[h] = dq_h
@@ -293,8 +314,10 @@ for mode in ("joint", "gated"):
         assert_close(t.grad[0], r, dtype=torch.float32, name=f"{mode} {name}")
     if mode == "gated":
         assert_close(gd.grad[0], ref_dg, dtype=torch.float32, name="gated dgate_logit")
-    print(f"{mode}: out, dq, dk, dv{', dgate_logit' if mode == 'gated' else ''} match the oracle; "
-          f"max |out - oracle| = {np.abs(out7[0].detach().cpu().double().numpy() - ref_out).max():.2e}")
+    print(
+        f"{mode}: out, dq, dk, dv{', dgate_logit' if mode == 'gated' else ''} match the oracle; "
+        f"max |out - oracle| = {np.abs(out7[0].detach().cpu().double().numpy() - ref_out).max():.2e}"
+    )
 
 # %% [markdown]
 # ## 8. Timing
@@ -338,12 +361,17 @@ for T8 in Ts:
     with torch.no_grad():
         t_full = timed(lambda q=q8, k=k8, v=v8: flash_attention(q, k, v, window=None, backend=backend))
         t_swa = timed(lambda q=q8, k=k8, v=v8: flash_attention(q, k, v, window=w8, backend=backend))
-        t_match = timed(lambda q=q8, k=k8, v=v8: match_attention(q, k, v, window=w8, top_k=K8, block_size=B8,
-                                                                 backend=backend))
+        t_match = timed(
+            lambda q=q8, k=k8, v=v8: match_attention(
+                q, k, v, window=w8, top_k=K8, block_size=B8, backend=backend
+            )
+        )
     rows.append((T8, t_full, t_swa, t_match))
 torch.set_num_threads(threads)
-print(f"{'T':>6} {'full [ms]':>10} {'SWA [ms]':>10} {'MATCH [ms]':>11}   (batch 1, H=2, D={D8}, w={w8}, "
-      f"top_k={K8} blocks of {B8}, {backend} backend on {DEVICE})")
+print(
+    f"{'T':>6} {'full [ms]':>10} {'SWA [ms]':>10} {'MATCH [ms]':>11}   (batch 1, H=2, D={D8}, w={w8}, "
+    f"top_k={K8} blocks of {B8}, {backend} backend on {DEVICE})"
+)
 for T8, a, b, c in rows:
     print(f"{T8:6d} {1e3 * a:10.2f} {1e3 * b:10.2f} {1e3 * c:11.2f}")
 fig, ax = plt.subplots(figsize=(5, 4))
@@ -356,8 +384,10 @@ ax.set_ylabel(f"forward time [s] ({DEVICE})")
 ax.legend()
 plt.show()
 for (Ta, *ta), (Tb, *tb) in zip(rows, rows[1:], strict=False):
-    print(f"T {Ta} -> {Tb}: time x{tb[0] / ta[0]:.1f} full, x{tb[1] / ta[1]:.1f} SWA, "
-          f"x{tb[2] / ta[2]:.1f} MATCH")
+    print(
+        f"T {Ta} -> {Tb}: time x{tb[0] / ta[0]:.1f} full, x{tb[1] / ta[1]:.1f} SWA, "
+        f"x{tb[2] / ta[2]:.1f} MATCH"
+    )
 
 # %% [markdown]
 # Reading the CPU table: at these lengths the torch backend of MATCH is *slower* than full attention. Per
@@ -385,16 +415,21 @@ else:
             continue
         T_, D_ = (int(re.search(rf"\b{c}(\d+)", cells[2]).group(1)) for c in "TD")  # "B1 H16 T32768 D64 ..."
         table[(cells[0], cells[1], T_, D_)] = float(cells[3])
-    print(f"{'op':>14} {'T':>6} {'D':>4} {'full [ms]':>10} {'SWA [ms]':>9} {'MATCH [ms]':>11} "
-          f"{'MATCH/SWA':>10} {'full/MATCH':>11}")
+    print(
+        f"{'op':>14} {'T':>6} {'D':>4} {'full [ms]':>10} {'SWA [ms]':>9} {'MATCH [ms]':>11} "
+        f"{'MATCH/SWA':>10} {'full/MATCH':>11}"
+    )
     keys = sorted({(op, T_, D_) for op, _, T_, D_ in table})
     for op, T_, D_ in keys:
         f_, w_, m_ = (table.get((op, impl, T_, D_), np.nan) for impl in ("full", "swa", "match"))
         print(f"{op:>14} {T_:6d} {D_:4d} {f_:10.3f} {w_:9.3f} {m_:11.3f} {m_ / w_:10.1f} {f_ / m_:11.2f}")
     fig, ax = plt.subplots(figsize=(5, 4))
     for impl, mk in (("full", "o-"), ("swa", "s-"), ("match", "^-")):
-        pts = sorted((T_, v) for (op, im, T_, D_), v in table.items()
-                     if op == "match fwd+bwd" and im == impl and D_ == 64)
+        pts = sorted(
+            (T_, v)
+            for (op, im, T_, D_), v in table.items()
+            if op == "match fwd+bwd" and im == impl and D_ == 64
+        )
         if pts:
             ax.loglog(*zip(*pts, strict=True), mk, label=impl)
     ax.set_xlabel("T")

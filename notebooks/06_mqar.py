@@ -63,10 +63,14 @@ print("distance", ["." if v < 0 else v for v in key_distance(x, y)[0].tolist()])
 # Same width and depth; only the attention differs. Scored on fresh examples (a seed none of them saw).
 
 # %%
-runs = {name: load_run(str(pathlib.Path(CKPT_DIR) / f"{name}.safetensors")) for name in ("full", "swa", "match")}
+runs = {
+    name: load_run(str(pathlib.Path(CKPT_DIR) / f"{name}.safetensors")) for name in ("full", "swa", "match")
+}
 cfg = runs["full"][1]
 xe, ye = make_batch(cfg, 256, DEMO_SEED)
-print(f"T={cfg.seq_len}, {cfg.num_kv_pairs} pairs, vocab {cfg.vocab_size}, d={cfg.n_embd}, {cfg.n_layer} layers")
+print(
+    f"T={cfg.seq_len}, {cfg.num_kv_pairs} pairs, vocab {cfg.vocab_size}, d={cfg.n_embd}, {cfg.n_layer} layers"
+)
 fig, ax = plt.subplots(figsize=(7, 4))
 for name, (model, c) in runs.items():
     res = evaluate(model, xe, ye)
@@ -74,8 +78,12 @@ for name, (model, c) in runs.items():
     label = f"{name}: {c.attention} w={c.window} {dict(c.attn_kwargs) or ''}"
     print(f"{label:70s} attended {frac:.2f}   accuracy {100 * res['acc']:.1f} %")
     bins = by_distance(res["correct"], res["dist"])
-    ax.plot([f"{b['lo']}-{min(b['hi'], cfg.seq_len)}" for b in bins], [100 * b["acc"] for b in bins], "o-",
-            label=f"{name} ({100 * res['acc']:.0f} %)")
+    ax.plot(
+        [f"{b['lo']}-{min(b['hi'], cfg.seq_len)}" for b in bins],
+        [100 * b["acc"] for b in bins],
+        "o-",
+        label=f"{name} ({100 * res['acc']:.0f} %)",
+    )
 ax.axvline(-0.5, color="gray", lw=0.5)
 ax.set_xlabel("key-query distance (tokens)")
 ax.set_ylabel("accuracy (%)")
@@ -126,8 +134,10 @@ for layer in range(c.n_layer):
 # %%
 grid = json.loads((RESULTS / "grid.json").read_text()) if (RESULTS / "grid.json").exists() else []
 for r in grid:
-    print(f"{r['model']:55s} P={r['pairs']:3d}  acc {100 * r['acc_mean']:5.1f} ± {100 * r['acc_std']:4.1f}"
-          f"  attended {r['attended']:.2f}")
+    print(
+        f"{r['model']:55s} P={r['pairs']:3d}  acc {100 * r['acc_mean']:5.1f} ± {100 * r['acc_std']:4.1f}"
+        f"  attended {r['attended']:.2f}"
+    )
 if (RESULTS / "grid.png").exists():
     img = plt.imread(RESULTS / "grid.png")
     plt.figure(figsize=(9, 5))

@@ -44,11 +44,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fast import scrg as F  # noqa: E402
-from tiny_models.model_io import load_model  # noqa: E402
 from reference import gpt as G  # noqa: E402
 from reference import scrg as R  # noqa: E402
 from reference.rouge import rouge_l  # noqa: E402
 from tiny_models.gpt import EOS  # noqa: E402
+from tiny_models.model_io import load_model  # noqa: E402
 from tiny_models.tasks import build_dataset, decode, prompt_ids  # noqa: E402
 
 torch.set_num_threads(1)
@@ -68,7 +68,9 @@ def oracle(model):  # torch GPT -> f(tokens) -> [V] next-token logits through re
 tf, sf = oracle(teacher), oracle(student)
 test = build_dataset(0, n_per_family=40, n_eval_per_family=4)["test"]  # held-out prompts (hash split)
 show = lambda ids: repr(decode(ids) + ("<EOS>" if ids and ids[-1] == EOS else ""))
-print(f"{len(test)} held-out prompts; teacher {teacher.num_params():,} params, student {student.num_params():,}")
+print(
+    f"{len(test)} held-out prompts; teacher {teacher.num_params():,} params, student {student.num_params():,}"
+)
 
 # %% [markdown]
 # ## 1. One student sample, teacher-forced
@@ -82,8 +84,14 @@ for ex in test:
     if ex.family not in ("reverse", "sort_numbers", "number_to_words", "uppercase"):
         continue
     x = prompt_ids(ex.prompt)
-    hits = [k for k in range(4) if decode(R.continue_response(
-        sf, x, [], max_new_tokens=MAX_NEW, eos_id=EOS, rng=np.random.default_rng(k))) != ex.response]
+    hits = [
+        k
+        for k in range(4)
+        if decode(
+            R.continue_response(sf, x, [], max_new_tokens=MAX_NEW, eos_id=EOS, rng=np.random.default_rng(k))
+        )
+        != ex.response
+    ]
     if hits:
         seed = hits[0]
         break
@@ -96,7 +104,9 @@ d, y_t = R.error_scores(x, y, tf, sf, teacher_token="argmax")
 j = R.error_position(d, y_t, y)
 mism = [i for i in range(len(y)) if y_t[i] != y[i]]
 print(f"mismatch positions (teacher argmax != student token): {mism}")
-print(f"error position j = {j}: student {show(y[j:j+1])} -> teacher {show([int(y_t[j])])}, d_j = {d[j]:.3f}")
+print(
+    f"error position j = {j}: student {show(y[j : j + 1])} -> teacher {show([int(y_t[j])])}, d_j = {d[j]:.3f}"
+)
 
 # %%
 fig, ax = plt.subplots(figsize=(12, 3.2))
@@ -122,12 +132,22 @@ plt.show()
 
 # %%
 for fq in (1, 3):
-    rev, pos = R.scrg(x, y, tf, sf, frequency=fq, teacher_token="argmax", decode="greedy",
-                      max_new_tokens=MAX_NEW, eos_id=EOS)
+    rev, pos = R.scrg(
+        x,
+        y,
+        tf,
+        sf,
+        frequency=fq,
+        teacher_token="argmax",
+        decode="greedy",
+        max_new_tokens=MAX_NEW,
+        eos_id=EOS,
+    )
     print(f"F={fq} argmax/greedy  positions {pos}: {show(rev)}")
 for fq in (1, 3):
-    rev, pos = R.scrg(x, y, tf, sf, frequency=fq, max_new_tokens=MAX_NEW, eos_id=EOS,
-                      rng=np.random.default_rng(0))
+    rev, pos = R.scrg(
+        x, y, tf, sf, frequency=fq, max_new_tokens=MAX_NEW, eos_id=EOS, rng=np.random.default_rng(0)
+    )
     print(f"F={fq} sample/sample  positions {pos}: {show(rev)}")
 print("reference answer:", repr(ex.response))
 
@@ -146,20 +166,49 @@ print("reference answer:", repr(ex.response))
 # %%
 rows = sorted(test, key=lambda e: len(e.prompt))[:: max(1, len(test) // 5)][:5]
 prompts = [prompt_ids(e.prompt) for e in rows]
-responses = F.continue_responses(student, prompts, [[] for _ in prompts], max_new_tokens=MAX_NEW, eos_id=EOS,
-                                 generator=torch.Generator().manual_seed(0))
+responses = F.continue_responses(
+    student,
+    prompts,
+    [[] for _ in prompts],
+    max_new_tokens=MAX_NEW,
+    eos_id=EOS,
+    generator=torch.Generator().manual_seed(0),
+)
 print("prompt lengths:", [len(p) for p in prompts], " response lengths:", [len(r) for r in responses])
 for fq in (1, 3):
     t0 = time.perf_counter()
-    got = F.scrg(prompts, responses, teacher, student, frequency=fq, teacher_token="argmax", decode="greedy",
-                 max_new_tokens=MAX_NEW, eos_id=EOS)
+    got = F.scrg(
+        prompts,
+        responses,
+        teacher,
+        student,
+        frequency=fq,
+        teacher_token="argmax",
+        decode="greedy",
+        max_new_tokens=MAX_NEW,
+        eos_id=EOS,
+    )
     t1 = time.perf_counter()
-    want = [R.scrg(p, r, tf, sf, frequency=fq, teacher_token="argmax", decode="greedy",
-                   max_new_tokens=MAX_NEW, eos_id=EOS) for p, r in zip(prompts, responses, strict=True)]
+    want = [
+        R.scrg(
+            p,
+            r,
+            tf,
+            sf,
+            frequency=fq,
+            teacher_token="argmax",
+            decode="greedy",
+            max_new_tokens=MAX_NEW,
+            eos_id=EOS,
+        )
+        for p, r in zip(prompts, responses, strict=True)
+    ]
     t2 = time.perf_counter()
     assert got == ([w[0] for w in want], [w[1] for w in want]), "fast and oracle disagree"
-    print(f"F={fq}: equal on all {len(prompts)} rows; positions {got[1]};"
-          f" fast {t1 - t0:.2f} s, oracle {t2 - t1:.2f} s")
+    print(
+        f"F={fq}: equal on all {len(prompts)} rows; positions {got[1]};"
+        f" fast {t1 - t0:.2f} s, oracle {t2 - t1:.2f} s"
+    )
 for p, r, rev in zip(prompts, responses, got[0], strict=True):
     print(f"  {decode(p[1:]).strip()[:44]!r:48} {show(r)[:40]:42} -> {show(rev)[:44]}")
 
@@ -178,14 +227,18 @@ allp = [prompt_ids(e.prompt) for e in test]
 scores = {"student sample": [], "SCRG F=1": [], "SCRG F=3": []}
 for seed in (0, 1, 2):
     g = torch.Generator().manual_seed(seed)
-    samp = F.continue_responses(student32, allp, [[] for _ in allp], max_new_tokens=MAX_NEW, eos_id=EOS,
-                                generator=g)
+    samp = F.continue_responses(
+        student32, allp, [[] for _ in allp], max_new_tokens=MAX_NEW, eos_id=EOS, generator=g
+    )
     outs = {"student sample": samp}
     for fq in (1, 3):
-        outs[f"SCRG F={fq}"] = F.scrg(allp, samp, teacher32, student32, frequency=fq, max_new_tokens=MAX_NEW,
-                                      eos_id=EOS, generator=g)[0]
+        outs[f"SCRG F={fq}"] = F.scrg(
+            allp, samp, teacher32, student32, frequency=fq, max_new_tokens=MAX_NEW, eos_id=EOS, generator=g
+        )[0]
     for k, seqs in outs.items():
-        scores[k].append(100 * np.mean([rouge_l(decode(s), e.response)[2] for s, e in zip(seqs, test, strict=True)]))
+        scores[k].append(
+            100 * np.mean([rouge_l(decode(s), e.response)[2] for s, e in zip(seqs, test, strict=True)])
+        )
 print(f"{len(test)} held-out prompts, max_new_tokens={MAX_NEW}")
 for k, v in scores.items():
     print(f"  {k:15} ROUGE-L {np.mean(v):5.1f} ± {np.std(v, ddof=1):.1f}  (seeds: {np.round(v, 1).tolist()})")

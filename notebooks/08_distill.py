@@ -42,8 +42,8 @@ matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 import matplotlib.pyplot as plt  # noqa: E402
 
 import tiny_models.distill as distill  # noqa: E402
-from tiny_models.model_io import load_model  # noqa: E402
 from tiny_models.evaluate import evaluate  # noqa: E402
+from tiny_models.model_io import load_model  # noqa: E402
 from tiny_models.tasks import build_dataset, decode, prompt_ids  # noqa: E402
 
 torch.set_num_threads(1)
@@ -68,10 +68,18 @@ student, _ = load_model(os.path.join(ROOT, "tiny_models/checkpoints/student.safe
 ds = build_dataset(0, n_per_family=200)
 ex = ds["valid"][5]
 g = torch.Generator().manual_seed(3)
-(sample,), (ended,) = generate_responses(student, [prompt_ids(ex.prompt)], max_new_tokens=32, temperature=1.0,
-                                         generator=g, eos_id=EOS)
-(revised,), (pos,) = scrg([prompt_ids(ex.prompt)], [sample + ([EOS] if ended else [])], teacher, student,
-                          max_new_tokens=32, eos_id=EOS, generator=g)
+(sample,), (ended,) = generate_responses(
+    student, [prompt_ids(ex.prompt)], max_new_tokens=32, temperature=1.0, generator=g, eos_id=EOS
+)
+(revised,), (pos,) = scrg(
+    [prompt_ids(ex.prompt)],
+    [sample + ([EOS] if ended else [])],
+    teacher,
+    student,
+    max_new_tokens=32,
+    eos_id=EOS,
+    generator=g,
+)
 print("prompt   :", ex.prompt)
 print("reference:", ex.response)
 print("student  :", decode(sample))
@@ -88,13 +96,25 @@ print("revised  :", decode(revised), "  (corrected at response position", pos, "
 runs = {}
 with tempfile.TemporaryDirectory() as tmp:
     for method in ("kd", "mgsr"):
-        cfg = distill.DistillConfig(method=method, out_dir=os.path.join(tmp, method), steps=30, batch_size=8,
-                                    max_new_tokens=24, eval_every=10, eval_examples=32, n_per_family=200,
-                                    init_threshold=0.5, progress=False, threads=1)
+        cfg = distill.DistillConfig(
+            method=method,
+            out_dir=os.path.join(tmp, method),
+            steps=30,
+            batch_size=8,
+            max_new_tokens=24,
+            eval_every=10,
+            eval_examples=32,
+            n_per_family=200,
+            init_threshold=0.5,
+            progress=False,
+            threads=1,
+        )
         t = time.perf_counter()
         out = distill.train(cfg)
         runs[method] = out["records"]
-        print(f"{method}: {time.perf_counter() - t:.1f}s, sources {sorted({r['source'] for r in out['records']})}")
+        print(
+            f"{method}: {time.perf_counter() - t:.1f}s, sources {sorted({r['source'] for r in out['records']})}"
+        )
 
 fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
 for method, recs in runs.items():
@@ -104,7 +124,9 @@ ax[0].set_xlabel("step")
 ax[0].set_ylabel("validation ROUGE-L (greedy)")
 ax[0].legend()
 for part in ("sft", "token", "span"):
-    ax[1].plot([r["step"] for r in runs["mgsr"]], [r.get(part, float("nan")) for r in runs["mgsr"]], label=part)
+    ax[1].plot(
+        [r["step"] for r in runs["mgsr"]], [r.get(part, float("nan")) for r in runs["mgsr"]], label=part
+    )
 ax[1].set_xlabel("step")
 ax[1].set_title("MGSR loss terms")
 ax[1].legend()
@@ -118,8 +140,13 @@ plt.show()
 
 # %%
 for r in runs["mgsr"][::10]:
-    print({k: round(r[k], 3) if isinstance(r[k], float) else r[k] for k in ("step", "source", "upper", "lower",
-                                                                           "kept") if k in r})
+    print(
+        {
+            k: round(r[k], 3) if isinstance(r[k], float) else r[k]
+            for k in ("step", "source", "upper", "lower", "kept")
+            if k in r
+        }
+    )
 
 # %% [markdown]
 # ## The grid's distilled students (when committed)
@@ -132,7 +159,11 @@ if not found:
     print("no distilled students committed yet: run `python -m tiny_models.distill_grid` (see docs/mgsr.md)")
 else:
     test = {"test": ds["test"][::4]}
-    models = {"student (init)": student, **{m: load_model(p)[0] for m, p in found.items()}, "teacher": teacher}
+    models = {
+        "student (init)": student,
+        **{m: load_model(p)[0] for m, p in found.items()},
+        "teacher": teacher,
+    }
     scores = {m: evaluate(mod, test)["test"]["rougeL"] for m, mod in models.items()}
     plt.figure(figsize=(6, 3))
     plt.bar(list(scores), list(scores.values()), color="tab:blue")

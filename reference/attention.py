@@ -34,6 +34,7 @@ With GQA, ``dK`` and ``dV`` of a kv head are the sums over the G query heads tha
 
 ``attention_by_definition`` is the oracle of the oracle: one query at a time, one key at a time.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -60,12 +61,20 @@ def attention_mask(T, *, causal=True, window=None):  # int -> [T, T] bool
 
 
 def _check(q, k, v, window):  # [..., H_q, T, D], [..., H_kv, T, D] x2 -> None
-    if k.shape != v.shape or (q.shape != k.shape and not (
-            q.ndim >= 3 and q.shape[:-3] == k.shape[:-3] and q.shape[-2:] == k.shape[-2:]
-            and q.shape[-3] % k.shape[-3] == 0)):
-        raise ValueError(f"q, k, v must share a shape [..., T, D], or be q [..., H_q, T, D] and "
-                         f"k, v [..., H_kv, T, D] with H_q a multiple of H_kv; "
-                         f"got {q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape or (
+        q.shape != k.shape
+        and not (
+            q.ndim >= 3
+            and q.shape[:-3] == k.shape[:-3]
+            and q.shape[-2:] == k.shape[-2:]
+            and q.shape[-3] % k.shape[-3] == 0
+        )
+    ):
+        raise ValueError(
+            f"q, k, v must share a shape [..., T, D], or be q [..., H_q, T, D] and "
+            f"k, v [..., H_kv, T, D] with H_q a multiple of H_kv; "
+            f"got {q.shape}, {k.shape}, {v.shape}"
+        )
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 (w keys including the query itself), got {window}")
 
@@ -162,7 +171,7 @@ def online_softmax_attention(q, k, v, *, block=16, causal=True, window=None, sca
     acc = np.zeros((T, D))  # [T, D] running sum of exp(s - m) v
     idx = np.arange(T)
     for start in range(0, T, block):
-        j = idx[start:start + block]  # [Bn]
+        j = idx[start : start + block]  # [Bn]
         s = scale * (q @ k[j].T)  # [T, Bn]
         s = np.where(allowed(idx[:, None], j[None, :], causal=causal, window=window), s, -np.inf)
         m_new = np.maximum(m, s.max(axis=1))  # [T], may stay -inf for a row with nothing seen yet

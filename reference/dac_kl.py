@@ -37,13 +37,23 @@ target entry plus the whole rest of the distribution, i.e. plain KL when ``targe
 -inf teacher logits are padding: those entries are left out of the quantile multiset (convention) and
 contribute nothing; the student must be -inf at least where the teacher is (checked).
 """
+
 import numpy as np
 
 from reference.nn import gelu, gelu_grad, log_softmax, sigmoid
 
 BOUNDS = ("value", "mass")
-DEFAULTS = dict(bounds="value", gamma=0.05, eps=1e-8, target=True, band=True, normalize=True,
-                floor=True, rho_min=0.5, lam_m=1.0)
+DEFAULTS = dict(
+    bounds="value",
+    gamma=0.05,
+    eps=1e-8,
+    target=True,
+    band=True,
+    normalize=True,
+    floor=True,
+    rho_min=0.5,
+    lam_m=1.0,
+)
 
 
 def _cfg(cfg):  # dict -> dict
@@ -62,12 +72,15 @@ def check_inputs(t, s, upper, lower):  # [N, V], [N, V], [N], [N] -> None
     if upper.shape != (t.shape[0],) or lower.shape != (t.shape[0],):
         raise ValueError(f"upper/lower must be [N]={t.shape[0]}, got {upper.shape} and {lower.shape}")
     if np.any(~np.isfinite(upper)) or np.any(~np.isfinite(lower)) or np.any(upper > 1) or np.any(lower < 0):
-        raise ValueError(f"bounds must lie in [0, 1]; got upper in [{upper.min()}, {upper.max()}], "
-                         f"lower in [{lower.min()}, {lower.max()}]")
+        raise ValueError(
+            f"bounds must lie in [0, 1]; got upper in [{upper.min()}, {upper.max()}], "
+            f"lower in [{lower.min()}, {lower.max()}]"
+        )
     if np.any(lower >= upper):
         i = int(np.argmax(lower >= upper))
-        raise ValueError(f"need lower < upper for every token; row {i} has lower={lower[i]} "
-                         f">= upper={upper[i]}")
+        raise ValueError(
+            f"need lower < upper for every token; row {i} has lower={lower[i]} >= upper={upper[i]}"
+        )
     valid = np.isfinite(t)
     if np.any(valid.sum(-1) == 0):
         raise ValueError("a teacher row is entirely -inf (no valid vocabulary entry)")
@@ -154,9 +167,32 @@ def _forward(t, s, upper, lower, cfg):  # [N, V], [N, V], [N], [N], dict -> dict
     kept = np.sum(mk * p, -1)  # [N]
     active = (cfg["rho_min"] - kept > 0) & cfg["floor"]  # [N] convention: relu'(0) = 0
     reg = np.where(active, cfg["lam_m"] * (cfg["rho_min"] - kept), 0.0)
-    return dict(loss=kl + reg, kl=kl, reg=reg, kept=kept, p=p, q=q, d=d, w=w, m=m, mk=mk, A=A, B=B,
-                cross=cross, z1=z1, z2=z2, beta=beta, tau_lo=tau_lo, tau_hi=tau_hi, dlo=dlo, dhi=dhi,
-                active=active, onehot=onehot, valid=valid, target_class=c)
+    return dict(
+        loss=kl + reg,
+        kl=kl,
+        reg=reg,
+        kept=kept,
+        p=p,
+        q=q,
+        d=d,
+        w=w,
+        m=m,
+        mk=mk,
+        A=A,
+        B=B,
+        cross=cross,
+        z1=z1,
+        z2=z2,
+        beta=beta,
+        tau_lo=tau_lo,
+        tau_hi=tau_hi,
+        dlo=dlo,
+        dhi=dhi,
+        active=active,
+        onehot=onehot,
+        valid=valid,
+        target_class=c,
+    )
 
 
 def dac_kl(t, s, upper, lower, **cfg):  # [N, V], [N, V], [N], [N] -> [N]
@@ -214,6 +250,7 @@ def dac_kl_grad(t, s, upper, lower, g=None, **cfg):  # [N, V], [N, V], [N], [N],
 
 # ---------------------------------------------------------------- bounds sub-network (Eq. 6, [RECON])
 
+
 def features(t, k):  # [N, V], int -> [N, k+1]
     """Permutation-invariant features of the teacher distribution: the top-k probabilities in descending
     order (zero-padded when V < k) and the entropy (nats). The sub-network input is constant (stop-grad)."""
@@ -228,9 +265,11 @@ def features(t, k):  # [N, V], int -> [N, k+1]
 def mlp_init(rng, n_in, hidden=256):  # Generator, int, int -> dict of arrays
     """``Linear(n_in, h) -> GELU -> Linear(h, h) -> GELU -> Linear(h, 2)``, uniform(+-1/sqrt(fan_in)) init
     (torch.nn.Linear's default), explicit generator. The last layer starts at zero bias."""
+
     def lin(i, o):  # int, int -> ([i, o], [o])
         b = 1.0 / np.sqrt(i)
         return rng.uniform(-b, b, (i, o)), rng.uniform(-b, b, o)
+
     W1, b1 = lin(n_in, hidden)
     W2, b2 = lin(hidden, hidden)
     W3, b3 = lin(hidden, 2)

@@ -50,6 +50,7 @@ Conventions (each has a test in ``tests/test_divergences.py`` named ``test_conve
 * Batch reduction (mean over tokens, masks) is not here: these are per-row values. ``fast``
   averages over unmasked tokens ("token mean"), not over sequences ("batchmean").
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,16 +58,35 @@ import numpy as np
 from reference.nn import log_softmax
 
 __all__ = [
-    "forward_kl", "forward_kl_grad", "reverse_kl", "reverse_kl_grad", "symmetric_kl", "symmetric_kl_grad",
-    "js_divergence", "js_divergence_grad", "tv_distance", "tv_distance_grad",
-    "skew_forward_kl", "skew_forward_kl_grad", "skew_reverse_kl", "skew_reverse_kl_grad",
-    "DIVERGENCES", "PARAMS", "validate_logits", "log_softmax",
+    "forward_kl",
+    "forward_kl_grad",
+    "reverse_kl",
+    "reverse_kl_grad",
+    "symmetric_kl",
+    "symmetric_kl_grad",
+    "js_divergence",
+    "js_divergence_grad",
+    "tv_distance",
+    "tv_distance_grad",
+    "skew_forward_kl",
+    "skew_forward_kl_grad",
+    "skew_reverse_kl",
+    "skew_reverse_kl_grad",
+    "DIVERGENCES",
+    "PARAMS",
+    "validate_logits",
+    "log_softmax",
 ]
 
 # name -> {param: default}; the only keyword parameters each divergence accepts besides temperature
 PARAMS: dict[str, dict[str, float]] = {
-    "forward_kl": {}, "reverse_kl": {}, "symmetric_kl": {}, "js_divergence": {"beta": 0.5},
-    "tv_distance": {}, "skew_forward_kl": {"alpha": 0.1}, "skew_reverse_kl": {"alpha": 0.1},
+    "forward_kl": {},
+    "reverse_kl": {},
+    "symmetric_kl": {},
+    "js_divergence": {"beta": 0.5},
+    "tv_distance": {},
+    "skew_forward_kl": {"alpha": 0.1},
+    "skew_reverse_kl": {"alpha": 0.1},
 }
 
 
@@ -82,8 +102,9 @@ def validate_logits(t, s, temperature=1.0, **params):  # [..., V], [..., V] -> (
         if np.isnan(x).any() or np.isposinf(x).any():
             raise ValueError(f"{who} logits contain NaN or +inf (only -inf, for padded entries, is allowed)")
     if (np.isneginf(t) != np.isneginf(s)).any():
-        raise ValueError("-inf (padded vocabulary) entries must be at the same positions "
-                         "in teacher and student")
+        raise ValueError(
+            "-inf (padded vocabulary) entries must be at the same positions in teacher and student"
+        )
     if np.isneginf(t).all(axis=-1).any():
         raise ValueError("a row of logits is -inf everywhere: no distribution to compare")
     if not (np.isfinite(temperature) and temperature > 0):

@@ -68,6 +68,7 @@ reference/attention.py, restricted to S)::
 
 Complexity of this oracle: dense [T, T] masks, O(T^2 D); ``fast/match.py`` is the efficient path.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -92,8 +93,10 @@ def _check_params(window, top_k, block_size):
     _check_int("top_k", top_k, 0)
     _check_int("block_size", block_size, 1)
     if block_size > window:
-        raise ValueError(f"block_size={block_size} must be <= window={window} (candidate blocks then lie "
-                         "wholly in the past)")
+        raise ValueError(
+            f"block_size={block_size} must be <= window={window} (candidate blocks then lie "
+            "wholly in the past)"
+        )
 
 
 def _scale(D, scale):
@@ -120,7 +123,7 @@ def block_summaries(k, block_size):  # [..., T, D] -> [..., ceil(T / B), D]
     k = np.asarray(k, dtype=np.float64)
     T = k.shape[-2]
     starts = range(0, T, block_size)
-    return np.stack([k[..., s:s + block_size, :].mean(axis=-2) for s in starts], axis=-2)
+    return np.stack([k[..., s : s + block_size, :].mean(axis=-2) for s in starts], axis=-2)
 
 
 def retrieval_scores(q, k, *, window, block_size=1, scale=None, grouped=False):
@@ -163,7 +166,7 @@ def retrieved_mask(idx, T, *, window, block_size=1):  # [..., T, K] -> [..., T, 
     sel = np.zeros(idx.shape[:-1] + (T,), dtype=bool)  # [..., T, T]
     j = np.arange(T)
     for slot in range(idx.shape[-1]):
-        b = idx[..., slot:slot + 1]  # [..., T, 1]
+        b = idx[..., slot : slot + 1]  # [..., T, 1]
         sel |= (b >= 0) & (j // block_size == b)  # the selected token / every key of the selected block
     return sel & candidate_mask(T, window=window)
 
@@ -210,15 +213,17 @@ def _setup(q, k, v, window, top_k, block_size, mode, gate_logit, scale, idx):
     if idx is None:
         idx = retrieve(q, k, window=window, top_k=top_k, block_size=block_size, scale=scale)
     elif np.shape(idx) != q.shape[:-1] + (top_k,):
-        raise ValueError(f"idx must have shape [..., T, top_k] = {q.shape[:-1] + (top_k,)}, "
-                         f"got {np.shape(idx)}")
+        raise ValueError(
+            f"idx must have shape [..., T, top_k] = {q.shape[:-1] + (top_k,)}, got {np.shape(idx)}"
+        )
     m_w = np.broadcast_to(window_mask(T, window=window), q.shape[:-1] + (T,))
     m_r = retrieved_mask(idx, T, window=window, block_size=block_size)
     return q, k, v, g, scale, m_w, m_r
 
 
-def match_attention(q, k, v, *, window, top_k, block_size=1, mode="joint", gate_logit=None, scale=None,
-                    idx=None):
+def match_attention(
+    q, k, v, *, window, top_k, block_size=1, mode="joint", gate_logit=None, scale=None, idx=None
+):
     # [..., T, D] x3 (+ gate_logit broadcastable to [..., T]) -> [..., T, D]
     """MATCH attention of one head (see the module docstring). ``idx`` (optional): a selection made
     elsewhere, e.g. ``retrieve(q_group, k, grouped=True)`` shared by a GQA group; default
@@ -249,8 +254,9 @@ def _unbroadcast(g, shape):  # sum a broadcast gradient back to the operand's sh
     return g.sum(axis=tuple(a for a, n in enumerate(shape) if n == 1), keepdims=True).reshape(shape)
 
 
-def match_attention_grad(q, k, v, dout, *, window, top_k, block_size=1, mode="joint", gate_logit=None,
-                         scale=None, idx=None):
+def match_attention_grad(
+    q, k, v, dout, *, window, top_k, block_size=1, mode="joint", gate_logit=None, scale=None, idx=None
+):
     # [..., T, D] x4 -> dq, dk, dv [..., T, D], dgate_logit (gate_logit's shape, or None in joint mode)
     """Hand-derived gradients of ``match_attention`` (the selection is held constant)."""
     q, k, v, g, scale, m_w, m_r = _setup(q, k, v, window, top_k, block_size, mode, gate_logit, scale, idx)
@@ -270,8 +276,9 @@ def match_attention_grad(q, k, v, dout, *, window, top_k, block_size=1, mode="jo
     return gw[0] + gr[0], gw[1] + gr[1], gw[2] + gr[2], dgate
 
 
-def match_attention_by_definition(q, k, v, *, window, top_k, block_size=1, mode="joint", gate_logit=None,
-                                  scale=None):
+def match_attention_by_definition(
+    q, k, v, *, window, top_k, block_size=1, mode="joint", gate_logit=None, scale=None
+):
     # [T, D] x3 -> [T, D]
     """The oracle's oracle (one head, no batch axes): a loop over queries, selection by sorting Python
     tuples (-score, index), attention by explicit sums."""
@@ -296,7 +303,7 @@ def match_attention_by_definition(q, k, v, *, window, top_k, block_size=1, mode=
             ret = sorted(j for _, j in ranked[:top_k])
         else:
             blocks = [b for b in range(-(-T // block_size)) if b * block_size <= i - window]
-            kbar = {b: k[b * block_size:(b + 1) * block_size].mean(axis=0) for b in blocks}
+            kbar = {b: k[b * block_size : (b + 1) * block_size].mean(axis=0) for b in blocks}
             ranked = sorted((-scale * float(q[i] @ kbar[b]), b) for b in blocks)
             chosen = {b for _, b in ranked[:top_k]}
             ret = [j for j in range(T) if j <= i - window and j // block_size in chosen]

@@ -3,6 +3,7 @@
 Float64 NumPy, row-wise over the last axis. The attention mask is in ``reference/attention.py``
 (``allowed``, ``attention_mask``).
 """
+
 import numpy as np
 
 

@@ -95,8 +95,9 @@ def _logits(f, tokens, who, vocab=None):  # callable, list[int] -> [V] float64
     return out
 
 
-def error_scores(prompt, response, teacher, student, *, start=0, teacher_token="sample", rng=None,
-                 temperature=1.0):  # -> d [T] float64, y_t [T] int64
+def error_scores(
+    prompt, response, teacher, student, *, start=0, teacher_token="sample", rng=None, temperature=1.0
+):  # -> d [T] float64, y_t [T] int64
     """One detection step, teacher-forced on ``prompt + response``.
 
     Returns ``d`` (``d[i] = KL(p_i^t || p_i^s)``) and the teacher tokens ``y_t``, for ``i >= start``;
@@ -123,8 +124,9 @@ def error_position(d, y_t, response, *, start=0):  # [T], [T], list[int] -> int 
     return j
 
 
-def continue_response(model, prompt, prefix, *, max_new_tokens, eos_id, decode="sample", rng=None,
-                      temperature=1.0):  # -> list[int]
+def continue_response(
+    model, prompt, prefix, *, max_new_tokens, eos_id, decode="sample", rng=None, temperature=1.0
+):  # -> list[int]
     """``prefix`` extended by ``model`` until it ends with EOS (kept) or has ``max_new_tokens`` tokens."""
     out = list(prefix)
     while len(out) < max_new_tokens and (not out or out[-1] != eos_id):
@@ -132,8 +134,19 @@ def continue_response(model, prompt, prefix, *, max_new_tokens, eos_id, decode="
     return out
 
 
-def _check(prompt, response, teacher, student, frequency, teacher_token, decode, max_new_tokens, eos_id,
-           rng, temperature):  # -> None, raises ValueError
+def _check(
+    prompt,
+    response,
+    teacher,
+    student,
+    frequency,
+    teacher_token,
+    decode,
+    max_new_tokens,
+    eos_id,
+    rng,
+    temperature,
+):  # -> None, raises ValueError
     if len(prompt) == 0:
         raise ValueError("the prompt needs at least one token (e.g. BOS)")
     if isinstance(frequency, bool) or not isinstance(frequency, (int, np.integer)) or frequency < 0:
@@ -143,12 +156,16 @@ def _check(prompt, response, teacher, student, frequency, teacher_token, decode,
     if decode not in DECODES:
         raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
     if (teacher_token == "sample" or decode == "sample") and not callable(getattr(rng, "random", None)):
-        raise ValueError("sampling (teacher_token or decode 'sample') needs an explicit rng, e.g. "
-                         "np.random.default_rng(0)")
+        raise ValueError(
+            "sampling (teacher_token or decode 'sample') needs an explicit rng, e.g. np.random.default_rng(0)"
+        )
     if not (np.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-            or max_new_tokens < 1:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, (int, np.integer))
+        or max_new_tokens < 1
+    ):
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if len(response) > max_new_tokens:
         raise ValueError(f"the response has {len(response)} tokens, more than {max_new_tokens=}")
@@ -165,20 +182,59 @@ def _check(prompt, response, teacher, student, frequency, teacher_token, decode,
             raise ValueError(f"{name} has token ids outside [0, {V}): {bad[:5]}")
 
 
-def scrg(prompt, response, teacher, student, *, frequency=1, teacher_token="sample", decode="sample",
-         max_new_tokens, eos_id, rng=None, temperature=1.0):  # -> (revised list[int], positions list[int])
+def scrg(
+    prompt,
+    response,
+    teacher,
+    student,
+    *,
+    frequency=1,
+    teacher_token="sample",
+    decode="sample",
+    max_new_tokens,
+    eos_id,
+    rng=None,
+    temperature=1.0,
+):  # -> (revised list[int], positions list[int])
     """SCRG on one student response; see the module docstring for every convention and the RNG order."""
-    _check(prompt, response, teacher, student, frequency, teacher_token, decode, max_new_tokens, eos_id,
-           rng, temperature)
+    _check(
+        prompt,
+        response,
+        teacher,
+        student,
+        frequency,
+        teacher_token,
+        decode,
+        max_new_tokens,
+        eos_id,
+        rng,
+        temperature,
+    )
     seq, positions, start = list(response), [], 0
     for _ in range(frequency):
-        d, y_t = error_scores(prompt, seq, teacher, student, start=start, teacher_token=teacher_token,
-                              rng=rng, temperature=temperature)
+        d, y_t = error_scores(
+            prompt,
+            seq,
+            teacher,
+            student,
+            start=start,
+            teacher_token=teacher_token,
+            rng=rng,
+            temperature=temperature,
+        )
         j = error_position(d, y_t, seq, start=start)
         if j is None:  # [RECON] the teacher agrees everywhere after the previous correction: stop
             break
-        seq = continue_response(student, prompt, seq[:j] + [int(y_t[j])], max_new_tokens=max_new_tokens,
-                                eos_id=eos_id, decode=decode, rng=rng, temperature=temperature)
+        seq = continue_response(
+            student,
+            prompt,
+            seq[:j] + [int(y_t[j])],
+            max_new_tokens=max_new_tokens,
+            eos_id=eos_id,
+            decode=decode,
+            rng=rng,
+            temperature=temperature,
+        )
         positions.append(j)
         start = j + 1
     return seq, positions

@@ -25,12 +25,14 @@ the full softmax distributions at temperature 1, not the DAC-KL-clipped ones) fo
 the loss is ``mean_pairs ||r^t_k - r^s_k||_2`` (``squared=True``: the squared norm, the alternative reading of
 "L2 distance"). No pairs -> 0. The teacher side is a constant.
 """
+
 import numpy as np
 
 from reference.nn import log_softmax
 
 # convention: a small closed-class list; it decides where the phrase chunker splits.
-STOP_WORDS = frozenset("""
+STOP_WORDS = frozenset(
+    """
 a an the this that these those my your his her its our their some any no every each
 i you he she it we they me him us them who whom which what whose
 of in on at by for with from to into onto over under about above below between through during
@@ -38,7 +40,8 @@ before after without within against among across along around near off out up do
 and or but nor so yet if then than because while although though as
 is am are was were be been being do does did have has had will would shall should can could may might must
 not there here very too also just
-""".split())
+""".split()
+)
 
 
 def _is_word_byte(b):  # int -> bool

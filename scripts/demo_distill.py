@@ -11,9 +11,9 @@ import os
 
 import torch
 
-from tiny_models.model_io import load_model  # noqa: E402
 from reference.rouge import rouge_l
 from tiny_models.evaluate import generate_responses, score
+from tiny_models.model_io import load_model  # noqa: E402
 from tiny_models.tasks import EVAL_SETS, build_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,8 +26,10 @@ def main(n_per_set: int = 1, n_score: int = 60) -> None:
     found = {m: os.path.join(STUDENTS, f"{m}.safetensors") for m in METHODS}
     found = {m: p for m, p in found.items() if os.path.exists(p)}
     if not found:
-        print(f"no distilled students in {os.path.relpath(STUDENTS, ROOT)} yet: run "
-              "`python -m tiny_models.distill_grid` and commit its students (see docs/mgsr.md); skipping")
+        print(
+            f"no distilled students in {os.path.relpath(STUDENTS, ROOT)} yet: run "
+            "`python -m tiny_models.distill_grid` and commit its students (see docs/mgsr.md); skipping"
+        )
         return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -7,9 +7,9 @@ import os
 
 import torch
 
-from tiny_models.model_io import load_model  # noqa: E402
 from reference.rouge import rouge_l
 from tiny_models.evaluate import generate_responses
+from tiny_models.model_io import load_model  # noqa: E402
 from tiny_models.tasks import EVAL_SETS, build_dataset
 
 CKPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tiny_models", "checkpoints")

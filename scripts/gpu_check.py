@@ -8,6 +8,7 @@ its own time limit so the whole check ends in under 8 minutes:
     tests       <= TEST_LIMIT_S   (pytest, notebooks deselected, xdist if present)
     benchmarks  <= BENCH_LIMIT_S  (benchmarks/run_all.py --full)
 """
+
 from __future__ import annotations
 
 import os
@@ -70,8 +71,20 @@ def main() -> int:
         "",
     ]
 
-    pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not notebook", "-p", "no:cacheprovider",
-                  "-rfEs", "--durations=15", "--junitxml", str(OUT / "junit.xml")]
+    pytest_cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-m",
+        "not notebook",
+        "-p",
+        "no:cacheprovider",
+        "-rfEs",
+        "--durations=15",
+        "--junitxml",
+        str(OUT / "junit.xml"),
+    ]
     pytest_cmd += os.environ.get("GPU_CHECK_PYTEST_ARGS", "").split()
     try:
         import xdist  # noqa: F401

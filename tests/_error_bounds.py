@@ -5,6 +5,7 @@ The oracles in ``reference/`` compute the algorithm only; these helpers re-deriv
 intermediates, the size of the terms that cancel. The tests pass them to ``fast.testing.assert_close`` as
 ``slack`` (scaled by a few fp32 epsilons), next to the measured envelopes in the test files.
 """
+
 import numpy as np
 
 import reference.dac_kl as dac
@@ -12,6 +13,7 @@ import reference.span as span
 from reference.nn import log_softmax, sigmoid
 
 # ------------------------------------------------------------------------------------------------- DAC-KL
+
 
 def _value_slope_rounding(p, valid, q):  # [N, V], [N, V] bool, [N] -> [N]
     """The value-quantile slope ``(n-1)(s[hi] - s[lo])`` is a difference of neighbouring order statistics:
@@ -88,6 +90,7 @@ def dac_kl_bound_grad_scale(t, s, upper, lower, g=None, **cfg):  # [N, V], [N, V
 
 
 # --------------------------------------------------------------------------------------------------- span
+
 
 def span_grad_scale(t, s, spans, squared=False):  # [T, V], [T, V], list -> [T, V]
     """The size of the rounding error a float computation of ``reference.span.span_loss_grad`` must be

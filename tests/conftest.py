@@ -8,6 +8,7 @@
 * Hypothesis profiles: ``default`` (bounded, no deadline, derandomised when ``CI`` is set) and
   ``fuzz`` (many random examples), chosen with ``HYPOTHESIS_PROFILE=fuzz``.
 """
+
 import os
 
 import pytest

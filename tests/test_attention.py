@@ -3,6 +3,7 @@
 Kernel tests run on ``DEVICE`` (CUDA when present, else the Triton interpreter on CPU); outputs are
 NaN-poisoned by conftest, so a lane a kernel forgets to write fails every comparison.
 """
+
 import math
 
 import numpy as np
@@ -42,16 +43,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def test_mask_hand_computed():
     # T = 4, window = 2, causal: each query sees itself and its left neighbour (w keys incl. itself)
-    expected = np.array([[1, 0, 0, 0],
-                         [1, 1, 0, 0],
-                         [0, 1, 1, 0],
-                         [0, 0, 1, 1]], dtype=bool)
+    expected = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]], dtype=bool)
     assert np.array_equal(attention_mask(4, causal=True, window=2), expected)
     # non-causal window 2 = symmetric band |i - j| < 2
-    band = np.array([[1, 1, 0, 0],
-                     [1, 1, 1, 0],
-                     [0, 1, 1, 1],
-                     [0, 0, 1, 1]], dtype=bool)
+    band = np.array([[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]], dtype=bool)
     assert np.array_equal(attention_mask(4, causal=False, window=2), band)
 
 
@@ -68,8 +63,9 @@ def test_mask_predicate_vs_dense_loop(causal, window):
             else:
                 dense[i, j] = window is None or abs(i - j) < window
     assert np.array_equal(attention_mask(T, causal=causal, window=window), dense)
-    assert np.array_equal(allowed(np.arange(T)[:, None], np.arange(T)[None, :], causal=causal, window=window),
-                          dense)
+    assert np.array_equal(
+        allowed(np.arange(T)[:, None], np.arange(T)[None, :], causal=causal, window=window), dense
+    )
 
 
 def test_window_edges():
@@ -91,8 +87,13 @@ def test_window_edges():
     assert not compare(o1[-1], full[0][-1], dtype="float64")[0], "w=T-1 must drop key 0 from the last row"
 
 
-@given(T=st.integers(1, 12), D=st.integers(1, 6), causal=st.booleans(),
-       window=st.one_of(st.none(), st.integers(1, 14)), seed=st.integers(0, 2**16))
+@given(
+    T=st.integers(1, 12),
+    D=st.integers(1, 6),
+    causal=st.booleans(),
+    window=st.one_of(st.none(), st.integers(1, 14)),
+    seed=st.integers(0, 2**16),
+)
 def test_reference_vs_by_definition_and_online(T, D, causal, window, seed):
     rng = np.random.default_rng(seed)
     q, k, v = rng.standard_normal((3, T, D))
@@ -127,6 +128,7 @@ def test_reference_grad_finite_differences(causal, window):
     grads = attention_grad(q, k, v, dout, causal=causal, window=window, scale=0.8, dlse=dlse)
     eps = 1e-6
     for idx, (x, g) in enumerate(zip((q, k, v), grads, strict=True)):
+
         def loss_of(x_, idx=idx):  # L with argument idx (0: q, 1: k, 2: v) replaced by x_
             args = [q, k, v]
             args[idx] = x_
@@ -157,12 +159,12 @@ def test_block_ranges_are_exact(T, bm, bn, causal, window):
     for start_m in range(0, T, bm):
         lo, hi = key_block_range(start_m, bm, bn, T, causal=causal, window=window)
         visited = set(range(lo, hi, bn))
-        needed = {s for s in range(0, T, bn) if mask[start_m:start_m + bm, s:s + bn].any()}
+        needed = {s for s in range(0, T, bn) if mask[start_m : start_m + bm, s : s + bn].any()}
         assert visited == needed, (start_m, sorted(visited), sorted(needed))
     for start_n in range(0, T, bn):
         lo, hi = query_block_range(start_n, bn, bm, T, causal=causal, window=window)
         visited = set(range(lo, hi, bm))
-        needed = {s for s in range(0, T, bm) if mask[s:s + bm, start_n:start_n + bn].any()}
+        needed = {s for s in range(0, T, bm) if mask[s : s + bm, start_n : start_n + bn].any()}
         assert visited == needed, (start_n, sorted(visited), sorted(needed))
 
 
@@ -179,14 +181,14 @@ def test_block_splits_interior_needs_no_mask(T, bm, bn, causal, window):
         assert a <= b <= c <= d and b % bn == 0 == c % bn
         for s in range(b, c, bn):
             rows = slice(start_m, min(start_m + bm, T))  # rows >= T are never stored
-            assert s + bn <= T and mask[rows, s:s + bn].all(), (start_m, s)
+            assert s + bn <= T and mask[rows, s : s + bn].all(), (start_m, s)
     for start_n in range(0, T, bn):
         a, b, c, d = query_block_split(start_n, bn, bm, T, causal=causal, window=window)
         assert (a, d) == query_block_range(start_n, bn, bm, T, causal=causal, window=window)
         assert a <= b <= c <= d and b % bm == 0 == c % bm
         for s in range(b, c, bm):
             cols = slice(start_n, min(start_n + bn, T))  # keys >= T are never stored
-            assert s + bm <= T and mask[s:s + bm, cols].all(), (start_n, s)
+            assert s + bm <= T and mask[s : s + bm, cols].all(), (start_n, s)
 
 
 def test_block_splits_have_interior_blocks():
@@ -203,6 +205,7 @@ def test_sliding_window_cost_is_linear_in_T():
     # the number of (query block, key block) tiles visited grows like T * w, not T^2
     def tiles(T, window):
         return sum(len(range(*key_block_range(s, 64, 64, T, window=window), 64)) for s in range(0, T, 64))
+
     # linear: each extra 4096 rows add the same number of tiles (w/64 + 1 = 5 per query block)
     assert tiles(12288, 256) - tiles(8192, 256) == tiles(8192, 256) - tiles(4096, 256) == 5 * 4096 // 64
     assert tiles(8192, None) > 3.9 * tiles(4096, None)
@@ -219,8 +222,16 @@ def _reference(q, k, v, do, dlse, causal, window, scale):
     qn, kn, vn = (x.detach().double().cpu().numpy() for x in (q, k, v))
     kr, vr = np.repeat(kn, G, axis=1), np.repeat(vn, G, axis=1)
     out, lse = attention(qn, kr, vr, causal=causal, window=window, scale=scale)
-    dq, dk, dv = attention_grad(qn, kr, vr, do.double().cpu().numpy(), causal=causal, window=window,
-                                scale=scale, dlse=None if dlse is None else dlse.double().cpu().numpy())
+    dq, dk, dv = attention_grad(
+        qn,
+        kr,
+        vr,
+        do.double().cpu().numpy(),
+        causal=causal,
+        window=window,
+        scale=scale,
+        dlse=None if dlse is None else dlse.double().cpu().numpy(),
+    )
     dk = dk.reshape(B, -1, G, T, D).sum(2)
     dv = dv.reshape(B, -1, G, T, D).sum(2)
     return out, lse, dq, dk, dv
@@ -264,8 +275,9 @@ def _run(backend, B, Hkv, G, T, D, causal, window, dtype, seed, mag=1.0, scale=N
     dlse = torch.randn(B, Hkv * G, T, generator=gen) if with_lse else None
     qd, kd, vd = (x.clone().to(DEVICE).requires_grad_() for x in (q, k, v))
     if with_lse:
-        out, lse = flash_attention_with_lse(qd, kd, vd, causal=causal, window=window, scale=scale,
-                                            backend=backend)
+        out, lse = flash_attention_with_lse(
+            qd, kd, vd, causal=causal, window=window, scale=scale, backend=backend
+        )
         ((out.float() * do.to(DEVICE).float()).sum() + (lse * dlse.to(DEVICE)).sum()).backward()
     else:
         out = flash_attention(qd, kd, vd, causal=causal, window=window, scale=scale, backend=backend)
@@ -295,10 +307,17 @@ def test_gpu_bf16_two_tokens_dq():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.sampled_from([1, 2, 3]), T=st.integers(1, 300),
-       D=st.sampled_from([16, 20, 32, 64]), causal=st.booleans(),
-       wkind=st.sampled_from(["none", "one", "small", "geT"]), dtype=st.sampled_from(sorted(DTYPES)),
-       seed=st.integers(0, 2**16))
+@given(
+    B=st.integers(1, 2),
+    Hkv=st.integers(1, 2),
+    G=st.sampled_from([1, 2, 3]),
+    T=st.integers(1, 300),
+    D=st.sampled_from([16, 20, 32, 64]),
+    causal=st.booleans(),
+    wkind=st.sampled_from(["none", "one", "small", "geT"]),
+    dtype=st.sampled_from(sorted(DTYPES)),
+    seed=st.integers(0, 2**16),
+)
 @example(B=1, Hkv=1, G=1, T=1, D=16, causal=True, wkind="one", dtype="fp32", seed=0)  # single token
 @example(B=1, Hkv=1, G=1, T=65, D=16, causal=True, wkind="small", dtype="fp32", seed=1)  # 1 row past a block
 @example(B=1, Hkv=2, G=3, T=300, D=20, causal=True, wkind="small", dtype="bf16", seed=2)  # GQA, padded D
@@ -312,8 +331,15 @@ def test_fast_vs_reference(backend, B, Hkv, G, T, D, causal, wkind, dtype, seed)
 _MANY = [(300, 1, 1, 3, True, None), (1, 75, 4, 5, True, 2), (3, 100, 1, 1, False, 1)]
 
 
-@given(B=st.integers(1, 300), Hkv=st.integers(1, 300), G=st.sampled_from([1, 2, 4]), T=st.integers(1, 5),
-       causal=st.booleans(), window=st.sampled_from([None, 1, 2]), seed=st.integers(0, 2**16))
+@given(
+    B=st.integers(1, 300),
+    Hkv=st.integers(1, 300),
+    G=st.sampled_from([1, 2, 4]),
+    T=st.integers(1, 5),
+    causal=st.booleans(),
+    window=st.sampled_from([None, 1, 2]),
+    seed=st.integers(0, 2**16),
+)
 def test_many_batches_and_heads_torch(B, Hkv, G, T, causal, window, seed):
     # B, H in [1, 300] (B*H*G capped at 300 to keep the oracle cheap; T tiny for the same reason)
     Hkv = max(1, min(Hkv, 300 // (B * G)))
@@ -395,9 +421,11 @@ def test_cuda_tiles_under_the_interpreter(monkeypatch, i):
     # Triton versions' tables, the fp32 tile included) on a shape with a partial last block and a window
     import triton
 
-    for kernel, kind in ((attention_module.attention_fwd_kernel, "fwd"),
-                         (attention_module.attention_bwd_dkdv_kernel, "dkdv"),
-                         (attention_module.attention_bwd_dq_kernel, "dq")):
+    for kernel, kind in (
+        (attention_module.attention_fwd_kernel, "fwd"),
+        (attention_module.attention_bwd_dkdv_kernel, "dkdv"),
+        (attention_module.attention_bwd_dq_kernel, "dq"),
+    ):
         tiles = _cuda_tiles(kind)
         m, n = tiles[i % len(tiles)]
         monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4)])
@@ -458,6 +486,7 @@ def test_torch_blocked_chunks(chunk):
 def test_torch_backend_saves_no_more_than_the_eager_formula():
     """Autograd-saved memory (what stays alive from forward to backward) of the out-only torch backend is
     at most the textbook masked softmax's, at the tiny GPT's shape; GQA does not copy kv heads."""
+
     def saved_bytes(fn):
         seen = {}
 
@@ -481,8 +510,12 @@ def test_torch_backend_saves_no_more_than_the_eager_formula():
 
         ours = saved_bytes(lambda window=window: flash_attention(q, k, v, window=window, backend="torch"))
         assert ours <= saved_bytes(eager), window
-        assert_close(flash_attention(q, k, v, window=window, backend="torch"), eager().detach().double(),
-                     dtype=torch.float32, name=f"w={window}")
+        assert_close(
+            flash_attention(q, k, v, window=window, backend="torch"),
+            eager().detach().double(),
+            dtype=torch.float32,
+            name=f"w={window}",
+        )
 
 
 def test_triton_skips_key_blocks_outside_the_window():
@@ -500,8 +533,9 @@ def test_triton_skips_key_blocks_outside_the_window():
     out = flash_attention(qd, kp.to(DEVICE), vp.to(DEVICE), window=w, backend="triton")
     out.backward(do.to(DEVICE))
     ref_out, _ = attention(q.double().numpy(), k.double().numpy(), v.double().numpy(), window=w)
-    dq_ref, _, _ = attention_grad(q.double().numpy(), k.double().numpy(), v.double().numpy(),
-                                  do.double().numpy(), window=w)
+    dq_ref, _, _ = attention_grad(
+        q.double().numpy(), k.double().numpy(), v.double().numpy(), do.double().numpy(), window=w
+    )
     assert_close(out[..., -16:, :], ref_out[..., -16:, :], dtype=torch.float32, name="last rows")
     assert_close(qd.grad[..., -16:, :], dq_ref[..., -16:, :], dtype=torch.float32, name="last dq rows")
     # dk/dv of the first 16 keys: queries beyond 16 + 128 + w + 128 are never visited for them
@@ -511,8 +545,9 @@ def test_triton_skips_key_blocks_outside_the_window():
     dop[:, :, cut_q:] = float("nan")
     kd, vd = k.clone().to(DEVICE).requires_grad_(), v.clone().to(DEVICE).requires_grad_()
     flash_attention(qp.to(DEVICE), kd, vd, window=w, backend="triton").backward(dop.to(DEVICE))
-    _, dk_ref, dv_ref = attention_grad(q.double().numpy(), k.double().numpy(), v.double().numpy(),
-                                       do.double().numpy(), window=w)
+    _, dk_ref, dv_ref = attention_grad(
+        q.double().numpy(), k.double().numpy(), v.double().numpy(), do.double().numpy(), window=w
+    )
     assert_close(kd.grad[..., :16, :], dk_ref[..., :16, :], dtype=torch.float32, name="first dk rows")
     assert_close(vd.grad[..., :16, :], dv_ref[..., :16, :], dtype=torch.float32, name="first dv rows")
 

@@ -1,4 +1,5 @@
 """Smoke test: the attention benchmark runs at its tiny CPU size and returns finite timings."""
+
 import math
 
 from benchmarks import attention as bench

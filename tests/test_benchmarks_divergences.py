@@ -1,4 +1,5 @@
 """Smoke test: benchmarks/divergences.py runs at its quick CPU size and returns rows with finite times."""
+
 import math
 
 import pytest

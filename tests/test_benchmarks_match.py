@@ -1,4 +1,5 @@
 """Smoke test: the MATCH benchmark runs at its tiny CPU size and returns finite timings, ratios and fits."""
+
 import math
 
 from benchmarks import match as bench

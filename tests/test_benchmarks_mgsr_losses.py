@@ -1,4 +1,5 @@
 """Smoke test: the benchmark script runs at its quick CPU size and returns rows with finite times."""
+
 import math
 
 import pytest

@@ -5,9 +5,9 @@ import pathlib
 
 import pytest
 
-from tiny_models.model_io import load_model
 from tiny_models.evaluate import evaluate
 from tiny_models.gpt import GPTConfig
+from tiny_models.model_io import load_model
 from tiny_models.tasks import EVAL_SETS, build_dataset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -2,6 +2,7 @@
 backends against the oracle (forward, d student, d upper, d lower, kept mass, target class) for both
 ``bounds`` modes, every ablation switch, ugly shapes, ties, one-hot / uniform teachers, -inf padding,
 +-1e4 logits and fp16/bf16 inputs; the module with its sub-network; bad input."""
+
 import itertools
 import warnings
 
@@ -33,8 +34,8 @@ def _inputs(seed, N, V, scale=3.0, kind="normal"):
     elif kind == "uniform":
         t[:] = 0.0
     elif kind == "pad":
-        t[:, V - V // 4:] = -np.inf
-        s[:, V - V // 4:] = -np.inf
+        t[:, V - V // 4 :] = -np.inf
+        s[:, V - V // 4 :] = -np.inf
     elif kind == "big":
         t = rng.choice([-1e4, 0.0, 1e4], size=(N, V)) + rng.normal(size=(N, V))
         s = rng.choice([-1e4, 0.0, 1e4], size=(N, V)) + rng.normal(size=(N, V))
@@ -46,9 +47,12 @@ def _inputs(seed, N, V, scale=3.0, kind="normal"):
 
 # ------------------------------------------------------------------------------------ reference (float64)
 
-CFGS = [dict(bounds=b, target=tg, band=bd, normalize=nm, floor=fl)
-        for b, tg, bd, nm, fl in itertools.product(["value", "mass"], [True, False], [True, False],
-                                                    [True, False], [True, False])]
+CFGS = [
+    dict(bounds=b, target=tg, band=bd, normalize=nm, floor=fl)
+    for b, tg, bd, nm, fl in itertools.product(
+        ["value", "mass"], [True, False], [True, False], [True, False], [True, False]
+    )
+]
 
 
 @pytest.mark.parametrize("cfg", CFGS, ids=lambda c: "-".join(f"{k[:3]}={v}" for k, v in c.items()))
@@ -95,8 +99,11 @@ def test_reference_mass_quantile_by_hand():
     # p = [0.5, 0.3, 0.2]: knots (0, .5), (.5, .5), (.8, .3), (1.0, .2)
     p = np.array([[0.2, 0.5, 0.3]])
     valid = np.ones_like(p, bool)
-    for q, want, slope in [(0.25, 0.5, 0.0), (0.65, 0.5 + 0.5 * (0.3 - 0.5), (0.3 - 0.5) / 0.3),
-                           (0.9, 0.3 + 0.5 * (0.2 - 0.3), (0.2 - 0.3) / 0.2)]:
+    for q, want, slope in [
+        (0.25, 0.5, 0.0),
+        (0.65, 0.5 + 0.5 * (0.3 - 0.5), (0.3 - 0.5) / 0.3),
+        (0.9, 0.3 + 0.5 * (0.2 - 0.3), (0.2 - 0.3) / 0.2),
+    ]:
         tau, d = R.mass_quantile(p, valid, np.array([q]))
         assert_close(tau, [want], name=f"tau({q})")
         assert_close(d, [slope], name=f"slope({q})")
@@ -113,9 +120,11 @@ def test_reference_mlp_backward_matches_finite_differences():
     assert np.all((0 <= lo) & (lo < up) & (up <= 1))
     grads = R.mlp_bounds_backward(params, cache, cu, cl)
     for name, val in params.items():
+
         def f(v, name=name):
             u_, l_, _ = R.mlp_bounds({**params, name: v}, x)
             return float(np.sum(cu * u_ + cl * l_))
+
         assert_close(grads[name], central_difference(f, val), dtype="float32", name=name)
 
 
@@ -131,10 +140,12 @@ def test_reference_end_to_end_chain():
     def f(W2):
         u_, l_, _ = R.mlp_bounds({**params, "W2": W2}, x)
         return float(np.sum(g * R.dac_kl(t, s, u_, l_)))
+
     assert_close(gW, central_difference(f, params["W2"]), dtype="float32", name="dL/dW2")
 
 
 # ------------------------------------------------------------------------------ fast backends vs oracle
+
 
 def _level_envelope(tr, sr, ur, lr, g, cfg):
     """How much the oracle's loss, kept mass and d student move when the two levels (and the teacher
@@ -175,8 +186,10 @@ def _weight_rounding(ref, cfg):
     if not cfg.get("band", True):
         return np.zeros_like(ref["p"])
     eps2b = 2 * np.finfo(np.float32).eps * ref["beta"][:, None]
-    return eps2b * (R.sigmoid(-ref["z1"]) * (ref["p"] + ref["tau_lo"][:, None])
-                    + R.sigmoid(-ref["z2"]) * (ref["p"] + ref["tau_hi"][:, None]))
+    return eps2b * (
+        R.sigmoid(-ref["z1"]) * (ref["p"] + ref["tau_lo"][:, None])
+        + R.sigmoid(-ref["z2"]) * (ref["p"] + ref["tau_hi"][:, None])
+    )
 
 
 def _close(actual, expected, dtype, name, scale=1.0, terms=None, slack=0.0):
@@ -236,8 +249,14 @@ def _run_fast(t, s, u, l, g, backend, dtype=torch.float32, **cfg):
         # row with A ~ B was 1e-4 off relatively on a 5e-4 gradient)
         terms = w * (q_ + p_) + (A + B) * q_
         w_slack = rel_w * w * np.abs(q_ - p_) + q_ * np.sum(rel_w * w * (p_ + q_), -1)[:, None]
-    _close(S.grad, rds, dtype, f"d student {name}", terms=terms * np.abs(g)[:, None],
-           slack=env_ds + w_slack * np.abs(g)[:, None])
+    _close(
+        S.grad,
+        rds,
+        dtype,
+        f"d student {name}",
+        terms=terms * np.abs(g)[:, None],
+        slack=env_ds + w_slack * np.abs(g)[:, None],
+    )
     _close_bound_grad(U.grad, rdu, mag_u, dtype, f"d upper {name}", env_du)
     _close_bound_grad(L.grad, rdl, mag_l, dtype, f"d lower {name}", env_dl)
 
@@ -277,9 +296,14 @@ def test_torch_backend_float64_is_the_same_formula(cfg):
     assert_close(L.grad, rdl, name="dl")
 
 
-FAST_CFGS = [dict(bounds="value"), dict(bounds="mass"), dict(bounds="value", normalize=False),
-             dict(bounds="mass", target=False), dict(bounds="value", band=False),
-             dict(bounds="mass", floor=False, normalize=False)]
+FAST_CFGS = [
+    dict(bounds="value"),
+    dict(bounds="mass"),
+    dict(bounds="value", normalize=False),
+    dict(bounds="mass", target=False),
+    dict(bounds="value", band=False),
+    dict(bounds="mass", floor=False, normalize=False),
+]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -345,10 +369,12 @@ def test_triton_value_select_on_tied_and_signed_zero_logits():
     # levels in fp32, as the kernel reads them; rank / (n - 1) is exact (n - 1 a power of two), so the oracle
     # and the kernel agree on which order statistics a level falls between
     a, b = np.array([999, 523, 1005, 400, 950]), np.array([7, 477, 499, 12, 100])
-    for u, l in ((rng.uniform(0.6, 0.97, N), rng.uniform(0.05, 0.5, N)),  # anywhere
-                 (a / (n - 1), b / (n - 1)),  # at order statistics
-                 ((a + 0.5) / (n - 1), (b + 0.5) / (n - 1)),  # half way to the next one
-                 (np.ones(N), np.zeros(N))):  # the maximum (its own neighbour) and the minimum
+    for u, l in (
+        (rng.uniform(0.6, 0.97, N), rng.uniform(0.05, 0.5, N)),  # anywhere
+        (a / (n - 1), b / (n - 1)),  # at order statistics
+        ((a + 0.5) / (n - 1), (b + 0.5) / (n - 1)),  # half way to the next one
+        (np.ones(N), np.zeros(N)),
+    ):  # the maximum (its own neighbour) and the minimum
         u, l = u.astype(np.float32).astype(np.float64), l.astype(np.float32).astype(np.float64)
         T, S = torch.tensor(t, dtype=torch.float32), torch.tensor(s, dtype=torch.float32)
         loss, _, _ = dac_kl(T, S.requires_grad_(), torch.tensor(u), torch.tensor(l), backend="triton")
@@ -363,8 +389,14 @@ def test_triton_value_select_on_tied_and_signed_zero_logits():
 
 
 @settings(max_examples=examples(10))
-@given(N=st.integers(1, 5), V=st.integers(2, 300), seed=st.integers(0, 2**16),
-       bounds=st.sampled_from(["value", "mass"]), target=st.booleans(), normalize=st.booleans())
+@given(
+    N=st.integers(1, 5),
+    V=st.integers(2, 300),
+    seed=st.integers(0, 2**16),
+    bounds=st.sampled_from(["value", "mass"]),
+    target=st.booleans(),
+    normalize=st.booleans(),
+)
 @example(N=1, V=2, seed=0, bounds="value", target=True, normalize=True)
 @example(N=1, V=2, seed=0, bounds="mass", target=False, normalize=True)
 @example(N=3, V=257, seed=1, bounds="mass", target=True, normalize=False)
@@ -378,8 +410,12 @@ def test_torch_backend_property(N, V, seed, bounds, target, normalize):
 
 
 @settings(max_examples=examples(3))
-@given(N=st.integers(1, 3), V=st.integers(2, 200), seed=st.integers(0, 2**16),
-       bounds=st.sampled_from(["value", "mass"]))
+@given(
+    N=st.integers(1, 3),
+    V=st.integers(2, 200),
+    seed=st.integers(0, 2**16),
+    bounds=st.sampled_from(["value", "mass"]),
+)
 @example(N=1, V=3, seed=2, bounds="mass")
 @example(N=1, V=2, seed=809, bounds="mass")  # fuzzing: a kept mass of 1.3e-30 in a sigmoid tail
 @example(N=1, V=2, seed=228, bounds="mass")  # fuzzing: a cancelling d student
@@ -394,9 +430,13 @@ def test_triton_matches_torch_backend_gradient_reduction():
     outs = []
     for be in ("torch", "triton"):
         S = torch.tensor(s, dtype=torch.float32, device=DEVICE, requires_grad=True)
-        loss, _, _ = dac_kl(torch.tensor(t, dtype=torch.float32, device=DEVICE), S,
-                            torch.tensor(u, dtype=torch.float32, device=DEVICE),
-                            torch.tensor(l, dtype=torch.float32, device=DEVICE), backend=be)
+        loss, _, _ = dac_kl(
+            torch.tensor(t, dtype=torch.float32, device=DEVICE),
+            S,
+            torch.tensor(u, dtype=torch.float32, device=DEVICE),
+            torch.tensor(l, dtype=torch.float32, device=DEVICE),
+            backend=be,
+        )
         loss.sum().backward()
         outs.append((loss.detach(), S.grad))
     assert_close(outs[1][0], outs[0][0].double(), dtype=torch.float32, name="loss")
@@ -405,15 +445,21 @@ def test_triton_matches_torch_backend_gradient_reduction():
 
 # ------------------------------------------------------------------------------------------- the module
 
+
 def test_module_matches_reference_mlp_and_trains_bounds():
     gen = torch.Generator().manual_seed(0)
     mod = DACKL(k=8, hidden=16, generator=gen, backend="torch").double()
     t, s, _, _, _ = _inputs(10, 6, 40)
     T = torch.tensor(t, dtype=torch.float64)
     S = torch.tensor(s, dtype=torch.float64, requires_grad=True)
-    params = {"W1": mod.mlp[0].weight.detach().T.numpy(), "b1": mod.mlp[0].bias.detach().numpy(),
-              "W2": mod.mlp[2].weight.detach().T.numpy(), "b2": mod.mlp[2].bias.detach().numpy(),
-              "W3": mod.mlp[4].weight.detach().T.numpy(), "b3": mod.mlp[4].bias.detach().numpy()}
+    params = {
+        "W1": mod.mlp[0].weight.detach().T.numpy(),
+        "b1": mod.mlp[0].bias.detach().numpy(),
+        "W2": mod.mlp[2].weight.detach().T.numpy(),
+        "b2": mod.mlp[2].bias.detach().numpy(),
+        "W3": mod.mlp[4].weight.detach().T.numpy(),
+        "b3": mod.mlp[4].bias.detach().numpy(),
+    }
     x = R.features(t, 8)
     assert_close(teacher_features(T, 8), x, dtype=torch.float32, name="features")  # features are fp32
     up, lo, cache = R.mlp_bounds(params, x)
@@ -454,6 +500,7 @@ def test_kept_mass_floor_keeps_the_band_open():
 
 
 # ------------------------------------------------------------------------------------------- bad input
+
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bad_input(backend):
@@ -512,9 +559,14 @@ def test_module_features_and_bounds_with_a_padded_vocabulary():
     x = R.features(t, 8)
     assert np.isfinite(x).all()
     assert_close(teacher_features(T, 8), x, dtype=torch.float32, name="features, padded vocabulary")
-    params = {"W1": mod.mlp[0].weight.detach().T.numpy(), "b1": mod.mlp[0].bias.detach().numpy(),
-              "W2": mod.mlp[2].weight.detach().T.numpy(), "b2": mod.mlp[2].bias.detach().numpy(),
-              "W3": mod.mlp[4].weight.detach().T.numpy(), "b3": mod.mlp[4].bias.detach().numpy()}
+    params = {
+        "W1": mod.mlp[0].weight.detach().T.numpy(),
+        "b1": mod.mlp[0].bias.detach().numpy(),
+        "W2": mod.mlp[2].weight.detach().T.numpy(),
+        "b2": mod.mlp[2].bias.detach().numpy(),
+        "W3": mod.mlp[4].weight.detach().T.numpy(),
+        "b3": mod.mlp[4].bias.detach().numpy(),
+    }
     up, lo, _ = R.mlp_bounds(params, x)
     loss, info = mod(T, S)
     assert_close(info["upper"], up, dtype=torch.float32, name="upper, padded vocabulary")

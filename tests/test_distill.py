@@ -1,4 +1,5 @@
-"""fast/training/distill.py and methods.py (through tiny_models/distill.py): every registry method trains, recipes use the sequences they say, exact resume, DDP equals
+"""fast/training/distill.py and methods.py (through tiny_models/distill.py): every registry method
+trains, recipes use the sequences they say, exact resume, DDP equals
 one process, bad input, transformers interop, the DAC-KL bounds optimiser state round-trips."""
 
 import dataclasses
@@ -14,23 +15,40 @@ import torch
 import fast.training.methods as methods
 import tiny_models.distill as distill
 from tiny_models.distill import BASELINES, DistillConfig, Distiller, read_log, resolve, train
-from tiny_models.model_io import save_model
 from tiny_models.gpt import EOS, GPT, GPTConfig
+from tiny_models.model_io import save_model
 from tiny_models.tasks import IGNORE, build_dataset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY = dict(n_per_family=30, block_size=96, max_new_tokens=6, batch_size=3, steps=6, eval_every=0,
-            eval_examples=4, progress=False, threads=1, device="cpu", backend="torch", dac_k=8, dac_hidden=16,
-            lr=1e-2, min_lr=1e-2)
+TINY = dict(
+    n_per_family=30,
+    block_size=96,
+    max_new_tokens=6,
+    batch_size=3,
+    steps=6,
+    eval_every=0,
+    eval_examples=4,
+    progress=False,
+    threads=1,
+    device="cpu",
+    backend="torch",
+    dac_k=8,
+    dac_hidden=16,
+    lr=1e-2,
+    min_lr=1e-2,
+)
 
 
 def _models(seed=0, v_student=None):
     torch.manual_seed(seed)
     t = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=96))
-    s = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=96, **({"vocab_size": v_student}
-                                                                         if v_student else {})))
+    s = GPT(
+        GPTConfig(
+            n_layer=1, n_head=2, n_embd=16, block_size=96, **({"vocab_size": v_student} if v_student else {})
+        )
+    )
     return t, s
 
 
@@ -49,8 +67,15 @@ def test_registry_has_every_method_and_ablation():
     assert resolve(_cfg("mgsr-no-dackl")).token_loss == "forward_kl"
     assert resolve(_cfg("mgsr-no-span")).w_span == 0
     assert [resolve(_cfg(f"mgsr-scrg{f}")).scrg_frequency for f in (0, 1, 3, 5)] == [0, 1, 3, 5]
-    divs = {"forward_kl", "reverse_kl", "symmetric_kl", "js_divergence", "tv_distance", "skew_forward_kl",
-            "skew_reverse_kl"}
+    divs = {
+        "forward_kl",
+        "reverse_kl",
+        "symmetric_kl",
+        "js_divergence",
+        "tv_distance",
+        "skew_forward_kl",
+        "skew_reverse_kl",
+    }
     assert {resolve(_cfg(f"mgsr-{n}")).token_loss for n in divs} == divs
     assert "| mgsr | " in distill.describe()
 
@@ -94,8 +119,9 @@ def _responses(seqs):  # the label tokens of each row (response + EOS when it en
     return [[v for v in lab if v != IGNORE] for _, lab in seqs]
 
 
-@pytest.mark.parametrize("method, who", [("seqkd", "teacher"), ("imitkd", "student"), ("kd", None),
-                                         ("sft", None), ("rkl", None)])
+@pytest.mark.parametrize(
+    "method, who", [("seqkd", "teacher"), ("imitkd", "student"), ("kd", None), ("sft", None), ("rkl", None)]
+)
 def test_recipes_train_on_the_sequences_they_name(method, who, examples, monkeypatch):
     t, s = _models()
     spy = _Spy(monkeypatch)
@@ -104,7 +130,7 @@ def test_recipes_train_on_the_sequences_they_name(method, who, examples, monkeyp
     if who is None:
         assert spy.calls == [] and plan.seqs is None and plan.source == "gt"
         return
-    (model, _, (resp, ended)), = spy.calls
+    ((model, _, (resp, ended)),) = spy.calls
     assert model is {"teacher": t, "student": s}[who]
     assert _responses(plan.seqs) == [r + ([EOS] if e else []) for r, e in zip(resp, ended, strict=True)]
     assert plan.gt[0][0][: len(plan.seqs[0][0]) - len(resp[0]) - ended[0]]  # same prompt prefix
@@ -134,9 +160,9 @@ def test_mgsr_loss_is_the_weighted_sum_of_its_terms_by_hand(examples):
     batch), recomputed here in float64 from the logits with the NumPy span oracle."""
     import numpy as np
 
+    from fast.testing import assert_close
     from fast.training.lm import logits_of
     from fast.training.methods import response_spans
-    from fast.testing import assert_close
     from reference.span import pair_distances
     from tiny_models.tasks import collate
 
@@ -183,8 +209,8 @@ def test_mgsr_revises_fresh_samples_with_scrg_before_the_buffer(examples, monkey
     monkeypatch.setattr(fast.scrg, "scrg", scrg_spy)
     d = Distiller(_cfg("mgsr-scrg3"), t, s)
     plan = d.plan(1, examples)
-    (resp_in, teacher, student, kw, (revised, positions)), = calls
-    (_, _, (resp, ended)), = spy.calls
+    ((resp_in, teacher, student, kw, (revised, positions)),) = calls
+    ((_, _, (resp, ended)),) = spy.calls
     assert teacher is t and student is s and kw["frequency"] == 3
     assert resp_in == [r + ([EOS] if e else []) for r, e in zip(resp, ended, strict=True)]  # the raw samples
     assert _responses(plan.seqs) == [list(r) for r in revised] and list(d.buffer) == plan.seqs
@@ -213,11 +239,13 @@ def test_kill_and_resume_reproduces_the_run(tmp_path):
     keys = ("step", "loss", "source", "val_loss", "threshold")
     strip = lambda recs: [{k: r.get(k) for k in keys} for r in recs]
     assert strip(read_log(tmp_path / "cut")) == strip(read_log(tmp_path / "full"))  # bit for bit
-    for (k, a), (_, b) in zip(full["model"].state_dict().items(), rest["model"].state_dict().items(),
-                              strict=True):
+    for (k, a), (_, b) in zip(
+        full["model"].state_dict().items(), rest["model"].state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), k
-    for (k, a), (_, b) in zip(full["distiller"].dac.state_dict().items(),
-                              rest["distiller"].dac.state_dict().items(), strict=True):
+    for (k, a), (_, b) in zip(
+        full["distiller"].dac.state_dict().items(), rest["distiller"].dac.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), k
     assert os.path.exists(tmp_path / "full" / "best.safetensors")
 
@@ -262,8 +290,11 @@ def test_bad_input_raises_value_error_naming_it(examples, tmp_path):
 def test_gpt2_interop_one_mgsr_step_and_scrg(examples):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    mk = lambda d: transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=259, n_positions=128, n_embd=d, n_layer=1, n_head=2, bos_token_id=256, eos_token_id=257))
+    mk = lambda d: transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=259, n_positions=128, n_embd=d, n_layer=1, n_head=2, bos_token_id=256, eos_token_id=257
+        )
+    )
     t, s = mk(32).eval(), mk(16)
     d = Distiller(_cfg("mgsr", max_new_tokens=4), t, s)  # SCRG on fresh samples (threshold 1)
     before = [p.detach().clone() for p in s.parameters()]
@@ -279,9 +310,22 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     cfg = _cfg("kd", out_dir=str(tmp_path / "ddp"), batch_size=2, steps=3, ckpt_every=3, lr=3e-3, **f)
     args = [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items() if v is not None]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", "-m", "tiny_models.distill", *args], env=env,
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "tiny_models.distill",
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = [r["loss"] for r in read_log(tmp_path / "ddp")]
     one = train(dataclasses.replace(cfg, out_dir=str(tmp_path / "one"), batch_size=4))
@@ -297,9 +341,25 @@ def test_grid_quick_runs_skips_finished_runs_and_writes_tables(tmp_path):
     from tiny_models import distill_grid
 
     f = _files(tmp_path)
-    argv = ["--quick", "--no_progress", "--methods", "sft", "kd", "--runs", str(tmp_path / "runs"),
-            "--results", str(tmp_path / "res"), "--teacher", f["teacher"], "--student", f["student"],
-            "--set", "max_new_tokens=4", "--set", "n_per_family=20"]
+    argv = [
+        "--quick",
+        "--no_progress",
+        "--methods",
+        "sft",
+        "kd",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--results",
+        str(tmp_path / "res"),
+        "--teacher",
+        f["teacher"],
+        "--student",
+        f["student"],
+        "--set",
+        "max_new_tokens=4",
+        "--set",
+        "n_per_family=20",
+    ]
     distill_grid.main(argv)
     res = json.loads((tmp_path / "res" / "results.json").read_text())
     assert set(res["summary"]) == {"teacher", "student (init)", "sft", "kd"}
@@ -312,8 +372,11 @@ def test_grid_quick_runs_skips_finished_runs_and_writes_tables(tmp_path):
     distill_grid.main([*argv, "--summarise_only", "--export_students", "kd"])  # checkpoint + model card
     card = json.loads((tmp_path / "res" / "students" / "kd.json").read_text())
     run = json.loads(done.read_text())
-    assert card["method"] == "kd" and card["training_seed"] == 1 and card["this_seed"]["greedy"]["test"][
-        "rougeL"] == run["greedy"]["test"]["rougeL"]
+    assert (
+        card["method"] == "kd"
+        and card["training_seed"] == 1
+        and card["this_seed"]["greedy"]["test"]["rougeL"] == run["greedy"]["test"]["rougeL"]
+    )
     assert "--export_students" not in card["command"] and "--quick" in card["command"]
     from tiny_models.model_io import load_model
 

@@ -1,5 +1,6 @@
 """The NumPy oracle ``reference/divergences.py``: gradients by finite differences, each written-down
 convention with a hand-computed case, a by-the-definition second oracle, and the properties."""
+
 import math
 
 import numpy as np
@@ -81,8 +82,9 @@ def test_convention_no_temperature_squared_factor():
         assert_close(g(t, s, temperature=2.0), g(t / 2.0, s / 2.0) / 2.0, name=name)
     # hand-computed: t = [2 ln 3, 0], s = 0, τ = 2 -> p = [3/4, 1/4], q = uniform
     kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
-    assert R.forward_kl(np.array([[2 * math.log(3), 0.0]]), np.zeros((1, 2)), temperature=2.0)[0] == \
-        pytest.approx(kl, abs=1e-14)
+    assert R.forward_kl(np.array([[2 * math.log(3), 0.0]]), np.zeros((1, 2)), temperature=2.0)[
+        0
+    ] == pytest.approx(kl, abs=1e-14)
 
 
 @pytest.mark.parametrize("name,params", CASES, ids=CASE_IDS)
@@ -100,10 +102,18 @@ def test_convention_padded_entries_are_absent(name, params):
     assert_close(gp[:, :6], g(t, s, **params), atol=1e-14, rms=rms, name=name)
 
 
-@pytest.mark.parametrize("bad,match", [
-    ("nan", "NaN"), ("posinf", r"\+inf"), ("mismatch", "same positions"), ("all_ninf", "everywhere"),
-    ("shape", "same shape"), ("temperature", "temperature"), ("param", "in \\[0, 1\\]"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ("nan", "NaN"),
+        ("posinf", r"\+inf"),
+        ("mismatch", "same positions"),
+        ("all_ninf", "everywhere"),
+        ("shape", "same shape"),
+        ("temperature", "temperature"),
+        ("param", "in \\[0, 1\\]"),
+    ],
+)
 def test_reference_bad_input_raises(bad, match):
     t, s = np.zeros((2, 4)), np.zeros((2, 4))
     kw = {}
@@ -219,8 +229,9 @@ def test_property_nonnegative_and_zero_at_equality(ts, tau, w):
         # against zero only the elementwise bound means anything (rms=inf)
         assert_close(f(t, t, temperature=tau, **kw), np.zeros(t.shape[0]), atol=1e-12, rms=np.inf, name=name)
         # p = q also when the logits differ by a per-row constant (softmax shift invariance)
-        assert_close(f(t, t + 3.0, temperature=tau, **kw), np.zeros(t.shape[0]), atol=1e-10, rms=np.inf,
-                     name=name)
+        assert_close(
+            f(t, t + 3.0, temperature=tau, **kw), np.zeros(t.shape[0]), atol=1e-10, rms=np.inf, name=name
+        )
     assert np.all(R.tv_distance(t, s) <= 1 + 1e-12)
 
 
@@ -228,10 +239,22 @@ def test_property_nonnegative_and_zero_at_equality(ts, tau, w):
 def test_property_jsd_symmetry(ts, beta):
     t, s = ts
     # values can be ~1e-25 (β near 0 or 1): the elementwise bound decides (rms=inf)
-    assert_close(R.js_divergence(t, s, beta=beta), R.js_divergence(s, t, beta=1 - beta),
-                 atol=1e-12, rtol=1e-9, rms=np.inf, name="JSD(β)(p,q) vs JSD(1-β)(q,p)")
-    assert_close(R.js_divergence(t, s, beta=0.5), R.js_divergence(s, t, beta=0.5),
-                 atol=1e-12, rtol=1e-9, rms=np.inf, name="JSD(½) symmetric")
+    assert_close(
+        R.js_divergence(t, s, beta=beta),
+        R.js_divergence(s, t, beta=1 - beta),
+        atol=1e-12,
+        rtol=1e-9,
+        rms=np.inf,
+        name="JSD(β)(p,q) vs JSD(1-β)(q,p)",
+    )
+    assert_close(
+        R.js_divergence(t, s, beta=0.5),
+        R.js_divergence(s, t, beta=0.5),
+        atol=1e-12,
+        rtol=1e-9,
+        rms=np.inf,
+        name="JSD(½) symmetric",
+    )
 
 
 @given(_rows(max_v=30, scales=(0.1, 1.0, 2.0)))

@@ -1,6 +1,7 @@
 """``fast.divergences``: the torch backend and the Triton kernels (interpreted on CPU, compiled on a GPU)
 against the NumPy oracle ``reference/divergences.py``: loss and gradient, every reduction, masks,
 ``grad_output != 1``, dtypes, bad input, and hypothesis over shapes that straddle the block size."""
+
 import math
 
 import numpy as np
@@ -19,8 +20,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.i
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = list(R.DIVERGENCES)
 BACKENDS = ["torch", "triton"]
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 def test_registry_has_the_reference_keys():
@@ -66,8 +71,20 @@ def _rms_bound(rms_tol, floor_rms, expected):
     return np.inf if e == 0.0 else rms_tol + floor_rms / e
 
 
-def _check(name, backend, t64, s64, *, dtype="float32", tau=1.0, params=None, keep=None, reduction="none",
-           block_v=None, go_seed=0):
+def _check(
+    name,
+    backend,
+    t64,
+    s64,
+    *,
+    dtype="float32",
+    tau=1.0,
+    params=None,
+    keep=None,
+    reduction="none",
+    block_v=None,
+    go_seed=0,
+):
     """Run fast vs oracle. ``t64, s64`` [*lead, V] float64; ``keep`` [*lead] bool or None."""
     params = params or {}
     dt = DTYPES[dtype]
@@ -76,8 +93,17 @@ def _check(name, backend, t64, s64, *, dtype="float32", tau=1.0, params=None, ke
     # the oracle sees the inputs as rounded to the fast path's dtype
     tr, sr = tt.double().cpu().numpy(), st_.detach().double().cpu().numpy()
     mask = None if keep is None else torch.tensor(keep, device=DEVICE)
-    out = F.divergence(name, tt, st_, mask=mask, reduction=reduction, temperature=tau, backend=backend,
-                       block_v=block_v, **params)
+    out = F.divergence(
+        name,
+        tt,
+        st_,
+        mask=mask,
+        reduction=reduction,
+        temperature=tau,
+        backend=backend,
+        block_v=block_v,
+        **params,
+    )
     f, g = R.DIVERGENCES[name]
     kept = np.ones(tr.shape[:-1], bool) if keep is None else np.asarray(keep, bool)
     rows = np.zeros(tr.shape[:-1])
@@ -219,8 +245,14 @@ def test_all_masked_batch_is_zero_not_nan(reduction, backend):
     t = torch.randn(3, 5, 11, device=DEVICE)
     t[0, 0] = float("nan")  # masked rows are never looked at
     s = torch.randn(3, 5, 11, device=DEVICE, requires_grad=True)
-    loss = F.divergence("reverse_kl", t, s, mask=torch.zeros(3, 5, dtype=torch.bool, device=DEVICE),
-                        reduction=reduction, backend=backend)
+    loss = F.divergence(
+        "reverse_kl",
+        t,
+        s,
+        mask=torch.zeros(3, 5, dtype=torch.bool, device=DEVICE),
+        reduction=reduction,
+        backend=backend,
+    )
     loss.sum().backward()
     assert torch.all(loss == 0)
     assert torch.all(s.grad == 0)
@@ -228,12 +260,24 @@ def test_all_masked_batch_is_zero_not_nan(reduction, backend):
 
 # ---- bad input --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("bad,match", [
-    ("shape", "same shape"), ("nan", "NaN"), ("posinf", r"\+inf"), ("mismatch", "only one of"),
-    ("all_ninf", "everywhere"), ("name", "unknown divergence"), ("param", r"in \[0, 1\]"),
-    ("param_name", "takes parameters"), ("reduction", "reduction"), ("temperature", "temperature"),
-    ("mask_shape", "mask must be"), ("int", "float tensor"), ("block", "power of two"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ("shape", "same shape"),
+        ("nan", "NaN"),
+        ("posinf", r"\+inf"),
+        ("mismatch", "only one of"),
+        ("all_ninf", "everywhere"),
+        ("name", "unknown divergence"),
+        ("param", r"in \[0, 1\]"),
+        ("param_name", "takes parameters"),
+        ("reduction", "reduction"),
+        ("temperature", "temperature"),
+        ("mask_shape", "mask must be"),
+        ("int", "float tensor"),
+        ("block", "power of two"),
+    ],
+)
 def test_bad_input_raises_value_error(bad, match, backend):
     t = torch.randn(4, 9, device=DEVICE)
     s = torch.randn(4, 9, device=DEVICE)
@@ -305,12 +349,33 @@ def _run_problem(pb, backend):
     t, s = _make(rng, (pb["n"],), pb["v"], scale=scale, n_pad=pb["n_pad"], near=pb["near"])
     keep = rng.random(pb["n"]) < pb["keep_p"]
     params = {k: pb["w"] for k in R.PARAMS[pb["name"]]}
-    _check(pb["name"], backend, t, s, dtype=pb["dtype"], tau=pb["tau"], params=params, keep=keep,
-           reduction=pb["reduction"], go_seed=pb["seed"])
+    _check(
+        pb["name"],
+        backend,
+        t,
+        s,
+        dtype=pb["dtype"],
+        tau=pb["tau"],
+        params=params,
+        keep=keep,
+        reduction=pb["reduction"],
+        go_seed=pb["seed"],
+    )
 
 
-_EX = dict(name="js_divergence", n=3, scale=1e4, n_pad=1, near=False, tau=0.5, w=0.5, reduction="none",
-           dtype="float32", keep_p=1.0, seed=0)
+_EX = dict(
+    name="js_divergence",
+    n=3,
+    scale=1e4,
+    n_pad=1,
+    near=False,
+    tau=0.5,
+    w=0.5,
+    reduction="none",
+    dtype="float32",
+    keep_p=1.0,
+    seed=0,
+)
 
 
 @given(_problem())

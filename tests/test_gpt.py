@@ -172,7 +172,7 @@ def test_generated_tokens_take_the_next_rope_positions(use_cache, monkeypatch):
             n = len(prompt)
             assert pos[b, -1].item() == n - 1 + step, (step, b, pos[b].tolist())
             if not use_cache or step == 0:
-                assert pos[b, L - n:].tolist() == list(range(n + step)), (step, b, pos[b].tolist())
+                assert pos[b, L - n :].tolist() == list(range(n + step)), (step, b, pos[b].tolist())
 
 
 def test_eos_stops_each_row():

@@ -1,6 +1,7 @@
 """`make gpu-check` can only really run on a GPU; this checks its plumbing on CPU: it refuses to run
 without CUDA, and (with the test-only override) runs pytest + the benchmark runner and writes a report
 whose summary reflects what pytest said."""
+
 import os
 import pathlib
 import subprocess
@@ -16,8 +17,9 @@ SCRIPT = ROOT / "scripts" / "gpu_check.py"
 def _run(tmp_path, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_")}
     env.update(OUT=str(tmp_path), **extra)
-    return subprocess.run([sys.executable, str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 # on a GPU machine these would only re-run the real check from inside itself
@@ -30,8 +32,12 @@ def test_refuses_without_cuda(tmp_path):
 
 
 def test_plumbing_writes_a_report(tmp_path):
-    p = _run(tmp_path, GPU_CHECK_ALLOW_CPU="1", GPU_CHECK_PYTEST_ARGS="tests/test_tolerances.py",
-             GPU_CHECK_BENCH_ARGS="--only attention")
+    p = _run(
+        tmp_path,
+        GPU_CHECK_ALLOW_CPU="1",
+        GPU_CHECK_PYTEST_ARGS="tests/test_tolerances.py",
+        GPU_CHECK_BENCH_ARGS="--only attention",
+    )
     report = (tmp_path / "gpu_report.md").read_text()
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "## Tests (compiled kernels), rc=0" in report
@@ -43,10 +49,16 @@ def test_plumbing_writes_a_report(tmp_path):
 
 def test_report_lists_failures_and_skips(tmp_path):
     planted = tmp_path / "test_planted.py"
-    planted.write_text("import pytest\n\n\ndef test_planted_failure():\n    assert 1 == 2\n\n\n"
-                       "@pytest.mark.skip(reason='planted skip')\ndef test_planted_skip():\n    pass\n")
-    p = _run(tmp_path, GPU_CHECK_ALLOW_CPU="1", GPU_CHECK_PYTEST_ARGS=str(planted),
-             GPU_CHECK_BENCH_ARGS="--only attention")
+    planted.write_text(
+        "import pytest\n\n\ndef test_planted_failure():\n    assert 1 == 2\n\n\n"
+        "@pytest.mark.skip(reason='planted skip')\ndef test_planted_skip():\n    pass\n"
+    )
+    p = _run(
+        tmp_path,
+        GPU_CHECK_ALLOW_CPU="1",
+        GPU_CHECK_PYTEST_ARGS=str(planted),
+        GPU_CHECK_BENCH_ARGS="--only attention",
+    )
     assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
     tests_part = (tmp_path / "gpu_report.md").read_text().split("## Benchmarks")[0]
     assert "## Tests (compiled kernels), rc=1" in tests_part

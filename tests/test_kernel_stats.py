@@ -1,4 +1,5 @@
-"""fast.devtools.kernel_stats: SASS loop detection on a hand-written listing, and on real sm_90a compiles of toy
+"""fast.devtools.kernel_stats: SASS loop detection on a hand-written listing, and on real sm_90a compiles of
+toy
 kernels (a lean loop, the same loop bloated with extra math, a kernel that must spill registers)."""
 
 import json
@@ -39,12 +40,24 @@ def test_loops_from_back_edges():
     assert (outer.sass, outer.ldg, outer.stg, outer.bar) == (7, 1, 1, 1)
     # the `BRA self` trap after EXIT is not a loop; forward branches neither
     assert find_loops(parse_sass("        /*0000*/  BRA 0x0;\n        /*0010*/  @P0 BRA 0x30 ;\n")) == []
-    table = markdown([dict(kernel="k", dtype="bf16", config="BLOCK=16", registers=32, spill_bytes=0,
-                           smem_bytes=0, warnings=[], loops=[inner.record(), outer.record()])])
+    table = markdown(
+        [
+            dict(
+                kernel="k",
+                dtype="bf16",
+                config="BLOCK=16",
+                registers=32,
+                spill_bytes=0,
+                smem_bytes=0,
+                warnings=[],
+                loops=[inner.record(), outer.record()],
+            )
+        ]
+    )
     assert "| k | bf16 | BLOCK=16 | 32 | 0 | 0 | - | 3 (1 / 1 / 0 / 0 / 0 / 0 / 0) |" in table
 
 
-TOYS = textwrap.dedent('''
+TOYS = textwrap.dedent("""
     import json, sys
     import torch, triton, triton.language as tl
     from fast.devtools.compile_check import CompileLog, compile_instead_of_launch
@@ -83,13 +96,14 @@ TOYS = textwrap.dedent('''
         spill_kernel[(1,)](x, y, 2, R=32, C=256, num_warps=1)
     assert not log.failures, log.failures
     print("JSON" + json.dumps(stats_for(log.compiled, toolchain())))
-''')
+""")
 
 
 def test_rewrite_keeps_hand_kept_sections():
     # --md rewrites the generated sections and carries the others (another Triton's numbers, notes) over
     old = report([], None, "python -m fast.devtools.kernel_stats") + (
-        "## Under triton 3.6.0\n\n| a | b |\n\n## Loss kernels: passes\n\ntext\n")
+        "## Under triton 3.6.0\n\n| a | b |\n\n## Loss kernels: passes\n\ntext\n"
+    )
     kept = kept_sections(old)
     assert kept == "## Under triton 3.6.0\n\n| a | b |\n\n## Loss kernels: passes\n\ntext\n"
     assert "## Summary" not in kept and "## After" not in kept and "# Static" not in kept
@@ -105,8 +119,14 @@ def test_toy_kernels(tmp_path):
     env["TRITON_INTERPRET"] = "0"  # compile, do not interpret (importing fast sets 1 without CUDA)
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     env["PYTHONPATH"] = str(ROOT)
-    p = subprocess.run([sys.executable, str(tmp_path / "toys.py")], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, str(tmp_path / "toys.py")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     recs = {r["kernel"]: r for r in json.loads(p.stdout.split("JSON", 1)[1])}
     lean, bloated, spill = recs["lean_kernel"], recs["bloated_kernel"], recs["spill_kernel"]

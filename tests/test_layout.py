@@ -46,10 +46,25 @@ def test_imports_run_one_way(package):
 
 
 def test_the_oracle_is_numpy_only():
-    allowed = {"numpy", "math", "dataclasses", "typing", "__future__", "itertools", "functools", "collections",
-               "reference", "re", "string"}
-    bad = [f"{f.relative_to(ROOT)}:{line} imports {mod}" for f in _files("reference")
-           for mod, line in _imports(f) if mod.split(".")[0] not in allowed]
+    allowed = {
+        "numpy",
+        "math",
+        "dataclasses",
+        "typing",
+        "__future__",
+        "itertools",
+        "functools",
+        "collections",
+        "reference",
+        "re",
+        "string",
+    }
+    bad = [
+        f"{f.relative_to(ROOT)}:{line} imports {mod}"
+        for f in _files("reference")
+        for mod, line in _imports(f)
+        if mod.split(".")[0] not in allowed
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -61,14 +76,23 @@ def test_fast_rooms():
         for mod, line in _imports(f):
             if mod.startswith("fast.devtools") and room != "devtools":
                 bad.append(f"{rel}:{line}: only the developer tools import fast.devtools ({mod})")
-            if room == "ops" and mod.startswith("fast.training") and mod not in OPS_MAY_IMPORT_TRAINING.get(rel, ()):
+            if (
+                room == "ops"
+                and mod.startswith("fast.training")
+                and mod not in OPS_MAY_IMPORT_TRAINING.get(rel, ())
+            ):
                 bad.append(f"{rel}:{line}: an op imports the training room ({mod})")
     assert not bad, "\n".join(bad)
 
 
 def test_nothing_edits_sys_path():
-    hits = [f"{f.relative_to(ROOT)}" for folder in TOP for f in _files(folder)
-            if f.name != "test_layout.py" and ("sys.path.insert" in f.read_text() or "sys.path.append" in f.read_text())]
+    hits = [
+        f"{f.relative_to(ROOT)}"
+        for folder in TOP
+        for f in _files(folder)
+        if f.name != "test_layout.py"
+        and ("sys.path.insert" in f.read_text() or "sys.path.append" in f.read_text())
+    ]
     assert not hits, hits
 
 

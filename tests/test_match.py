@@ -1,5 +1,6 @@
 """MATCH: the NumPy oracle against its by-definition loop, identities and finite differences; then the torch
 backend of fast/match.py against the oracle; then the tiny GPT with attention="match"."""
+
 import importlib.util
 import math
 
@@ -39,12 +40,16 @@ def test_retrieve_hand_computed():
     k = np.array([[3.0], [1.0], [2.0], [2.0], [0.0], [5.0]])
     q = np.ones((6, 1))
     idx = ref.retrieve(q, k, window=2, top_k=2, scale=1.0)
-    expected = np.array([[-1, -1],  # i = 0: no candidate
-                         [-1, -1],  # i = 1: none
-                         [0, -1],  # i = 2: {0}
-                         [0, 1],  # i = 3: {0, 1}: 3 > 1
-                         [0, 2],  # i = 4: {0, 1, 2}: 3, then 2 > 1
-                         [0, 2]])  # i = 5: {0..3}: 3, then the tie 2 = 2 goes to the lower index 2
+    expected = np.array(
+        [
+            [-1, -1],  # i = 0: no candidate
+            [-1, -1],  # i = 1: none
+            [0, -1],  # i = 2: {0}
+            [0, 1],  # i = 3: {0, 1}: 3 > 1
+            [0, 2],  # i = 4: {0, 1, 2}: 3, then 2 > 1
+            [0, 2],
+        ]
+    )  # i = 5: {0..3}: 3, then the tie 2 = 2 goes to the lower index 2
     assert np.array_equal(idx, expected)
     # blocks of 2: summaries (2, 2, 2.5); block b is a candidate iff 2b <= i - 2
     idx_b = ref.retrieve(q, k, window=2, top_k=2, block_size=2, scale=1.0)
@@ -70,8 +75,14 @@ def test_retrieve_ties_and_padding_slots():
     assert ref.retrieve(q, k, window=w, top_k=0).shape == (T, 0)
 
 
-@given(T=st.integers(1, 14), D=st.integers(1, 4), w=st.integers(1, 6), K=st.integers(0, 6),
-       B=st.integers(1, 4), seed=st.integers(0, 2**16))
+@given(
+    T=st.integers(1, 14),
+    D=st.integers(1, 4),
+    w=st.integers(1, 6),
+    K=st.integers(0, 6),
+    B=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
 @example(T=1, D=1, w=1, K=1, B=1, seed=0)
 @example(T=13, D=2, w=4, K=2, B=3, seed=1)  # partial last block
 @example(T=8, D=3, w=3, K=20, B=3, seed=2)  # top_k beyond every count
@@ -103,13 +114,17 @@ def test_retrieve_grouped_sums_the_group_scores():
     q = rng.standard_normal((G, T, D))
     k = rng.standard_normal((T, D))
     s = ref.retrieval_scores(q, k, window=2, grouped=True)
-    assert_close(np.where(np.isfinite(s), s, 0),
-                 np.where(np.isfinite(s), sum(ref.retrieval_scores(q[g], k, window=2) for g in range(G)), 0))
+    assert_close(
+        np.where(np.isfinite(s), s, 0),
+        np.where(np.isfinite(s), sum(ref.retrieval_scores(q[g], k, window=2) for g in range(G)), 0),
+    )
     # summing scores = scoring the summed query (linearity); G = 1 is plain per-head selection
-    assert np.array_equal(ref.retrieve(q, k, window=2, top_k=3, grouped=True),
-                          ref.retrieve(q.sum(0), k, window=2, top_k=3))
-    assert np.array_equal(ref.retrieve(q[:1], k, window=2, top_k=3, grouped=True),
-                          ref.retrieve(q[0], k, window=2, top_k=3))
+    assert np.array_equal(
+        ref.retrieve(q, k, window=2, top_k=3, grouped=True), ref.retrieve(q.sum(0), k, window=2, top_k=3)
+    )
+    assert np.array_equal(
+        ref.retrieve(q[:1], k, window=2, top_k=3, grouped=True), ref.retrieve(q[0], k, window=2, top_k=3)
+    )
 
 
 def test_block_summaries_partial_last_block():
@@ -120,9 +135,12 @@ def test_block_summaries_partial_last_block():
 
 def test_bad_parameters():
     x = np.zeros((4, 2))
-    for kw, msg in (({"window": 0, "top_k": 1}, "window"), ({"window": 2, "top_k": -1}, "top_k"),
-                    ({"window": 2, "top_k": 1, "block_size": 0}, "block_size"),
-                    ({"window": 2, "top_k": 1, "block_size": 3}, "block_size=3 must be <= window=2")):
+    for kw, msg in (
+        ({"window": 0, "top_k": 1}, "window"),
+        ({"window": 2, "top_k": -1}, "top_k"),
+        ({"window": 2, "top_k": 1, "block_size": 0}, "block_size"),
+        ({"window": 2, "top_k": 1, "block_size": 3}, "block_size=3 must be <= window=2"),
+    ):
         with pytest.raises(ValueError, match=msg):
             ref.match_attention(x, x, x, **kw)
     with pytest.raises(ValueError, match="mode"):
@@ -137,16 +155,24 @@ def test_bad_parameters():
 # oracle: attention
 
 
-@given(T=st.integers(1, 12), D=st.integers(1, 4), w=st.integers(1, 5), K=st.integers(0, 5),
-       B=st.integers(1, 3), mode=st.sampled_from(ref.MODES), seed=st.integers(0, 2**16))
+@given(
+    T=st.integers(1, 12),
+    D=st.integers(1, 4),
+    w=st.integers(1, 5),
+    K=st.integers(0, 5),
+    B=st.integers(1, 3),
+    mode=st.sampled_from(ref.MODES),
+    seed=st.integers(0, 2**16),
+)
 @example(T=12, D=2, w=3, K=2, B=2, mode="gated", seed=0)
 @example(T=11, D=3, w=3, K=1, B=3, mode="joint", seed=1)
 def test_oracle_vs_by_definition(T, D, w, K, B, mode, seed):
     B = min(B, w)
     q, k, v = _qkv(seed, T, D)
     gate = np.random.default_rng(seed + 1).standard_normal(T)
-    kw = dict(window=w, top_k=K, block_size=B, mode=mode, gate_logit=gate if mode == "gated" else None,
-              scale=0.9)
+    kw = dict(
+        window=w, top_k=K, block_size=B, mode=mode, gate_logit=gate if mode == "gated" else None, scale=0.9
+    )
     assert_close(ref.match_attention(q, k, v, **kw), ref.match_attention_by_definition(q, k, v, **kw))
 
 
@@ -154,8 +180,9 @@ def test_merge_partials_is_one_softmax():
     q, k, v = _qkv(4, 10, 3)
     m_w = ref.window_mask(10, window=3)
     m_r = ref.candidate_mask(10, window=3) & (np.arange(10)[None, :] % 2 == 0)
-    o, lse = ref.merge_partials(*ref.partial_attention(q, k, v, m_w, 0.5),
-                                *ref.partial_attention(q, k, v, m_r, 0.5))
+    o, lse = ref.merge_partials(
+        *ref.partial_attention(q, k, v, m_w, 0.5), *ref.partial_attention(q, k, v, m_r, 0.5)
+    )
     o2, lse2 = ref.partial_attention(q, k, v, m_w | m_r, 0.5)
     assert_close(o, o2, name="out")
     assert_close(lse, lse2, name="lse")
@@ -172,16 +199,24 @@ def test_identities(B):
     # top_k = 0: sliding; gated with nothing retrieved: sliding, whatever the gate
     assert_close(ref.match_attention(q, k, v, window=w, top_k=0, block_size=B), sliding, name="top_k = 0")
     gate = np.full(T, 3.0)
-    assert_close(ref.match_attention(q, k, v, window=w, top_k=0, block_size=B, mode="gated", gate_logit=gate),
-                 sliding, name="gated, nothing retrieved")
+    assert_close(
+        ref.match_attention(q, k, v, window=w, top_k=0, block_size=B, mode="gated", gate_logit=gate),
+        sliding,
+        name="gated, nothing retrieved",
+    )
     # T <= w: nothing is a candidate, sliding = full causal
     qs, ks, vs = q[..., :w, :], k[..., :w, :], v[..., :w, :]
-    assert_close(ref.match_attention(qs, ks, vs, window=w, top_k=2, block_size=B, mode="gated",
-                                     gate_logit=gate[:w]), ref_attention(qs, ks, vs)[0], name="T <= w")
+    assert_close(
+        ref.match_attention(qs, ks, vs, window=w, top_k=2, block_size=B, mode="gated", gate_logit=gate[:w]),
+        ref_attention(qs, ks, vs)[0],
+        name="T <= w",
+    )
 
 
-@pytest.mark.parametrize("mode,B,gate_shape", [("joint", 1, None), ("joint", 2, None), ("gated", 1, (2, 9)),
-                                                ("gated", 3, (1, 9)), ("gated", 2, ())])
+@pytest.mark.parametrize(
+    "mode,B,gate_shape",
+    [("joint", 1, None), ("joint", 2, None), ("gated", 1, (2, 9)), ("gated", 3, (1, 9)), ("gated", 2, ())],
+)
 def test_oracle_grad_finite_differences(mode, B, gate_shape):
     T, D, w, K = 9, 3, 3, 2
     q, k, v = _qkv(6, T, D, lead=(2,))
@@ -205,8 +240,12 @@ def test_oracle_grad_finite_differences(mode, B, gate_shape):
         assert dg is None
     else:
         assert dg.shape == np.shape(gate)
-        assert_close(dg, central_difference(lambda x: loss(gate=x), np.asarray(gate, dtype=np.float64)),
-                     name="dgate", **tol)
+        assert_close(
+            dg,
+            central_difference(lambda x: loss(gate=x), np.asarray(gate, dtype=np.float64)),
+            name="dgate",
+            **tol,
+        )
 
 
 def test_oracle_gate_gradient_is_zero_without_retrieval():
@@ -236,9 +275,10 @@ def _margin_ok(qn, kn, window, K, bs, scale, rel=1e-4):
     (relative), so rounding in any tested dtype cannot reorder the selection."""
     B, Hkv = kn.shape[:2]
     G = qn.shape[1] // Hkv
-    s = ref.retrieval_scores(qn.reshape(B, Hkv, G, *qn.shape[2:]), kn, window=window, block_size=bs,
-                             scale=scale, grouped=True)
-    top = -np.sort(-s, axis=-1)[..., :K + 1]
+    s = ref.retrieval_scores(
+        qn.reshape(B, Hkv, G, *qn.shape[2:]), kn, window=window, block_size=bs, scale=scale, grouped=True
+    )
+    top = -np.sort(-s, axis=-1)[..., : K + 1]
     with np.errstate(invalid="ignore"):  # -inf - -inf past the last candidate: not a gap
         gap = -np.diff(top, axis=-1)
     fin = np.isfinite(gap)
@@ -274,8 +314,15 @@ def _oracle(q, k, v, do, gate, window, K, bs, mode, scale):
     for b in range(B):
         for h in range(Hq):
             hk = h // G
-            kw = dict(window=window, top_k=K, block_size=bs, mode=mode, scale=scale, idx=idx[b, hk],
-                      gate_logit=None if gate is None else gfull[b, h])
+            kw = dict(
+                window=window,
+                top_k=K,
+                block_size=bs,
+                mode=mode,
+                scale=scale,
+                idx=idx[b, hk],
+                gate_logit=None if gate is None else gfull[b, h],
+            )
             out[b, h] = ref.match_attention(qn[b, h], kn[b, hk], vn[b, hk], **kw)
             gq, gk, gv, gg = ref.match_attention_grad(qn[b, h], kn[b, hk], vn[b, hk], don[b, h], **kw)
             dq[b, h] += gq
@@ -290,8 +337,9 @@ def _oracle(q, k, v, do, gate, window, K, bs, mode, scale):
     return idx, out, dq, dk, dv, dg
 
 
-def _check_fast(B, Hkv, G, T, D, window, K, bs, mode, dtype, seed, *, scale=None, gate_shape="full",
-                chunk=None):
+def _check_fast(
+    B, Hkv, G, T, D, window, K, bs, mode, dtype, seed, *, scale=None, gate_shape="full", chunk=None
+):
     sc = 1 / math.sqrt(D) if scale is None else scale
     if mode == "gated":
         gate_shape = {"full": (B, Hkv * G, T), "heads": (1, Hkv * G, T), "time": (T,)}[gate_shape]
@@ -319,18 +367,32 @@ def _check_fast(B, Hkv, G, T, D, window, K, bs, mode, dtype, seed, *, scale=None
             assert_close(a, e, dtype=dtype, name=name, rms=math.inf if noise else None)
 
 
-@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.sampled_from([1, 2, 3]), T=st.integers(1, 45),
-       D=st.sampled_from([1, 4, 7]), window=st.integers(1, 9), K=st.integers(0, 5), bs=st.integers(1, 4),
-       mode=st.sampled_from(ref.MODES), dtype=st.sampled_from(sorted(DTYPES)),
-       gate_shape=st.sampled_from(["full", "heads", "time"]), seed=st.integers(0, 2**16))
-@example(B=1, Hkv=1, G=1, T=1, D=1, window=1, K=1, bs=1, mode="joint", dtype="fp64", gate_shape="full",
-         seed=0)  # a single token, nothing to retrieve
-@example(B=2, Hkv=2, G=3, T=45, D=7, window=5, K=3, bs=4, mode="gated", dtype="fp32", gate_shape="heads",
-         seed=1)  # GQA, blocks with a partial last block, broadcast gate
-@example(B=1, Hkv=1, G=2, T=40, D=4, window=3, K=5, bs=1, mode="joint", dtype="bf16", gate_shape="full",
-         seed=2)
-@example(B=1, Hkv=2, G=1, T=30, D=4, window=9, K=5, bs=3, mode="gated", dtype="fp64", gate_shape="time",
-         seed=3)  # top_k beyond the candidate blocks
+@given(
+    B=st.integers(1, 2),
+    Hkv=st.integers(1, 2),
+    G=st.sampled_from([1, 2, 3]),
+    T=st.integers(1, 45),
+    D=st.sampled_from([1, 4, 7]),
+    window=st.integers(1, 9),
+    K=st.integers(0, 5),
+    bs=st.integers(1, 4),
+    mode=st.sampled_from(ref.MODES),
+    dtype=st.sampled_from(sorted(DTYPES)),
+    gate_shape=st.sampled_from(["full", "heads", "time"]),
+    seed=st.integers(0, 2**16),
+)
+@example(
+    B=1, Hkv=1, G=1, T=1, D=1, window=1, K=1, bs=1, mode="joint", dtype="fp64", gate_shape="full", seed=0
+)  # a single token, nothing to retrieve
+@example(
+    B=2, Hkv=2, G=3, T=45, D=7, window=5, K=3, bs=4, mode="gated", dtype="fp32", gate_shape="heads", seed=1
+)  # GQA, blocks with a partial last block, broadcast gate
+@example(
+    B=1, Hkv=1, G=2, T=40, D=4, window=3, K=5, bs=1, mode="joint", dtype="bf16", gate_shape="full", seed=2
+)
+@example(
+    B=1, Hkv=2, G=1, T=30, D=4, window=9, K=5, bs=3, mode="gated", dtype="fp64", gate_shape="time", seed=3
+)  # top_k beyond the candidate blocks
 def test_torch_vs_oracle(B, Hkv, G, T, D, window, K, bs, mode, dtype, gate_shape, seed):
     _check_fast(B, Hkv, G, T, D, window, K, min(bs, window), mode, DTYPES[dtype], seed, gate_shape=gate_shape)
 
@@ -359,8 +421,10 @@ def test_torch_ties_go_to_the_lower_index(bs, G):
     # half the keys tied, half distinct: ties still go to the lower index, order stays descending
     k2 = k.clone()
     k2[:, :, ::2] = torch.randn(2, 2, (T + 1) // 2, D, generator=gen)
-    assert np.array_equal(retrieve(q, k2, window=w, top_k=K, block_size=bs).numpy(),
-                          _group_idx(q.double().numpy(), k2.double().numpy(), w, K, bs, 1 / math.sqrt(D)))
+    assert np.array_equal(
+        retrieve(q, k2, window=w, top_k=K, block_size=bs).numpy(),
+        _group_idx(q.double().numpy(), k2.double().numpy(), w, K, bs, 1 / math.sqrt(D)),
+    )
 
 
 @pytest.mark.parametrize("bs", [1, 2, 4])
@@ -371,18 +435,30 @@ def test_torch_identities(bs, dtype):
     q, k, v = (torch.randn(2, 2, T, D, generator=gen).to(dtype) for _ in range(3))
     full = flash_attention(q, k, v, backend="torch")
     sliding = flash_attention(q, k, v, window=w, backend="torch")
-    assert_close(match_attention(q, k, v, window=w, top_k=T, block_size=bs), full.double(), dtype=dtype,
-                 name="top_k >= candidates = full causal")
-    assert_close(match_attention(q, k, v, window=w, top_k=0, block_size=bs), sliding.double(), dtype=dtype,
-                 name="top_k = 0 = sliding")
+    assert_close(
+        match_attention(q, k, v, window=w, top_k=T, block_size=bs),
+        full.double(),
+        dtype=dtype,
+        name="top_k >= candidates = full causal",
+    )
+    assert_close(
+        match_attention(q, k, v, window=w, top_k=0, block_size=bs),
+        sliding.double(),
+        dtype=dtype,
+        name="top_k = 0 = sliding",
+    )
     gate = torch.full((T,), 2.0, dtype=dtype, requires_grad=True)
     out = match_attention(q, k, v, window=w, top_k=0, block_size=bs, mode="gated", gate_logit=gate)
     assert_close(out, sliding.double(), dtype=dtype, name="gated, nothing retrieved = sliding")
     out.sum().backward()
     assert (gate.grad == 0).all(), "no retrieval: zero gate gradient"
     qs, ks, vs = q[:, :, :w], k[:, :, :w], v[:, :, :w]
-    assert_close(match_attention(qs, ks, vs, window=w, top_k=3, block_size=bs), flash_attention(
-        qs, ks, vs, backend="torch").double(), dtype=dtype, name="T <= w = full causal")
+    assert_close(
+        match_attention(qs, ks, vs, window=w, top_k=3, block_size=bs),
+        flash_attention(qs, ks, vs, backend="torch").double(),
+        dtype=dtype,
+        name="T <= w = full causal",
+    )
 
 
 def test_block_summaries_vs_oracle():
@@ -412,13 +488,21 @@ def test_decode_equals_last_row(mode, bs, G):
     summ = block_summaries(k[:, :, :1], bs)
     for t in range(T):
         if t:
-            summ = update_block_summaries(summ, k[:, :, :t + 1], bs)
-        assert_close(summ, block_summaries(k[:, :, :t + 1], bs), name=f"summaries t={t}")
+            summ = update_block_summaries(summ, k[:, :, : t + 1], bs)
+        assert_close(summ, block_summaries(k[:, :, : t + 1], bs), name=f"summaries t={t}")
         for s in (None, summ):
-            out = match_decode(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], window=w, top_k=K,
-                               block_size=bs, mode=mode, summaries=s,
-                               gate_logit=None if gate is None else gate[:, :, t:t + 1])
-            assert_close(out, full[:, :, t:t + 1], name=f"decode t={t}")
+            out = match_decode(
+                q[:, :, t : t + 1],
+                k[:, :, : t + 1],
+                v[:, :, : t + 1],
+                window=w,
+                top_k=K,
+                block_size=bs,
+                mode=mode,
+                summaries=s,
+                gate_logit=None if gate is None else gate[:, :, t : t + 1],
+            )
+            assert_close(out, full[:, :, t : t + 1], name=f"decode t={t}")
 
 
 @pytest.mark.parametrize("bs,pad", [(1, 3), (1, 4), (2, 4), (3, 6)])
@@ -600,7 +684,10 @@ def test_gpt_match_gate_trains_and_config_errors():
     _, loss = m(ids, targets=ids)
     loss.backward()
     assert all(blk.attn.c_gate.weight.grad.abs().sum() > 0 for blk in m.h), "the gate gets a gradient"
-    for kw in (dict(window=None, attn_kwargs=(("top_k", 2),)), dict(window=3, attn_kwargs=()),
-               dict(window=3, attn_kwargs=(("top_k", 2), ("mode", "sum")))):
+    for kw in (
+        dict(window=None, attn_kwargs=(("top_k", 2),)),
+        dict(window=3, attn_kwargs=()),
+        dict(window=3, attn_kwargs=(("top_k", 2), ("mode", "sum"))),
+    ):
         with pytest.raises(ValueError, match="attention='match' needs"):
             GPTConfig(attention="match", **kw)

@@ -200,8 +200,9 @@ def test_shipped_checkpoints_and_demo(capsys):
 def test_plugin_pairs_sweep_table_and_plot(tmp_path):
     cfg = mg.RunConfig(**TINY)
     model = mg.new_model(cfg).eval()
-    text = mg.plugin_pairs(model, cfg, [1, 2, 3], window=4, top_ks=[1], block_size=2, n=8,
-                           plot=str(tmp_path / "p.png"))
+    text = mg.plugin_pairs(
+        model, cfg, [1, 2, 3], window=4, top_ks=[1], block_size=2, n=8, plot=str(tmp_path / "p.png")
+    )
     head, rule, *rows = text.splitlines()
     assert head.endswith("| 1 pairs | 2 pairs | 3 pairs |")
     assert len(rows[0].split("|")) == len(head.split("|"))
@@ -213,8 +214,9 @@ def test_plugin_pairs_sweep_table_and_plot(tmp_path):
         assert float(rows[0].split("|")[3 + i]) == pytest.approx(want, abs=0.05)
     assert (tmp_path / "p.png").stat().st_size > 0
     with pytest.raises(ValueError, match="MQAR"):
-        mg.plugin_pairs(model, mg.RunConfig(**{**TINY, "task": "mad_noisy"}), [1], window=4, top_ks=[1],
-                        block_size=2, n=4)
+        mg.plugin_pairs(
+            model, mg.RunConfig(**{**TINY, "task": "mad_noisy"}), [1], window=4, top_ks=[1], block_size=2, n=4
+        )
 
 
 def test_training_only_generator_options_reach_the_training_batches_only():
@@ -231,9 +233,14 @@ def test_training_only_generator_options_reach_the_training_batches_only():
 
 
 def test_early_task_options_reach_the_first_batches_only():
-    cfg = mg.RunConfig(task="shakespeare", seq_len=96, vocab_size=256,
-                       task_kwargs=(("link", "="), ("num_queries", 1)),
-                       early_task_kwargs=(("num_facts", 1),), early_steps=3)
+    cfg = mg.RunConfig(
+        task="shakespeare",
+        seq_len=96,
+        vocab_size=256,
+        task_kwargs=(("link", "="), ("num_queries", 1)),
+        early_task_kwargs=(("num_facts", 1),),
+        early_steps=3,
+    )
     assert dict(mg.training_config(cfg, 3).task_kwargs) == {"link": "=", "num_queries": 1, "num_facts": 1}
     assert mg.training_config(cfg, 4).task_kwargs == cfg.task_kwargs
     assert mg.training_config(cfg).task_kwargs == cfg.task_kwargs  # no step: the later (test) form
@@ -242,8 +249,11 @@ def test_early_task_options_reach_the_first_batches_only():
     x1, _ = mg.make_batch(mg.training_config(cfg, 1), 8, seed=5)
     x2, _ = mg.make_batch(mg.training_config(cfg, 4), 8, seed=5)
     assert ((x1 == ord("=")).sum(1) == 2).all() and ((x2 == ord("=")).sum(1) == 3).all()
-    for bad, match in ((dict(early_steps=-1), "early_steps"), (dict(early_task_kwargs=()), "go together"),
-                       (dict(early_steps=0), "go together")):
+    for bad, match in (
+        (dict(early_steps=-1), "early_steps"),
+        (dict(early_task_kwargs=()), "go together"),
+        (dict(early_steps=0), "go together"),
+    ):
         with pytest.raises(ValueError, match=match):
             mg.training_config(dataclasses.replace(cfg, **bad))
 
@@ -274,8 +284,9 @@ def test_key_curriculum_grows_the_training_keys_then_keeps_the_test_form():
     x_7, y_7 = mg.make_batch(mg.training_config(cfg, 7), 4, seed=1)
     assert torch.equal(x_ev, x_7) and torch.equal(y_ev, y_7)
     # a 4-token key size given explicitly sets the last stage; training-only options win over shared ones
-    cfg4 = mg.RunConfig(task="mad_fuzzy", seq_len=64, vocab_size=16, key_curriculum=8,
-                        task_kwargs=(("k_motif_size", 4),))
+    cfg4 = mg.RunConfig(
+        task="mad_fuzzy", seq_len=64, vocab_size=16, key_curriculum=8, task_kwargs=(("k_motif_size", 4),)
+    )
     sizes4 = [dict(mg.training_config(cfg4, s).task_kwargs)["k_motif_size"] for s in (1, 2, 3, 5, 7, 8, 9)]
     assert sizes4 == [1, 1, 2, 3, 4, 4, 4]
     assert mg.RunConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg4)))) == cfg4
@@ -285,7 +296,11 @@ def test_key_curriculum_bad_options_raise():
     with pytest.raises(ValueError, match="key_curriculum needs keys of several tokens"):
         mg.training_config(mg.RunConfig(**TINY, key_curriculum=10), 1)
     with pytest.raises(ValueError, match="test=False"):
-        mg.training_config(mg.RunConfig(task="mad_fuzzy", vocab_size=16, key_curriculum=10,
-                                        train_task_kwargs=(("test", False),)), 1)
+        mg.training_config(
+            mg.RunConfig(
+                task="mad_fuzzy", vocab_size=16, key_curriculum=10, train_task_kwargs=(("test", False),)
+            ),
+            1,
+        )
     with pytest.raises(ValueError, match="key_curriculum must be >= 0"):
         mg.training_config(mg.RunConfig(task="mad_fuzzy", vocab_size=16, key_curriculum=-1))

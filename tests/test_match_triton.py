@@ -7,6 +7,7 @@ The oracle is one head per call; grouped-query attention (GQA) is checked agains
 implementation that takes its masks from the oracle (``retrieve(..., grouped=True)``, ``retrieved_mask``)
 and is itself checked against ``reference.match`` for G = 1.
 """
+
 import functools
 import math
 
@@ -67,8 +68,15 @@ def _grouped(q, Hkv):  # [B, Hq, T, D] -> [B, Hkv, G, T, D] (query head h reads 
 
 
 def oracle_idx(q, k, *, window, top_k, block_size, scale):
-    return ref.retrieve(_np(_grouped(q, k.shape[1])), _np(k), window=window, top_k=top_k,
-                        block_size=block_size, scale=scale, grouped=True)
+    return ref.retrieve(
+        _np(_grouped(q, k.shape[1])),
+        _np(k),
+        window=window,
+        top_k=top_k,
+        block_size=block_size,
+        scale=scale,
+        grouped=True,
+    )
 
 
 def dense_match(q, k, v, gate, idx, *, window, block_size, mode, scale):
@@ -109,7 +117,9 @@ def run_triton(q, k, v, gl, do, *, window, top_k, block_size, mode, scale, **lau
     qq, kk, vv = (x.detach().to(DEVICE).requires_grad_() for x in (q, k, v))
     gg = gl.detach().to(DEVICE).requires_grad_() if mode == "gated" else None
     op = functools.partial(mt._launch, **launch) if launch else match_attention_triton
-    out = op(qq, kk, vv, window=window, top_k=top_k, block_size=block_size, mode=mode, gate_logit=gg, scale=scale)
+    out = op(
+        qq, kk, vv, window=window, top_k=top_k, block_size=block_size, mode=mode, gate_logit=gg, scale=scale
+    )
     out.backward(do.to(DEVICE))
     return out, qq.grad, kk.grad, vv.grad, (gg.grad if gg is not None else None)
 
@@ -155,8 +165,9 @@ def test_dense_helper_matches_oracle(mode):
 def _score_gap(q, k, *, window, top_k, block_size, scale):
     """Smallest gap between consecutive oracle scores among each row's top_k + 1 candidates (the data
     must not hold near-ties for an exact comparison of an fp32 selection with a float64 one)."""
-    s = ref.retrieval_scores(_np(_grouped(q, k.shape[1])), _np(k), window=window, block_size=block_size,
-                             scale=scale, grouped=True)
+    s = ref.retrieval_scores(
+        _np(_grouped(q, k.shape[1])), _np(k), window=window, block_size=block_size, scale=scale, grouped=True
+    )
     s = -np.sort(-s, axis=-1)[..., : top_k + 1]
     s = np.where(np.isfinite(s), s, np.nan)
     d = -np.diff(s, axis=-1)
@@ -170,7 +181,7 @@ def test_select_generic_data_matches_oracle(block_size):
     # above fp32's error (~1e-6 here)
     T, D, w, K = 77, 20, 9, 5
     q, k, *_ = _inputs(2, 4, 2, T, D, torch.float32, 3, normal=True)
-    cfg = dict(window=w, top_k=K, block_size=block_size, scale=D ** -0.5)
+    cfg = dict(window=w, top_k=K, block_size=block_size, scale=D**-0.5)
     assert _score_gap(q, k, **cfg) > 1e-4  # test data sanity, not a tolerance
     idx = retrieve_triton(q.to(DEVICE), k.to(DEVICE), **cfg)
     assert torch.equal(idx.cpu(), torch.from_numpy(oracle_idx(q, k, **cfg)))
@@ -230,8 +241,9 @@ def test_top_k_over_limit_raises():
     with pytest.raises(ValueError, match="top_k"):
         retrieve_triton(q, k, window=2, top_k=MAX_TOP_K + 1, block_size=1, scale=0.25)
     with pytest.raises(ValueError, match="top_k"):
-        match_attention_triton(q, k, v, window=2, top_k=MAX_TOP_K + 1, block_size=1, mode="joint",
-                               gate_logit=None, scale=0.25)
+        match_attention_triton(
+            q, k, v, window=2, top_k=MAX_TOP_K + 1, block_size=1, mode="joint", gate_logit=None, scale=0.25
+        )
 
 
 def test_unsupported_inputs_raise():
@@ -240,8 +252,17 @@ def test_unsupported_inputs_raise():
         retrieve_triton(q.double(), k.double(), window=2, top_k=1, block_size=1, scale=0.25)
     big = torch.zeros(1, 1, 8, 160)
     with pytest.raises(ValueError, match="D <= 128"):
-        match_decode_triton(big[:, :, -1:], big, big, window=2, top_k=1, block_size=1, mode="joint",
-                            gate_logit=None, scale=0.25)
+        match_decode_triton(
+            big[:, :, -1:],
+            big,
+            big,
+            window=2,
+            top_k=1,
+            block_size=1,
+            mode="joint",
+            gate_logit=None,
+            scale=0.25,
+        )
 
 
 def test_block_summaries_are_block_means():
@@ -254,7 +275,7 @@ def test_block_summaries_are_block_means():
 def test_reverse_index_lists_every_selection_once():
     idx = torch.tensor([[[[2, -1], [0, 2], [-1, -1], [1, 0]]]])  # [1, 1, T=4, K=2]
     entries, starts = reverse_index(idx, 4, 1)
-    lists = [entries[starts[s]:starts[s + 1]].tolist() for s in range(4)]
+    lists = [entries[starts[s] : starts[s + 1]].tolist() for s in range(4)]
     assert lists == [[2, 7], [6], [0, 3], []]  # entry t * K + slot: query t = e // K, slot e % K
     # random selections, several (batch, kv head) segments and a partial last block: every filled
     # (query, slot) is listed exactly once, under the block it holds, in ascending query order
@@ -267,7 +288,7 @@ def test_reverse_index_lists_every_selection_once():
     assert entries.dtype == torch.int32 and starts.shape == (B * Hkv * NB + 1,)
     seen = torch.zeros_like(idx)
     for seg in range(B * Hkv * NB):
-        lst = entries[starts[seg]:starts[seg + 1]].long()
+        lst = entries[starts[seg] : starts[seg + 1]].long()
         t, slot = lst // K, lst % K
         assert (t[1:] > t[:-1]).all(), "ascending query positions"
         b, h, blk = seg // (Hkv * NB), (seg // NB) % Hkv, seg % NB
@@ -342,11 +363,18 @@ def test_top_k_covering_every_candidate_is_full_causal(T, block_size, K):
     D, w = 16, 8
     q, k, v, _, do = _inputs(1, 2, 1, T, D, torch.float32, 7)
     scale = _scale(D)
-    got = _grads(lambda a, b, c: match_attention_triton(a, b, c, window=w, top_k=K, block_size=block_size,
-                                                         mode="joint", gate_logit=None, scale=scale),
-                 q, k, v, do)
-    want = _grads(lambda a, b, c: flash_attention(a, b, c, causal=True, scale=scale, backend="triton"),
-                  q, k, v, do)
+    got = _grads(
+        lambda a, b, c: match_attention_triton(
+            a, b, c, window=w, top_k=K, block_size=block_size, mode="joint", gate_logit=None, scale=scale
+        ),
+        q,
+        k,
+        v,
+        do,
+    )
+    want = _grads(
+        lambda a, b, c: flash_attention(a, b, c, causal=True, scale=scale, backend="triton"), q, k, v, do
+    )
     for a, e in zip(got, want, strict=True):
         assert_close(a, e, dtype=torch.float32)
 
@@ -357,10 +385,18 @@ def test_top_k_zero_is_sliding_window(mode):
     q, k, v, gl, do = _inputs(1, 2, 2, T, D, torch.float32, 8)
     scale = _scale(D)
     gg = gl.to(DEVICE).requires_grad_()
-    got = _grads(lambda a, b, c: match_attention_triton(a, b, c, window=w, top_k=0, block_size=4, mode=mode,
-                                                         gate_logit=gg, scale=scale), q, k, v, do)
-    want = _grads(lambda a, b, c: flash_attention(a, b, c, window=w, scale=scale, backend="triton"),
-                  q, k, v, do)
+    got = _grads(
+        lambda a, b, c: match_attention_triton(
+            a, b, c, window=w, top_k=0, block_size=4, mode=mode, gate_logit=gg, scale=scale
+        ),
+        q,
+        k,
+        v,
+        do,
+    )
+    want = _grads(
+        lambda a, b, c: flash_attention(a, b, c, window=w, scale=scale, backend="triton"), q, k, v, do
+    )
     for a, e in zip(got, want, strict=True):
         assert_close(a, e, dtype=torch.float32)
     if mode == "gated":
@@ -390,8 +426,14 @@ def test_decode_is_last_row(T, Hq, Hkv, window, top_k, block_size, mode, cached)
     summ = None
     if cached and block_size > 1:  # the oracle's means, ceil(T / B) blocks, as a decoder would cache them
         summ = torch.from_numpy(ref.block_summaries(_np(k), block_size)).float().to(DEVICE)
-    got = match_decode_triton(q[:, :, -1:].to(DEVICE), k.to(DEVICE), v.to(DEVICE), summaries=summ,
-                              gate_logit=gl[:, :, -1:].to(DEVICE) if mode == "gated" else None, **cfg)
+    got = match_decode_triton(
+        q[:, :, -1:].to(DEVICE),
+        k.to(DEVICE),
+        v.to(DEVICE),
+        summaries=summ,
+        gate_logit=gl[:, :, -1:].to(DEVICE) if mode == "gated" else None,
+        **cfg,
+    )
     assert got.shape == (1, Hq, 1, D)
     assert_close(got, want[:, :, -1:], dtype=torch.float32)
     full = match_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), gate_logit=gl.to(DEVICE), **cfg)
@@ -446,11 +488,24 @@ BLOCK_MAJOR_CASES = [  # B, Hq, Hkv, T, D, window, top_k, block_size, mode, dtyp
 
 @pytest.mark.parametrize("path", ["block-major", "gathered"])
 @pytest.mark.parametrize("B, Hq, Hkv, T, D, window, top_k, block_size, mode, dtype", BLOCK_MAJOR_CASES)
-def test_retrieved_paths_match_oracle(monkeypatch, path, B, Hq, Hkv, T, D, window, top_k, block_size, mode,
-                                      dtype):
+def test_retrieved_paths_match_oracle(
+    monkeypatch, path, B, Hq, Hkv, T, D, window, top_k, block_size, mode, dtype
+):
     took = _spied(monkeypatch)
-    check_all(B, Hq, Hkv, T, D, window, top_k, block_size, mode, DTYPES[dtype], seed=T + top_k,
-              block_major=path == "block-major")
+    check_all(
+        B,
+        Hq,
+        Hkv,
+        T,
+        D,
+        window,
+        top_k,
+        block_size,
+        mode,
+        DTYPES[dtype],
+        seed=T + top_k,
+        block_major=path == "block-major",
+    )
     want = ["fwd block-major", "bwd block-major"] if path == "block-major" else ["bwd gathered"]
     assert took == want
 
@@ -461,14 +516,19 @@ def test_block_major_equals_gathered(monkeypatch, mode):
     # the block-major path is deterministic (unique writes, fixed merge order): two runs are bitwise equal
     T, D, w, K, bs = 70, 16, 16, 4, 16
     q, k, v, gl, do = _inputs(1, 2, 1, T, D, torch.float32, 21, normal=True)  # GQA, G = 2
-    cfg = dict(window=w, top_k=K, block_size=bs, mode=mode, scale=D ** -0.5)
+    cfg = dict(window=w, top_k=K, block_size=bs, mode=mode, scale=D**-0.5)
     runs = {}
     for path in ("gathered", "block-major", "block-major again"):
         took = _spied(monkeypatch)
         runs[path] = run_triton(q, k, v, gl, do, **cfg, block_major=path != "gathered")
         assert took[0] == ("bwd gathered" if path == "gathered" else "fwd block-major")
-    for name, a, b, c in zip(("out", "dq", "dk", "dv", "dgate"), runs["block-major"], runs["gathered"],
-                             runs["block-major again"], strict=True):
+    for name, a, b, c in zip(
+        ("out", "dq", "dk", "dv", "dgate"),
+        runs["block-major"],
+        runs["gathered"],
+        runs["block-major again"],
+        strict=True,
+    ):
         if a is None:
             continue
         assert_close(a, b.double(), dtype=torch.float32, name=f"{name} block-major vs gathered ({mode})")

@@ -1,5 +1,6 @@
 """`make mutants` (scripts/mutants.py): every curated mutant still applies (its anchor occurs exactly once,
 so a moved line is noticed here, not an hour later), and the runner tells killed from survived from stale."""
+
 import importlib.util
 import pathlib
 import sys
@@ -19,8 +20,16 @@ def test_the_list_is_curated_and_large_enough():
     assert all(m.find != m.replace and m.tests and m.what for m in mutants.MUTANTS)
     # spread: the tolerance helper, kernels, oracles, the model, sampling and the trainer all carry mutants
     files = {m.file for m in mutants.MUTANTS}
-    for f in ("fast/testing.py", "fast/divergences.py", "fast/dac_kl.py", "fast/span.py", "fast/attention.py",
-              "reference/divergences.py", "tiny_models/gpt.py", "fast/training/schedule.py"):
+    for f in (
+        "fast/testing.py",
+        "fast/divergences.py",
+        "fast/dac_kl.py",
+        "fast/span.py",
+        "fast/attention.py",
+        "reference/divergences.py",
+        "tiny_models/gpt.py",
+        "fast/training/schedule.py",
+    ):
         assert f in files, f
 
 
@@ -35,8 +44,9 @@ def test_anchor_occurs_exactly_once(m):
 def test_runner_reports_killed_survived_and_stale(tmp_path):
     (tmp_path / "tests").mkdir()
     (tmp_path / "lib.py").write_text("def double(x):\n    return 2 * x\n\n\nNOTE = 'untested'\n")
-    (tmp_path / "tests" / "test_lib.py").write_text("from lib import double\n\n\ndef test_double():\n"
-                                                    "    assert double(3) == 6\n")
+    (tmp_path / "tests" / "test_lib.py").write_text(
+        "from lib import double\n\n\ndef test_double():\n    assert double(3) == 6\n"
+    )
     (tmp_path / "pyproject.toml").write_text("[tool.pytest.ini_options]\nmarkers = ['notebook: x']\n")
     M = mutants.M
     killed = M("k", "lib.py", "return 2 * x", "return 3 * x", "tests/test_lib.py", "wrong factor")

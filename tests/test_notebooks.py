@@ -3,6 +3,7 @@ Jupyter runs it: a kernel whose working directory is notebooks/ and whose enviro
 The imports of ``reference``, ``fast`` and ``tiny_models`` work because `make venv` installs the project
 into .venv in editable mode; a notebook must never edit ``sys.path``. Two tiny notebooks check the harness
 itself: one that imports the project passes, one that imports a module the kernel cannot see fails."""
+
 import os
 import pathlib
 import time
@@ -28,8 +29,13 @@ def _execute(nb):
     t0 = time.perf_counter()
     client.execute(env=env)  # forwarded to the kernel manager's start_kernel: the kernel's environment
     elapsed = time.perf_counter() - t0
-    errors = [o for c in nb.cells if c.cell_type == "code"
-              for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    errors = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
     assert not errors, errors
     return elapsed
 
@@ -53,12 +59,14 @@ def _tiny(source):
 @pytest.mark.notebook
 def test_harness_kernel_sees_the_installed_project_only(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    _execute(_tiny(
-        "import os, pathlib\n"
-        "import fast, reference, tiny_models\n"
-        f"assert pathlib.Path.cwd() == pathlib.Path({str(NOTEBOOK_DIR)!r}), pathlib.Path.cwd()\n"
-        "assert 'PYTHONPATH' not in os.environ\n"
-    ))
+    _execute(
+        _tiny(
+            "import os, pathlib\n"
+            "import fast, reference, tiny_models\n"
+            f"assert pathlib.Path.cwd() == pathlib.Path({str(NOTEBOOK_DIR)!r}), pathlib.Path.cwd()\n"
+            "assert 'PYTHONPATH' not in os.environ\n"
+        )
+    )
 
 
 @pytest.mark.notebook

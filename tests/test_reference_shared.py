@@ -1,5 +1,6 @@
 """The building blocks the NumPy oracles share (reference/nn.py, the mask and GQA of reference/attention.py):
 written once, used everywhere, and their documented edge cases."""
+
 import warnings
 
 import numpy as np
@@ -32,8 +33,10 @@ def test_log_softmax_definition_padding_and_empty_rows():
         warnings.simplefilter("error")  # no RuntimeWarning either
         out = nn.log_softmax(x)
     fin = x[:3]
-    want = fin - (np.max(fin, -1, keepdims=True)
-                  + np.log(np.sum(np.exp(fin - np.max(fin, -1, keepdims=True)), -1, keepdims=True)))
+    want = fin - (
+        np.max(fin, -1, keepdims=True)
+        + np.log(np.sum(np.exp(fin - np.max(fin, -1, keepdims=True)), -1, keepdims=True))
+    )
     assert_close(out[:3], want, name="log_softmax")  # -inf where padded, compared exactly by the helper
     assert np.all(np.isneginf(out[1, 5:])) and np.isfinite(out[1, :5]).all()
     assert_close(np.exp(out[:3]).sum(-1), np.ones(3), name="sums to 1")
@@ -67,8 +70,10 @@ def test_gqa_equals_repeated_kv_heads(causal, window):
     assert_close(dk, dk_r.reshape(B, Hkv, G, T, D).sum(2), name="dk")
     assert_close(dv, dv_r.reshape(B, Hkv, G, T, D).sum(2), name="dv")
     # and by finite differences on the kv heads themselves
-    f = lambda k_, v_: float(np.sum(do * A.attention(q, k_, v_, causal=causal, window=window)[0])
-                             + np.sum(dlse * A.attention(q, k_, v_, causal=causal, window=window)[1]))
+    f = lambda k_, v_: float(
+        np.sum(do * A.attention(q, k_, v_, causal=causal, window=window)[0])
+        + np.sum(dlse * A.attention(q, k_, v_, causal=causal, window=window)[1])
+    )
     fd_k = central_difference(lambda k_: f(k_, v), k, eps=1e-6)
     assert_close(dk, fd_k, dtype="float32", name="dk by finite differences")
 

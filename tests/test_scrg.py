@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 
 from fast import scrg as F
 from fast.training.lm import lm_logits, positions
-from tiny_models.model_io import load_model
 from reference import gpt as rgpt
 from reference import scrg as R
 from tiny_models.gpt import BOS, EOS, GPT, GPTConfig, sample_next
+from tiny_models.model_io import load_model
 from tiny_models.tasks import build_dataset, prompt_ids
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -69,7 +69,9 @@ class Table(torch.nn.Module):
         pos = torch.arange(idx.shape[1]).expand_as(idx) if pos is None else pos
         return self.W[idx] * (1 + self.alpha * pos[..., None].double())
 
-    def lm_logits(self, idx, valid, cache=None):  # the protocol of fast.training.lm (no state: no cache needed)
+    def lm_logits(
+        self, idx, valid, cache=None
+    ):  # the protocol of fast.training.lm (no state: no cache needed)
         return self(idx, pos=positions(valid)[:, -idx.shape[1] :])
 
     def oracle(self, tokens):  # list[int] -> [V]
@@ -83,6 +85,7 @@ W_STUDENT = [[0.0, 1.0, 1.2, -0.5], [0.2, 1.5, 0.0, 0.0], [0.4, 2.0, 0.1, 0.0], 
 
 def by_hand(prompt, response, teacher, student, max_new_tokens, eos):  # one round, argmax/greedy, Eq. 3-4
     """The definition, written out independently of reference/scrg.py: plain Python floats and math.log."""
+
     def dist(logits):
         z = [math.exp(x - max(logits)) for x in logits]
         return [x / sum(z) for x in z]
@@ -150,10 +153,12 @@ def test_no_mismatch_returns_the_input(ends_with_eos):
     eos = g[k]
     response, max_new = (g[: k + 1], 12) if ends_with_eos else (g[:k], k)  # stopped, or cut at the limit
     for fq in (1, 3):
-        assert R.scrg(prompt, response, tf, sf, frequency=fq, max_new_tokens=max_new, eos_id=eos,
-                      **GREEDY) == (response, [])
-    got = F.scrg([prompt, [5, 0]], [response, []], t, s, frequency=3, max_new_tokens=max_new, eos_id=eos,
-                 **GREEDY)
+        assert R.scrg(
+            prompt, response, tf, sf, frequency=fq, max_new_tokens=max_new, eos_id=eos, **GREEDY
+        ) == (response, [])
+    got = F.scrg(
+        [prompt, [5, 0]], [response, []], t, s, frequency=3, max_new_tokens=max_new, eos_id=eos, **GREEDY
+    )
     assert got == ([response, []], [[], []])
 
 
@@ -161,12 +166,15 @@ def test_frequency_zero_is_the_identity():
     t, s = gpt_pair(0, 7)
     prompt, response = [1, 2], [3, 3, 4, 0]
     rng = np.random.default_rng(0)
-    assert R.scrg(prompt, response, oracle_fn(t), oracle_fn(s), frequency=0, max_new_tokens=4, eos_id=0,
-                  rng=rng) == (response, [])
+    assert R.scrg(
+        prompt, response, oracle_fn(t), oracle_fn(s), frequency=0, max_new_tokens=4, eos_id=0, rng=rng
+    ) == (response, [])
     assert rng.random() == np.random.default_rng(0).random()  # nothing drawn
     g = torch.Generator().manual_seed(0)
     assert F.scrg([prompt], [response], t, s, frequency=0, max_new_tokens=4, eos_id=0, generator=g) == (
-        [response], [[]])
+        [response],
+        [[]],
+    )
 
 
 def _response(rng, V, eos, max_new_tokens):  # random tokens, EOS never inside, maybe EOS at the end
@@ -192,8 +200,18 @@ def test_oracle_properties(seed, frequency, greedy):
     eos, max_new = int(rng.integers(0, V)), int(rng.integers(1, 10))
     prompt, response = _prompt(rng, V, int(rng.integers(2, 6))), _response(rng, V, eos, max_new)
     decode = "greedy" if greedy else "sample"
-    rev, pos = R.scrg(prompt, response, tf, sf, frequency=frequency, teacher_token="argmax", decode=decode,
-                      max_new_tokens=max_new, eos_id=eos, rng=rng)
+    rev, pos = R.scrg(
+        prompt,
+        response,
+        tf,
+        sf,
+        frequency=frequency,
+        teacher_token="argmax",
+        decode=decode,
+        max_new_tokens=max_new,
+        eos_id=eos,
+        rng=rng,
+    )
     assert len(pos) <= frequency and all(a < b for a, b in zip(pos, pos[1:], strict=False))
     assert len(rev) <= max_new and eos not in rev[:-1]
     if not pos:
@@ -205,8 +223,9 @@ def test_oracle_properties(seed, frequency, greedy):
         assert rev[j] == int(np.argmax(tf(prompt + rev[:j])))
     assert len(rev) == max_new or rev[-1] == eos  # re-generated to the end
     if greedy:  # after the last correction the suffix is the student's greedy continuation
-        assert rev == R.continue_response(sf, prompt, rev[: pos[-1] + 1], max_new_tokens=max_new, eos_id=eos,
-                                          decode="greedy")
+        assert rev == R.continue_response(
+            sf, prompt, rev[: pos[-1] + 1], max_new_tokens=max_new, eos_id=eos, decode="greedy"
+        )
 
 
 def test_reference_sampler_is_tiny_gpt_sample_next():
@@ -228,13 +247,20 @@ def _batch(seed, B, V, eos, max_new, teacher_row):  # prompts of different lengt
     responses = [_response(rng, V, eos, max_new) for _ in range(B)]
     if teacher_row:
         tf = oracle_fn(gpt_pair(seed % 5, V)[0])
-        responses[-1] = R.continue_response(tf, prompts[-1], [], max_new_tokens=max_new, eos_id=eos,
-                                            decode="greedy")
+        responses[-1] = R.continue_response(
+            tf, prompts[-1], [], max_new_tokens=max_new, eos_id=eos, decode="greedy"
+        )
     return prompts, responses
 
 
-@given(seed=st.integers(0, 10**6), B=st.integers(1, 4), V=st.integers(5, 12), max_new=st.integers(1, 9),
-       frequency=st.sampled_from([1, 2, 3]), teacher_row=st.booleans())
+@given(
+    seed=st.integers(0, 10**6),
+    B=st.integers(1, 4),
+    V=st.integers(5, 12),
+    max_new=st.integers(1, 9),
+    frequency=st.sampled_from([1, 2, 3]),
+    teacher_row=st.booleans(),
+)
 @example(seed=0, B=3, V=9, max_new=8, frequency=3, teacher_row=True)
 @example(seed=7, B=1, V=5, max_new=1, frequency=1, teacher_row=False)
 @example(seed=11, B=4, V=11, max_new=9, frequency=1, teacher_row=False)
@@ -242,8 +268,19 @@ def test_fast_equals_oracle_greedy(seed, B, V, max_new, frequency, teacher_row):
     t, s = gpt_pair(seed % 5, V)
     eos = seed % V
     prompts, responses = _batch(seed, B, V, eos, max_new, teacher_row)
-    want = [R.scrg(p, r, oracle_fn(t), oracle_fn(s), frequency=frequency, max_new_tokens=max_new, eos_id=eos,
-                   **GREEDY) for p, r in zip(prompts, responses, strict=True)]
+    want = [
+        R.scrg(
+            p,
+            r,
+            oracle_fn(t),
+            oracle_fn(s),
+            frequency=frequency,
+            max_new_tokens=max_new,
+            eos_id=eos,
+            **GREEDY,
+        )
+        for p, r in zip(prompts, responses, strict=True)
+    ]
     got = F.scrg(prompts, responses, t, s, frequency=frequency, max_new_tokens=max_new, eos_id=eos, **GREEDY)
     assert got == ([w[0] for w in want], [w[1] for w in want])
     if teacher_row:
@@ -259,8 +296,10 @@ def test_fast_equals_oracle_frequency_1_and_3_variety():
         prompts, responses = _batch(100 + seed, 5, 9, 4, 8, True)
         responses[0] = []
         for fq in (1, 3):
-            want = [R.scrg(p, r, oracle_fn(t), oracle_fn(s), frequency=fq, max_new_tokens=8, eos_id=4,
-                           **GREEDY) for p, r in zip(prompts, responses, strict=True)]
+            want = [
+                R.scrg(p, r, oracle_fn(t), oracle_fn(s), frequency=fq, max_new_tokens=8, eos_id=4, **GREEDY)
+                for p, r in zip(prompts, responses, strict=True)
+            ]
             got = F.scrg(prompts, responses, t, s, frequency=fq, max_new_tokens=8, eos_id=4, **GREEDY)
             assert got == ([w[0] for w in want], [w[1] for w in want])
             for rev, pos in zip(*got, strict=True):
@@ -277,8 +316,9 @@ def test_corrected_token_is_eos_ends_the_response():
         t, s = gpt_pair(seed % 5, V)
         rng = np.random.default_rng(seed)
         prompt, response = _prompt(rng, V, 3), [int(x) for x in rng.integers(0, V - 1, size=6)]
-        rev, pos = R.scrg(prompt, response, oracle_fn(t), oracle_fn(s), max_new_tokens=8, eos_id=V - 1,
-                          **GREEDY)
+        rev, pos = R.scrg(
+            prompt, response, oracle_fn(t), oracle_fn(s), max_new_tokens=8, eos_id=V - 1, **GREEDY
+        )
         if not pos or rev[pos[0]] in response[: pos[0]]:
             continue
         j, y = pos[0], rev[pos[0]]
@@ -312,8 +352,17 @@ def test_low_temperature_sampling_is_argmax():
     t, s = gpt_pair(1, 9)
     prompts, responses = _batch(3, 3, 9, 2, 7, False)
     want = F.scrg(prompts, responses, t, s, frequency=2, max_new_tokens=7, eos_id=2, **GREEDY)
-    got = F.scrg(prompts, responses, t, s, frequency=2, max_new_tokens=7, eos_id=2, temperature=1e-6,
-                 generator=torch.Generator().manual_seed(0))
+    got = F.scrg(
+        prompts,
+        responses,
+        t,
+        s,
+        frequency=2,
+        max_new_tokens=7,
+        eos_id=2,
+        temperature=1e-6,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert got == want
 
 
@@ -330,18 +379,42 @@ def test_sampled_single_row_follows_the_documented_draw_order(seed):
     # with one row the fast draw order is the oracle's: fed the same uniforms, they agree token for token
     t, s = gpt_pair(seed, 9)
     prompts, responses = _batch(seed, 1, 9, 5, 9, False)
-    want = R.scrg(prompts[0], responses[0], oracle_fn(t), oracle_fn(s), frequency=3, max_new_tokens=9,
-                  eos_id=5, rng=_TorchUniforms(seed))
-    got = F.scrg(prompts, responses, t, s, frequency=3, max_new_tokens=9, eos_id=5,
-                 generator=torch.Generator().manual_seed(seed))
+    want = R.scrg(
+        prompts[0],
+        responses[0],
+        oracle_fn(t),
+        oracle_fn(s),
+        frequency=3,
+        max_new_tokens=9,
+        eos_id=5,
+        rng=_TorchUniforms(seed),
+    )
+    got = F.scrg(
+        prompts,
+        responses,
+        t,
+        s,
+        frequency=3,
+        max_new_tokens=9,
+        eos_id=5,
+        generator=torch.Generator().manual_seed(seed),
+    )
     assert got == ([want[0]], [want[1]])
 
 
 def test_sampling_is_deterministic_given_the_generator():
     t, s = gpt_pair(4, 11)
     prompts, responses = _batch(9, 5, 11, 0, 9, False)
-    run = lambda k: F.scrg(prompts, responses, t, s, frequency=3, max_new_tokens=9, eos_id=0,
-                           generator=torch.Generator().manual_seed(k))
+    run = lambda k: F.scrg(
+        prompts,
+        responses,
+        t,
+        s,
+        frequency=3,
+        max_new_tokens=9,
+        eos_id=0,
+        generator=torch.Generator().manual_seed(k),
+    )
     first = run(0)
     assert run(0) == first
     assert any(run(k) != first for k in (1, 2, 3))
@@ -385,14 +458,30 @@ def test_checkpoints_fast_equals_oracle(checkpoints, frequency):
     teacher, student, prompts = checkpoints
     assert len({len(p) for p in prompts}) == 3 and all(p[0] == BOS for p in prompts)
     max_new = 20
-    responses = F.continue_responses(student, prompts, [[], [], []], max_new_tokens=max_new, eos_id=EOS,
-                                     generator=torch.Generator().manual_seed(1))
+    responses = F.continue_responses(
+        student,
+        prompts,
+        [[], [], []],
+        max_new_tokens=max_new,
+        eos_id=EOS,
+        generator=torch.Generator().manual_seed(1),
+    )
     responses[2] = responses[2][:7]  # a shorter, cut response too
     tf, sf = oracle_fn(teacher), oracle_fn(student)
-    want = [R.scrg(p, r, tf, sf, frequency=frequency, max_new_tokens=max_new, eos_id=EOS, **GREEDY)
-            for p, r in zip(prompts, responses, strict=True)]
-    got = F.scrg(prompts, responses, teacher, student, frequency=frequency, max_new_tokens=max_new,
-                 eos_id=EOS, **GREEDY)
+    want = [
+        R.scrg(p, r, tf, sf, frequency=frequency, max_new_tokens=max_new, eos_id=EOS, **GREEDY)
+        for p, r in zip(prompts, responses, strict=True)
+    ]
+    got = F.scrg(
+        prompts,
+        responses,
+        teacher,
+        student,
+        frequency=frequency,
+        max_new_tokens=max_new,
+        eos_id=EOS,
+        **GREEDY,
+    )
     assert got == ([w[0] for w in want], [w[1] for w in want])
     assert any(got[1])  # at least one row was corrected
 

@@ -2,6 +2,7 @@
 finite differences and a by-the-definition loop, then the torch and Triton backends against the oracle
 (batched loss, gradient with a random cotangent, squared option, padding, -inf entries, +-1e4 logits,
 fp16/bf16, empty span batches -> 0), and bad input."""
+
 import numpy as np
 import pytest
 import torch
@@ -19,8 +20,25 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 # ----------------------------------------------------------------------------------------- extractor
 
-TOKS = ["The", " quick", " brown", " fo", "x", " jump", "ed", " over", " the", " laz", "y", " dog", ".",
-        " Un", "believ", "able", "!"]
+TOKS = [
+    "The",
+    " quick",
+    " brown",
+    " fo",
+    "x",
+    " jump",
+    "ed",
+    " over",
+    " the",
+    " laz",
+    "y",
+    " dog",
+    ".",
+    " Un",
+    "believ",
+    "able",
+    "!",
+]
 
 
 def _text(toks, spans):
@@ -71,6 +89,7 @@ def test_extracted_spans_are_valid_and_deterministic():
 
 
 # ------------------------------------------------------------------------------------------- oracle
+
 
 def _rand(seed, T, V, scale=3.0):
     rng = np.random.default_rng(seed)
@@ -124,6 +143,7 @@ def test_gradient_error_scale(squared):
 
 
 # ----------------------------------------------------------------------------------- fast vs oracle
+
 
 def _run(t, s, spans, backend, dtype=torch.float32, squared=False, cot=1.7):
     B = t.shape[0]
@@ -229,8 +249,14 @@ def test_triton_partial_second_chunk_with_padding():
 
 
 @settings(max_examples=examples(4))
-@given(B=st.integers(1, 2), T=st.integers(2, 6), V=st.integers(1, 70), seed=st.integers(0, 2**16),
-       squared=st.booleans(), backend=st.sampled_from(["torch", "triton"]))
+@given(
+    B=st.integers(1, 2),
+    T=st.integers(2, 6),
+    V=st.integers(1, 70),
+    seed=st.integers(0, 2**16),
+    squared=st.booleans(),
+    backend=st.sampled_from(["torch", "triton"]),
+)
 @example(B=1, T=2, V=1, seed=0, squared=False, backend="triton")  # V = 1: every product is 1, loss 0
 @example(B=2, T=5, V=33, seed=1, squared=True, backend="triton")
 @example(B=1, T=2, V=2, seed=854, squared=False, backend="torch")  # fuzzing: a dominant token's cancellation
@@ -254,6 +280,7 @@ def test_pair_rows():
 
 
 # ------------------------------------------------------------------------------------------- bad input
+
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bad_input(backend):

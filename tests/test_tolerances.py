@@ -1,4 +1,5 @@
 """The tolerance helper is itself tested: inputs that must pass, and inputs that must fail."""
+
 import numpy as np
 import pytest
 import torch

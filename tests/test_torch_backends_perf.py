@@ -2,13 +2,13 @@
 cheap reduction; these tests force one row per chunk so that every chunk boundary, the padded
 arithmetic of a chunk, a masked chunk holding NaN and the error path are exercised against the oracle
 (``tests/test_divergences_fast.py`` covers the rest at the default chunk size)."""
+
 import numpy as np
 import pytest
 import torch
 from test_divergences_fast import CASES, IDS, _check, _make
 
 from fast import divergences as F
-
 
 ONE_ROW_PER_CHUNK = 1  # ``block_v`` of the torch backend: elements per row chunk, so one row per chunk
 
@@ -27,10 +27,30 @@ def _mixed_rows(rng, n=7, v=37):  # padded rows, clean rows, masked rows holding
 def test_chunked_rows_match_reference(name, params):
     rng = np.random.default_rng(30)
     t, s, keep = _mixed_rows(rng)
-    _check(name, "torch", t, s, tau=1.5, params=params, keep=keep, reduction="none", go_seed=1,
-           block_v=ONE_ROW_PER_CHUNK)
-    _check(name, "torch", t, s, tau=1.0, params=params, keep=keep, reduction="mean", go_seed=2,
-           block_v=ONE_ROW_PER_CHUNK)
+    _check(
+        name,
+        "torch",
+        t,
+        s,
+        tau=1.5,
+        params=params,
+        keep=keep,
+        reduction="none",
+        go_seed=1,
+        block_v=ONE_ROW_PER_CHUNK,
+    )
+    _check(
+        name,
+        "torch",
+        t,
+        s,
+        tau=1.0,
+        params=params,
+        keep=keep,
+        reduction="mean",
+        go_seed=2,
+        block_v=ONE_ROW_PER_CHUNK,
+    )
 
 
 @pytest.mark.parametrize("chunked", [False, True])

@@ -13,9 +13,9 @@ import torch
 from fast.training.checkpoint import CheckpointError
 from fast.training.loop import micro_batch_slice, read_log
 from fast.training.schedule import lr_at
+from tiny_models.gpt import GPT, GPTConfig
 from tiny_models.model_io import load_model, save_model
 from tiny_models.train import TrainConfig, train
-from tiny_models.gpt import GPT, GPTConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -50,8 +50,9 @@ def train(cfg: DistillConfig, *, teacher=None, student=None) -> dict:
     if student is None:
         student, _ = load_model(cfg.student, device=device)
     ds = build_dataset(cfg.data_seed, n_per_family=cfg.n_per_family)
-    return _distill.train(cfg, teacher, student, as_pairs(ds["train"]), as_pairs(ds["valid"]), decode=decode,
-                          save_model=saver)
+    return _distill.train(
+        cfg, teacher, student, as_pairs(ds["train"]), as_pairs(ds["valid"]), decode=decode, save_model=saver
+    )
 
 
 def main(argv=None) -> None:
@@ -67,10 +68,17 @@ def main(argv=None) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         recs = read_log(cfg.out_dir)
         vals = [r["val_rougeL"] for r in recs if "val_rougeL" in r]
-        print(json.dumps({"method": cfg.method, "step": out["step"],
-                          "final_loss": out["losses"][-1] if out["losses"] else None,
-                          "best_val_rougeL": max(vals) if vals else None,
-                          "elapsed_s": round(out["elapsed_s"], 1)}))
+        print(
+            json.dumps(
+                {
+                    "method": cfg.method,
+                    "step": out["step"],
+                    "final_loss": out["losses"][-1] if out["losses"] else None,
+                    "best_val_rougeL": max(vals) if vals else None,
+                    "elapsed_s": round(out["elapsed_s"], 1),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
     python -m tiny_models.distill_grid --timing 12      # seconds per training step of every method
     nohup python -m tiny_models.distill_grid --steps 150 > grid.log 2>&1 &     # background-friendly
 
-Each (method, training seed) is one run of ``tiny_models.distill.train`` in ``<runs>/<method>/seed<k>/`` from the
+Each (method, training seed) is one run of ``tiny_models.distill.train`` in ``<runs>/<method>/seed<k>/`` from
+the
 same
 initial student (``tiny_models/checkpoints/student.safetensors``) and frozen teacher, for the same number of
 steps (SFT is the student's SFT continued for those steps: the equal-steps baseline). The run keeps its best
@@ -40,9 +41,19 @@ from tiny_models.tasks import EVAL_SETS, build_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-ABLATIONS = ("mgsr-no-scrg", "mgsr-no-dackl", "mgsr-no-span", "mgsr-scrg3", "mgsr-scrg5", "mgsr-reverse_kl",
-             "mgsr-symmetric_kl", "mgsr-js_divergence", "mgsr-tv_distance", "mgsr-skew_forward_kl",
-             "mgsr-skew_reverse_kl")
+ABLATIONS = (
+    "mgsr-no-scrg",
+    "mgsr-no-dackl",
+    "mgsr-no-span",
+    "mgsr-scrg3",
+    "mgsr-scrg5",
+    "mgsr-reverse_kl",
+    "mgsr-symmetric_kl",
+    "mgsr-js_divergence",
+    "mgsr-tv_distance",
+    "mgsr-skew_forward_kl",
+    "mgsr-skew_reverse_kl",
+)
 # not run separately (same config as a run above): mgsr-scrg0 = mgsr-no-scrg, mgsr-scrg1 = mgsr,
 # mgsr-forward_kl = mgsr-no-dackl
 SAME_AS = {"mgsr-scrg0": "mgsr-no-scrg", "mgsr-scrg1": "mgsr", "mgsr-forward_kl": "mgsr-no-dackl"}
@@ -55,12 +66,23 @@ def run_one(args, method: str, seed: int, sets) -> dict:
     if os.path.exists(done):
         with open(done) as f:
             return json.load(f)
-    cfg = DistillConfig(method=method, out_dir=out_dir, seed=seed, steps=args.steps,
-                        batch_size=args.batch_size, eval_every=args.eval_every,
-                        eval_examples=args.eval_examples, ckpt_every=args.eval_every,
-                        max_new_tokens=args.max_new_tokens, n_per_family=args.n_per_family, threads=1,
-                        progress=not args.no_progress, resume=True, teacher=args.teacher,
-                        student=args.student)
+    cfg = DistillConfig(
+        method=method,
+        out_dir=out_dir,
+        seed=seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        eval_every=args.eval_every,
+        eval_examples=args.eval_examples,
+        ckpt_every=args.eval_every,
+        max_new_tokens=args.max_new_tokens,
+        n_per_family=args.n_per_family,
+        threads=1,
+        progress=not args.no_progress,
+        resume=True,
+        teacher=args.teacher,
+        student=args.student,
+    )
     cfg = dataclasses.replace(cfg, **args.override)
     train(cfg)
     path = os.path.join(out_dir, "best.safetensors")
@@ -69,18 +91,27 @@ def run_one(args, method: str, seed: int, sets) -> dict:
     model, meta = load_model(path)
     res = score_model(model, sets, args)
     recs = read_log(out_dir)
-    res.update(method=method, seed=seed, steps=args.steps, checkpoint=os.path.basename(path),
-               best_step=meta.get("step"), step_s=statistics.median(r["step_s"] for r in recs),
-               config=dataclasses.asdict(cfg))
+    res.update(
+        method=method,
+        seed=seed,
+        steps=args.steps,
+        checkpoint=os.path.basename(path),
+        best_step=meta.get("step"),
+        step_s=statistics.median(r["step_s"] for r in recs),
+        config=dataclasses.asdict(cfg),
+    )
     with open(done, "w") as f:
         json.dump(res, f, indent=1)
     return res
 
 
 def score_model(model, sets, args) -> dict:
-    return {"greedy": evaluate(model, sets, temperature=0.0, max_new_tokens=args.max_new_tokens),
-            "sampled": evaluate(model, sets, temperature=1.0, seeds=tuple(args.sample_seeds),
-                                max_new_tokens=args.max_new_tokens)}
+    return {
+        "greedy": evaluate(model, sets, temperature=0.0, max_new_tokens=args.max_new_tokens),
+        "sampled": evaluate(
+            model, sets, temperature=1.0, seeds=tuple(args.sample_seeds), max_new_tokens=args.max_new_tokens
+        ),
+    }
 
 
 def _ms(vals):
@@ -91,29 +122,40 @@ def summarise(results: dict, sets) -> dict:
     """{method: {"n_seeds", "step_s", greedy/sampled {set: {metric: (mean, std)}}}}."""
     out = {}
     for method, runs in results.items():
-        row = {"n_seeds": len(runs), "step_s": statistics.median(r["step_s"] for r in runs)
-               if all("step_s" in r for r in runs) else None}
+        row = {
+            "n_seeds": len(runs),
+            "step_s": statistics.median(r["step_s"] for r in runs)
+            if all("step_s" in r for r in runs)
+            else None,
+        }
         for mode in ("greedy", "sampled"):
             row[mode] = {}
             for s in sets:
-                row[mode][s] = {"rougeL": _ms([r[mode][s]["rougeL"] for r in runs]),
-                                "exact_match": _ms([r[mode][s]["exact_match"] for r in runs])}
+                row[mode][s] = {
+                    "rougeL": _ms([r[mode][s]["rougeL"] for r in runs]),
+                    "exact_match": _ms([r[mode][s]["exact_match"] for r in runs]),
+                }
                 if mode == "sampled":  # pool training seeds and sampling seeds: the within-run spread too
                     m = [r[mode][s]["rougeL"] for r in runs]
                     w = [r[mode][s]["rougeL_std"] for r in runs]
                     row[mode][s]["rougeL_within"] = statistics.fmean(w)
                     row[mode][s]["rougeL"] = _ms(m)
             held = [s for s in sets if s != "valid"]
-            row[mode]["avg"] = {"rougeL": _ms([statistics.fmean(r[mode][s]["rougeL"] for s in held)
-                                               for r in runs])}
+            row[mode]["avg"] = {
+                "rougeL": _ms([statistics.fmean(r[mode][s]["rougeL"] for s in held) for r in runs])
+            }
         out[method] = row
     return out
 
 
 def table(summary, sets, mode, metric, title) -> str:
     cols = [s for s in sets] + ["avg (held-out)"]
-    lines = [f"**{title}**", "", "| method | seeds | s/step | " + " | ".join(cols) + " |",
-             "|---|---|---|" + "---|" * len(cols)]
+    lines = [
+        f"**{title}**",
+        "",
+        "| method | seeds | s/step | " + " | ".join(cols) + " |",
+        "|---|---|---|" + "---|" * len(cols),
+    ]
     for m, row in summary.items():
         cells = []
         for s in sets:
@@ -139,8 +181,14 @@ def plot(summary, path) -> None:
     mu = [summary[n]["greedy"]["avg"]["rougeL"][0] for n in names]
     sd = [summary[n]["greedy"]["avg"]["rougeL"][1] for n in names]
     fig, ax = plt.subplots(figsize=(max(5, 0.55 * len(names) + 2), 3.6))
-    colors = ["tab:red" if n.startswith("mgsr") else "tab:gray" if n in ("teacher", "student (init)")
-              else "tab:blue" for n in names]
+    colors = [
+        "tab:red"
+        if n.startswith("mgsr")
+        else "tab:gray"
+        if n in ("teacher", "student (init)")
+        else "tab:blue"
+        for n in names
+    ]
     ax.bar(range(len(names)), mu, yerr=sd, color=colors, capsize=3)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("greedy ROUGE-L, mean of held-out sets")
@@ -201,43 +249,66 @@ def export_students(args, results: dict, summary: dict, methods, cmd: str) -> No
         model, _ = load_model(dst)
         recipe = METHODS[m]
         cards[m] = {
-            "method": m, "sequences": recipe.sequences, "loss": recipe.loss, "training_seed": seed,
-            "steps": run["steps"], "best_step": run["best_step"], "step_s": run["step_s"],
-            "parameters": sum(p.numel() for p in model.parameters()), "file_bytes": os.path.getsize(dst),
-            "init": os.path.relpath(args.student, ROOT), "teacher": os.path.relpath(args.teacher, ROOT),
-            "command": cmd, "config": run["config"],
-            "this_seed": {mode: {s: {k: run[mode][s][k] for k in ("n", "rougeL", "exact_match")}
-                                 for s in run[mode]} for mode in ("greedy", "sampled")},
+            "method": m,
+            "sequences": recipe.sequences,
+            "loss": recipe.loss,
+            "training_seed": seed,
+            "steps": run["steps"],
+            "best_step": run["best_step"],
+            "step_s": run["step_s"],
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "file_bytes": os.path.getsize(dst),
+            "init": os.path.relpath(args.student, ROOT),
+            "teacher": os.path.relpath(args.teacher, ROOT),
+            "command": cmd,
+            "config": run["config"],
+            "this_seed": {
+                mode: {s: {k: run[mode][s][k] for k in ("n", "rougeL", "exact_match")} for s in run[mode]}
+                for mode in ("greedy", "sampled")
+            },
             "all_seeds_greedy_avg_rougeL": summary[m]["greedy"]["avg"]["rougeL"],
         }
         with open(os.path.join(out, f"{m}.json"), "w") as f:
             json.dump(cards[m], f, indent=1)
     held = [s for s in SETS if s != "valid"]
-    rows = ["| file | method | trains on | loss | best step | " + " | ".join(held)
-            + " | held-out avg (this seed) | all seeds |", "|---|---|---|---|---|" + "---|" * (len(held) + 2)]
+    rows = [
+        "| file | method | trains on | loss | best step | "
+        + " | ".join(held)
+        + " | held-out avg (this seed) | all seeds |",
+        "|---|---|---|---|---|" + "---|" * (len(held) + 2),
+    ]
     for m, c in cards.items():
         g = c["this_seed"]["greedy"]
         avg = statistics.fmean(g[s]["rougeL"] for s in held)
         mu, sd = c["all_seeds_greedy_avg_rougeL"]
-        rows.append(f"| `{m}.safetensors` | {m} | {c['sequences']} | {c['loss']} | "
-                    f"{c['best_step']} / {c['steps']} | " + " | ".join(f"{g[s]['rougeL']:.1f}" for s in held)
-                    + f" | {avg:.1f} | {mu:.1f} ± {sd:.1f} |")
+        rows.append(
+            f"| `{m}.safetensors` | {m} | {c['sequences']} | {c['loss']} | "
+            f"{c['best_step']} / {c['steps']} | "
+            + " | ".join(f"{g[s]['rougeL']:.1f}" for s in held)
+            + f" | {avg:.1f} | {mu:.1f} ± {sd:.1f} |"
+        )
     some = next(iter(cards.values()))
     text = [
-        "# Distilled students (model cards)", "",
+        "# Distilled students (model cards)",
+        "",
         f"Each file is the checkpoint with the best validation ROUGE-L of training seed {seed} of one",
         "method of the distillation grid, from the same initial student "
         f"(`{some['init']}`, {some['parameters']:,} parameters)",
         f"and the same frozen teacher (`{some['teacher']}`). Every run trained {some['steps']} steps of",
         f"{args.batch_size} examples; the weights are fp32 with the model config in the safetensors metadata",
-        "(`tiny_models.model_io.load_model(path)` returns the model).", "",
-        f"Command: `{cmd}`", "",
+        "(`tiny_models.model_io.load_model(path)` returns the model).",
+        "",
+        f"Command: `{cmd}`",
+        "",
         "Greedy ROUGE-L (x100) on the held-out evaluation sets for this seed, and the held-out average over",
         "all training seeds (mean ± std; the full tables are in `../results.md`). The JSON card next to each",
-        "file holds its whole configuration, per-set greedy and sampled scores and exact match.", "",
-        *rows, "",
+        "file holds its whole configuration, per-set greedy and sampled scores and exact match.",
+        "",
+        *rows,
+        "",
         "Intended use: teaching and small experiments (answers to the synthetic task families of",
-        "`tiny_models/tasks.py`); these models know nothing else.", "",
+        "`tiny_models/tasks.py`); these models know nothing else.",
+        "",
     ]
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write("\n".join(text))
@@ -251,10 +322,20 @@ def timing(args, methods) -> None:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for m in methods:
-            cfg = DistillConfig(method=m, out_dir=os.path.join(tmp, m), steps=args.timing, eval_every=0,
-                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, threads=1,
-                                progress=False, teacher=args.teacher, student=args.student,
-                                n_per_family=args.n_per_family, ckpt_every=10**9)
+            cfg = DistillConfig(
+                method=m,
+                out_dir=os.path.join(tmp, m),
+                steps=args.timing,
+                eval_every=0,
+                batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens,
+                threads=1,
+                progress=False,
+                teacher=args.teacher,
+                student=args.student,
+                n_per_family=args.n_per_family,
+                ckpt_every=10**9,
+            )
             cfg = dataclasses.replace(cfg, **args.override)
             train(cfg)
             t = [r["step_s"] for r in read_log(cfg.out_dir)]
@@ -262,9 +343,17 @@ def timing(args, methods) -> None:
             rows.append(f"| {m} | {out[m][0]:.3f} | {out[m][1]:.3f} | {len(t)} |")
             print(rows[-1], flush=True)
     cmd = "python -m tiny_models.distill_grid " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    text = "\n".join([f"Command: `{cmd}`", "",
-                      f"batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, "
-                      f"one CPU thread (torch {torch.__version__})", "", *rows, ""])
+    text = "\n".join(
+        [
+            f"Command: `{cmd}`",
+            "",
+            f"batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, "
+            f"one CPU thread (torch {torch.__version__})",
+            "",
+            *rows,
+            "",
+        ]
+    )
     with open(os.path.join(args.results, "timing.md"), "w") as f:
         f.write(text)
     print(text)
@@ -278,8 +367,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--eval_every", type=int, default=50)
-    p.add_argument("--eval_examples", type=int, default=64,
-                   help="validation examples for checkpoint selection")
+    p.add_argument(
+        "--eval_examples", type=int, default=64, help="validation examples for checkpoint selection"
+    )
     p.add_argument("--n_eval_per_family", type=int, default=30, help="evaluation-set size per task family")
     p.add_argument("--sample_seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max_new_tokens", type=int, default=48)
@@ -288,18 +378,38 @@ def main(argv=None) -> None:
     p.add_argument("--student", default=os.path.join(ROOT, "tiny_models/checkpoints/student.safetensors"))
     p.add_argument("--runs", default=os.path.join(ROOT, "runs/distill_grid"))
     p.add_argument("--results", default=os.path.join(ROOT, "tiny_models/results/mgsr"))
-    p.add_argument("--set", dest="override", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a DistillConfig field for every run (e.g. --set init_threshold=0.5)")
-    p.add_argument("--quick", action="store_true",
-                   help="2 methods x 1 seed x 4 steps, 1 evaluation example per family")
+    p.add_argument(
+        "--set",
+        dest="override",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a DistillConfig field for every run (e.g. --set init_threshold=0.5)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="2 methods x 1 seed x 4 steps, 1 evaluation example per family"
+    )
     p.add_argument("--no_progress", action="store_true")
-    p.add_argument("--summarise_only", action="store_true",
-                   help="write the tables from the finished runs only (train and evaluate nothing new)")
-    p.add_argument("--export_students", nargs="+", default=None, metavar="METHOD",
-                   help="copy these methods' best checkpoints (first training seed) to <results>/students/ "
-                        "with model cards")
-    p.add_argument("--timing", type=int, default=0, metavar="N",
-                   help="only time N training steps of every method (no validation) and write timing.md")
+    p.add_argument(
+        "--summarise_only",
+        action="store_true",
+        help="write the tables from the finished runs only (train and evaluate nothing new)",
+    )
+    p.add_argument(
+        "--export_students",
+        nargs="+",
+        default=None,
+        metavar="METHOD",
+        help="copy these methods' best checkpoints (first training seed) to <results>/students/ "
+        "with model cards",
+    )
+    p.add_argument(
+        "--timing",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only time N training steps of every method (no validation) and write timing.md",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     fields = {f.name: f for f in dataclasses.fields(DistillConfig)}
@@ -357,22 +467,47 @@ def main(argv=None) -> None:
     cmd = "python -m tiny_models.distill_grid " + " ".join(shlex.quote(a) for a in argv)
     ran = {m: [r["seed"] for r in rs] for m, rs in results.items() if m not in ("teacher", "student (init)")}
     with open(os.path.join(args.results, "results.json"), "w") as f:
-        json.dump({"command": cmd, "steps": args.steps, "seeds": args.seeds,
-                   "sample_seeds": args.sample_seeds,
-                   "batch_size": args.batch_size, "n_eval_per_family": args.n_eval_per_family,
-                   "overrides": args.override, "summary": summary, "finished_runs": ran,
-                   "sizes": {s: len(v) for s, v in sets.items()}}, f, indent=1)
+        json.dump(
+            {
+                "command": cmd,
+                "steps": args.steps,
+                "seeds": args.seeds,
+                "sample_seeds": args.sample_seeds,
+                "batch_size": args.batch_size,
+                "n_eval_per_family": args.n_eval_per_family,
+                "overrides": args.override,
+                "summary": summary,
+                "finished_runs": ran,
+                "sizes": {s: len(v) for s, v in sets.items()},
+            },
+            f,
+            indent=1,
+        )
     names = list(sets)
-    md = [f"Command: `{cmd}`", "",
-          f"{args.steps} steps x {args.batch_size} examples per run from the same student; training seeds "
-          f"{args.seeds}; evaluation sets ({', '.join(f'{s}: {len(v)}' for s, v in sets.items())}); "
-          "teacher and init student are evaluated once (no training seed).", "",
-          "Finished runs (training seeds) in these tables: "
-          + "; ".join(f"{m}: {', '.join(map(str, sd))}" for m, sd in ran.items()) + ".", "",
-          table(summary, names, "greedy", "rougeL", "ROUGE-L (x100), greedy"), "",
-          table(summary, names, "sampled", "rougeL",
-                f"ROUGE-L (x100), sampled T=1, sampling seeds {args.sample_seeds}"), "",
-          table(summary, names, "greedy", "exact_match", "Exact match (x100), greedy"), ""]
+    md = [
+        f"Command: `{cmd}`",
+        "",
+        f"{args.steps} steps x {args.batch_size} examples per run from the same student; training seeds "
+        f"{args.seeds}; evaluation sets ({', '.join(f'{s}: {len(v)}' for s, v in sets.items())}); "
+        "teacher and init student are evaluated once (no training seed).",
+        "",
+        "Finished runs (training seeds) in these tables: "
+        + "; ".join(f"{m}: {', '.join(map(str, sd))}" for m, sd in ran.items())
+        + ".",
+        "",
+        table(summary, names, "greedy", "rougeL", "ROUGE-L (x100), greedy"),
+        "",
+        table(
+            summary,
+            names,
+            "sampled",
+            "rougeL",
+            f"ROUGE-L (x100), sampled T=1, sampling seeds {args.sample_seeds}",
+        ),
+        "",
+        table(summary, names, "greedy", "exact_match", "Exact match (x100), greedy"),
+        "",
+    ]
     with open(os.path.join(args.results, "results.md"), "w") as f:
         f.write("\n".join(md))
     with open(os.path.join(args.results, "command.txt"), "w") as f:

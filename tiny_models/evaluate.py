@@ -16,7 +16,7 @@ import statistics
 import torch
 
 from fast.training.evaluate import generate_texts, score_texts
-from tiny_models.gpt import EOS, PAD, GPT
+from tiny_models.gpt import EOS, GPT, PAD
 from tiny_models.model_io import load_model
 from tiny_models.tasks import EVAL_SETS, Example, build_dataset, decode, prompt_ids
 
@@ -32,9 +32,19 @@ def generate_responses(
     batch_size: int = 64,
     max_new_tokens: int = 48,
 ) -> list[str]:
-    return generate_texts(model, [prompt_ids(e.prompt) for e in examples], decode, eos_id=EOS, pad_id=PAD,
-                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens)
+    return generate_texts(
+        model,
+        [prompt_ids(e.prompt) for e in examples],
+        decode,
+        eos_id=EOS,
+        pad_id=PAD,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+    )
 
 
 def score(candidates: list[str], examples: list[Example]) -> dict[str, float]:

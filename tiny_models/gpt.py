@@ -76,8 +76,10 @@ class GPTConfig:
             opts = dict(self.attn_kwargs)
             bad_mode = opts.get("mode", "joint") not in ("joint", "gated")
             if self.window is None or "top_k" not in opts or bad_mode:
-                raise ValueError(f"attention='match' needs a window w >= 1 and attn_kwargs with top_k (and "
-                                 f"mode 'joint' or 'gated'); got window={self.window}, attn_kwargs={opts}")
+                raise ValueError(
+                    f"attention='match' needs a window w >= 1 and attn_kwargs with top_k (and "
+                    f"mode 'joint' or 'gated'); got window={self.window}, attn_kwargs={opts}"
+                )
         if self.attention not in ATTENTION:
             raise ValueError(f"unknown attention {self.attention!r}; registered: {sorted(ATTENTION)}")
 
@@ -154,8 +156,20 @@ def register_attention(name: str, fn: Callable, *, overwrite: bool = False) -> N
     ATTENTION[name] = fn
 
 
-def match_attention(q, k, v, *, window, key_valid=None, scale=None, top_k, block_size=1, mode="joint",
-                    gate_logit=None, summaries=None):  # [B, H, Tq, D] x3 -> [B, H, Tq, D]
+def match_attention(
+    q,
+    k,
+    v,
+    *,
+    window,
+    key_valid=None,
+    scale=None,
+    top_k,
+    block_size=1,
+    mode="joint",
+    gate_logit=None,
+    summaries=None,
+):  # [B, H, Tq, D] x3 -> [B, H, Tq, D]
     """MATCH (arXiv 2606.29844, ``fast/match.py``): the window plus the ``top_k`` retrieved out-of-window keys
     (tokens, or the candidate keys of ``top_k`` blocks of ``block_size``); ``mode`` "joint" or "gated" (the
     gate logit ``[B, H, Tq]`` comes from the block's ``c_gate``). Full length without padding:
@@ -165,8 +179,9 @@ def match_attention(q, k, v, *, window, key_valid=None, scale=None, top_k, block
     from fast import match as fm  # lazy, like fast.attention above
 
     tq, tk = q.shape[-2], k.shape[-2]
-    kw = dict(window=window, top_k=top_k, block_size=block_size, mode=mode, gate_logit=gate_logit,
-              scale=scale)
+    kw = dict(
+        window=window, top_k=top_k, block_size=block_size, mode=mode, gate_logit=gate_logit, scale=scale
+    )
     if tq == 1 and tk > 1:
         return fm.match_decode(q, k, v, key_valid=key_valid, summaries=summaries, **kw)
     if tq == tk and key_valid is None:
@@ -229,8 +244,11 @@ class CausalSelfAttention(nn.Module):
 
             bs = extra["block_size"]
             old = cache.get("summ")
-            cache["summ"] = (fm.block_summaries(k, bs, key_valid=key_valid) if old is None else
-                             fm.update_block_summaries(old, k, bs, key_valid=key_valid))
+            cache["summ"] = (
+                fm.block_summaries(k, bs, key_valid=key_valid)
+                if old is None
+                else fm.update_block_summaries(old, k, bs, key_valid=key_valid)
+            )
             if T == 1 and k.shape[2] > 1:
                 extra["summaries"] = cache["summ"]
         y = fn(q, k, v, window=self.cfg.window, key_valid=key_valid, scale=None, **extra)
@@ -335,6 +353,15 @@ def generate(
     recomputes the whole sequence every step (the oracle the KV-cache path is tested against).
     Sampling needs an explicit ``torch.Generator`` (a CPU generator; draws are moved to the model device).
     """
-    return sampling.generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                             temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                             pad_id=PAD, use_cache=use_cache)
+    return sampling.generate(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        eos_id=eos_id,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=generator,
+        pad_id=PAD,
+        use_cache=use_cache,
+    )

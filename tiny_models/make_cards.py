@@ -22,8 +22,8 @@ import shutil
 import torch
 
 from fast.training.loop import read_log
-from tiny_models.model_io import load_model
 from tiny_models.evaluate import evaluate
+from tiny_models.model_io import load_model
 from tiny_models.tasks import EVAL_SETS, build_dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -165,7 +165,8 @@ from `tiny_models/checkpoints/{{teacher,student}}.json`; the commands that train
     with open(ROOT_README, "w") as f:
         f.write(head + results + rest.split(END, 1)[1])
     cards_md = (
-        "# Model cards: tiny teacher and student\n\n" + about
+        "# Model cards: tiny teacher and student\n\n"
+        + about
         + "\nTheir results (ROUGE-L and exact match on every evaluation set) are in the top-level README, section\n"
         "[Results](../../README.md#results); every number is also in `<name>.json` (`greedy`, `sampled_T1`).\n"
     )

@@ -37,7 +37,9 @@ def load_model(path: str, *, config: GPTConfig | None = None, device="cpu", dtyp
             for f in dataclasses.fields(GPTConfig)
             if getattr(stored, f.name) != getattr(config, f.name)
         }
-        raise CheckpointError(f"checkpoint {path} was saved with a different model config (stored, wanted): {diff}")
+        raise CheckpointError(
+            f"checkpoint {path} was saved with a different model config (stored, wanted): {diff}"
+        )
     model = GPT(stored)
     try:
         model.load_state_dict(tensors, strict=True)

@@ -1,4 +1,4 @@
-"""Train a tiny GPT on the instruction tasks or the Shakespeare plays (``fast.training.sft``). CLI and function.
+"""Train a tiny GPT on the instruction tasks or the Shakespeare plays (``fast.training.sft``). CLI, function.
 
     python -m tiny_models.train --out_dir runs/x --n_layer 2 --n_embd 96 --n_head 2 --steps 400
     torchrun --standalone --nproc_per_node 2 -m tiny_models.train --out_dir runs/x ...   # DDP (gloo on CPU)
@@ -40,7 +40,9 @@ class TrainConfig(SFTConfig):
     data_seed: int = 0
     n_per_family: int = 2000
     text_chars: int = 2_000_000
-    init_from: str | None = None  # start from these weights (fresh optimizer and schedule): a second SFT stage
+    init_from: str | None = (
+        None  # start from these weights (fresh optimizer and schedule): a second SFT stage
+    )
 
     def model_config(self) -> GPTConfig:
         return GPTConfig(
@@ -117,7 +119,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def parse_config(cls, argv=None, *, description: str = "", extra=None):
-    """A dataclass config from ``--field value`` flags (``none`` for optional fields, 1/true/yes for bools)."""
+    """A dataclass config from ``--field value`` flags (``none``: unset; 1/true/yes: True)."""
     p = argparse.ArgumentParser(description=description)
     if extra is not None:
         extra(p)
@@ -127,8 +129,9 @@ def parse_config(cls, argv=None, *, description: str = "", extra=None):
             p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
         elif "None" in typ:
             base = int if "int" in typ else (float if "float" in typ else str)
-            p.add_argument(f"--{f.name}", type=lambda s, b=base: None if s.lower() == "none" else b(s),
-                           default=f.default)
+            p.add_argument(
+                f"--{f.name}", type=lambda s, b=base: None if s.lower() == "none" else b(s), default=f.default
+            )
         else:
             p.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(typ, str), default=f.default)
     return vars(p.parse_args(argv))
@@ -139,9 +142,17 @@ def main(argv=None) -> None:
     out = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         last = out["val"][-1][1] if out["val"] else float("nan")
-        print(json.dumps({"step": out["step"], "final_loss": out["losses"][-1] if out["losses"] else None,
-                          "val_loss": last, "elapsed_s": round(out["elapsed_s"], 1),
-                          "num_params": out["num_params"]}))
+        print(
+            json.dumps(
+                {
+                    "step": out["step"],
+                    "final_loss": out["losses"][-1] if out["losses"] else None,
+                    "val_loss": last,
+                    "elapsed_s": round(out["elapsed_s"], 1),
+                    "num_params": out["num_params"],
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ runtime's value specialisations (``== 1`` / divisible-by-16 hints), so it proves
 not that every specialisation the runtime picks does.
 
     python -m fast.devtools.compile_check            # every dtype, every autotune config (~5 min on 2 cores)
-    python -m fast.devtools.compile_check --quick    # fp32 + bf16, first config only (~6 min, one core; make test)
+    python -m fast.devtools.compile_check --quick    # fp32 + bf16, first config (~4 min, one core; make test)
 
 Run it without ``TRITON_INTERPRET``; it prints one line per compiled kernel variant.
 """
@@ -222,8 +222,14 @@ def _workload(dtypes):
             if K == 0 or D == 128:
                 continue
             summ = match_triton.block_summaries_triton(k.detach(), bs) if bs > 1 else None
-            match_triton.match_decode_triton(q[:, :, -1:].detach(), k.detach(), v.detach(), summaries=summ,
-                                             gate_logit=None if gl is None else gl[:, :, -1:].detach(), **cfg)
+            match_triton.match_decode_triton(
+                q[:, :, -1:].detach(),
+                k.detach(),
+                v.detach(),
+                summaries=summ,
+                gate_logit=None if gl is None else gl[:, :, -1:].detach(),
+                **cfg,
+            )
         # span loss, plain and squared
         for squared in (False, True):
             t, s = rnd(2, 9, 300, dtype=dtype), rnd(2, 9, 300, dtype=dtype).requires_grad_()
@@ -252,7 +258,11 @@ def all_kernels() -> dict[str, str]:
         for obj in vars(mod).values():
             while isinstance(obj, (Autotuner, Heuristics)):
                 obj = obj.fn
-            if isinstance(obj, JITFunction) and obj.__module__ == info.name and obj.__name__.endswith("_kernel"):
+            if (
+                isinstance(obj, JITFunction)
+                and obj.__module__ == info.name
+                and obj.__name__.endswith("_kernel")
+            ):
                 found[obj.__name__] = info.name
     return found
 
@@ -278,7 +288,9 @@ def main() -> int:
     print(f"{len(kernels)} kernels in fast/: {', '.join(sorted(kernels))}")
     for name, module in sorted(kernels.items()):
         if name not in compiled:
-            log.failures.append((f"{name} ({module})", "never compiled: add a call that launches it to _workload"))
+            log.failures.append(
+                (f"{name} ({module})", "never compiled: add a call that launches it to _workload")
+            )
     for what, msg in log.failures:
         print(f"FAILED {what}\n{msg}\n")
     print(

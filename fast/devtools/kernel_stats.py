@@ -121,14 +121,22 @@ def find_loops(instrs: list[tuple[int, str]]) -> list[Loop]:
         if target > addr or target == addr:  # forward branch, or the `BRA self` trap after EXIT
             continue
         j0 = addrs.index(target) if target in addrs else next(k for k, a in enumerate(addrs) if a >= target)
-        body = [_opcode(s) for _, s in instrs[j0:i + 1]]
+        body = [_opcode(s) for _, s in instrs[j0 : i + 1]]
         body = [b for b in body if not b.startswith("NOP")]
-        loops.append(Loop(
-            start=target, end=addr, sass=len(body),
-            hgmma=_count(body, "HGMMA"), mufu=_count(body, "MUFU"), ldg=_count(body, "LDG"),
-            stg=_count(body, "STG"), stsm=_count(body, "STSM"), ldsm=_count(body, "LDSM"),
-            bar=_count(body, "BAR", "WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR"),
-        ))
+        loops.append(
+            Loop(
+                start=target,
+                end=addr,
+                sass=len(body),
+                hgmma=_count(body, "HGMMA"),
+                mufu=_count(body, "MUFU"),
+                ldg=_count(body, "LDG"),
+                stg=_count(body, "STG"),
+                stsm=_count(body, "STSM"),
+                ldsm=_count(body, "LDSM"),
+                bar=_count(body, "BAR", "WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR"),
+            )
+        )
     for lp in loops:
         lp.innermost = not any(o is not lp and lp.start <= o.start and o.end <= lp.end for o in loops)
     return loops
@@ -141,8 +149,17 @@ def ptxas_info(ptx: str, tools: dict[str, str], opts: dict) -> dict:
         with open(src, "w") as f:
             f.write(ptx)
         fmad = [] if opts.get("enable_fp_fusion", True) else ["--fmad=false"]
-        cmd = [tools["ptxas"], "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2", f"--gpu-name={ARCH}",
-               src, "-o", os.path.join(d, "k.o")]
+        cmd = [
+            tools["ptxas"],
+            "-lineinfo",
+            *fmad,
+            "-v",
+            "--regAllocOptLevel=2",
+            f"--gpu-name={ARCH}",
+            src,
+            "-o",
+            os.path.join(d, "k.o"),
+        ]
         p = subprocess.run(cmd, capture_output=True, text=True)
     log = p.stdout + p.stderr
     regs = _PTXAS.search(log)
@@ -183,16 +200,18 @@ def stats_for(compiled, tools) -> list[dict]:
     for name, signature, constexprs, opts, ck in compiled:
         info = ptxas_info(ck.asm["ptx"], tools, opts)
         loops = find_loops(parse_sass(sass_of(ck.asm["cubin"], tools)))
-        records.append(dict(
-            kernel=name,
-            config=_config_name(constexprs, opts, signature),
-            dtype=_dtype_of(signature),
-            registers=info["registers"],
-            spill_bytes=info["spill_bytes"],
-            smem_bytes=int(getattr(ck.metadata, "shared", 0)) + info["static_smem"],
-            warnings=info["warnings"],
-            loops=[lp.record() for lp in loops],
-        ))
+        records.append(
+            dict(
+                kernel=name,
+                config=_config_name(constexprs, opts, signature),
+                dtype=_dtype_of(signature),
+                registers=info["registers"],
+                spill_bytes=info["spill_bytes"],
+                smem_bytes=int(getattr(ck.metadata, "shared", 0)) + info["static_smem"],
+                warnings=info["warnings"],
+                loops=[lp.record() for lp in loops],
+            )
+        )
     return records
 
 
@@ -237,14 +256,20 @@ def _as_the_runtime_compiles(log, only=None):
         options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, spec, opts)
         names = [p.name for p in self.params]
         named = {names[path[0]]: v for path, v in constexprs.items()}
-        key = (self.__name__, tuple(signature.items()), tuple(sorted(named.items())),
-               tuple(sorted(str(a) for a in attrs.items())), str(options))
+        key = (
+            self.__name__,
+            tuple(signature.items()),
+            tuple(sorted(named.items())),
+            tuple(sorted(str(a) for a in attrs.items())),
+            str(options),
+        )
         if key in log.done:
             return
         t0 = time.perf_counter()
         try:
-            ck = triton.compile(ASTSource(self, signature, constexprs, attrs), target=target,
-                                options=options.__dict__)
+            ck = triton.compile(
+                ASTSource(self, signature, constexprs, attrs), target=target, options=options.__dict__
+            )
             launch = {k: getattr(options, k) for k in ("num_warps", "num_stages")}
             declared = {p.name for p in self.params if p.is_constexpr}  # not the runtime's "== 1" ones
             cx = {k: v for k, v in named.items() if k in declared}
@@ -273,8 +298,9 @@ def _attention_workload(dtypes, heads=(64, 128), lengths=(4096,)):
             for T in lengths:
                 for window in (None, 512):
                     q, k, v = (torch.zeros(1, 2, T, D, dtype=dtype, requires_grad=True) for _ in range(3))
-                    out, lse = attention.flash_attention_with_lse(q, k, v, causal=True, window=window,
-                                                                  backend="triton")
+                    out, lse = attention.flash_attention_with_lse(
+                        q, k, v, causal=True, window=window, backend="triton"
+                    )
                     (out.float().sum() + lse.sum()).backward()
 
 
@@ -291,13 +317,23 @@ def _match_workload(heads=(64, 128)):
                 for T, window, bs, top_k in ((1024, 64, 1, 8), (1024, 64, 4, 4), (4096, 512, 64, 8)):
                     q, k, v = (torch.zeros(1, 2, T, D, dtype=dtype, requires_grad=True) for _ in range(3))
                     g = torch.zeros(1, 2, T, requires_grad=True) if mode == "gated" else None
-                    out = match.match_attention(q, k, v, window=window, top_k=top_k, block_size=bs, mode=mode,
-                                                gate_logit=g, backend="triton")
+                    out = match.match_attention(
+                        q,
+                        k,
+                        v,
+                        window=window,
+                        top_k=top_k,
+                        block_size=bs,
+                        mode=mode,
+                        gate_logit=g,
+                        backend="triton",
+                    )
                     out.float().sum().backward()
 
 
-def collect(*, quick: bool, only: str | None, heads=(64, 128), fp32_attention: bool = False,
-            match_tiles: bool = False) -> tuple[list[dict], list]:
+def collect(
+    *, quick: bool, only: str | None, heads=(64, 128), fp32_attention: bool = False, match_tiles: bool = False
+) -> tuple[list[dict], list]:
     import torch
 
     from fast.devtools.compile_check import CompileLog, _workload, compile_instead_of_launch
@@ -339,13 +375,19 @@ def markdown(records: list[dict], title: str = "") -> str:
     ]
     for r in records:
         inner = [lp for lp in r["loops"] if lp["innermost"]]
-        loops = "; ".join(
-            f"{lp['sass']} ({lp['hgmma']} / {lp['mufu']} / {lp['ldg']} / {lp['stg']} / {lp['stsm']} / "
-            f"{lp['ldsm']} / {lp['bar']})" for lp in inner
-        ) or "-"
+        loops = (
+            "; ".join(
+                f"{lp['sass']} ({lp['hgmma']} / {lp['mufu']} / {lp['ldg']} / {lp['stg']} / {lp['stsm']} / "
+                f"{lp['ldsm']} / {lp['bar']})"
+                for lp in inner
+            )
+            or "-"
+        )
         warns = "; ".join(sorted({_short(w) for w in r["warnings"]})) or "-"
-        lines.append(f"| {r['kernel']} | {r['dtype']} | {r['config']} | {r['registers']} | "
-                     f"{r['spill_bytes']} | {r['smem_bytes']} | {warns} | {loops} |")
+        lines.append(
+            f"| {r['kernel']} | {r['dtype']} | {r['config']} | {r['registers']} | "
+            f"{r['spill_bytes']} | {r['smem_bytes']} | {warns} | {loops} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -362,8 +404,10 @@ def summary(records: list[dict], label: str) -> list[str]:
         lean = [min(lp["sass"] for lp in r["loops"] if lp["innermost"]) for r in rs if r["loops"]]
         c7515 = sum(any("C7515" in w for w in r["warnings"]) for r in rs)
         span = f"{min(lean)}-{max(lean)}" if lean else "-"
-        lines.append(f"| {label} | {kernel} | {bd} | {win} | {len(rs)} | {span} | "
-                     f"{max(r['spill_bytes'] for r in rs)} | {c7515} |")
+        lines.append(
+            f"| {label} | {kernel} | {bd} | {win} | {len(rs)} | {span} | "
+            f"{max(r['spill_bytes'] for r in rs)} | {c7515} |"
+        )
     return lines
 
 
@@ -416,18 +460,28 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="keep kernels whose name contains this")
     ap.add_argument("--heads", default="64,128", help="attention head sizes to compile (comma list)")
     focus = ap.add_mutually_exclusive_group()
-    focus.add_argument("--fp32_attention", action="store_true",
-                       help="only the attention kernels' fp32 tile, at T = 4096 and 4001 (with --heads)")
-    focus.add_argument("--match", action="store_true",
-                       help="only MATCH at its GPU tiles: gathered and block-major paths (with --heads)")
+    focus.add_argument(
+        "--fp32_attention",
+        action="store_true",
+        help="only the attention kernels' fp32 tile, at T = 4096 and 4001 (with --heads)",
+    )
+    focus.add_argument(
+        "--match",
+        action="store_true",
+        help="only MATCH at its GPU tiles: gathered and block-major paths (with --heads)",
+    )
     ap.add_argument("--json", default=None, help="write the records as a JSON list here")
     ap.add_argument("--md", default=None, help="write the markdown report here")
     ap.add_argument("--before", default=None, help="JSON of an earlier run: summarised beside this one")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    records, failures = collect(quick=args.quick, only=args.only,
-                               heads=tuple(int(x) for x in args.heads.split(",")),
-                               fp32_attention=args.fp32_attention, match_tiles=args.match)
+    records, failures = collect(
+        quick=args.quick,
+        only=args.only,
+        heads=tuple(int(x) for x in args.heads.split(",")),
+        fp32_attention=args.fp32_attention,
+        match_tiles=args.match,
+    )
     table = markdown(records)
     print(table)
     for what, msg in failures:

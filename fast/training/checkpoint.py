@@ -55,7 +55,9 @@ def load_tensors(path: str, *, checksum: bool = True) -> tuple[dict[str, torch.T
     except Exception as e:  # safetensors raises its own error types for truncated/garbled files
         raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file: {e}") from e
     if checksum and "sha256" not in meta:
-        raise CheckpointError(f"checkpoint {path} has no sha256 in its metadata (not written by fast.training?)")
+        raise CheckpointError(
+            f"checkpoint {path} has no sha256 in its metadata (not written by fast.training?)"
+        )
     if "sha256" in meta and tensors_sha256(tensors) != meta["sha256"]:
         raise CheckpointError(f"checkpoint {path} is corrupt: the tensor sha256 does not match its metadata")
     return tensors, meta

@@ -115,8 +115,18 @@ class Distiller:
     AdamW, the replay buffer, DistiLLM's adaptive threshold. ``step(step, examples)`` runs one update;
     ``plan`` / ``objective`` are its two halves (which sequences, which loss)."""
 
-    def __init__(self, cfg: DistillConfig, teacher, student, *, world: int = 1, rank: int = 0, ddp=None,
-                 eos_id: int | None = None, pad_id: int | None = None):
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        teacher,
+        student,
+        *,
+        world: int = 1,
+        rank: int = 0,
+        ddp=None,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+    ):
         self.cfg = cfg = resolve(cfg)
         self.eos_id, self.pad_id = special_ids(student, eos_id, pad_id)
         self.method = METHODS[cfg.method]
@@ -133,10 +143,12 @@ class Distiller:
         self.dac = self.dac_opt = None
         if self.method.objective is _mgsr_objective and cfg.token_loss == "dac_kl":
             g = torch.Generator().manual_seed(_seed(cfg.seed, 0, 0, 7))
-            self.dac = DACKL(k=cfg.dac_k, hidden=cfg.dac_hidden, backend=cfg.backend, generator=g,
-                             bounds=cfg.dac_bounds).to(self.device)
-            self.dac_opt = torch.optim.AdamW(self.dac.parameters(), lr=cfg.dac_lr or cfg.lr,
-                                             betas=(cfg.beta1, cfg.beta2), weight_decay=0.0)
+            self.dac = DACKL(
+                k=cfg.dac_k, hidden=cfg.dac_hidden, backend=cfg.backend, generator=g, bounds=cfg.dac_bounds
+            ).to(self.device)
+            self.dac_opt = torch.optim.AdamW(
+                self.dac.parameters(), lr=cfg.dac_lr or cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0
+            )
         self.buffer: collections.deque = collections.deque(maxlen=cfg.capacity)
         self.threshold = cfg.init_threshold
         self.prev_val: float | None = None
@@ -172,7 +184,9 @@ class Distiller:
     @torch.no_grad()
     def teacher_logits(self, seqs, T):
         x, _ = self.collate(seqs)
-        x = F.pad(x, (0, max(T - x.shape[1], 0)), value=self.pad_id)[:, :T]  # right padding: earlier logits unchanged
+        x = F.pad(x, (0, max(T - x.shape[1], 0)), value=self.pad_id)[
+            :, :T
+        ]  # right padding: earlier logits unchanged
         return logits_of(self.teacher, x.to(self.device)).float()
 
     def revise(self, step, examples, responses, ended):
@@ -183,11 +197,18 @@ class Distiller:
         prompts = [p for p, _ in examples]
         eos = self.eos_id
         with_eos = [list(r) + ([eos] if done else []) for r, done in zip(responses, ended, strict=True)]
-        revised, positions = scrg(prompts, with_eos, self.teacher, self.student,
-                                  frequency=self.cfg.scrg_frequency,
-                                  teacher_token=self.cfg.scrg_teacher_token,
-                                  decode="sample", max_new_tokens=self.cfg.max_new_tokens, eos_id=eos,
-                                  generator=_gen(self.cfg, step, self.rank, 4))
+        revised, positions = scrg(
+            prompts,
+            with_eos,
+            self.teacher,
+            self.student,
+            frequency=self.cfg.scrg_frequency,
+            teacher_token=self.cfg.scrg_teacher_token,
+            decode="sample",
+            max_new_tokens=self.cfg.max_new_tokens,
+            eos_id=eos,
+            generator=_gen(self.cfg, step, self.rank, 4),
+        )
         out, done = [], []
         for r in revised:
             r = list(r)
@@ -222,20 +243,30 @@ class Distiller:
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= self.world
-        gnorm = (torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.clip) if cfg.clip > 0
-                 else torch.tensor(0.0))
+        gnorm = (
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.clip)
+            if cfg.clip > 0
+            else torch.tensor(0.0)
+        )
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.dac_opt is not None:
             self.dac_opt.step()
             self.dac_opt.zero_grad(set_to_none=True)
-        tot = torch.stack([loss.detach().double().reshape(())]
-                          + [v.double().reshape(()) for v in parts.values()])
+        tot = torch.stack(
+            [loss.detach().double().reshape(())] + [v.double().reshape(()) for v in parts.values()]
+        )
         if self.world > 1:
             torch.distributed.all_reduce(tot)
-        rec = {"step": step, "loss": float(tot[0]), "lr": lr, "grad_norm": float(gnorm),
-               "source": plan.source,
-               "threshold": self.threshold, "buffer": len(self.buffer)}
+        rec = {
+            "step": step,
+            "loss": float(tot[0]),
+            "lr": lr,
+            "grad_norm": float(gnorm),
+            "source": plan.source,
+            "threshold": self.threshold,
+            "buffer": len(self.buffer),
+        }
         rec.update({k: float(v) for k, v in zip(parts, tot[1:].tolist(), strict=True)})
         return rec
 
@@ -260,8 +291,9 @@ class Distiller:
         flat = [t for inp, lab in self.buffer for t in (inp, lab)]
         tensors["buffer.len"] = torch.tensor([len(t) for t in flat], dtype=torch.int64)
         tensors["buffer.ids"] = torch.tensor([v for t in flat for v in t], dtype=torch.int64)
-        meta.update(threshold=repr(self.threshold), prev_val=repr(self.prev_val),
-                    best_rouge=repr(self.best_rouge))
+        meta.update(
+            threshold=repr(self.threshold), prev_val=repr(self.prev_val), best_rouge=repr(self.best_rouge)
+        )
         return tensors, meta
 
     def load_state_tensors(self, tensors: dict, meta: dict) -> None:
@@ -315,23 +347,59 @@ def validate(d: Distiller, valid, *, decode=None) -> dict:
     d.student.eval()
     x, y = d.collate([sft_example(p, r, d.eos_id) for p, r in valid])
     logits = logits_of(d.student, x.to(d.device))
-    out = {"val_loss": float(F.cross_entropy(logits.flatten(0, 1).float(), y.to(d.device).flatten(),
-                                             ignore_index=IGNORE))}
+    out = {
+        "val_loss": float(
+            F.cross_entropy(logits.flatten(0, 1).float(), y.to(d.device).flatten(), ignore_index=IGNORE)
+        )
+    }
     if decode is not None:
-        texts = generate_texts(d.student, [p for p, _ in valid], decode, eos_id=d.eos_id, pad_id=d.pad_id,
-                               max_new_tokens=d.cfg.max_new_tokens)
+        texts = generate_texts(
+            d.student,
+            [p for p, _ in valid],
+            decode,
+            eos_id=d.eos_id,
+            pad_id=d.pad_id,
+            max_new_tokens=d.cfg.max_new_tokens,
+        )
         out["val_rougeL"] = score_texts(texts, [decode(r) for _, r in valid])["rougeL"]
     d.student.train()
     return out
 
 
-LOG_COLS = ["step", "loss", "lr", "grad_norm", "source", "threshold", "buffer", "sft", "ce", "token", "span",
-            "kept", "upper", "lower", "step_s", "time_s", "val_loss", "val_rougeL"]
+LOG_COLS = [
+    "step",
+    "loss",
+    "lr",
+    "grad_norm",
+    "source",
+    "threshold",
+    "buffer",
+    "sft",
+    "ce",
+    "token",
+    "span",
+    "kept",
+    "upper",
+    "lower",
+    "step_s",
+    "time_s",
+    "val_loss",
+    "val_rougeL",
+]
 
 
-def train(cfg: DistillConfig, teacher, student, train_set, valid, *, decode=None,
-          save_model: Callable[[torch.nn.Module, str, dict], None], eos_id: int | None = None,
-          pad_id: int | None = None) -> dict:
+def train(
+    cfg: DistillConfig,
+    teacher,
+    student,
+    train_set,
+    valid,
+    *,
+    decode=None,
+    save_model: Callable[[torch.nn.Module, str, dict], None],
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+) -> dict:
     """Run (or resume) one method of the registry; returns ``{"losses", "records", "step", "elapsed_s",
     "model", "best", "distiller"}`` (``losses``/``records``: the steps run in this call).
 
@@ -375,7 +443,9 @@ def train(cfg: DistillConfig, teacher, student, train_set, valid, *, decode=None
         d.after_eval(v["val_loss"])
         if rank == 0 and v.get("val_rougeL", -1.0) > d.best_rouge:
             d.best_rouge = v["val_rougeL"]
-            save_model(student, best_path, {"step": step, "method": cfg.method, "val_rougeL": v["val_rougeL"]})
+            save_model(
+                student, best_path, {"step": step, "method": cfg.method, "val_rougeL": v["val_rougeL"]}
+            )
         if world > 1:
             b = torch.tensor([d.best_rouge], dtype=torch.float64)
             torch.distributed.broadcast(b, 0)
@@ -384,18 +454,36 @@ def train(cfg: DistillConfig, teacher, student, train_set, valid, *, decode=None
 
     def ckpt_fn(step, now):
         if rank == 0:
-            save_model(student, model_path, {"step": step, "method": cfg.method,
-                                             "distill_config": dataclasses.asdict(cfg)})
+            save_model(
+                student,
+                model_path,
+                {"step": step, "method": cfg.method, "distill_config": dataclasses.asdict(cfg)},
+            )
         save_state(d, step, now, _state_path(cfg.out_dir, rank))
 
     records, _, elapsed = run_loop(
-        step_fn, start=start, end=end, total=cfg.steps, eval_every=cfg.eval_every, eval_fn=eval_fn,
-        ckpt_every=cfg.ckpt_every, ckpt_fn=ckpt_fn, elapsed=elapsed,
+        step_fn,
+        start=start,
+        end=end,
+        total=cfg.steps,
+        eval_every=cfg.eval_every,
+        eval_fn=eval_fn,
+        ckpt_every=cfg.ckpt_every,
+        ckpt_fn=ckpt_fn,
+        elapsed=elapsed,
         log_fn=(lambda rec: write_log(cfg.out_dir, rec, LOG_COLS)) if rank == 0 else None,
         postfix=lambda rec: {"loss": f"{rec['loss']:.3f}", "src": rec["source"]},
-        progress=cfg.progress and rank == 0, desc=cfg.method,
+        progress=cfg.progress and rank == 0,
+        desc=cfg.method,
     )
     if world > 1:
         torch.distributed.barrier()
-    return {"losses": [r["loss"] for r in records], "records": records, "step": end, "elapsed_s": elapsed,
-            "model": student, "best": best_path if os.path.exists(best_path) else None, "distiller": d}
+    return {
+        "losses": [r["loss"] for r in records],
+        "records": records,
+        "step": end,
+        "elapsed_s": elapsed,
+        "model": student,
+        "best": best_path if os.path.exists(best_path) else None,
+        "distiller": d,
+    }

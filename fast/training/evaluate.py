@@ -13,14 +13,34 @@ from fast.training.sampling import generate
 from reference.rouge import rouge_l
 
 
-def generate_texts(model, prompts: list[list[int]], decode, *, eos_id: int, pad_id: int = 0,
-                   temperature: float = 0.0, top_k=None, top_p=None, seed: int = 0, batch_size: int = 64,
-                   max_new_tokens: int = 48) -> list[str]:
+def generate_texts(
+    model,
+    prompts: list[list[int]],
+    decode,
+    *,
+    eos_id: int,
+    pad_id: int = 0,
+    temperature: float = 0.0,
+    top_k=None,
+    top_p=None,
+    seed: int = 0,
+    batch_size: int = 64,
+    max_new_tokens: int = 48,
+) -> list[str]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(0, len(prompts), batch_size):
-        ids = generate(model, prompts[i : i + batch_size], max_new_tokens=max_new_tokens, eos_id=eos_id,
-                       temperature=temperature, top_k=top_k, top_p=top_p, generator=g, pad_id=pad_id)
+        ids = generate(
+            model,
+            prompts[i : i + batch_size],
+            max_new_tokens=max_new_tokens,
+            eos_id=eos_id,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=g,
+            pad_id=pad_id,
+        )
         out += [decode(t) for t in ids]
     return out
 

@@ -88,7 +88,9 @@ def special_ids(model, eos_id: int | None = None, pad_id: int | None = None) -> 
         if isinstance(eos_id, (list, tuple)):
             eos_id = eos_id[0]
     if eos_id is None:
-        raise ValueError("the model names no EOS id (no eos_id attribute, no config.eos_token_id): pass eos_id")
+        raise ValueError(
+            "the model names no EOS id (no eos_id attribute, no config.eos_token_id): pass eos_id"
+        )
     if pad_id is None:
         pad_id = getattr(model, "pad_id", None)
         if pad_id is None and cfg is not None:

@@ -84,30 +84,47 @@ def _gt(d, step, examples):
 
 def _with(d, examples, responses, ended):
     """(inputs, labels) of prompt + response (+ EOS when the generation ended) for every example."""
-    return [sft_example(p, r, d.eos_id if done else None)
-            for (p, _), r, done in zip(examples, responses, ended, strict=True)]
+    return [
+        sft_example(p, r, d.eos_id if done else None)
+        for (p, _), r, done in zip(examples, responses, ended, strict=True)
+    ]
 
 
 def generate_responses(model, prompts, *, max_new_tokens, temperature, generator, eos_id):
     """New tokens (EOS excluded) of ``model`` for each prompt, and whether each one ended with EOS.
     Module-level so tests can spy on which model generates."""
-    outs = decode(model, prompts, [max_new_tokens] * len(prompts),
-                  lambda logits: sample_next(logits, temperature=temperature, generator=generator), eos_id=eos_id)
+    outs = decode(
+        model,
+        prompts,
+        [max_new_tokens] * len(prompts),
+        lambda logits: sample_next(logits, temperature=temperature, generator=generator),
+        eos_id=eos_id,
+    )
     ended = [bool(o) and o[-1] == eos_id for o in outs]
     return [o[:-1] if e else o for o, e in zip(outs, ended, strict=True)], ended
 
 
 def _student_samples(d, step, examples, salt=1):
-    r, ended = generate_responses(d.student, [p for p, _ in examples], max_new_tokens=d.cfg.max_new_tokens,
-                                  temperature=d.cfg.gen_temperature, generator=_gen(d.cfg, step, d.rank, salt),
-                                  eos_id=d.eos_id)
+    r, ended = generate_responses(
+        d.student,
+        [p for p, _ in examples],
+        max_new_tokens=d.cfg.max_new_tokens,
+        temperature=d.cfg.gen_temperature,
+        generator=_gen(d.cfg, step, d.rank, salt),
+        eos_id=d.eos_id,
+    )
     return r, ended
 
 
 def _seqkd_build(d, step, examples):
-    r, ended = generate_responses(d.teacher, [p for p, _ in examples], max_new_tokens=d.cfg.max_new_tokens,
-                                  temperature=d.cfg.gen_temperature, generator=_gen(d.cfg, step, d.rank, 1),
-                                  eos_id=d.eos_id)
+    r, ended = generate_responses(
+        d.teacher,
+        [p for p, _ in examples],
+        max_new_tokens=d.cfg.max_new_tokens,
+        temperature=d.cfg.gen_temperature,
+        generator=_gen(d.cfg, step, d.rank, 1),
+        eos_id=d.eos_id,
+    )
     return Plan(gt=_gt(d, step, examples).gt, seqs=_with(d, examples, r, ended), source="teacher")
 
 
@@ -152,9 +169,15 @@ def _mgsr_build(d, step, examples):
 
 def _minillm_build(d, step, examples):
     cfg = d.cfg
-    resp, ended, mixlp = mixed_generate(d.teacher, d.student, [p for p, _ in examples], alpha=cfg.minillm_alpha,
-                                        max_new_tokens=cfg.max_new_tokens, eos_id=d.eos_id,
-                                        generator=_gen(cfg, step, d.rank, 1))
+    resp, ended, mixlp = mixed_generate(
+        d.teacher,
+        d.student,
+        [p for p, _ in examples],
+        alpha=cfg.minillm_alpha,
+        max_new_tokens=cfg.max_new_tokens,
+        eos_id=d.eos_id,
+        generator=_gen(cfg, step, d.rank, 1),
+    )
     plan = Plan(gt=_gt(d, step, examples).gt, seqs=_with(d, examples, resp, ended), source="mixed")
     plan.extra["mix_logp"] = mixlp
     plan.extra["rollout"] = _minillm_rollout(d, plan.seqs, mixlp)
@@ -233,8 +256,11 @@ def _minillm_objective(d, plan):
     rkl = divergence("reverse_kl", t, logits, mask=mask, reduction="none", backend=d.cfg.backend)
     single = (ro["w"] * rkl).sum()
     long = -(ro["w"] * ro["adv"] * torch.where(mask, lq_y, torch.zeros_like(lq_y))).sum()
-    return (single + long) / n, {"single": single.detach() / n, "long": long.detach() / n,
-                                 "reward": ro["reward"]}
+    return (single + long) / n, {
+        "single": single.detach() / n,
+        "long": long.detach() / n,
+        "reward": ro["reward"],
+    }
 
 
 def response_spans(labels, mode="phrase"):
@@ -267,9 +293,11 @@ def _mgsr_objective(d, plan):
     if cfg.token_loss == "dac_kl":
         tok_mean, info = d.dac(t, ls, mask)
         tok = tok_mean * mask.sum()
-        parts.update(upper=info["upper"].mean() if info["upper"].numel() else torch.zeros(()),
-                     lower=info["lower"].mean() if info["lower"].numel() else torch.zeros(()),
-                     kept=info["kept"].mean() if info["kept"].numel() else torch.zeros(()))
+        parts.update(
+            upper=info["upper"].mean() if info["upper"].numel() else torch.zeros(()),
+            lower=info["lower"].mean() if info["lower"].numel() else torch.zeros(()),
+            kept=info["kept"].mean() if info["kept"].numel() else torch.zeros(()),
+        )
     else:
         p = {k: v for k, v in (("alpha", cfg.skew_alpha), ("beta", 0.5)) if k in DIV_PARAMS[cfg.token_loss]}
         tok = divergence(cfg.token_loss, t, ls, mask=mask, reduction="sum", backend=cfg.backend, **p)
@@ -280,8 +308,12 @@ def _mgsr_objective(d, plan):
         pairs = sum(e - s - 1 for row in spans for s, e in row)
         n_pairs = d.global_count(pairs)
         if n_pairs > 0 and pairs > 0:
-            sp = span_loss(t, ls, spans_to_tensor(spans, ls.device), squared=cfg.span_squared,
-                           backend=cfg.backend) * pairs
+            sp = (
+                span_loss(
+                    t, ls, spans_to_tensor(spans, ls.device), squared=cfg.span_squared, backend=cfg.backend
+                )
+                * pairs
+            )
         else:
             sp = ls.sum() * 0.0
         parts["span"] = sp.detach() / max(n_pairs, 1)
@@ -302,22 +334,62 @@ _BASE = [
     Method("rkl", "ground truth", "reverse KL", _gt, _RKL),
     Method("imitkd", "student samples (T=1)", "forward KL", _student_build, _FKL),
     Method("gkd", "student samples w.p. gkd_lambda, else ground truth", "JSD(gkd_beta)", _gkd_build, _JSD),
-    Method("minillm", "teacher-mixed policy samples", "reverse KL by policy gradient", _minillm_build,
-           _minillm_objective),
-    Method("distillm", "adaptive off-policy: ground truth / fresh student / replay buffer",
-           "skew forward KL (alpha 0.1)", lambda d, s, e: _adaptive_build(d, s, e), _distillm_objective),
+    Method(
+        "minillm",
+        "teacher-mixed policy samples",
+        "reverse KL by policy gradient",
+        _minillm_build,
+        _minillm_objective,
+    ),
+    Method(
+        "distillm",
+        "adaptive off-policy: ground truth / fresh student / replay buffer",
+        "skew forward KL (alpha 0.1)",
+        lambda d, s, e: _adaptive_build(d, s, e),
+        _distillm_objective,
+    ),
     Method("mgsr", _MGSR_SEQ, _MGSR_LOSS.format("DAC-KL"), _mgsr_build, _mgsr_objective),
 ]
 _ABLATIONS = [
-    Method("mgsr-no-scrg", "distillm's adaptive loop, raw student samples", _MGSR_LOSS.format("DAC-KL"),
-           _mgsr_build, _mgsr_objective, (("scrg_frequency", 0),)),
-    Method("mgsr-no-dackl", _MGSR_SEQ, _MGSR_LOSS.format("forward KL"), _mgsr_build, _mgsr_objective,
-           (("token_loss", "forward_kl"),)),
+    Method(
+        "mgsr-no-scrg",
+        "distillm's adaptive loop, raw student samples",
+        _MGSR_LOSS.format("DAC-KL"),
+        _mgsr_build,
+        _mgsr_objective,
+        (("scrg_frequency", 0),),
+    ),
+    Method(
+        "mgsr-no-dackl",
+        _MGSR_SEQ,
+        _MGSR_LOSS.format("forward KL"),
+        _mgsr_build,
+        _mgsr_objective,
+        (("token_loss", "forward_kl"),),
+    ),
     Method("mgsr-no-span", _MGSR_SEQ, "CE(gt) + DAC-KL", _mgsr_build, _mgsr_objective, (("w_span", 0.0),)),
-    *[Method(f"mgsr-scrg{f}", _MGSR_SEQ + f" (frequency {f})", _MGSR_LOSS.format("DAC-KL"), _mgsr_build,
-             _mgsr_objective, (("scrg_frequency", f),)) for f in (0, 1, 3, 5)],
-    *[Method(f"mgsr-{name}", _MGSR_SEQ, _MGSR_LOSS.format(name), _mgsr_build, _mgsr_objective,
-             (("token_loss", name),)) for name in DIV_PARAMS],
+    *[
+        Method(
+            f"mgsr-scrg{f}",
+            _MGSR_SEQ + f" (frequency {f})",
+            _MGSR_LOSS.format("DAC-KL"),
+            _mgsr_build,
+            _mgsr_objective,
+            (("scrg_frequency", f),),
+        )
+        for f in (0, 1, 3, 5)
+    ],
+    *[
+        Method(
+            f"mgsr-{name}",
+            _MGSR_SEQ,
+            _MGSR_LOSS.format(name),
+            _mgsr_build,
+            _mgsr_objective,
+            (("token_loss", name),),
+        )
+        for name in DIV_PARAMS
+    ],
 ]
 METHODS: dict[str, Method] = {m.name: m for m in _BASE + _ABLATIONS}
 BASELINES = tuple(m.name for m in _BASE)
@@ -331,8 +403,9 @@ def resolve(cfg):
     if cfg.token_loss not in TOKEN_LOSSES:
         raise ValueError(f"token_loss must be one of {TOKEN_LOSSES}, got {cfg.token_loss!r}")
     if cfg.distillm_loss not in ("skew_forward_kl", "skew_reverse_kl"):
-        raise ValueError(f"distillm_loss must be skew_forward_kl or skew_reverse_kl, "
-                         f"got {cfg.distillm_loss!r}")
+        raise ValueError(
+            f"distillm_loss must be skew_forward_kl or skew_reverse_kl, got {cfg.distillm_loss!r}"
+        )
     if cfg.replay_ratio not in ("decreasing", "increasing", "constant"):
         raise ValueError(f"replay_ratio must be decreasing/increasing/constant, got {cfg.replay_ratio!r}")
     if cfg.scrg_frequency < 0:

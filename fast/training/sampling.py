@@ -63,8 +63,17 @@ def sample_next(logits, *, temperature: float, top_k=None, top_p=None, generator
 
 
 @torch.no_grad()
-def decode(models, rows, budgets, pick: Callable, *, eos_id: int, pad_id: int = 0, use_cache: bool = True,
-           logits_fn: Callable | None = None):
+def decode(
+    models,
+    rows,
+    budgets,
+    pick: Callable,
+    *,
+    eos_id: int,
+    pad_id: int = 0,
+    use_cache: bool = True,
+    logits_fn: Callable | None = None,
+):
     """Extend each row of ``rows`` (lists of token ids) by at most ``budgets[b]`` tokens.
 
     ``models``: one model, or several run in lockstep on the same tokens (MiniLLM's teacher-mixed policy);
@@ -85,8 +94,10 @@ def decode(models, rows, budgets, pick: Callable, *, eos_id: int, pad_id: int = 
     step_idx = idx
     done = [b <= 0 for b in budgets]
     for _ in range(max(budgets)):
-        last = [(lm_logits(m, step_idx, valid, c) if logits_fn is None else logits_fn(m, step_idx, valid))[:, -1]
-                for m, c in zip(models, caches, strict=True)]
+        last = [
+            (lm_logits(m, step_idx, valid, c) if logits_fn is None else logits_fn(m, step_idx, valid))[:, -1]
+            for m, c in zip(models, caches, strict=True)
+        ]
         nxt = pick(last if many else last[0])
         for b in range(B):
             if not done[b]:
@@ -101,9 +112,19 @@ def decode(models, rows, budgets, pick: Callable, *, eos_id: int, pad_id: int = 
     return out
 
 
-def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-             pad_id: int = 0, use_cache: bool = True) -> list[list[int]]:
+def generate(
+    model,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+    use_cache: bool = True,
+) -> list[list[int]]:
     """Batched generation from prompts of different lengths; returns the new tokens per row (EOS excluded).
 
     A row stops at its first EOS. Sampling needs an explicit ``torch.Generator`` (a CPU generator; draws
@@ -117,8 +138,15 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: in
     def pick(logits):
         return sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
-    outs = decode(model, prompts, [max_new_tokens] * len(prompts), pick, eos_id=eos_id, pad_id=pad_id,
-                  use_cache=use_cache)
+    outs = decode(
+        model,
+        prompts,
+        [max_new_tokens] * len(prompts),
+        pick,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        use_cache=use_cache,
+    )
     return [o[:-1] if o and o[-1] == eos_id else o for o in outs]
 
 
@@ -140,8 +168,14 @@ def mixed_generate(teacher, student, prompts, *, alpha, max_new_tokens, eos_id, 
                 lps[b].append(v)
         return nxt
 
-    outs = decode([teacher, student], prompts, [max_new_tokens] * len(prompts), _track(pick, alive, eos_id,
-                  max_new_tokens), eos_id=eos_id, pad_id=pad_id)
+    outs = decode(
+        [teacher, student],
+        prompts,
+        [max_new_tokens] * len(prompts),
+        _track(pick, alive, eos_id, max_new_tokens),
+        eos_id=eos_id,
+        pad_id=pad_id,
+    )
     ended = [bool(o) and o[-1] == eos_id for o in outs]
     return [o[:-1] if e else o for o, e in zip(outs, ended, strict=True)], ended, lps
 

@@ -39,8 +39,15 @@ from fast.training.checkpoint import (
     save_tensors,
 )
 from fast.training.data import IGNORE, collate
-from fast.training.loop import adamw, micro_batch_slice, run_loop, setup_process, start_logs, step_indices
-from fast.training.loop import write_log
+from fast.training.loop import (
+    adamw,
+    micro_batch_slice,
+    run_loop,
+    setup_process,
+    start_logs,
+    step_indices,
+    write_log,
+)
 from fast.training.schedule import lr_at
 
 
@@ -118,8 +125,14 @@ def eval_loss(model, examples, *, block_size: int, device, pad_id: int = 0, batc
     return total / max(count, 1)
 
 
-def train(cfg, model: torch.nn.Module, data, *, save_model: Callable[[torch.nn.Module, str, dict], None],
-          world_rank_device=None) -> dict:
+def train(
+    cfg,
+    model: torch.nn.Module,
+    data,
+    *,
+    save_model: Callable[[torch.nn.Module, str, dict], None],
+    world_rank_device=None,
+) -> dict:
     """Run (or resume) SFT of ``model`` (trained in place) on ``data``; returns {"losses": [...],
     "val": [(step, loss)], "elapsed_s", "step", "model"}. ``losses`` are only the steps run in this call.
 
@@ -169,7 +182,11 @@ def train(cfg, model: torch.nn.Module, data, *, save_model: Callable[[torch.nn.M
             step_loss += tok_sum.detach().double() / n_tok
         if world > 1:
             torch.distributed.all_reduce(step_loss)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip) if cfg.clip > 0 else torch.tensor(0.0)
+        gnorm = (
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            if cfg.clip > 0
+            else torch.tensor(0.0)
+        )
         opt.step()
         opt.zero_grad(set_to_none=True)
         return {"step": step, "loss": float(step_loss), "lr": lr, "grad_norm": float(gnorm), "tokens": n_tok}
@@ -177,19 +194,31 @@ def train(cfg, model: torch.nn.Module, data, *, save_model: Callable[[torch.nn.M
     def eval_fn(step):
         if rank != 0:
             return {}
-        return {"val_loss": eval_loss(model, data.valid, block_size=cfg.block_size, device=device, pad_id=pad_id)}
+        return {
+            "val_loss": eval_loss(model, data.valid, block_size=cfg.block_size, device=device, pad_id=pad_id)
+        }
 
     def ckpt_fn(step, now):
         if rank == 0:
-            save_model(model, model_path, {"step": step, "train_config": dataclasses.asdict(cfg), "elapsed_s": now})
+            save_model(
+                model, model_path, {"step": step, "train_config": dataclasses.asdict(cfg), "elapsed_s": now}
+            )
             save_state(opt, step, cfg, now, state_path)
 
     records, _, elapsed = run_loop(
-        step_fn, start=start, end=end, total=cfg.steps, eval_every=cfg.eval_every, eval_fn=eval_fn,
-        ckpt_every=cfg.ckpt_every, ckpt_fn=ckpt_fn, elapsed=elapsed,
+        step_fn,
+        start=start,
+        end=end,
+        total=cfg.steps,
+        eval_every=cfg.eval_every,
+        eval_fn=eval_fn,
+        ckpt_every=cfg.ckpt_every,
+        ckpt_fn=ckpt_fn,
+        elapsed=elapsed,
         log_fn=(lambda rec: write_log(cfg.out_dir, rec, LOG_COLS)) if rank == 0 else None,
         postfix=lambda rec: {"loss": f"{rec['loss']:.3f}", "lr": f"{rec['lr']:.1e}"},
-        progress=cfg.progress and rank == 0, desc="train",
+        progress=cfg.progress and rank == 0,
+        desc="train",
     )
     if world > 1:
         torch.distributed.barrier()

@@ -10,7 +10,15 @@ import sys
 
 import torch
 
-from tiny_models.match_grid.config import _KV_FIELDS, DEMO_SEED, TASK_DEFAULTS, GridSpec, RunConfig, make_batch, run_name
+from tiny_models.match_grid.config import (
+    _KV_FIELDS,
+    DEMO_SEED,
+    TASK_DEFAULTS,
+    GridSpec,
+    RunConfig,
+    make_batch,
+    run_name,
+)
 from tiny_models.match_grid.grid import finished_runs, run_grid
 from tiny_models.match_grid.model import load_run, save_run, use_match_chunk
 from tiny_models.match_grid.plugin import plugin_pairs, plugin_table
@@ -75,8 +83,13 @@ def main(argv=None) -> None:
     pl.add_argument("--block_size", type=int, default=4)
     pl.add_argument("--n", type=int, default=512)
     pl.add_argument("--out", default=None, help="write the markdown table here")
-    pl.add_argument("--pairs", type=int, nargs="+", default=None,
-                    help="instead: accuracy vs number of key-value pairs (MQAR), first window only")
+    pl.add_argument(
+        "--pairs",
+        type=int,
+        nargs="+",
+        default=None,
+        help="instead: accuracy vs number of key-value pairs (MQAR), first window only",
+    )
     pl.add_argument("--plot", default=None, help="with --pairs: write the accuracy-vs-pairs plot here")
     a = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -105,8 +118,16 @@ def main(argv=None) -> None:
     elif a.cmd == "plugin":
         model, cfg = load_run(a.checkpoint)
         if a.pairs:
-            table = plugin_pairs(model, cfg, a.pairs, window=a.windows[0], top_ks=a.top_ks,
-                                 block_size=a.block_size, n=a.n, plot=a.plot)
+            table = plugin_pairs(
+                model,
+                cfg,
+                a.pairs,
+                window=a.windows[0],
+                top_ks=a.top_ks,
+                block_size=a.block_size,
+                n=a.n,
+                plot=a.plot,
+            )
         else:
             x, y = make_batch(cfg, a.n, DEMO_SEED)
             table = plugin_table(model, x, y, windows=a.windows, top_ks=a.top_ks, block_size=a.block_size)

@@ -12,6 +12,7 @@ from tiny_models.match_grid.plugin import attended_fraction
 from tiny_models.match_grid.reports import by_distance
 from tiny_models.match_grid.run import train_run
 
+
 def grid_runs(spec: GridSpec) -> list[RunConfig]:
     """Equal width and depth everywhere: full; SWA w; SWA w + top_k*B (the same attended budget as the
     largest MATCH budget); SWA + MATCH with token and block retrieval, joint and gated, each top_k."""

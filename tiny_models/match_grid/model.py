@@ -14,6 +14,7 @@ from fast.training.checkpoint import load_tensors, save_weights
 from tiny_models.gpt import GPT, GPTConfig, apply_rope, rope_cos_sin
 from tiny_models.match_grid.config import RunConfig
 
+
 class RecallGPT(GPT):
     """The tiny GPT of ``tiny_models/gpt.py`` with an optional previous-token mix at the input.
 

@@ -13,6 +13,7 @@ from tiny_models.match_grid.reports import by_distance
 from tiny_models.match_grid.run import evaluate
 from tiny_models.recall import IGNORE
 
+
 def attended_fraction(seq_len: int, attention: str, window: int | None, attn_kwargs=()) -> float:
     """Mean over queries of keys attended / keys full causal attention attends (``t + 1`` at position t).
 
@@ -119,8 +120,9 @@ def plugin_table(model, x, y, *, windows, top_ks, block_size) -> str:
     return "\n".join(lines)
 
 
-def plugin_pairs(model, cfg: RunConfig, pairs, *, window: int, top_ks, block_size: int, n: int,
-                 plot: str | None = None) -> str:
+def plugin_pairs(
+    model, cfg: RunConfig, pairs, *, window: int, top_ks, block_size: int, n: int, plot: str | None = None
+) -> str:
     """Accuracy against the number of key-value pairs of every plug-in variant (one window): the trained
     model evaluated on fresh MQAR examples with ``num_kv_pairs`` = each of ``pairs`` (same length), its
     attention swapped at inference. Markdown table; with ``plot``, accuracy vs pairs as a PNG."""
@@ -135,13 +137,18 @@ def plugin_pairs(model, cfg: RunConfig, pairs, *, window: int, top_ks, block_siz
             if "error" not in r:
                 acc.setdefault(r["variant"], {})[P] = r["acc"]
                 attended[r["variant"]] = r["attended"]
-    lines = [f"| w = {window}: model | attended fraction | " + " | ".join(f"{P} pairs" for P in pairs) + " |",
-             "|---|---|" + "---|" * len(pairs)]
+    lines = [
+        f"| w = {window}: model | attended fraction | " + " | ".join(f"{P} pairs" for P in pairs) + " |",
+        "|---|---|" + "---|" * len(pairs),
+    ]
     for v, row in acc.items():
         cells = " | ".join(f"{100 * row[P]:.1f}" for P in pairs)
         lines.append(f"| {v} | {attended[v]:.3f} | {cells} |")
-    lines += ["", f"accuracy % on {n} fresh examples per column (seed {DEMO_SEED}), T = {cfg.seq_len}; "
-              f"the model was trained with {cfg.num_kv_pairs} pairs"]
+    lines += [
+        "",
+        f"accuracy % on {n} fresh examples per column (seed {DEMO_SEED}), T = {cfg.seq_len}; "
+        f"the model was trained with {cfg.num_kv_pairs} pairs",
+    ]
     if plot:
         import matplotlib
 

@@ -14,6 +14,7 @@ from tiny_models.match_grid.config import RunConfig, heldout, make_batch, run_na
 from tiny_models.match_grid.model import logits_at, new_model
 from tiny_models.recall import IGNORE, key_distance
 
+
 @torch.no_grad()
 def evaluate(model: GPT, x: torch.Tensor, y: torch.Tensor, *, batch: int = 256) -> dict:
     """Accuracy over labelled positions, plus per-position correctness and key distances (for binning)."""
@@ -62,14 +63,35 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log=None) -> dict:
 
     def log_fn(rec):
         if log is not None and "acc" in rec:
-            print(json.dumps({"step": rec["step"], "loss": round(rec["loss"], 4), "acc": round(rec["acc"], 4),
-                              "time_s": round(rec["time_s"], 1)}), file=log, flush=True)
+            print(
+                json.dumps(
+                    {
+                        "step": rec["step"],
+                        "loss": round(rec["loss"], 4),
+                        "acc": round(rec["acc"], 4),
+                        "time_s": round(rec["time_s"], 1),
+                    }
+                ),
+                file=log,
+                flush=True,
+            )
 
     _, step, elapsed = run_loop(
-        step_fn, start=0, end=cfg.steps, total=cfg.steps, eval_every=cfg.eval_every, eval_fn=eval_fn,
-        log_fn=log_fn, stop_fn=lambda rec: cfg.early_stop is not None and rec.get("acc", 0.0) > cfg.early_stop,
-        postfix=lambda rec: {"loss": f"{rec['loss']:.3f}", **({"acc": f"{rec['acc']:.3f}"} if "acc" in rec else {})},
-        progress=progress, desc=run_name(cfg), mininterval=2,
+        step_fn,
+        start=0,
+        end=cfg.steps,
+        total=cfg.steps,
+        eval_every=cfg.eval_every,
+        eval_fn=eval_fn,
+        log_fn=log_fn,
+        stop_fn=lambda rec: cfg.early_stop is not None and rec.get("acc", 0.0) > cfg.early_stop,
+        postfix=lambda rec: {
+            "loss": f"{rec['loss']:.3f}",
+            **({"acc": f"{rec['acc']:.3f}"} if "acc" in rec else {}),
+        },
+        progress=progress,
+        desc=run_name(cfg),
+        mininterval=2,
     )
     res = evaluate(model, xe, ye)
     return {
