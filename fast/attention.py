@@ -1340,3 +1340,38 @@ def _attention(q, k, v, causal, window, scale, backend, need_lse):
 def flash_attention(q, k, v, *, causal=True, window=None, scale=None, backend="auto"):
     """Masked softmax attention, ``out [B, Hq, T, D]`` (see ``flash_attention_with_lse``)."""
     return _attention(q, k, v, causal, window, scale, backend, need_lse=False)[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# a longer key sequence (a KV cache) or padding: bottom-right aligned, with a key mask
+
+
+def attention_mask(tq: int, tk: int, *, window: int | None, key_valid, device) -> torch.Tensor:
+    """Boolean mask ``[B or 1, 1, Tq, Tk]``, True = the query may look at the key (bottom-right aligned: the
+    Tq queries are the last Tq of the Tk key positions). ``key_valid [B, Tk]``: False at padding keys; a
+    query always sees itself, so a padding query's row is never fully masked (no NaN; nothing reads it)."""
+    qi = torch.arange(tk - tq, tk, device=device)[:, None]  # [Tq, 1] key index of each query
+    kj = torch.arange(tk, device=device)[None, :]  # [1, Tk]
+    allowed = kj <= qi
+    if window is not None:
+        allowed = allowed & (kj > qi - window)
+    allowed = allowed[None, None]  # [1, 1, Tq, Tk]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :].bool()
+        allowed = allowed | (kj == qi)[None, None]
+    return allowed
+
+
+def attention_kv(q, k, v, *, window=None, key_valid=None, scale=None):  # [B,Hq,Tq,D], [B,Hkv,Tk,D] x2
+    """Causal (sliding-window when ``window`` is set) attention of ``Tq <= Tk`` queries against a key
+    sequence, bottom-right aligned, with an optional ``key_valid [B, Tk]`` padding mask; GQA when
+    ``Hq`` is a multiple of ``Hkv``. Equal lengths without padding on CUDA run the kernels of this module;
+    everything else runs SDPA with the explicit mask of :func:`attention_mask`."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    if q.is_cuda and key_valid is None and tq == tk and q.dtype != torch.float64 and q.shape[-1] <= 128:
+        return flash_attention(q, k, v, causal=True, window=window, scale=scale)
+    mask = attention_mask(tq, tk, window=window, key_valid=key_valid, device=q.device)
+    gqa = q.shape[1] != k.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa
+    )

@@ -23,7 +23,8 @@ import torch
 import reference.gpt as R
 from reference.rouge import rouge_l
 from tiny_models.evaluate import generate_responses
-from tiny_models.gpt import GPT, GPTConfig, attention_mask, generate
+from fast.attention import attention_mask
+from tiny_models.gpt import GPT, GPTConfig, generate
 from tiny_models.model_io import load_model
 from tiny_models.tasks import EVAL_SETS, build_dataset, decode, prompt_ids
 

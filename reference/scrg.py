@@ -45,7 +45,7 @@ Choices the paper leaves open ([RECON]: ours, with the alternative named):
   repeated token (prompt ``[a]``, response ``[a, a, ...]``) every position has the same hidden state, so the
   d_i are equal up to the last bits and an implementation with other rounding (``fast.scrg``) may pick another
   of them.
-* convention (sampling): inverse CDF, exactly as ``tiny_models.gpt.sample_next``: one uniform ``u`` in
+* convention (sampling): inverse CDF, exactly as ``fast.training.sampling.sample_next``: one uniform ``u`` in
   [0, 1) per token, ``p = softmax(logits / temperature)`` in float64, the token is the first index whose
   cumulative probability reaches ``u * cdf[-1]``.
 

@@ -227,8 +227,8 @@ MUTANTS: list[Mutant] = [
     M(
         "attn-fwd-log2e",
         "fast/attention.py",
-        "qk_scale = scale * 1.4426950408889634  # log2(e)",
-        "qk_scale = scale * 1.4426950408889634 * 1.0001  # log2(e)",
+        "qk_scale = scale * LOG2E  # log2(e)",
+        "qk_scale = scale * LOG2E * 1.0001  # log2(e)",
         "tests/test_attention.py -k triton",
         "forward softmax exponent off by 1e-4 relative (a mistyped log2(e))",
     ),
@@ -251,7 +251,7 @@ MUTANTS: list[Mutant] = [
     # ---- the tiny GPT ----------------------------------------------------------------------------------
     M(
         "gpt-window",
-        "tiny_models/gpt.py",
+        "fast/attention.py",
         "allowed = allowed & (kj > qi - window)",
         "allowed = allowed & (kj >= qi - window)",
         "tests/test_gpt.py",
@@ -267,7 +267,7 @@ MUTANTS: list[Mutant] = [
     ),
     M(
         "gpt-pad-self",
-        "tiny_models/gpt.py",
+        "fast/attention.py",
         "allowed = allowed | (kj == qi)[None, None]",
         "allowed = allowed",
         "tests/test_gpt.py",
@@ -275,7 +275,7 @@ MUTANTS: list[Mutant] = [
     ),
     M(
         "gpt-key-valid",
-        "tiny_models/gpt.py",
+        "fast/attention.py",
         "allowed = allowed & key_valid[:, None, None, :].bool()",
         "allowed = allowed",
         "tests/test_gpt.py",

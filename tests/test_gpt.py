@@ -6,7 +6,9 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from fast.attention import attention_mask
 from fast.testing import assert_close
+from fast.training.sampling import filter_logits, sample_next
 from reference import attention as ref_attention
 from reference import gpt as ref
 from tiny_models.gpt import (
@@ -14,11 +16,8 @@ from tiny_models.gpt import (
     GPT,
     PAD,
     GPTConfig,
-    attention_mask,
-    filter_logits,
     generate,
     register_attention,
-    sample_next,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

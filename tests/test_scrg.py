@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 
 from fast import scrg as F
 from fast.training.lm import lm_logits, positions
+from fast.training.sampling import sample_next
 from reference import gpt as rgpt
 from reference import scrg as R
-from tiny_models.gpt import BOS, EOS, GPT, GPTConfig, sample_next
+from tiny_models.gpt import BOS, EOS, GPT, GPTConfig
 from tiny_models.model_io import load_model
 from tiny_models.tasks import build_dataset, prompt_ids
 

@@ -42,7 +42,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fast.training import sampling
-from fast.training.sampling import filter_logits, sample_next  # noqa: F401  (the tiny GPT's samplers)
 
 # byte-level tokenizer ids (tiny_models/tasks.py encodes text as UTF-8 bytes 0..255)
 BOS, EOS, PAD = 256, 257, 258
@@ -101,30 +100,10 @@ class GPTConfig:
 # attention registry
 
 
-def attention_mask(tq: int, tk: int, *, window: int | None, key_valid, device) -> torch.Tensor:
-    """Boolean mask ``[B or 1, 1, Tq, Tk]``, True = the query may look at the key (bottom-right aligned)."""
-    qi = torch.arange(tk - tq, tk, device=device)[:, None]  # [Tq, 1] key index of each query
-    kj = torch.arange(tk, device=device)[None, :]  # [1, Tk]
-    allowed = kj <= qi
-    if window is not None:
-        allowed = allowed & (kj > qi - window)
-    allowed = allowed[None, None]  # [1, 1, Tq, Tk]
-    if key_valid is not None:
-        allowed = allowed & key_valid[:, None, None, :].bool()
-        allowed = allowed | (kj == qi)[None, None]  # a query always sees itself: no fully masked row
-    return allowed
-
-
 def _sdpa_attention(q, k, v, *, window, key_valid, scale):  # [B, H, Tq, D] x3 -> [B, H, Tq, D]
-    tq, tk = q.shape[-2], k.shape[-2]
-    # The Triton kernels of fast/attention.py take fp16/bf16/fp32, equal query/key lengths (no KV cache),
-    # no padding mask and head dims up to 128; everything else goes to SDPA with an explicit mask.
-    if q.is_cuda and key_valid is None and tq == tk and q.dtype != torch.float64 and q.shape[-1] <= 128:
-        from fast.attention import flash_attention  # lazy: importing triton is not free
+    from fast.attention import attention_kv  # lazy: importing triton is not free
 
-        return flash_attention(q, k, v, causal=True, window=window, scale=scale)
-    mask = attention_mask(tq, tk, window=window, key_valid=key_valid, device=q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return attention_kv(q, k, v, window=window, key_valid=key_valid, scale=scale)
 
 
 def full_attention(q, k, v, *, window=None, key_valid=None, scale=None):  # [B,H,Tq,D] x3 -> [B,H,Tq,D]

@@ -11,7 +11,6 @@ and schedule; the model config must match). Resume, logs and the loss normalisat
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from fast.training import sft
+from fast.training.cli import add_config_flags
 from fast.training.loop import setup_process
 from fast.training.sft import SFTConfig
 from tiny_models.gpt import GPT, PAD, GPTConfig
@@ -118,22 +118,13 @@ def train(cfg: TrainConfig) -> dict:
     return {**out, "num_params": model.num_params()}
 
 
-def parse_config(cls, argv=None, *, description: str = "", extra=None):
-    """A dataclass config from ``--field value`` flags (``none``: unset; 1/true/yes: True)."""
+def parse_config(cls, argv=None, *, description: str = "", extra=None) -> dict:
+    """The fields of a dataclass config from ``--field value`` flags (``fast.training.cli``);
+    ``extra(parser)`` adds flags of its own."""
     p = argparse.ArgumentParser(description=description)
     if extra is not None:
         extra(p)
-    for f in dataclasses.fields(cls):
-        typ = str(f.type)
-        if typ == "bool":
-            p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
-        elif "None" in typ:
-            base = int if "int" in typ else (float if "float" in typ else str)
-            p.add_argument(
-                f"--{f.name}", type=lambda s, b=base: None if s.lower() == "none" else b(s), default=f.default
-            )
-        else:
-            p.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(typ, str), default=f.default)
+    add_config_flags(p, cls)
     return vars(p.parse_args(argv))
 
 

@@ -64,8 +64,14 @@ def load_tensors(path: str, *, checksum: bool = True) -> tuple[dict[str, torch.T
 
 
 def save_weights(model: torch.nn.Module, path: str, meta: dict[str, str]) -> None:
-    """fp32 weights of ``model`` and string metadata."""
-    save_tensors({k: v.float() for k, v in model.state_dict().items()}, meta, path)
+    """fp32 weights of ``model`` and string metadata. Tied weights (one tensor under two names, e.g. an
+    embedding shared with the output head) are stored under each name, as ``load_state_dict`` expects."""
+    seen, tensors = set(), {}
+    for k, v in model.state_dict().items():
+        v = v.float()
+        tensors[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
+    save_tensors(tensors, meta, path)
 
 
 def load_weights(model: torch.nn.Module, path: str) -> dict[str, str]:

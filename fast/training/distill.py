@@ -59,6 +59,7 @@ class DistillConfig:
     # (AdamW, wd 1e-2, clip 1, cosine, warmup 0, lr 5e-4)
     steps: int = 200
     batch_size: int = 16  # examples per rank per step
+    grad_accum: int = 1  # micro-batches per step (the batch_size examples split in this many)
     lr: float = 5e-4
     min_lr: float = 5e-5
     warmup: int = 0
@@ -153,6 +154,7 @@ class Distiller:
         self.threshold = cfg.init_threshold
         self.prev_val: float | None = None
         self.best_rouge = -1.0
+        self.micro = 0  # the micro-batch of an accumulated step (its own generators when > 0)
 
     # helpers used by the recipes
     def coin(self, step) -> float:
@@ -207,7 +209,7 @@ class Distiller:
             decode="sample",
             max_new_tokens=self.cfg.max_new_tokens,
             eos_id=eos,
-            generator=_gen(self.cfg, step, self.rank, 4),
+            generator=_gen(self.cfg, step, self.rank, 4, self.micro),
         )
         out, done = [], []
         for r in revised:
@@ -234,10 +236,27 @@ class Distiller:
         if self.dac_opt is not None:
             for g in self.dac_opt.param_groups:
                 g["lr"] = lr * (cfg.dac_lr or cfg.lr) / cfg.lr if cfg.lr else 0.0
-        plan = self.plan(step, examples)
-        self.student.train()
-        loss, parts = self.objective(plan)
-        (loss * self.world).backward()
+        if not examples:
+            raise ValueError("empty batch: a step needs at least one example")
+        if len(examples) < cfg.grad_accum:
+            raise ValueError(
+                f"a step of {len(examples)} examples cannot be split into grad_accum={cfg.grad_accum}"
+            )
+        # gradient accumulation: the step's examples in grad_accum contiguous micro-batches, each normalised
+        # by its own token (or pair) count, their losses averaged (one batch when the counts are equal)
+        bounds = np.linspace(0, len(examples), cfg.grad_accum + 1).round().astype(int)
+        loss, parts, sources = 0.0, {}, []
+        for m in range(cfg.grad_accum):
+            self.micro = m
+            plan = self.plan(step, examples[bounds[m] : bounds[m + 1]])
+            self.student.train()
+            loss_m, parts_m = self.objective(plan)
+            (loss_m * (self.world / cfg.grad_accum)).backward()
+            loss = loss + loss_m.detach() / cfg.grad_accum
+            for k, v in parts_m.items():
+                parts[k] = parts.get(k, 0.0) + v / cfg.grad_accum
+            sources.append(plan.source)
+        self.micro = 0
         if self.dac is not None and self.world > 1:
             for p in self.dac.parameters():
                 if p.grad is not None:
@@ -263,7 +282,7 @@ class Distiller:
             "loss": float(tot[0]),
             "lr": lr,
             "grad_norm": float(gnorm),
-            "source": plan.source,
+            "source": "+".join(dict.fromkeys(sources)),
             "threshold": self.threshold,
             "buffer": len(self.buffer),
         }

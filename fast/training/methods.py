@@ -71,8 +71,10 @@ def _seed(*parts) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _gen(cfg, step, rank, salt) -> torch.Generator:
-    return torch.Generator().manual_seed(_seed(cfg.seed, step, rank, salt))
+def _gen(cfg, step, rank, salt, micro=0) -> torch.Generator:
+    """The generator of one draw site of a step; micro-batch ``m > 0`` of an accumulated step has its own."""
+    parts = (cfg.seed, step, rank, salt) + ((micro,) if micro else ())
+    return torch.Generator().manual_seed(_seed(*parts))
 
 
 # sequences -------------------------------------------------------------------------------------------
@@ -110,7 +112,7 @@ def _student_samples(d, step, examples, salt=1):
         [p for p, _ in examples],
         max_new_tokens=d.cfg.max_new_tokens,
         temperature=d.cfg.gen_temperature,
-        generator=_gen(d.cfg, step, d.rank, salt),
+        generator=_gen(d.cfg, step, d.rank, salt, d.micro),
         eos_id=d.eos_id,
     )
     return r, ended
@@ -122,7 +124,7 @@ def _seqkd_build(d, step, examples):
         [p for p, _ in examples],
         max_new_tokens=d.cfg.max_new_tokens,
         temperature=d.cfg.gen_temperature,
-        generator=_gen(d.cfg, step, d.rank, 1),
+        generator=_gen(d.cfg, step, d.rank, 1, d.micro),
         eos_id=d.eos_id,
     )
     return Plan(gt=_gt(d, step, examples).gt, seqs=_with(d, examples, r, ended), source="teacher")
@@ -157,7 +159,7 @@ def _adaptive_build(d, step, examples, revise=False):
         plan.seqs, plan.source = _with(d, examples, resp, ended), "fresh"
         d.buffer.extend(plan.seqs)
     elif r < th:
-        rng = np.random.default_rng([cfg.seed, step, d.rank, 3])
+        rng = np.random.default_rng([cfg.seed, step, d.rank, 3] + ([d.micro] if d.micro else []))
         idx = rng.choice(len(d.buffer), size=min(len(examples), len(d.buffer)), replace=False)
         plan.seqs, plan.source = [d.buffer[int(i)] for i in idx], "replay"
     return plan
@@ -176,7 +178,7 @@ def _minillm_build(d, step, examples):
         alpha=cfg.minillm_alpha,
         max_new_tokens=cfg.max_new_tokens,
         eos_id=d.eos_id,
-        generator=_gen(cfg, step, d.rank, 1),
+        generator=_gen(cfg, step, d.rank, 1, d.micro),
     )
     plan = Plan(gt=_gt(d, step, examples).gt, seqs=_with(d, examples, resp, ended), source="mixed")
     plan.extra["mix_logp"] = mixlp
@@ -416,6 +418,8 @@ def resolve(cfg):
         raise ValueError(f"minillm_alpha must lie in (0, 1), got {cfg.minillm_alpha}")
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if not 1 <= cfg.grad_accum <= cfg.batch_size:
+        raise ValueError(f"grad_accum must lie in [1, batch_size={cfg.batch_size}], got {cfg.grad_accum}")
     return cfg
 
 
