@@ -31,6 +31,8 @@ def _config(kind, **kw):
         return transformers.LlamaConfig(**common, **kw)
     if kind == "qwen2":
         return transformers.Qwen2Config(**common, **kw)
+    if kind == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=8, **kw)
     if kind == "mistral":
         return transformers.MistralConfig(**{"sliding_window": None, **common, **kw})
     raise AssertionError(kind)
@@ -51,7 +53,7 @@ def _ids(B=2, T=29, seed=1):
     return torch.randint(3, V, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
 @pytest.mark.parametrize("block_size", [1, 4])
 def test_match_with_every_candidate_equals_eager(kind, block_size):
     # top_k * block_size >= every out-of-window key: the joint softmax covers all of them (GQA: 4 / 2 heads)
