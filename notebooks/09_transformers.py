@@ -67,9 +67,18 @@ T = 64  # prompt length
 
 # %%
 torch.manual_seed(0)
-cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                               pad_token_id=0, eos_token_id=1, bos_token_id=2)
+cfg = transformers.LlamaConfig(
+    vocab_size=101,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
 # each model gets its own copy of the config: transformers writes the attention implementation into it
 eager = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
 match = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="match").eval()
@@ -134,29 +143,76 @@ text = "the cat sat on the mat. the dog ran to the park. two plus three is five.
 bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
 bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
 bpe.decoder = tokenizers.decoders.ByteLevel()
-bpe.train_from_iterator([text], tokenizers.trainers.BpeTrainer(
-    vocab_size=280, special_tokens=["<pad>", "<eos>", "<bos>"],
-    initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
-tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>",
-                                           bos_token="<bos>")
+bpe.train_from_iterator(
+    [text],
+    tokenizers.trainers.BpeTrainer(
+        vocab_size=280,
+        special_tokens=["<pad>", "<eos>", "<bos>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    ),
+)
+tok = transformers.PreTrainedTokenizerFast(
+    tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
+)
 work = tempfile.mkdtemp()
 for name, hidden in (("teacher", 48), ("student", 24)):
     torch.manual_seed(hidden)
-    qcfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                    pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    qcfg = transformers.Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     transformers.Qwen2ForCausalLM(qcfg).save_pretrained(os.path.join(work, name))
     tok.save_pretrained(os.path.join(work, name))
-facts = [("What did the cat do?", "the cat sat on the mat"), ("Where did the dog go?", "to the park"),
-         ("What is two plus three?", "five")]
+facts = [
+    ("What did the cat do?", "the cat sat on the mat"),
+    ("Where did the dog go?", "to the park"),
+    ("What is two plus three?", "five"),
+]
 for split, rows in (("train", facts * 4), ("valid", facts)):
     with open(os.path.join(work, f"{split}.jsonl"), "w") as f:
         f.writelines(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in rows)
 
-argv = ["--teacher", f"{work}/teacher", "--student", f"{work}/student", "--train", f"{work}/train.jsonl",
-        "--valid", f"{work}/valid.jsonl", "--method", "mgsr", "--out_dir", f"{work}/run", "--steps", "4",
-        "--batch_size", "4", "--grad_accum", "2", "--max_new_tokens", "8", "--eval_every", "2",
-        "--block_size", "64", "--dac_k", "8", "--dac_hidden", "16", "--progress", "false", "--device", "cpu"]
+argv = [
+    "--teacher",
+    f"{work}/teacher",
+    "--student",
+    f"{work}/student",
+    "--train",
+    f"{work}/train.jsonl",
+    "--valid",
+    f"{work}/valid.jsonl",
+    "--method",
+    "mgsr",
+    "--out_dir",
+    f"{work}/run",
+    "--steps",
+    "4",
+    "--batch_size",
+    "4",
+    "--grad_accum",
+    "2",
+    "--max_new_tokens",
+    "8",
+    "--eval_every",
+    "2",
+    "--block_size",
+    "64",
+    "--dac_k",
+    "8",
+    "--dac_hidden",
+    "16",
+    "--progress",
+    "false",
+    "--device",
+    "cpu",
+]
 print("python -m fast.training.hf_distill " + " ".join(a.replace(work, "$WORK") for a in argv))
 hf_distill.main(argv)
 ev = json.load(open(f"{work}/run/eval.json"))
@@ -173,6 +229,7 @@ assert os.path.exists(f"{work}/run/student/config.json")
 # The same two commands with real models. Memory below is an **estimate** from each config (bf16 weights;
 # for training, bf16 AdamW moments and gradients, the `[B·T, V]` logits of teacher and student in fp32 and
 # the loss's temporaries); it has not been measured here.
+
 
 # %%
 def estimate(params_b, layers, kv_heads, head_dim, vocab, tokens_kv=32_768, train_tokens=2_048):
@@ -191,8 +248,10 @@ models = {  # (billions of parameters, layers, KV heads, head dim, vocabulary), 
 }
 for name, spec in models.items():
     e = estimate(*spec)
-    print(f"{name:13s} MATCH inference, 32K context: ~{e['inference']:.1f} GB;  as a student: state "
-          f"~{e['train_state']:.1f} GB + logits ~{e['logits_step']:.1f} GB per 2,048 tokens")
+    print(
+        f"{name:13s} MATCH inference, 32K context: ~{e['inference']:.1f} GB;  as a student: state "
+        f"~{e['train_state']:.1f} GB + logits ~{e['logits_step']:.1f} GB per 2,048 tokens"
+    )
 teacher_w = models["Qwen2.5-1.5B"][0] * 2
 student = estimate(*models["Qwen2.5-0.5B"])
 total = teacher_w + student["train_state"] + 2 * student["logits_step"]  # the teacher's logits too

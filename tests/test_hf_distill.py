@@ -20,9 +20,14 @@ TEXT = (
     "the cat sat on the mat. the dog ran to the park. a bird sang in the tree. "
     "two plus three is five. four minus one is three. the sun is hot and the snow is cold. "
 ) * 20
-FACTS = [("What does the cat do?", "the cat sat on the mat"), ("Where did the dog run?", "to the park"),
-         ("What is two plus three?", "five"), ("Is the sun hot?", "the sun is hot"),
-         ("What did the bird do?", "a bird sang in the tree"), ("What is four minus one?", "three")]
+FACTS = [
+    ("What does the cat do?", "the cat sat on the mat"),
+    ("Where did the dog run?", "to the park"),
+    ("What is two plus three?", "five"),
+    ("Is the sun hot?", "the sun is hot"),
+    ("What did the bird do?", "a bird sang in the tree"),
+    ("What is four minus one?", "three"),
+]
 
 
 def _tokenizer(vocab_size=300, extra=()):
@@ -30,20 +35,29 @@ def _tokenizer(vocab_size=300, extra=()):
     bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>", *extra],
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>", "<bos>", *extra],
         initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator([TEXT], trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>",
-                                                bos_token="<bos>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
+    )
 
 
 def _model(tok, hidden, seed):
     torch.manual_seed(seed)
     cfg = transformers.Qwen2Config(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
         tie_word_embeddings=True,
     )
     return transformers.Qwen2ForCausalLM(cfg)
@@ -64,11 +78,45 @@ def dirs(tmp_path_factory):
 
 
 def _argv(d, out, method, *extra):
-    return ["--teacher", str(d / "teacher"), "--student", str(d / "student"), "--train", str(d / "train.jsonl"),
-            "--valid", str(d / "valid.jsonl"), "--method", method, "--out_dir", str(out), "--steps", "3",
-            "--batch_size", "4", "--max_new_tokens", "6", "--eval_every", "2", "--eval_examples", "4",
-            "--block_size", "64", "--dac_k", "8", "--dac_hidden", "16", "--progress", "false", "--device", "cpu",
-            "--backend", "torch", "--init_threshold", "1.0", *extra]
+    return [
+        "--teacher",
+        str(d / "teacher"),
+        "--student",
+        str(d / "student"),
+        "--train",
+        str(d / "train.jsonl"),
+        "--valid",
+        str(d / "valid.jsonl"),
+        "--method",
+        method,
+        "--out_dir",
+        str(out),
+        "--steps",
+        "3",
+        "--batch_size",
+        "4",
+        "--max_new_tokens",
+        "6",
+        "--eval_every",
+        "2",
+        "--eval_examples",
+        "4",
+        "--block_size",
+        "64",
+        "--dac_k",
+        "8",
+        "--dac_hidden",
+        "16",
+        "--progress",
+        "false",
+        "--device",
+        "cpu",
+        "--backend",
+        "torch",
+        "--init_threshold",
+        "1.0",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("method", sorted(set(METHODS) - {"mgsr-scrg0", "mgsr-forward_kl"}))
@@ -91,8 +139,14 @@ def test_final_evaluation_is_the_shared_scorer(dirs, tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "kd" / "student")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "kd" / "student").eval()
     pairs, refs = hf_distill.read_jsonl(str(dirs / "valid.jsonl"), tok, block_size=64)
-    texts = generate_texts(model, [p for p, _ in pairs], lambda ids: tok.decode(ids, skip_special_tokens=True),
-                           eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=6)
+    texts = generate_texts(
+        model,
+        [p for p, _ in pairs],
+        lambda ids: tok.decode(ids, skip_special_tokens=True),
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        max_new_tokens=6,
+    )
     ev = json.loads((tmp_path / "kd" / "eval.json").read_text())
     assert ev["greedy"] == score_texts(texts, refs)
 
