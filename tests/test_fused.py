@@ -1,0 +1,181 @@
+"""fast/fused.py: the chunked lm-head + loss equals the unfused computation on materialised logits -- loss
+and every gradient (the student's hidden states, its weight, the DAC-KL sub-network) -- for every
+objective, on ugly shapes: N not a multiple of the chunk, one row, masked rows, spans straddling chunks, a
+-inf padded vocabulary, grad_output != 1, fp32 and fp64, torch and Triton backends; and against the NumPy
+oracles at small V."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from fast.dac_kl import DACKL
+from fast.divergences import PARAMS as DIV_PARAMS
+from fast.divergences import divergence
+from fast.fused import default_chunk_rows, fused_distill_loss
+from fast.span import span_loss
+from fast.testing import assert_close
+from reference import divergences as R
+
+DIVS = sorted(DIV_PARAMS)
+
+
+def _inputs(N, H, Ht, V, dtype, seed, n_masked=0, n_unlabelled=0):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(N, H, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    ws = (torch.randn(V, H, generator=g, dtype=torch.float64) / math.sqrt(H)).to(dtype).requires_grad_()
+    ht = torch.randn(N, Ht, generator=g, dtype=torch.float64).to(dtype)
+    wt = (2 * torch.randn(V, Ht, generator=g, dtype=torch.float64) / math.sqrt(Ht)).to(dtype)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[:n_unlabelled] = -100
+    mask = torch.ones(N, dtype=torch.bool)
+    mask[N - n_masked :] = False
+    return hs, ws, ht, wt, labels, mask
+
+
+def _dac(dtype, backend="torch"):
+    return DACKL(k=8, hidden=16, backend=backend, generator=torch.Generator().manual_seed(3)).to(dtype)
+
+
+def _unfused(hs, ws, ht, wt, *, objective, labels, mask, spans=None, dac=None, weights=(1, 1, 1), vocab=None,
+             backend="torch", **params):
+    s, t = hs @ ws.T, (ht @ wt.T).detach()
+    cd = torch.float64 if hs.dtype == torch.float64 else torch.float32
+    s, t = s.to(cd), t.to(cd)
+    if vocab is not None:
+        neg = torch.full_like(s[:, vocab:], -math.inf)
+        s = torch.cat([s[:, :vocab], neg], 1)
+        t = torch.cat([t[:, :vocab], neg], 1)
+    ok = labels != -100
+    ce = torch.nn.functional.cross_entropy(s[ok], labels[ok]) if bool(ok.any()) else s.sum() * 0.0
+    if objective == "ce":
+        return ce
+    if objective != "mgsr":
+        return divergence(objective, t, s, mask=mask, reduction="mean", backend=backend, **params)
+    tok, _ = dac(t, s, mask)
+    out = weights[0] * ce + weights[1] * tok
+    if spans is not None:
+        out = out + weights[2] * span_loss(t, s, spans, backend=backend)
+    return out
+
+
+def _both(objective, N, chunk, dtype=torch.float64, backend="torch", go=-1.7, seed=0, **kw):
+    hs, ws, ht, wt, labels, mask = _inputs(N, 12, 20, 37, dtype, seed, n_masked=min(3, N - 1), n_unlabelled=2)
+    if kw.get("vocab") is not None:  # labels are real tokens
+        labels = torch.where(labels == -100, labels, labels % kw["vocab"])
+    dac = _dac(dtype, backend) if objective == "mgsr" else None
+    extra = {k: v for k, v in kw.items() if k != "spans"}
+    spans = kw.get("spans")
+    params = [hs, ws, *(dac.parameters() if dac is not None else ())]
+    loss, parts = fused_distill_loss(hs, ws, ht, wt, objective=objective, labels=labels, mask=mask, spans=spans,
+                                     dac=dac, chunk_rows=chunk, backend=backend, **extra)
+    got = torch.autograd.grad(loss * go, params)
+    ref = _unfused(hs, ws, ht, wt, objective=objective, labels=labels, mask=mask, spans=spans, dac=dac,
+                   backend=backend, **extra)
+    want = torch.autograd.grad(ref * go, params)
+    assert_close(loss, ref, dtype=dtype, name=f"{objective} loss")
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert_close(a, b, dtype=dtype, name=f"{objective} grad {i}")
+    return parts
+
+
+@pytest.mark.parametrize("objective", ["ce", *DIVS])
+@pytest.mark.parametrize("N,chunk", [(1, 1), (17, 5), (16, 4), (9, 64)])
+def test_every_objective_equals_the_unfused_loss(objective, N, chunk):
+    params = {k: v for k, v in (("alpha", 0.3), ("beta", 0.35)) if k in DIV_PARAMS.get(objective, ())}
+    _both(objective, N, chunk, **params)
+
+
+@given(N=st.integers(2, 30), chunk=st.integers(1, 12), seed=st.integers(0, 2**16))
+@example(N=20, chunk=3, seed=1)  # spans straddle several chunk boundaries
+@example(N=2, chunk=1, seed=0)  # one pair split across two one-row chunks
+def test_mgsr_with_spans_across_chunks(N, chunk, seed):
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, N), size=min(3, N - 1), replace=False)).tolist()
+    bounds = [0, *cuts, N]
+    spans = torch.tensor([[a, b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b - a >= 2])
+    spans = spans if len(spans) else None
+    parts = _both("mgsr", N, chunk, seed=seed, spans=spans, weights=(0.7, 1.3, 2.5))
+    assert set(parts) >= {"sft", "token", "kept"}
+
+
+@pytest.mark.parametrize("token_loss", ["forward_kl", "skew_reverse_kl"])
+def test_mgsr_with_a_divergence_as_token_term(token_loss):
+    hs, ws, ht, wt, labels, mask = _inputs(11, 8, 8, 23, torch.float64, 5)
+    spans = torch.tensor([[2, 7], [7, 11]])
+    loss, parts = fused_distill_loss(hs, ws, ht, wt, objective="mgsr", labels=labels, mask=mask, spans=spans,
+                                     token_loss=token_loss, chunk_rows=3, weights=(0.5, 2.0, 3.0), alpha=0.3,
+                                     backend="torch")
+    s, t = hs @ ws.T, ht @ wt.T
+    p = {"alpha": 0.3} if "alpha" in DIV_PARAMS[token_loss] else {}
+    want = (0.5 * torch.nn.functional.cross_entropy(s, labels)
+            + 2.0 * divergence(token_loss, t, s, mask=mask, backend="torch", **p)
+            + 3.0 * span_loss(t, s, spans, backend="torch"))
+    assert_close(loss, want, name=token_loss)
+    assert_close(parts["token"], divergence(token_loss, t, s, mask=mask, backend="torch", **p), name="part")
+
+
+@pytest.mark.parametrize("objective", ["forward_kl", "mgsr"])
+def test_padded_vocabulary(objective):
+    spans = torch.tensor([[0, 6], [8, 13]]) if objective == "mgsr" else None
+    _both(objective, 13, 4, vocab=30, spans=spans)
+
+
+@pytest.mark.parametrize("objective", ["ce", "js_divergence", "mgsr"])
+def test_fp32(objective):
+    spans = torch.tensor([[1, 9]]) if objective == "mgsr" else None
+    _both(objective, 14, 5, dtype=torch.float32, spans=spans)
+
+
+@pytest.mark.parametrize("objective", ["forward_kl", "skew_forward_kl", "mgsr"])
+def test_triton_backend(objective):
+    spans = torch.tensor([[1, 6], [6, 12]]) if objective == "mgsr" else None
+    _both(objective, 12, 5, dtype=torch.float32, backend="triton", spans=spans)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "js_divergence", "tv_distance"])
+def test_against_the_oracle(name):
+    # the NumPy oracle's per-row values and logit gradients, chained through the lm head by hand
+    hs, ws, ht, wt, _, mask = _inputs(10, 6, 7, 19, torch.float64, 9, n_masked=3)
+    loss, _ = fused_distill_loss(hs, ws, ht, wt, objective=name, mask=mask, chunk_rows=4, backend="torch")
+    dh, dw = torch.autograd.grad(loss, [hs, ws])
+    s, t = (hs @ ws.T).detach().numpy(), (ht @ wt.T).numpy()
+    m = mask.numpy()
+    f, grad = R.DIVERGENCES[name]
+    want = f(t[m], s[m]).mean()
+    ds = np.zeros_like(s)
+    ds[m] = grad(t[m], s[m]) / m.sum()
+    assert_close(loss, want, name="loss")
+    assert_close(dh, ds @ ws.detach().numpy(), name="dh")
+    assert_close(dw, ds.T @ hs.detach().numpy(), name="dW")
+
+
+def test_chunk_size_rule():
+    assert default_chunk_rows(2048, 151_936, "forward_kl") == 73  # 256 MiB / (6 x 4 B x V)
+    assert default_chunk_rows(2048, 151_936, "mgsr") == 22
+    assert default_chunk_rows(5, 259, "ce") == 5  # never more than N
+    assert default_chunk_rows(10, 10**9, "mgsr") == 1  # never less than 1
+
+
+def test_bad_input_names_it():
+    hs, ws, ht, wt, labels, mask = _inputs(6, 4, 5, 11, torch.float32, 0)
+    kw = dict(labels=labels, mask=mask)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        fused_distill_loss(hs, ws, ht, wt, objective="kl", **kw)
+    with pytest.raises(ValueError, match=r"student_hidden must be \[N, H\] and student_weight \[V, H\]"):
+        fused_distill_loss(hs, ws[:, :3], ht, wt, objective="ce", **kw)
+    with pytest.raises(ValueError, match="same rows and vocabulary"):
+        fused_distill_loss(hs, ws, ht, wt[:7], objective="ce", **kw)
+    with pytest.raises(ValueError, match="needs labels"):
+        fused_distill_loss(hs, ws, ht, wt, objective="ce", mask=mask)
+    with pytest.raises(ValueError, match="needs dac"):
+        fused_distill_loss(hs, ws, ht, wt, objective="mgsr", **kw)
+    with pytest.raises(ValueError, match="spans must satisfy"):
+        fused_distill_loss(hs, ws, ht, wt, objective="mgsr", dac=_dac(torch.float32), spans=[[4, 9]], **kw)
+    with pytest.raises(ValueError, match="chunk_rows must be an integer >= 1"):
+        fused_distill_loss(hs, ws, ht, wt, objective="ce", chunk_rows=0, **kw)
+    with pytest.raises(ValueError, match="vocab must be an integer"):
+        fused_distill_loss(hs, ws, ht, wt, objective="ce", vocab=12, **kw)
