@@ -138,3 +138,97 @@ def test_toy_kernels(tmp_path):
     assert bl["sass"] > ll["sass"] and bl["mufu"] > ll["mufu"] == 0
     assert ll["ldg"] >= 1 and ll["stg"] == 0
     assert spill["spill_bytes"] > 0 and spill["registers"] >= 200
+
+
+# cuobjdump -sass layout: a header, then one instruction per line with its encoding, and a second encoding
+# line; only the instruction lines count
+NESTED_SHARED = """
+        code for sm_90a
+                Function : toy_kernel
+        .headerflags    @"EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                     /* 0x00000a0000017a02 */
+                                                                              /* 0x000fe40000000f00 */
+        /*0010*/                   S2R R0, SR_TID.X ;                         /* 0x0000000000007919 */
+                                                                              /* 0x000e220000002100 */
+        /*0020*/                   LDG.E R2, desc[UR4][R4.64] ;               /* 0x0000000404027981 */
+        /*0030*/                   FFMA R3, R2, R2, R3 ;
+        /*0040*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        /*0050*/                   MUFU.EX2 R3, R3 ;
+        /*0060*/               @P0 BRA 0x30 ;
+        /*0070*/                   LDSM.16.M88.4 R20, [R21] ;
+        /*0080*/              @!P1 BRA 0x30 ;
+        /*0090*/                   STG.E desc[UR4][R6.64], R3 ;
+        /*00a0*/               @P2 BRA 0x20 ;
+        /*00b0*/                   EXIT ;
+        /*00c0*/                   BRA 0xc0;
+        .L_x_0:
+"""
+
+
+def _key(lp):
+    return (
+        lp.start,
+        lp.end,
+        lp.sass,
+        lp.hgmma,
+        lp.mufu,
+        lp.ldg,
+        lp.stg,
+        lp.stsm,
+        lp.ldsm,
+        lp.bar,
+        lp.innermost,
+    )
+
+
+def test_parse_sass_reads_instruction_lines_only():
+    instrs = parse_sass(NESTED_SHARED)
+    assert [a for a, _ in instrs] == list(range(0, 0xD0, 0x10))
+    assert instrs[0] == (0x0, "MOV R1, c[0x0][0x28]")
+    assert instrs[6] == (0x60, "@P0 BRA 0x30")
+    assert instrs[8] == (0x80, "@!P1 BRA 0x30")
+    assert instrs[-1] == (0xC0, "BRA 0xc0")
+
+
+def test_nested_loops_and_two_back_edges_to_one_header():
+    loops = find_loops(parse_sass(NESTED_SHARED))
+    # one loop per back edge, in code order; two branches to 0x30 give two loops with the same start, the
+    # shorter one inside the longer (so only the shorter is innermost); HMMA is not counted as HGMMA
+    assert [_key(lp) for lp in loops] == [
+        (0x30, 0x60, 4, 0, 1, 0, 0, 0, 0, 0, True),
+        (0x30, 0x80, 6, 0, 1, 0, 0, 0, 1, 0, False),
+        (0x20, 0xA0, 9, 0, 1, 1, 1, 0, 1, 0, False),
+    ]
+
+
+WGMMA_LOOP = """
+        /*0000*/                   IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ;
+        /*0010*/              @!P0 BRA 0x90 ;
+        /*0020*/                   WARPGROUP.ARRIVE ;
+        /*0030*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0040*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0050*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0060*/               @P1 BRA 0x80 ;
+        /*0070*/                   STSM.16.M88.4 [R2], R24 ;
+        /*0080*/                   NOP ;
+        /*0090*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*00a0*/               @P2 BRA 0x20 ;
+        /*00b0*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*00c0*/                   FMUL R2, R2, R2 ;
+        /*00d0*/                   STG.E desc[UR4][R6.64], R2 ;
+        /*00e0*/               @P3 BRA 0xb0 ;
+        /*00f0*/                   EXIT ;
+        /*0100*/                   BRA 0x100;
+"""
+
+
+def test_tensor_core_loop_and_a_loop_without_tensor_cores():
+    loops = find_loops(parse_sass(WGMMA_LOOP))
+    # forward branches (0x10 -> 0x90, 0x60 -> 0x80) make no loop; the NOP is not counted; the barrier count
+    # takes BAR and both WARPGROUP synchronisations; two disjoint loops are both innermost
+    assert [_key(lp) for lp in loops] == [
+        (0x20, 0xA0, 8, 2, 0, 0, 0, 1, 0, 3, True),
+        (0xB0, 0xE0, 4, 0, 0, 1, 1, 0, 0, 0, True),
+    ]
+    rec = loops[1].record()
+    assert "start" not in rec and "end" not in rec and rec["sass"] == 4 and rec["hgmma"] == 0
