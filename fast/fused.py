@@ -96,10 +96,11 @@ class _Fused(torch.autograd.Function):
             with torch.enable_grad():
                 s = (hs[a:e] @ ws.T).to(cd)
                 with torch.no_grad():
-                    t = (ht[a:e] @ wt.T).to(cd)
+                    t = None if ht is None else (ht[a:e] @ wt.T).to(cd)  # CE needs no teacher
                 if plan.vocab is not None:  # a padded vocabulary: -inf in both, as the unfused losses take it
                     s[:, plan.vocab :] = -math.inf
-                    t[:, plan.vocab :] = -math.inf
+                    if t is not None:
+                        t[:, plan.vocab :] = -math.inf
                 s = s.detach().requires_grad_()
                 loss, chunk_parts = plan.chunk_loss(t, s, a, b, e, dac_params)
                 wrt = [s, *dac_params]
@@ -122,17 +123,22 @@ class _Fused(torch.autograd.Function):
                 if gp is not None:
                     acc += gp.to(cd)
         ctx.save_for_backward(ds_h, dw, *d_dac)
+        ctx.used = False
         ctx.dtypes = (hs.dtype, ws.dtype, [p.dtype for p in dac_params])
         plan.parts = parts
         return total.to(cd)
 
     @staticmethod
     def backward(ctx, go):
+        if ctx.used:
+            raise RuntimeError("fused_distill_loss: backward through the same call twice is not supported")
+        ctx.used = True
         ds_h, dw, *d_dac = ctx.saved_tensors
         hdt, wdt, pdts = ctx.dtypes
         go = go.to(ds_h.dtype)
-        out = [(ds_h * go).to(hdt), (dw * go).to(wdt), None, None, None]
-        out += [(g * go).to(dt) for g, dt in zip(d_dac, pdts, strict=True)]
+        # scaled in place: the weight gradient ([V, H]) is the largest tensor here, and is not copied
+        out = [ds_h.mul_(go).to(hdt), dw.mul_(go).to(wdt), None, None, None]
+        out += [g.mul_(go).to(dt) for g, dt in zip(d_dac, pdts, strict=True)]
         return tuple(out)
 
 
@@ -160,13 +166,15 @@ class _Plan:
         self.dac, self.chunk, self.temperature, self.backend = dac, chunk, temperature, backend
         self.w_sft, self.w_token, self.w_span = weights
         self.token_loss, self.ignore_index, self.vocab, self.params = token_loss, ignore_index, vocab, params
+        self.span_squared = bool(params.pop("span_squared", False))
         self.n_labels = int((labels != ignore_index).sum()) if labels is not None else 0
         self.n_mask = int(mask.sum()) if mask is not None else 0
         self.n_pairs = 0 if pairs is None else int(pairs.numel())
         if objective == "ce":
             self.part_names = ("ce",)
         elif objective == "mgsr":
-            self.part_names = ("sft", "token", "span") + (("kept",) if token_loss == "dac_kl" else ())
+            dac_parts = ("kept", "upper", "lower") if token_loss == "dac_kl" else ()
+            self.part_names = ("sft", "token", "span", *dac_parts)
         else:
             self.part_names = (objective,)
 
@@ -210,7 +218,8 @@ class _Plan:
             if self.token_loss == "dac_kl":
                 tok_mean, info = self.dac(t[: b - a], s[: b - a], m)
                 tok = tok_mean * (int(m.sum()) / self.n_mask)
-                parts["kept"] = info["kept"].double().sum() / self.n_mask
+                for k in ("kept", "upper", "lower"):  # means over the masked rows
+                    parts[k] = info[k].double().sum() / self.n_mask
             else:
                 own = {k: v for k, v in self.params.items() if k in DIV_PARAMS[self.token_loss]}
                 tok = self._div(self.token_loss, t, s, a, b, own)
@@ -220,7 +229,14 @@ class _Plan:
             k = self.pairs[(self.pairs >= a) & (self.pairs < b)]
             if k.numel():
                 spans = torch.stack([k - a, k - a + 2], 1)  # one two-row span per pair: the same pair sum
-                sp = span_loss(t[: e - a], s[: e - a], spans, backend=self.backend, validate=False)
+                sp = span_loss(
+                    t[: e - a],
+                    s[: e - a],
+                    spans,
+                    squared=self.span_squared,
+                    backend=self.backend,
+                    validate=False,
+                )
                 sp = sp * (k.numel() / self.n_pairs)
                 parts["span"] = sp.detach()
                 loss = loss + self.w_span * sp
@@ -252,16 +268,22 @@ def fused_distill_loss(
     ``student_weight [V, H_s]``, ``teacher_hidden [N, H_t]``, ``teacher_weight [V, H_t]`` (the teacher side is
     constant); ``labels [N]`` for CE, ``mask [N]`` bool for the token terms (default: every row), ``spans
     [S, 2]`` row ranges of the N rows for MGSR's span term, ``dac`` a ``fast.dac_kl.DACKL`` (MGSR with
-    ``token_loss = "dac_kl"``), ``weights = (w_sft, w_token, w_span)``, ``vocab``: the real vocabulary when
+    ``token_loss = "dac_kl"``), ``weights = (w_sft, w_token, w_span)``, ``span_squared`` (a keyword: the
+    span term's squared distance), ``vocab``: the real vocabulary when
     the weights' rows are padded beyond it (those logits become -inf in both models). ``parts``: each
     term's value (unweighted, detached) and, with DAC-KL, the mean kept teacher mass. Differentiable
     w.r.t. the student's hidden states, its weight and the DAC-KL sub-network's parameters."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     _check(student_hidden, student_weight, "student")
-    _check(teacher_hidden, teacher_weight, "teacher")
     n = student_hidden.shape[0]
-    if teacher_hidden.shape[0] != n or teacher_weight.shape[0] != student_weight.shape[0]:
+    if objective == "ce" and teacher_hidden is None:  # cross-entropy reads no teacher
+        teacher_weight = None
+    else:
+        _check(teacher_hidden, teacher_weight, "teacher")
+    if teacher_hidden is not None and (
+        teacher_hidden.shape[0] != n or teacher_weight.shape[0] != student_weight.shape[0]
+    ):
         raise ValueError(
             "teacher and student need the same rows and vocabulary, got hidden "
             f"{tuple(teacher_hidden.shape)} / {tuple(student_hidden.shape)} and weights "
@@ -308,7 +330,7 @@ def fused_distill_loss(
         params,
     )
     dac_params = tuple(dac.parameters()) if (objective == "mgsr" and token_loss == "dac_kl") else ()
-    loss = _Fused.apply(
-        student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(), plan, *dac_params
-    )
+    ht = None if teacher_hidden is None else teacher_hidden.detach()
+    wt = None if teacher_weight is None else teacher_weight.detach()
+    loss = _Fused.apply(student_hidden, student_weight, ht, wt, plan, *dac_params)
     return loss, {k: v.to(loss.dtype) for k, v in plan.parts.items()}

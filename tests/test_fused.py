@@ -40,8 +40,22 @@ def _dac(dtype, backend="torch"):
     return DACKL(k=8, hidden=16, backend=backend, generator=torch.Generator().manual_seed(3)).to(dtype)
 
 
-def _unfused(hs, ws, ht, wt, *, objective, labels, mask, spans=None, dac=None, weights=(1, 1, 1), vocab=None,
-             backend="torch", **params):
+def _unfused(
+    hs,
+    ws,
+    ht,
+    wt,
+    *,
+    objective,
+    labels,
+    mask,
+    spans=None,
+    dac=None,
+    weights=(1, 1, 1),
+    vocab=None,
+    backend="torch",
+    **params,
+):
     s, t = hs @ ws.T, (ht @ wt.T).detach()
     cd = torch.float64 if hs.dtype == torch.float64 else torch.float32
     s, t = s.to(cd), t.to(cd)
@@ -70,11 +84,34 @@ def _both(objective, N, chunk, dtype=torch.float64, backend="torch", go=-1.7, se
     extra = {k: v for k, v in kw.items() if k != "spans"}
     spans = kw.get("spans")
     params = [hs, ws, *(dac.parameters() if dac is not None else ())]
-    loss, parts = fused_distill_loss(hs, ws, ht, wt, objective=objective, labels=labels, mask=mask, spans=spans,
-                                     dac=dac, chunk_rows=chunk, backend=backend, **extra)
+    loss, parts = fused_distill_loss(
+        hs,
+        ws,
+        ht,
+        wt,
+        objective=objective,
+        labels=labels,
+        mask=mask,
+        spans=spans,
+        dac=dac,
+        chunk_rows=chunk,
+        backend=backend,
+        **extra,
+    )
     got = torch.autograd.grad(loss * go, params)
-    ref = _unfused(hs, ws, ht, wt, objective=objective, labels=labels, mask=mask, spans=spans, dac=dac,
-                   backend=backend, **extra)
+    ref = _unfused(
+        hs,
+        ws,
+        ht,
+        wt,
+        objective=objective,
+        labels=labels,
+        mask=mask,
+        spans=spans,
+        dac=dac,
+        backend=backend,
+        **extra,
+    )
     want = torch.autograd.grad(ref * go, params)
     assert_close(loss, ref, dtype=dtype, name=f"{objective} loss")
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
@@ -106,14 +143,28 @@ def test_mgsr_with_spans_across_chunks(N, chunk, seed):
 def test_mgsr_with_a_divergence_as_token_term(token_loss):
     hs, ws, ht, wt, labels, mask = _inputs(11, 8, 8, 23, torch.float64, 5)
     spans = torch.tensor([[2, 7], [7, 11]])
-    loss, parts = fused_distill_loss(hs, ws, ht, wt, objective="mgsr", labels=labels, mask=mask, spans=spans,
-                                     token_loss=token_loss, chunk_rows=3, weights=(0.5, 2.0, 3.0), alpha=0.3,
-                                     backend="torch")
+    loss, parts = fused_distill_loss(
+        hs,
+        ws,
+        ht,
+        wt,
+        objective="mgsr",
+        labels=labels,
+        mask=mask,
+        spans=spans,
+        token_loss=token_loss,
+        chunk_rows=3,
+        weights=(0.5, 2.0, 3.0),
+        alpha=0.3,
+        backend="torch",
+    )
     s, t = hs @ ws.T, ht @ wt.T
     p = {"alpha": 0.3} if "alpha" in DIV_PARAMS[token_loss] else {}
-    want = (0.5 * torch.nn.functional.cross_entropy(s, labels)
-            + 2.0 * divergence(token_loss, t, s, mask=mask, backend="torch", **p)
-            + 3.0 * span_loss(t, s, spans, backend="torch"))
+    want = (
+        0.5 * torch.nn.functional.cross_entropy(s, labels)
+        + 2.0 * divergence(token_loss, t, s, mask=mask, backend="torch", **p)
+        + 3.0 * span_loss(t, s, spans, backend="torch")
+    )
     assert_close(loss, want, name=token_loss)
     assert_close(parts["token"], divergence(token_loss, t, s, mask=mask, backend="torch", **p), name="part")
 
@@ -179,3 +230,131 @@ def test_bad_input_names_it():
         fused_distill_loss(hs, ws, ht, wt, objective="ce", chunk_rows=0, **kw)
     with pytest.raises(ValueError, match="vocab must be an integer"):
         fused_distill_loss(hs, ws, ht, wt, objective="ce", vocab=12, **kw)
+
+
+# ------------------------------------------------------------------------------------------------------
+# in the trainer: fused by default where it applies, the same numbers as materialised logits
+
+
+def _distillers(method, **kw):
+    import tiny_models.distill as distill
+    from tiny_models.gpt import GPT, GPTConfig
+
+    cfgs = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        t = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=96))
+        s = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=96))
+        cfg = distill.DistillConfig(
+            method=method,
+            fused=fused,
+            block_size=96,
+            max_new_tokens=6,
+            batch_size=3,
+            steps=4,
+            init_threshold=1.0,
+            dac_k=8,
+            dac_hidden=16,
+            backend="torch",
+            device="cpu",
+            progress=False,
+            w_sft=0.7,
+            w_span=2.0,
+            **kw,
+        )
+        cfgs.append(distill.Distiller(cfg, t, s))
+    return cfgs
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "sft",
+        "kd",
+        "seqkd",
+        "rkl",
+        "imitkd",
+        "gkd",
+        "minillm",
+        "distillm",
+        "mgsr",
+        "mgsr-no-scrg",
+        "mgsr-no-span",
+        "mgsr-skew_reverse_kl",
+        "mgsr-js_divergence",
+    ],
+)
+def test_one_step_fused_equals_unfused(method):
+    import tiny_models.distill as distill
+    from tiny_models.tasks import build_dataset
+
+    examples = distill.as_pairs(build_dataset(0, n_per_family=30)["train"][:3])
+    fused, plain = _distillers(method)
+    assert fused.fused and not plain.fused
+    for step in (1, 2):  # fresh samples, then (for the adaptive methods) the buffer
+        a, b = fused.step(step, examples), plain.step(step, examples)
+        assert a["source"] == b["source"]
+        assert_close(
+            torch.tensor(a["loss"]), torch.tensor(b["loss"]), dtype=torch.float32, name=f"{method} loss"
+        )
+        for k in set(a) & set(b) - {
+            "step_s",
+            "time_s",
+            "source",
+            "step",
+            "lr",
+            "threshold",
+            "buffer",
+            "grad_norm",
+        }:
+            assert_close(torch.tensor(a[k]), torch.tensor(b[k]), dtype=torch.float32, name=f"{method} {k}")
+    for (name, p), q in zip(fused.student.named_parameters(), plain.student.parameters(), strict=True):
+        assert_close(p, q, dtype=torch.float32, name=f"{method} {name} after two steps")
+
+
+def test_a_qwen2_shaped_step_at_a_real_vocabulary():
+    # V = 151,936 as in Qwen2.5: one MGSR step of a tiny random Qwen2 pair on CPU, fused by default
+    transformers = pytest.importorskip("transformers")
+    from fast.training.distill import DistillConfig, Distiller
+
+    V = 151_936
+    models = []
+    for hidden in (16, 8):
+        torch.manual_seed(hidden)
+        cfg = transformers.Qwen2Config(
+            vocab_size=V,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            eos_token_id=1,
+            pad_token_id=0,
+            tie_word_embeddings=True,
+        )
+        models.append(transformers.Qwen2ForCausalLM(cfg))
+    g = torch.Generator().manual_seed(0)
+    examples = [
+        (torch.randint(2, V, (6,), generator=g).tolist(), torch.randint(2, V, (5,), generator=g).tolist())
+        for _ in range(2)
+    ]
+    d = Distiller(
+        DistillConfig(
+            method="mgsr-no-scrg",
+            block_size=32,
+            max_new_tokens=4,
+            batch_size=2,
+            steps=2,
+            init_threshold=0.0,
+            dac_k=8,
+            dac_hidden=16,
+            backend="torch",
+            device="cpu",
+        ),
+        *models,
+    )
+    assert d.fused
+    before = [p.detach().clone() for p in models[1].parameters()]
+    rec = d.step(1, examples)
+    assert math.isfinite(rec["loss"]) and rec["source"] == "gt"
+    assert any(not torch.equal(a, b) for a, b in zip(before, models[1].parameters(), strict=True))

@@ -287,13 +287,9 @@ class GPT(nn.Module):
         pos = (valid.long().cumsum(1) - 1).clamp_min(0)[:, -idx.shape[1] :]
         return self(idx, pos=pos, key_valid=valid, cache=cache)
 
-    def forward(self, idx, *, targets=None, pos=None, key_valid=None, cache=None):
-        """``idx [B, T]`` -> logits ``[B, T, V]`` (and the mean token loss if ``targets`` is given).
-
-        ``pos [B, T]``: RoPE positions (default ``0..T-1``, or continuing the cache). ``key_valid [B, Tk]``:
-        False for pad keys (Tk = cached + new). ``cache``: a list with one dict per layer, filled in place.
-        ``targets [B, T]`` with -100 = ignored (prompt and padding).
-        """
+    def lm_hidden(self, idx, *, pos=None, key_valid=None, cache=None):  # [B, T] -> [B, T, C]
+        """The final hidden states (after ``ln_f``): the logits are ``lm_hidden(idx) @ lm_head_weight().T``
+        (``fast.fused`` computes the loss from them chunk by chunk). Arguments as for ``forward``."""
         B, T = idx.shape
         if pos is None:
             past = cache[0]["k"].shape[2] if cache is not None and "k" in cache[0] else 0
@@ -302,7 +298,19 @@ class GPT(nn.Module):
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_base, x.dtype)
         for i, block in enumerate(self.h):
             x = block(x, cos, sin, key_valid, None if cache is None else cache[i])
-        logits = F.linear(self.ln_f(x), self.wte.weight)  # tied output head
+        return self.ln_f(x)
+
+    def lm_head_weight(self) -> torch.Tensor:  # [V, C]: the output head, tied to the token embedding
+        return self.wte.weight
+
+    def forward(self, idx, *, targets=None, pos=None, key_valid=None, cache=None):
+        """``idx [B, T]`` -> logits ``[B, T, V]`` (and the mean token loss if ``targets`` is given).
+
+        ``pos [B, T]``: RoPE positions (default ``0..T-1``, or continuing the cache). ``key_valid [B, Tk]``:
+        False for pad keys (Tk = cached + new). ``cache``: a list with one dict per layer, filled in place.
+        ``targets [B, T]`` with -100 = ignored (prompt and padding).
+        """
+        logits = F.linear(self.lm_hidden(idx, pos=pos, key_valid=key_valid, cache=cache), self.wte.weight)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)

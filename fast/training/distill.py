@@ -43,7 +43,7 @@ from fast.training.checkpoint import (
 )
 from fast.training.data import IGNORE, collate, sft_example
 from fast.training.evaluate import generate_texts, score_texts
-from fast.training.lm import device_of, logits_of, special_ids, vocab_size
+from fast.training.lm import device_of, head_weight, lm_hidden, logits_of, special_ids, vocab_size
 from fast.training.loop import adamw, run_loop, setup_process, start_logs, step_indices, write_log
 from fast.training.methods import METHODS, Plan, _gen, _mgsr_objective, _seed, resolve
 from fast.training.schedule import lr_at
@@ -106,9 +106,22 @@ class DistillConfig:
     progress: bool = True
     device: str = "auto"
     backend: str = "auto"  # loss backend: auto (triton on CUDA), torch, triton
+    # the losses from the final hidden states and the output head, chunk by chunk (fast.fused), where both
+    # models expose them, in one process, for every method but MiniLLM; False: materialised logits
+    fused: bool = True
 
 
-RESUME_FREE = {"out_dir", "stop_after", "resume", "threads", "progress", "device", "ckpt_every", "backend"}
+RESUME_FREE = {
+    "out_dir",
+    "stop_after",
+    "resume",
+    "threads",
+    "progress",
+    "device",
+    "ckpt_every",
+    "backend",
+    "fused",
+}
 
 
 class Distiller:
@@ -155,6 +168,12 @@ class Distiller:
         self.prev_val: float | None = None
         self.best_rouge = -1.0
         self.micro = 0  # the micro-batch of an accumulated step (its own generators when > 0)
+        self.fused = (
+            bool(cfg.fused)
+            and world == 1
+            and head_weight(teacher) is not None
+            and head_weight(student) is not None
+        )
 
     # helpers used by the recipes
     def coin(self, step) -> float:
@@ -182,6 +201,24 @@ class Distiller:
             counts.append(max(self.global_count(int((y[lo : lo + len(g)] != IGNORE).sum())), 1))
             lo += len(g)
         return logits_of(self.ddp, x), y, tuple(counts)
+
+    def forward_hidden(self, *groups):
+        """:meth:`forward` for the fused losses: ``(final hidden states [B, T, H], output weight [V, H],
+        labels, counts)``."""
+        rows = [ex for g in groups for ex in g]
+        x, y = self.collate(rows)
+        x, y = x.to(self.device), y.to(self.device)
+        counts, lo = [], 0
+        for g in groups:
+            counts.append(max(int((y[lo : lo + len(g)] != IGNORE).sum()), 1))
+            lo += len(g)
+        return lm_hidden(self.student, x), head_weight(self.student), y, tuple(counts)
+
+    @torch.no_grad()
+    def teacher_hidden(self, seqs, T):  # -> ([B, T, H_t], [V, H_t])
+        x, _ = self.collate(seqs)
+        x = F.pad(x, (0, max(T - x.shape[1], 0)), value=self.pad_id)[:, :T]
+        return lm_hidden(self.teacher, x.to(self.device)), head_weight(self.teacher)
 
     @torch.no_grad()
     def teacher_logits(self, seqs, T):

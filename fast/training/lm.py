@@ -96,3 +96,31 @@ def special_ids(model, eos_id: int | None = None, pad_id: int | None = None) -> 
         if pad_id is None and cfg is not None:
             pad_id = getattr(cfg, "pad_token_id", None)
     return int(eos_id), int(pad_id if pad_id is not None else 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# final hidden states and the output head (the fused losses of fast.fused start from them)
+
+
+def head_weight(model):  # -> [V, H] or None
+    """The output head's weight when the logits are exactly ``hidden @ weight.T``: a model's own
+    ``lm_head_weight()`` (the tiny GPT), or a transformers model's output embedding without bias, logit
+    scaling or soft-capping; None otherwise (the losses then take materialised logits)."""
+    if hasattr(model, "lm_head_weight"):
+        return model.lm_head_weight()
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    cfg = getattr(model, "config", None)
+    if head is None or getattr(head, "bias", None) is not None or not isinstance(head, torch.nn.Linear):
+        return None
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            return None
+    return head.weight
+
+
+def lm_hidden(model, x):  # [B, T] right-padded -> [B, T, H]
+    """The final hidden states of a plain forward (the input of the output head)."""
+    if hasattr(model, "lm_hidden"):
+        return model.lm_hidden(x)
+    return model.get_decoder()(input_ids=x).last_hidden_state

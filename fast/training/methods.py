@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from fast.divergences import PARAMS as DIV_PARAMS
 from fast.divergences import divergence
+from fast.fused import fused_distill_loss
 from fast.span import span_loss, spans_to_tensor
 from fast.training.data import IGNORE, sft_example
 from fast.training.lm import logits_of
@@ -189,13 +190,31 @@ def _minillm_build(d, step, examples):
 # losses ----------------------------------------------------------------------------------------------
 
 
+def _fused_rows(
+    h, y
+):  # [B, T, H], [B, T] -> labelled rows [n, H], their labels [n], row of each (b, t) [B, T]
+    m = y != IGNORE
+    return h[m], y[m], (torch.cumsum(m.flatten(), 0) - 1).view(m.shape)
+
+
+def _fused_ce(d, seqs):
+    h, W, y, _ = d.forward_hidden(seqs)
+    rows, labels, _ = _fused_rows(h, y)
+    loss, _ = fused_distill_loss(rows, W, None, None, objective="ce", labels=labels, backend=d.cfg.backend)
+    return loss, {"ce": loss.detach()}
+
+
 def _ce_sft(d, plan):
+    if d.fused:
+        return _fused_ce(d, plan.gt)
     logits, y, (n,) = d.forward(plan.gt)
     s = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum")
     return s / n, {"ce": s.detach() / n}
 
 
 def _ce_seqs(d, plan):
+    if d.fused:
+        return _fused_ce(d, plan.seqs if plan.seqs is not None else plan.gt)
     logits, y, (n,) = d.forward(plan.seqs if plan.seqs is not None else plan.gt)
     s = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum")
     return s / n, {"ce": s.detach() / n}
@@ -204,6 +223,13 @@ def _ce_seqs(d, plan):
 def _div_objective(name, **params):
     def objective(d, plan):
         seqs = plan.seqs if plan.seqs is not None else plan.gt
+        if d.fused:
+            h, W, y, _ = d.forward_hidden(seqs)
+            ht, Wt = d.teacher_hidden(seqs, h.shape[1])
+            m = y != IGNORE
+            p = {k: getattr(d.cfg, v) for k, v in params.items()}
+            loss, _ = fused_distill_loss(h[m], W, ht[m], Wt, objective=name, backend=d.cfg.backend, **p)
+            return loss, {name: loss.detach()}
         logits, y, (n,) = d.forward(seqs)
         t = d.teacher_logits(seqs, logits.shape[1])
         p = {k: getattr(d.cfg, v) for k, v in params.items()}
@@ -283,6 +309,8 @@ def _mgsr_objective(d, plan):
     cfg = d.cfg
     two = plan.seqs is not None
     seqs = plan.seqs if two else plan.gt
+    if d.fused:
+        return _mgsr_fused(d, plan, two, seqs)
     logits_all, y_all, counts = d.forward(plan.gt, seqs) if two else d.forward(plan.gt)
     B = len(plan.gt)
     n_gt = counts[0]
@@ -320,6 +348,53 @@ def _mgsr_objective(d, plan):
             sp = ls.sum() * 0.0
         parts["span"] = sp.detach() / max(n_pairs, 1)
         loss = loss + cfg.w_span * sp / max(n_pairs, 1)
+    return loss, parts
+
+
+def _mgsr_fused(d, plan, two, seqs):
+    """:func:`_mgsr_objective` through ``fast.fused``: the same terms and normalisation, the logits chunk by
+    chunk."""
+    cfg = d.cfg
+    h_all, W, y_all, _ = d.forward_hidden(plan.gt, seqs) if two else d.forward_hidden(plan.gt)
+    B = len(plan.gt)
+    hs, ys = (h_all[B:], y_all[B:]) if two else (h_all, y_all)
+    ht, Wt = d.teacher_hidden(seqs, hs.shape[1])
+    rows, labels, at = _fused_rows(hs, ys)
+    spans = None
+    if cfg.w_span:
+        spans = [
+            (int(at[b, s]), int(at[b, e - 1]) + 1)
+            for b, row in enumerate(ys.tolist())
+            for s, e in response_spans(row, cfg.span_mode)
+        ]
+        spans = torch.tensor(spans, dtype=torch.int64).reshape(-1, 2)
+    kw = dict(
+        objective="mgsr",
+        mask=None,
+        spans=spans,
+        dac=d.dac,
+        token_loss=cfg.token_loss,
+        backend=cfg.backend,
+        alpha=cfg.skew_alpha,
+        beta=0.5,
+        span_squared=cfg.span_squared,
+    )
+    if two:
+        g_rows, g_labels, _ = _fused_rows(h_all[:B], y_all[:B])
+        sft, _ = fused_distill_loss(
+            g_rows, W, None, None, objective="ce", labels=g_labels, backend=cfg.backend
+        )
+        rest, parts = fused_distill_loss(
+            rows, W, ht[ys != IGNORE], Wt, weights=(0.0, cfg.w_token, cfg.w_span), **kw
+        )
+        loss = cfg.w_sft * sft + rest
+        parts["sft"] = sft.detach()
+    else:
+        loss, parts = fused_distill_loss(
+            rows, W, ht[ys != IGNORE], Wt, labels=labels, weights=(cfg.w_sft, cfg.w_token, cfg.w_span), **kw
+        )
+    if not cfg.w_span:
+        parts.pop("span", None)
     return loss, parts
 
 
