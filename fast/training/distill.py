@@ -109,6 +109,9 @@ class DistillConfig:
     # the losses from the final hidden states and the output head, chunk by chunk (fast.fused), where both
     # models expose them, in one process, for every method but MiniLLM; False: materialised logits
     fused: bool = True
+    # an offline teacher (fast.teacher_cache, path prefix of the shards) for kd: its sparse log-probs on the
+    # ground truth replace the teacher's forward
+    teacher_cache: str | None = None
 
 
 RESUME_FREE = {
@@ -168,7 +171,19 @@ class Distiller:
         self.prev_val: float | None = None
         self.best_rouge = -1.0
         self.micro = 0  # the micro-batch of an accumulated step (its own generators when > 0)
-        self.fused = (
+        self.cache = None
+        if cfg.teacher_cache:
+            if cfg.method != "kd":
+                raise ValueError(
+                    "teacher_cache serves method 'kd' (forward KL on the fixed ground truth); "
+                    f"{cfg.method!r} needs the whole teacher distribution or sequences that change "
+                    "(DAC-KL, the span term, reverse KL, JSD, TV and the skew KLs cannot be computed from a "
+                    "sparse teacher)"
+                )
+            from fast.teacher_cache import TeacherCache
+
+            self.cache = TeacherCache(cfg.teacher_cache)
+        self.fused = self.cache is None and (
             bool(cfg.fused)
             and world == 1
             and head_weight(teacher) is not None

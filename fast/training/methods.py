@@ -223,6 +223,8 @@ def _ce_seqs(d, plan):
 def _div_objective(name, **params):
     def objective(d, plan):
         seqs = plan.seqs if plan.seqs is not None else plan.gt
+        if d.cache is not None:
+            return _cached_kd(d, seqs)
         if d.fused:
             h, W, y, _ = d.forward_hidden(seqs)
             ht, Wt = d.teacher_hidden(seqs, h.shape[1])
@@ -237,6 +239,24 @@ def _div_objective(name, **params):
         return s / n, {name: s.detach() / n}
 
     return objective
+
+
+def _cached_kd(d, seqs):
+    """Forward KL from the offline teacher (``fast.teacher_cache``): its sparse entries at every labelled
+    position of the step's (fixed) sequences, the student's logits there."""
+    from fast.teacher_cache import sparse_kd_loss
+
+    logits, y, (n,) = d.forward(seqs)
+    entries = [d.cache.rows(inputs, labels) for inputs, labels in seqs]
+    ids, vals, rest = (torch.cat([e[i] for e in entries]).to(logits.device) for i in range(3))
+    rows = logits[y != IGNORE]
+    if len(rows) != len(ids):
+        raise ValueError(
+            f"the teacher cache holds {len(ids)} positions for this batch, the batch has {len(rows)} "
+            "(was the cache written with another block_size?)"
+        )
+    loss = sparse_kd_loss(rows, ids, vals, rest, d.cache.kind).sum() / n
+    return loss, {"forward_kl": loss.detach()}
 
 
 def _distillm_objective(d, plan):
