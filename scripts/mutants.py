@@ -479,7 +479,7 @@ MUTANTS: list[Mutant] = [
         "tests/test_distill.py",
         "MGSR's span term is summed over pairs, not averaged",
     ),
-    # ---- distillation recipes on every batch source (tests/test_recipes.py) ---------------------------------
+    # ---- distillation recipes on every batch source (tests/test_recipes.py) ----------------------------
     M(
         "recipe-token-norm",
         "fast/training/methods.py",
@@ -531,12 +531,20 @@ MUTANTS: list[Mutant] = [
     M(
         "replay-with-replacement",
         "fast/training/methods.py",
-        "size=min(len(examples), len(d.buffer)), replace=False)",
-        "size=min(len(examples), len(d.buffer)), replace=True)",
+        "size=min(len(pe), len(d.buffer)), replace=False)",
+        "size=min(len(pe), len(d.buffer)), replace=True)",
         "tests/test_recipes.py",
         "the replay buffer is sampled with replacement (a sequence twice in one step)",
     ),
-    # ---- padding and kernel edges (tests/test_padding.py) -----------------------------------------------------
+    M(
+        "recipe-samples-from-gt",
+        "fast/training/methods.py",
+        "resp, ended = _student_samples(d, step, pe)",
+        "resp, ended = _student_samples(d, step, examples)",
+        "tests/test_distill.py",
+        "the adaptive sampler samples the labelled examples' prompts instead of the prompt pool",
+    ),
+    # ---- padding and kernel edges (tests/test_padding.py) -----------------------------------------------
     M(
         "match-summary-padding",
         "fast/match.py",

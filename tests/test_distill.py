@@ -403,3 +403,69 @@ def test_scrg_frequency_plot_needs_every_point(tmp_path):
     assert plot_scrg(summary, tmp_path / "f.png") and (tmp_path / "f.png").stat().st_size > 0
     del summary["mgsr-scrg3"]
     assert not plot_scrg(summary, tmp_path / "g.png") and not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("method", ["imitkd", "seqkd", "gkd", "minillm", "distillm", "mgsr"])
+def test_samples_come_from_the_prompt_pool_and_the_ground_truth_from_the_examples(
+    method, examples, monkeypatch
+):
+    # the labelled / unlabelled regime: ground-truth terms read the step's examples, prompt-only terms its
+    # prompt batch (responses of the pool are never read)
+    t, s = _models()
+    spy = _Spy(monkeypatch)
+    pool = distill.as_pairs(build_dataset(0, n_per_family=30)["train"][10:13])
+    pool = [(p, [999]) for p, _ in pool]  # a hidden response: any use of it would show as token 999
+    d = Distiller(_cfg(method, gkd_lambda=1.0), t, s)
+    d._prompts = pool
+    plan = d.plan(1, examples)
+    d._prompts = None
+    want_gt = [distill_sft(p, r) for p, r in examples]
+    assert plan.gt == want_gt
+    assert plan.seqs is not None
+    prompts_used = [inputs[: len(p)] for (inputs, _), (p, _) in zip(plan.seqs, pool, strict=True)]
+    assert prompts_used == [p for p, _ in pool]
+    assert all(999 not in inputs for inputs, _ in plan.seqs)
+    if spy.calls:
+        assert [list(x) for x in spy.calls[0][1]] == [p for p, _ in pool]
+    rec = d.step(2, examples, pool)  # and a whole step with the pool runs
+    assert rec["loss"] == rec["loss"] and "scrg_revised" in rec
+
+
+def distill_sft(p, r):
+    from fast.training.data import sft_example
+
+    return sft_example(p, r, EOS)
+
+
+def test_the_prompt_pool_stream_is_shared_and_reproducible(tmp_path):
+    from fast.training import distill as fd
+    from tiny_models.model_io import saver
+
+    ds = build_dataset(0, n_per_family=30)
+    train_set, pool = distill.as_pairs(ds["train"][:20]), distill.as_pairs(ds["train"][20:60])
+    seen = {}
+    for method in ("imitkd", "distillm"):
+        t, s = _models()
+        calls = []
+        real = fd.Distiller.step
+
+        def spy(self, step, examples, prompts=None, calls=calls, real=real):
+            calls.append((step, [p for p, _ in examples], [p for p, _ in prompts]))
+            return real(self, step, examples, prompts)
+
+        fd.Distiller.step = spy
+        try:
+            fd.train(
+                _cfg(method, out_dir=str(tmp_path / method), steps=3),
+                t,
+                s,
+                train_set,
+                train_set[:4],
+                save_model=saver,
+                prompts=pool,
+            )
+        finally:
+            fd.Distiller.step = real
+        seen[method] = calls
+    assert seen["imitkd"] == seen["distillm"]  # the same examples and prompts at every step: runs are paired
+    assert all(set(map(tuple, ps)) <= {tuple(p) for p, _ in pool} for _, _, ps in seen["imitkd"])

@@ -171,6 +171,7 @@ class Distiller:
         self.prev_val: float | None = None
         self.best_rouge = -1.0
         self.micro = 0  # the micro-batch of an accumulated step (its own generators when > 0)
+        self._prompts = None  # the step's prompt batch (prompt_batch), when it differs from its examples
         self.cache = None
         if cfg.teacher_cache:
             if cfg.method != "kd":
@@ -191,6 +192,11 @@ class Distiller:
         )
 
     # helpers used by the recipes
+    def prompt_batch(self, examples):
+        """The prompts a step samples from: its own prompt batch (an unlabelled pool, ``step(..., prompts)``)
+        or, without one, its ground-truth examples. (prompt ids, response ids) pairs; the responses unused."""
+        return self._prompts if self._prompts is not None else examples
+
     def coin(self, step) -> float:
         """The adaptive sampler's / GKD's ``r ~ U(0, 1)`` of this step (the same on every rank)."""
         return float(np.random.default_rng([self.cfg.seed, step, 2]).uniform())
@@ -280,7 +286,10 @@ class Distiller:
     def objective(self, plan: Plan):
         return self.method.objective(self, plan)
 
-    def step(self, step: int, examples) -> dict:
+    def step(self, step: int, examples, prompts=None) -> dict:
+        """One update on the ground-truth ``examples`` and, for the terms that need only prompts (samples of
+        the student or the teacher, SCRG, the replay buffer), the prompt batch ``prompts`` (default: the
+        examples' own prompts)."""
         cfg = self.cfg
         lr = lr_at(step, cfg)
         for g in self.opt.param_groups:
@@ -297,10 +306,15 @@ class Distiller:
         # gradient accumulation: the step's examples in grad_accum contiguous micro-batches, each normalised
         # by its own token (or pair) count, their losses averaged (one batch when the counts are equal)
         bounds = np.linspace(0, len(examples), cfg.grad_accum + 1).round().astype(int)
-        loss, parts, sources = 0.0, {}, []
+        p_bounds = (
+            None if prompts is None else np.linspace(0, len(prompts), cfg.grad_accum + 1).round().astype(int)
+        )
+        loss, parts, sources, revised = 0.0, {}, [], 0
         for m in range(cfg.grad_accum):
             self.micro = m
+            self._prompts = None if prompts is None else prompts[p_bounds[m] : p_bounds[m + 1]]
             plan = self.plan(step, examples[bounds[m] : bounds[m + 1]])
+            revised += sum(1 for pos in plan.extra.get("scrg_positions", ()) if pos)
             self.student.train()
             loss_m, parts_m = self.objective(plan)
             (loss_m * (self.world / cfg.grad_accum)).backward()
@@ -308,7 +322,7 @@ class Distiller:
             for k, v in parts_m.items():
                 parts[k] = parts.get(k, 0.0) + v / cfg.grad_accum
             sources.append(plan.source)
-        self.micro = 0
+        self.micro, self._prompts = 0, None
         if self.dac is not None and self.world > 1:
             for p in self.dac.parameters():
                 if p.grad is not None:
@@ -335,6 +349,7 @@ class Distiller:
             "lr": lr,
             "grad_norm": float(gnorm),
             "source": "+".join(dict.fromkeys(sources)),
+            "scrg_revised": revised,
             "threshold": self.threshold,
             "buffer": len(self.buffer),
         }
@@ -445,6 +460,7 @@ LOG_COLS = [
     "source",
     "threshold",
     "buffer",
+    "scrg_revised",
     "sft",
     "ce",
     "token",
@@ -470,6 +486,7 @@ def train(
     save_model: Callable[[torch.nn.Module, str, dict], None],
     eos_id: int | None = None,
     pad_id: int | None = None,
+    prompts=None,
 ) -> dict:
     """Run (or resume) one method of the registry; returns ``{"losses", "records", "step", "elapsed_s",
     "model", "best", "distiller"}`` (``losses``/``records``: the steps run in this call).
@@ -479,7 +496,9 @@ def train(
     steps (validation CE drives DistiLLM's threshold; with ``decode``, greedy ROUGE-L selects the best
     student, kept as ``best.safetensors``). ``save_model(model, path, meta)`` writes a weights file. Under
     torchrun every rank calls this; rank 0 writes the model, logs and best checkpoint, every rank its own
-    state (its replay buffer).
+    state (its replay buffer). ``prompts`` (optional): an unlabelled pool of (prompt ids, anything) pairs;
+    the terms that need only prompts (samples, SCRG, the replay buffer) draw from it, on a stream of its
+    own seeded by ``(seed, step)``, while the ground-truth terms read ``train_set``.
     """
     cfg = resolve(cfg)
     world, rank, device = setup_process(cfg.device, cfg.threads)
@@ -507,7 +526,13 @@ def train(
     def step_fn(step):
         idx = step_indices(cfg.seed, step, len(train_set), cfg.batch_size * world)
         mine = idx[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
-        return d.step(step, [train_set[i] for i in mine])
+        batch = None
+        if prompts is not None:  # the pool's own stream: the same prompts for every method at a step
+            pidx = np.random.default_rng([cfg.seed, step, 7]).integers(
+                0, len(prompts), cfg.batch_size * world
+            )
+            batch = [prompts[i] for i in pidx[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]]
+        return d.step(step, [train_set[i] for i in mine], batch)
 
     def eval_fn(step):
         v = validate(d, valid, decode=decode if rank == 0 else None)

@@ -120,20 +120,22 @@ def _student_samples(d, step, examples, salt=1):
 
 
 def _seqkd_build(d, step, examples):
+    pe = d.prompt_batch(examples)
     r, ended = generate_responses(
         d.teacher,
-        [p for p, _ in examples],
+        [p for p, _ in pe],
         max_new_tokens=d.cfg.max_new_tokens,
         temperature=d.cfg.gen_temperature,
         generator=_gen(d.cfg, step, d.rank, 1, d.micro),
         eos_id=d.eos_id,
     )
-    return Plan(gt=_gt(d, step, examples).gt, seqs=_with(d, examples, r, ended), source="teacher")
+    return Plan(gt=_gt(d, step, examples).gt, seqs=_with(d, pe, r, ended), source="teacher")
 
 
 def _student_build(d, step, examples):
-    r, ended = _student_samples(d, step, examples)
-    return Plan(gt=_gt(d, step, examples).gt, seqs=_with(d, examples, r, ended), source="student")
+    pe = d.prompt_batch(examples)
+    r, ended = _student_samples(d, step, pe)
+    return Plan(gt=_gt(d, step, examples).gt, seqs=_with(d, pe, r, ended), source="student")
 
 
 def _gkd_build(d, step, examples):
@@ -146,22 +148,24 @@ def _adaptive_build(d, step, examples, revise=False):
     """DistiLLM's adaptive off-policy sampler (finetune.py of its public code, re-implemented): with
     ``r ~ U(0, 1)``: fresh student samples when ``r < samp_threshold`` (or ``r < threshold`` while the buffer
     is not full), pushed into the replay buffer; a replay-buffer batch when ``r < threshold``; else the
-    ground truth. MGSR (``revise``): SCRG revises the fresh samples before they are trained on and stored."""
+    ground truth. MGSR (``revise``): SCRG revises the fresh samples before they are trained on and stored.
+    The ground truth comes from ``examples``, the samples' prompts from the step's prompt batch."""
     cfg, th = d.cfg, d.threshold
+    pe = d.prompt_batch(examples)
     frac = step / max(cfg.steps, 1)
     samp = {"constant": th * 0.5, "increasing": th * frac, "decreasing": th * (1 - frac)}[cfg.replay_ratio]
     r = d.coin(step)
     plan = _gt(d, step, examples)
     if r < samp or (r < th and len(d.buffer) < cfg.capacity):
-        resp, ended = _student_samples(d, step, examples)
+        resp, ended = _student_samples(d, step, pe)
         if revise and cfg.scrg_frequency > 0:
-            resp, ended, pos = d.revise(step, examples, resp, ended)
+            resp, ended, pos = d.revise(step, pe, resp, ended)
             plan.extra["scrg_positions"] = pos
-        plan.seqs, plan.source = _with(d, examples, resp, ended), "fresh"
+        plan.seqs, plan.source = _with(d, pe, resp, ended), "fresh"
         d.buffer.extend(plan.seqs)
     elif r < th:
         rng = np.random.default_rng([cfg.seed, step, d.rank, 3] + ([d.micro] if d.micro else []))
-        idx = rng.choice(len(d.buffer), size=min(len(examples), len(d.buffer)), replace=False)
+        idx = rng.choice(len(d.buffer), size=min(len(pe), len(d.buffer)), replace=False)
         plan.seqs, plan.source = [d.buffer[int(i)] for i in idx], "replay"
     return plan
 
@@ -172,16 +176,17 @@ def _mgsr_build(d, step, examples):
 
 def _minillm_build(d, step, examples):
     cfg = d.cfg
+    pe = d.prompt_batch(examples)
     resp, ended, mixlp = mixed_generate(
         d.teacher,
         d.student,
-        [p for p, _ in examples],
+        [p for p, _ in pe],
         alpha=cfg.minillm_alpha,
         max_new_tokens=cfg.max_new_tokens,
         eos_id=d.eos_id,
         generator=_gen(cfg, step, d.rank, 1, d.micro),
     )
-    plan = Plan(gt=_gt(d, step, examples).gt, seqs=_with(d, examples, resp, ended), source="mixed")
+    plan = Plan(gt=_gt(d, step, examples).gt, seqs=_with(d, pe, resp, ended), source="mixed")
     plan.extra["mix_logp"] = mixlp
     plan.extra["rollout"] = _minillm_rollout(d, plan.seqs, mixlp)
     return plan
