@@ -52,11 +52,14 @@ def step(impl, objective, inp):
     """One forward + backward (gradients into hs, ws and the DAC-KL sub-network)."""
     hs, ws, ht, wt, labels, spans, dac = inp
     if impl == "fused":
-        loss, _ = fused_distill_loss(hs, ws, ht, wt, objective=objective, labels=labels, spans=spans, dac=dac)
+        teacher = (None, None) if objective == "ce" else (ht, wt)
+        loss, _ = fused_distill_loss(
+            hs, ws, *teacher, objective=objective, labels=labels, spans=spans, dac=dac
+        )
     else:
         s = (hs @ ws.T).float()
         with torch.no_grad():
-            t = (ht @ wt.T).float()
+            t = None if objective == "ce" else (ht @ wt.T).float()  # cross-entropy reads no teacher
         if objective == "ce":
             loss = torch.nn.functional.cross_entropy(s, labels)
         elif objective == "mgsr":

@@ -77,6 +77,15 @@ def _span_pairs(
     return pair_rows(spans[None], n).sort().values
 
 
+def _add_outer(dw, g, h):  # dw [V, H] += g.T @ h, without a [V, H] temporary
+    if g.dtype == dw.dtype and h.dtype == dw.dtype:
+        dw.addmm_(g.T, h)
+        return
+    step = 16384  # mixed dtypes (bf16 weights, fp32 accumulator): a bounded temporary, block by block
+    for v0 in range(0, dw.shape[0], step):
+        dw[v0 : v0 + step] += (g[:, v0 : v0 + step].T @ h).to(dw.dtype)
+
+
 class _Fused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, ht, wt, plan, *dac_params):
@@ -118,7 +127,7 @@ class _Fused(torch.autograd.Function):
                     g[:, plan.vocab :] = 0.0  # padded logits are constants (-inf), not functions of h and W
                 g = g.to(ws.dtype)
                 ds_h[a:e] += (g @ ws).to(cd)
-                dw += (g.T @ hs[a:e]).to(cd)
+                _add_outer(dw, g, hs[a:e])
             for acc, gp in zip(d_dac, grads[1:], strict=True):
                 if gp is not None:
                     acc += gp.to(cd)

@@ -7,8 +7,8 @@
 
 Each (method, training seed) is one run of ``tiny_models.distill.train`` in ``<runs>/<method>/seed<k>/``
 from the same initial student (``tiny_models/checkpoints/student.safetensors``) and frozen teacher, for the
-same number of steps (SFT is the student's SFT continued for those steps: the equal-steps baseline). The run keeps its best
-validation-ROUGE-L checkpoint (``best.safetensors``), which is then scored on every evaluation set: greedy
+same number of steps (SFT is the student's SFT continued for those steps: the equal-steps baseline). The run
+keeps its best validation-ROUGE-L checkpoint (``best.safetensors``), which is then scored on every evaluation set: greedy
 ROUGE-L and exact match, and sampled ROUGE-L (T = 1, sampling seeds 0/1/2). Tables report mean ± std over the
 training seeds (for sampled decoding: over training seeds x sampling seeds). Seconds per training step is the
 median of the runs' per-step times (the update alone, validation excluded).
