@@ -5,13 +5,13 @@
     python -m tiny_models.distill_grid --timing 12      # seconds per training step of every method
     nohup python -m tiny_models.distill_grid --steps 150 > grid.log 2>&1 &     # background-friendly
 
-Each (method, training seed) is one run of ``tiny_models.distill.train`` in ``<runs>/<method>/seed<k>/``
-from the same initial student (``tiny_models/checkpoints/student.safetensors``) and frozen teacher, for the
-same number of steps (SFT is the student's SFT continued for those steps: the equal-steps baseline). The run
-keeps its best validation-ROUGE-L checkpoint (``best.safetensors``), which is then scored on every evaluation set: greedy
-ROUGE-L and exact match, and sampled ROUGE-L (T = 1, sampling seeds 0/1/2). Tables report mean ± std over the
-training seeds (for sampled decoding: over training seeds x sampling seeds). Seconds per training step is the
-median of the runs' per-step times (the update alone, validation excluded).
+Each (method, training seed) is one run of ``tiny_models.distill.train`` in ``<runs>/<method>/seed<k>/`` from
+the same initial student (``tiny_models/checkpoints/student.safetensors``) and frozen teacher, for the same
+number of steps (SFT is the student's SFT continued for those steps: the equal-steps baseline). The run keeps
+its best validation-ROUGE-L checkpoint (``best.safetensors``), which is then scored on every evaluation set:
+greedy ROUGE-L and exact match, and sampled ROUGE-L (T = 1, sampling seeds 0/1/2). Tables report mean ± std
+over the training seeds (for sampled decoding: over training seeds x sampling seeds). Seconds per training
+step is the median of the runs' per-step times (the update alone, validation excluded).
 
 Resumable: a finished run leaves ``eval.json`` and is skipped; an unfinished one resumes from its checkpoint.
 Writes ``results.json``, ``results.md``, ``rouge.png`` (and ``scrg_frequency.png`` when the SCRG-frequency
