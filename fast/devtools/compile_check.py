@@ -160,6 +160,7 @@ def _workload(dtypes):
     import torch
 
     from fast import attention, dac_kl, divergences, match_triton, span
+    from fast.ladder import STEPS as LADDER
 
     g = torch.Generator().manual_seed(0)
 
@@ -235,6 +236,10 @@ def _workload(dtypes):
             t, s = rnd(2, 9, 300, dtype=dtype), rnd(2, 9, 300, dtype=dtype).requires_grad_()
             spans = span.spans_to_tensor([[(0, 3), (4, 8)], [(2, 9)]])
             span.span_loss(t, s, spans, squared=squared, backend="triton").backward()
+        # the attention ladder (fast/ladder, teaching kernels): every step, causal with a window, D padded
+        q, k, v = (rnd(1, 2, 40, 24, dtype=dtype) for _ in range(3))
+        for step in LADDER.values():
+            step(q, k, v, causal=True, window=7)
 
 
 def all_kernels() -> dict[str, str]:

@@ -21,7 +21,13 @@ change may never lower the counts by dropping work the algorithm needs.
     python -m fast.devtools.kernel_stats --only attention_fwd   # kernels whose name contains the filter
     python -m fast.devtools.kernel_stats --fp32_attention --heads 32,64,100,128   # the attention fp32 tile
     python -m fast.devtools.kernel_stats --match                # MATCH at its GPU tiles, both retrieved paths
+    python -m fast.devtools.kernel_stats --ladder               # the attention ladder fast/ladder, v1 .. v6
     python -m fast.devtools.kernel_stats --md benchmarks/results/kernel_stats.md --json stats.json
+
+``--ladder`` compiles the six steps of ``fast/ladder`` (naive, blocked, online softmax, block skipping,
+edge/interior split, log2 units) at bf16, D = 64 (``--heads``), T = 1024, causal without and with a window
+of 256, their default 64 x 64 tiles, and prints one row per step: registers, spill bytes and the SASS count of
+one iteration of each innermost loop, in code order (``docs/ladder.md`` keeps a copy of that table).
 
 Configs are those the autotuner can pick for the workload (its ``early_config_prune`` is applied), at
 long sequences (T a multiple of every block size), so the numbers are those of the GPU benchmark.
@@ -331,8 +337,32 @@ def _match_workload(heads=(64, 128)):
                     out.float().sum().backward()
 
 
+LADDER_T = 1024
+LADDER_WINDOW = 256
+
+
+def _ladder_workload(heads=(64,)):
+    """Every step of ``fast.ladder`` at bf16, T = 1024 (v1's whole-row tile grows with T), causal, without and
+    with a window of 256 keys; the launchers' default 64 x 64 tiles."""
+    import torch
+
+    from fast.ladder import STEPS
+
+    for D in heads:
+        for window in (None, LADDER_WINDOW):
+            q, k, v = (torch.zeros(1, 2, LADDER_T, D, dtype=torch.bfloat16) for _ in range(3))
+            for step in STEPS.values():
+                step(q, k, v, causal=True, window=window)
+
+
 def collect(
-    *, quick: bool, only: str | None, heads=(64, 128), fp32_attention: bool = False, match_tiles: bool = False
+    *,
+    quick: bool,
+    only: str | None,
+    heads=(64, 128),
+    fp32_attention: bool = False,
+    match_tiles: bool = False,
+    ladder: bool = False,
 ) -> tuple[list[dict], list]:
     import torch
 
@@ -342,14 +372,18 @@ def collect(
     if tools is None:
         raise RuntimeError("Triton's bundled ptxas/cuobjdump not found (triton/backends/nvidia/bin)")
     log = CompileLog()
+    if ladder:
+        import fast.ladder  # noqa: F401  imported before the launch patch, so its outputs are patched too
     with compile_instead_of_launch(log, all_configs=True), _as_the_runtime_compiles(log, only):
-        if fp32_attention:  # the CUDA-core tile, D padded or not, T a multiple of the blocks or not
+        if ladder:
+            _ladder_workload(heads)
+        elif fp32_attention:  # the CUDA-core tile, D padded or not, T a multiple of the blocks or not
             _attention_workload((torch.float32,), heads, lengths=(4096, 4001))
         elif match_tiles:
             _match_workload(heads)
         else:
             _attention_workload((torch.bfloat16,), heads)
-        if not quick and not fp32_attention and not match_tiles:
+        if not quick and not fp32_attention and not match_tiles and not ladder:
             _workload((torch.float32, torch.bfloat16))
     compiled = [c for c in log.compiled if only is None or only in c[0]]
     seen, unique = set(), []
@@ -388,6 +422,29 @@ def markdown(records: list[dict], title: str = "") -> str:
             f"| {r['kernel']} | {r['dtype']} | {r['config']} | {r['registers']} | "
             f"{r['spill_bytes']} | {r['smem_bytes']} | {warns} | {loops} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def ladder_markdown(records: list[dict]) -> str:
+    """One row per ladder step and window flag: registers, spills, and each innermost loop's SASS per
+    iteration (in code order; v2 has two passes, v5 and v6 an edge, an interior and an edge loop), with its
+    MUFU and HGMMA counts."""
+    lines = [
+        "| step | window | BLOCK_D | regs | spill B | innermost loops: SASS per iteration (MUFU / HGMMA) |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+
+    def key(r):
+        cfg = dict(kv.split("=", 1) for kv in r["config"].split(","))
+        return r["kernel"], cfg.get("HAS_WINDOW", "-"), cfg.get("BLOCK_D", "-")
+
+    for r in sorted(records, key=key):
+        name, win, bd = key(r)
+        step = name.removeprefix("ladder_").removesuffix("_kernel")
+        inner = [lp for lp in r["loops"] if lp["innermost"]]
+        loops = "; ".join(f"{lp['sass']} ({lp['mufu']} / {lp['hgmma']})" for lp in inner) or "no loop"
+        window = f"w={LADDER_WINDOW}" if win == "1" else "full causal"
+        lines.append(f"| {step} | {window} | {bd} | {r['registers']} | {r['spill_bytes']} | {loops} |")
     return "\n".join(lines) + "\n"
 
 
@@ -466,6 +523,11 @@ def main(argv=None) -> int:
         help="only the attention kernels' fp32 tile, at T = 4096 and 4001 (with --heads)",
     )
     focus.add_argument(
+        "--ladder",
+        action="store_true",
+        help="only the attention ladder fast/ladder (v1 .. v6) at bf16, T = 1024, D = 64 unless --heads",
+    )
+    focus.add_argument(
         "--match",
         action="store_true",
         help="only MATCH at its GPU tiles: gathered and block-major paths (with --heads)",
@@ -475,14 +537,18 @@ def main(argv=None) -> int:
     ap.add_argument("--before", default=None, help="JSON of an earlier run: summarised beside this one")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    heads = args.heads
+    if args.ladder and heads == ap.get_default("heads"):
+        heads = "64"
     records, failures = collect(
         quick=args.quick,
         only=args.only,
-        heads=tuple(int(x) for x in args.heads.split(",")),
+        heads=tuple(int(x) for x in heads.split(",")),
         fp32_attention=args.fp32_attention,
         match_tiles=args.match,
+        ladder=args.ladder,
     )
-    table = markdown(records)
+    table = ladder_markdown(records) if args.ladder else markdown(records)
     print(table)
     for what, msg in failures:
         print(f"FAILED {what}\n{msg}\n", file=sys.stderr)

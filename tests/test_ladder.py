@@ -1,0 +1,155 @@
+"""fast/ladder: every step of the attention ladder equals reference/attention.py (out and lse) on odd shapes,
+under every mask; the steps' shared mask predicate is the oracle's; fast.ladder stays a teaching room that
+only tests, notebooks and the developer tools import; kernel_stats --ladder's table lists every step."""
+
+import ast
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+from fast.devtools.kernel_stats import LADDER_WINDOW, ladder_markdown
+from fast.ladder import STEPS
+from fast.ladder.common import allowed
+from fast.testing import assert_close
+from reference.attention import attention
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# (B, H, T, D, causal, window): T not a multiple of the 16-row interpreter block, D padded to a power of two,
+# windows narrower than a block (5) and wide enough for interior blocks (35), the non-causal band, T < block
+CASES = (
+    (1, 2, 37, 24, True, None),
+    (1, 2, 37, 24, True, 5),
+    (1, 1, 53, 24, True, 35),
+    (1, 2, 37, 24, False, None),
+    (1, 1, 53, 20, False, 35),
+    (2, 1, 5, 32, True, None),
+    (1, 1, 1, 16, True, None),
+)
+
+
+def _inputs(B, H, T, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, T, D, generator=g).to(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}T{}D{}-{}-w{}".format(*c))
+@pytest.mark.parametrize("step", list(STEPS))
+def test_step_matches_the_oracle(step, case):
+    B, H, T, D, causal, window = case
+    q, k, v = _inputs(B, H, T, D)
+    out, lse = STEPS[step](q, k, v, causal=causal, window=window)
+    ref_out, ref_lse = attention(*(x.double().numpy() for x in (q, k, v)), causal=causal, window=window)
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.dtype == torch.float32
+    assert_close(out, ref_out, dtype="float32", name=f"{step} out")
+    assert_close(lse, ref_lse, dtype="float32", name=f"{step} lse")
+
+
+@pytest.mark.parametrize("step", ["v1", "v6"])
+def test_half_precision_inputs(step):
+    q, k, v = _inputs(1, 2, 29, 24, torch.float16, seed=1)
+    out, lse = STEPS[step](q, k, v, causal=True, window=9)
+    ref_out, ref_lse = attention(*(x.double().numpy() for x in (q, k, v)), causal=True, window=9)
+    assert out.dtype == torch.float16
+    assert_close(out, ref_out, dtype="float16", name="out")
+    assert_close(lse, ref_lse, dtype="float32", name="lse")
+
+
+def test_large_scores_in_log2_units():
+    # scores of order 1e2 (exp overflows fp32 past 88): the max must be subtracted before any exponential
+    q, k, v = _inputs(1, 1, 21, 16, seed=2)
+    q = q * 40.0
+    ref_out, ref_lse = attention(*(x.double().numpy() for x in (q, k, v)), causal=True, window=None)
+    for step, fn in STEPS.items():
+        out, lse = fn(q, k, v)
+        assert_close(out, ref_out, dtype="float32", name=f"{step} out")
+        assert_close(lse, ref_lse, dtype="float32", name=f"{step} lse")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(window=0),
+        dict(window=2.5),
+        dict(k=torch.zeros(1, 1, 8, 16)),
+        dict(q=torch.zeros(1, 1, 9, 16, dtype=torch.float64)),
+        dict(q=torch.zeros(9, 16)),
+    ],
+    ids=["window0", "float_window", "shape", "float64", "rank"],
+)
+def test_the_launchers_validate(bad):
+    args = dict(zip("qkv", _inputs(1, 1, 9, 16), strict=True), causal=True, window=None)
+    args.update(bad)
+    with pytest.raises(ValueError):
+        STEPS["v3"](**args)
+
+
+def _importers_of_the_ladder():
+    hits = []
+    for folder in ("reference", "fast", "tiny_models", "benchmarks", "scripts"):
+        for f in sorted((ROOT / folder).rglob("*.py")):
+            rel = f.relative_to(ROOT).as_posix()
+            if rel.startswith(("fast/ladder/", "fast/devtools/")):
+                continue
+            for node in ast.walk(ast.parse(f.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                if any(n == "fast.ladder" or n.startswith("fast.ladder.") for n in names):
+                    hits.append(f"{rel}:{node.lineno}")
+    return hits
+
+
+def test_only_tests_notebooks_and_devtools_import_the_ladder():
+    assert _importers_of_the_ladder() == []
+
+
+def test_kernel_stats_ladder_table():
+    def record(kernel, window, loops):
+        cfg = f"IS_CAUSAL=1,HAS_WINDOW={int(window)},BLOCK_D=64,num_warps=4"
+        return dict(kernel=kernel, config=cfg, registers=128, spill_bytes=0, warnings=[], loops=loops)
+
+    loop = dict(sass=289, hgmma=8, mufu=34, ldg=0, stg=0, stsm=0, ldsm=0, bar=2, innermost=True)
+    outer = dict(loop, sass=900, innermost=False)
+    table = ladder_markdown(
+        [record("ladder_v6_log2_kernel", True, [loop, outer]), record("ladder_v1_naive_kernel", False, [])]
+    )
+    rows = table.splitlines()[2:]
+    assert rows[0] == "| v1_naive | full causal | 64 | 128 | 0 | no loop |"  # sorted by step
+    assert rows[1] == f"| v6_log2 | w={LADDER_WINDOW} | 64 | 128 | 0 | 289 (34 / 8) |"  # innermost loops only
+
+
+def test_docs_table_has_every_step():
+    doc = (ROOT / "docs" / "ladder.md").read_text()
+    kernels = {
+        n.name
+        for step in STEPS.values()
+        for n in ast.parse(pathlib.Path(step.__code__.co_filename).read_text()).body
+        if isinstance(n, ast.FunctionDef) and n.name.endswith("_kernel")
+    }
+    assert len(kernels) == len(STEPS)
+    for name in kernels:
+        step = name.removeprefix("ladder_").removesuffix("_kernel")
+        assert doc.count(f"| {step} |") == 2, step  # full causal and windowed rows
+    assert "triton 3.7.1" in doc and "not timings" in doc
+
+
+def test_mask_predicate_is_the_oracles():
+    # the steps share fast.ladder.common.allowed; check it as plain Python on integers against the oracle
+    from reference.attention import allowed as ref_allowed
+
+    fn = allowed.fn  # the Python function under the jit decorator
+    i, j = np.arange(12)[:, None], np.arange(14)[None, :]
+    T = 12
+    for causal in (True, False):
+        for window in (None, 1, 3, 12):
+            W = T if window is None else window
+            got = fn(i, j, T, W, causal, window is not None)
+            want = ref_allowed(i, j, causal=causal, window=window) & (j < T)
+            assert np.array_equal(got, want), (causal, window)
