@@ -359,10 +359,10 @@ def _torch_match(
 # backend choice
 
 
-def _backend(backend, q, top_k):
+def _backend(backend, q, top_k, k_len, window, block_size):
     """-> ('torch', None) or ('triton', module). "auto" takes Triton only for CUDA tensors the kernels
-    support (fp16/bf16/fp32, D <= 128, top_k <= their MAX_TOP_K); with "triton" the kernels reject the
-    rest."""
+    support (fp16/bf16/fp32, D <= 128, top_k clamped to the candidate count <= their MAX_TOP_K); with
+    "triton" the kernels reject the rest."""
     resolved = resolve_backend(backend, q)
     if resolved == "torch":
         return "torch", None
@@ -370,7 +370,7 @@ def _backend(backend, q, top_k):
 
     if backend == "auto":
         fits = q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 128
-        if not fits or top_k > getattr(mod, "MAX_TOP_K", top_k):
+        if not fits or min(top_k, mod.candidates(k_len, window, block_size)) > mod.MAX_TOP_K:
             return "torch", None
     return "triton", mod
 
@@ -401,7 +401,7 @@ def match_attention(
             f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same T "
             "(match_attention_kv / match_decode take a longer key sequence)"
         )
-    name, mod = _backend(backend, q, top_k)
+    name, mod = _backend(backend, q, top_k, k.shape[2], window, block_size)
     gate = _expand_gate(gate_logit, q)
     if name == "triton":
         return mod.match_attention_triton(
@@ -462,7 +462,7 @@ def retrieve(q, k, *, window, top_k, block_size=1, scale=None, backend="auto"):
     scale = _validate(q, k, None, window, top_k, block_size, "joint", None, scale, need_v=False)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same T")
-    name, mod = _backend(backend, q, top_k)
+    name, mod = _backend(backend, q, top_k, k.shape[2], window, block_size)
     if name == "triton":
         return mod.retrieve_triton(q, k, window=window, top_k=top_k, block_size=block_size, scale=scale)
     with torch.no_grad():
@@ -505,7 +505,11 @@ def match_decode(
             )
         if summaries.device != q.device:
             raise ValueError(f"summaries are on {summaries.device}, q on {q.device}")
-    name, mod = _backend(backend, q, top_k) if key_valid is None else ("torch", None)
+    name, mod = (
+        _backend(backend, q, top_k, k_cache.shape[2], window, block_size)
+        if key_valid is None
+        else ("torch", None)
+    )
     gate = _expand_gate(gate_logit, q)
     if name == "triton":
         return mod.match_decode_triton(

@@ -984,8 +984,22 @@ def _kp(top_k):
     return max(2, triton.next_power_of_2(max(top_k, 1)))
 
 
-def _check_triton(q, top_k):
-    """Limits of these kernels (the API validates everything else)."""
+def candidates(t_k: int, window: int, block_size: int) -> int:
+    """The most retrieval candidates any query has against ``t_k`` keys: the last query (index ``t_k - 1``)
+    may retrieve the blocks whose first key lies at or before ``t_k - 1 - window``."""
+    last = t_k - 1 - window
+    return 0 if last < 0 else last // block_size + 1
+
+
+def _pad_idx(idx, top_k):  # [..., k] -> [..., top_k], -1 in the slots no query can fill
+    if idx.shape[-1] == top_k:
+        return idx
+    return torch.nn.functional.pad(idx, (0, top_k - idx.shape[-1]), value=-1)
+
+
+def _check_triton(q, top_k, requested=None):
+    """Limits of these kernels (the API validates everything else). ``top_k`` is already clamped to the
+    candidate count; ``requested`` is the caller's value, for the message."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(
             f"the Triton MATCH kernels take fp16/bf16/fp32 inputs, got {q.dtype} (use backend='torch')"
@@ -995,9 +1009,12 @@ def _check_triton(q, top_k):
             f"the Triton MATCH kernels support head dim D <= 128, got D={q.shape[-1]} (use backend='torch')"
         )
     if top_k > MAX_TOP_K:
+        asked = (
+            "" if requested in (None, top_k) else f" (top_k={requested} clamped to the {top_k} candidates)"
+        )
         raise ValueError(
-            f"the Triton MATCH kernels keep the running top-k in registers and support top_k <= {MAX_TOP_K}, "
-            f"got top_k={top_k} (use backend='torch')"
+            f"the Triton MATCH kernels keep the running top-k in registers and support at most {MAX_TOP_K} "
+            f"retrieved slots per query, got {top_k}{asked} (use backend='torch')"
         )
 
 
@@ -1081,9 +1098,11 @@ def _select(q, k, *, window, top_k, block_size, scale, q_start=0, summaries=None
 def retrieve_triton(q, k, *, window, top_k, block_size, scale):
     """Top-k retrieval per (batch, kv head, query): idx [B, H_kv, T, top_k] int64 (tokens for block_size 1,
     else blocks), descending score, ties -> lower index, -1 in empty slots. GQA: one selection per kv head
-    by the scores summed over its query heads. Not differentiable (integers)."""
-    _check_triton(q, top_k)
-    return _select(q, k, window=window, top_k=top_k, block_size=block_size, scale=scale)
+    by the scores summed over its query heads. Not differentiable (integers). ``top_k`` beyond the candidate
+    count selects only the candidates (the other slots are -1)."""
+    k_eff = min(top_k, candidates(k.shape[2], window, block_size))
+    _check_triton(q, k_eff, top_k)
+    return _pad_idx(_select(q, k, window=window, top_k=k_eff, block_size=block_size, scale=scale), top_k)
 
 
 def _fwd(q, k, v, idx, gate, *, window, block_size, gated, scale, q_start=0, store_parts=True, tiles=None):
@@ -1546,7 +1565,8 @@ def _launch(q, k, v, *, window, top_k, block_size, mode, gate_logit, scale, tile
     ``tiles`` = (BLOCK_M, BLOCK_N, BLOCK_R, num_warps) of the window and gathered kernels (default
     ``_tiles(q)``), ``block_major`` the retrieved part's path (default
     ``_block_major(block_size, top_k)``)."""
-    _check_triton(q, top_k)
+    requested, top_k = top_k, min(top_k, candidates(k.shape[2], window, block_size))
+    _check_triton(q, top_k, requested)
     gated = mode == "gated"
     if gated and gate_logit is None:
         raise ValueError("mode='gated' needs gate_logit [B, H_q, T]")
@@ -1562,7 +1582,8 @@ def match_decode_triton(
     """One new query (q [B, H_q, 1, D], position T - 1 of the cache k/v [B, H_kv, T, D]): out [B, H_q, 1, D],
     equal to the last row of ``match_attention_triton`` over the cache. ``summaries``: cached block means
     [B, H_kv, nblocks, D] (any float dtype; at least the candidate blocks), or None to compute them."""
-    _check_triton(q, top_k)
+    requested, top_k = top_k, min(top_k, candidates(k_cache.shape[2], window, block_size))
+    _check_triton(q, top_k, requested)
     T = k_cache.shape[2]
     gated = mode == "gated"
     if gated and gate_logit is None:

@@ -15,8 +15,12 @@ ALLOWED = {
     "tiny_models": {"reference", "fast", "tiny_models"},
 }
 # inside fast/: the ops (top-level modules) never reach into the training or developer-tool rooms, except
-# SCRG, which generates through the causal-LM protocol and the sampler of fast.training
-OPS_MAY_IMPORT_TRAINING = {"fast/scrg.py": {"fast.training.lm", "fast.training.sampling"}}
+# SCRG, which generates through the causal-LM protocol and the sampler of fast.training, and the teacher cache,
+# which runs a teacher through that protocol over the training room's batches and JSONL reader
+OPS_MAY_IMPORT_TRAINING = {
+    "fast/scrg.py": {"fast.training.lm", "fast.training.sampling"},
+    "fast/teacher_cache.py": {"fast.training.data", "fast.training.lm", "fast.training.hf_distill"},
+}
 
 
 def _imports(path):  # -> list of (module name, line)

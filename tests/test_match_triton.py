@@ -237,13 +237,34 @@ def test_select_top_k_exceeds_candidates_pads_minus_one():
 
 
 def test_top_k_over_limit_raises():
-    q, k, v, *_ = _inputs(1, 1, 1, 8, 16, torch.float32, 0)
-    with pytest.raises(ValueError, match="top_k"):
+    # 38 candidate tokens for the last query: top_k = 33 stays 33 after clamping, over the kernels' 32 slots
+    q, k, v, *_ = _inputs(1, 1, 1, 40, 16, torch.float32, 0)
+    with pytest.raises(
+        ValueError, match=f"at most {MAX_TOP_K} retrieved slots per query, got {MAX_TOP_K + 1}"
+    ):
         retrieve_triton(q, k, window=2, top_k=MAX_TOP_K + 1, block_size=1, scale=0.25)
-    with pytest.raises(ValueError, match="top_k"):
+    with pytest.raises(ValueError, match=r"got 34 \(top_k=100 clamped to the 34 candidates\)"):
         match_attention_triton(
-            q, k, v, window=2, top_k=MAX_TOP_K + 1, block_size=1, mode="joint", gate_logit=None, scale=0.25
+            q[:, :, :36],
+            k[:, :, :36],
+            v[:, :, :36],
+            window=2,
+            top_k=100,
+            block_size=1,
+            mode="joint",
+            gate_logit=None,
+            scale=0.25,
         )
+
+
+@pytest.mark.parametrize("mode", ["joint", "gated"])
+def test_top_k_beyond_the_candidates_is_clamped(mode):
+    # T = 33, blocks of 4, window 4: 8 candidate blocks at most, so top_k = 100 (over the kernels' 32 slots)
+    # runs and equals the oracle; the selection keeps top_k columns, -1 where no candidate exists
+    check_all(1, 2, 1, 33, 16, 4, 100, 4, mode, torch.float32, seed=5)
+    q, k, *_ = _inputs(1, 2, 1, 33, 16, torch.float32, 5)
+    idx = retrieve_triton(q, k, window=4, top_k=100, block_size=4, scale=0.25)
+    assert idx.shape[-1] == 100 and (idx[..., 8:] == -1).all()
 
 
 def test_unsupported_inputs_raise():
@@ -506,7 +527,9 @@ def test_retrieved_paths_match_oracle(
         seed=T + top_k,
         block_major=path == "block-major",
     )
-    want = ["fwd block-major", "bwd block-major"] if path == "block-major" else ["bwd gathered"]
+    # no candidate at all (T <= w): top_k is clamped to 0 and nothing is retrieved, on either path
+    retrieves = mt.candidates(T, window, block_size) > 0
+    want = ["fwd block-major", "bwd block-major"] if path == "block-major" and retrieves else ["bwd gathered"]
     assert took == want
 
 
