@@ -25,7 +25,7 @@ DAC-KL(mask) + w_span * span(spans)`` with the given ``fast.dac_kl.DACKL`` (its 
 gradient; ``token_loss`` may name a divergence instead, MGSR's ablation), each term normalised as the
 trainer's MGSR objective does (CE by labelled rows, the token term by masked rows, the span term by pairs).
 
-Chunk size: ``chunk_rows`` (default :func:`default_chunk_rows`): about 256 MiB of fp32 ``[C, V]`` temporaries,
+Chunk size: ``chunk_rows`` (default :func:`default_chunk_rows`): about 128 MiB of fp32 ``[C, V]`` temporaries,
 counted per objective (a divergence holds about 6 copies, MGSR about 20), at least 1 row and at most N.
 """
 
@@ -42,7 +42,7 @@ from fast.utils import check_float
 
 OBJECTIVES = ("ce", "mgsr", *DIV_PARAMS)
 COPIES = {"ce": 4, "mgsr": 20}  # fp32 [C, V] temporaries of one chunk (divergences: 6)
-CHUNK_BYTES = 256 * 2**20
+CHUNK_BYTES = 128 * 2**20
 
 
 def default_chunk_rows(n_rows: int, vocab: int, objective: str) -> int:

@@ -172,7 +172,7 @@ print({k: round(float(x), 4) for k, x in parts.items()})
 # ## 5. Memory against the chunk size
 #
 # Peak memory above the inputs is about the weight's gradient (`[V, H]`, fp32) plus the chunk's temporaries
-# (a few `[C, V]` tensors; MGSR's DAC-KL about twenty). The default chunk keeps the temporaries near 256 MiB
+# (a few `[C, V]` tensors; MGSR's DAC-KL about twenty). The default chunk keeps the temporaries near 128 MiB
 # (`fast.fused.default_chunk_rows`). The curve below is this model of memory, not a measurement; the
 # measured numbers, from `benchmarks/fused_loss.py` on a 2-core CPU, are printed under it when committed.
 

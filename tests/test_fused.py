@@ -205,8 +205,8 @@ def test_against_the_oracle(name):
 
 
 def test_chunk_size_rule():
-    assert default_chunk_rows(2048, 151_936, "forward_kl") == 73  # 256 MiB / (6 x 4 B x V)
-    assert default_chunk_rows(2048, 151_936, "mgsr") == 22
+    assert default_chunk_rows(2048, 151_936, "forward_kl") == 36  # 128 MiB / (6 x 4 B x V)
+    assert default_chunk_rows(2048, 151_936, "mgsr") == 11
     assert default_chunk_rows(5, 259, "ce") == 5  # never more than N
     assert default_chunk_rows(10, 10**9, "mgsr") == 1  # never less than 1
 
