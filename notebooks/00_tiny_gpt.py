@@ -1,3 +1,15 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 00 · Tiny GPT: the NumPy oracle beside torch, training curves, generations
 #
@@ -21,9 +33,9 @@ import numpy as np
 import torch
 
 import reference.gpt as R
+from fast.attention import attention_mask
 from reference.rouge import rouge_l
 from tiny_models.evaluate import generate_responses
-from fast.attention import attention_mask
 from tiny_models.gpt import GPT, GPTConfig, generate
 from tiny_models.model_io import load_model
 from tiny_models.tasks import EVAL_SETS, build_dataset, decode, prompt_ids
@@ -34,10 +46,23 @@ torch.manual_seed(0)
 torch.set_num_threads(1)  # tiny matrices: extra OpenMP threads only add synchronisation
 
 # %% [markdown]
+# ### Parameter
+#
+# `TEMPERATURE` is the sampling temperature of the generations in section 3 (0 means greedy: the most likely
+# byte at every step).
+#
+# Expected effect: at 0 decoding is deterministic, so two generator seeds give the same texts; above 0 the
+# bytes are sampled from `softmax(logits / TEMPERATURE)`, so the texts change with the seed (and the ROUGE-L
+# scores usually drop as the temperature grows). The cell after the generations checks the seed part.
+
+# %%
+TEMPERATURE = 0.0
+
+# %% [markdown]
 # ## 1. The same network in NumPy and in torch
 #
 # The NumPy forward is ~40 lines of pure functions in float64. Load the student's weights into it and
-# compare logits with the torch model in float64 (agreement to ~1e-12) and float32 (~1e-6).
+# compare logits with the torch model in float64 (agreement to ~1e-14) and float32 (~1e-5).
 
 # %%
 student, _ = load_model(str(CKPT / "student.safetensors"))
@@ -59,6 +84,12 @@ print(
     repr(decode(R.greedy_generate(ids, params, 30, eos=257, **R.config_kwargs(student.cfg)))),
 )
 print("greedy, torch :", repr(decode(generate(student, [ids], max_new_tokens=30)[0])))
+assert np.abs(t64 - np_logits).max() < 1e-10, "fp64: torch and NumPy agree to rounding"
+assert np.abs(t32 - np_logits).max() < 1e-4, "fp32: agreement to single-precision rounding"
+assert (
+    R.greedy_generate(ids, params, 30, eos=257, **R.config_kwargs(student.cfg))
+    == generate(student, [ids], max_new_tokens=30)[0]
+), "the same greedy continuation"
 
 # %% [markdown]
 # ### One block, shape by shape
@@ -122,6 +153,7 @@ p_sw = {k: v.numpy() for k, v in sw.state_dict().items()}
 with torch.no_grad():
     diff = np.abs(sw(torch.tensor(ids)[None])[0].numpy() - R.gpt(ids, p_sw, **R.config_kwargs(sw.cfg))).max()
 print(f"sliding window, max |torch - numpy| = {diff:.2e}")
+assert diff < 1e-10, "the sliding-window oracle follows the torch model to fp64 rounding"
 
 # %% [markdown]
 # ## 2. Training curves
@@ -158,19 +190,31 @@ plt.show()
 # %% [markdown]
 # ## 3. Generations on the held-out evaluation sets
 #
-# Greedy decoding with the KV cache, one prompt per family-ish from each evaluation set. `unseen_families`
-# asks for tasks neither model was trained on, so low scores there are expected.
+# Decoding with the KV cache at `TEMPERATURE` (0, the default: greedy), three prompts from each evaluation
+# set. `unseen_families` asks for tasks neither model was trained on, so low scores there are expected.
 
 # %%
 picks = [(s, ds[s][j * len(ds[s]) // 3]) for s in EVAL_SETS for j in range(3)]
 outs = {
-    name: generate_responses(m.float(), [e for _, e in picks])
+    name: generate_responses(m.float(), [e for _, e in picks], temperature=TEMPERATURE, seed=0)
     for name, m in [("teacher", teacher), ("student", student)]
 }
 for i, (s, e) in enumerate(picks):
     print(f"[{s}] {e.prompt}\n   reference: {e.response}")
     for name in outs:
         print(f"   {name:8s} ROUGE-L {100 * rouge_l(outs[name][i], e.response)[2]:5.1f}: {outs[name][i]}")
+
+# %% [markdown]
+# The parameter's claim: the student's generations again, with another generator seed.
+
+# %%
+again = generate_responses(student.float(), [e for _, e in picks], temperature=TEMPERATURE, seed=1)
+n_same = sum(a == b for a, b in zip(outs["student"], again, strict=True))
+print(f"TEMPERATURE = {TEMPERATURE}: {n_same} of {len(picks)} student generations unchanged with seed 1")
+if TEMPERATURE == 0:
+    assert n_same == len(picks), "greedy decoding must not depend on the seed"
+else:
+    assert n_same < len(picks), "sampled decoding should change with the seed"
 
 # %% [markdown]
 # The recorded scores on the full evaluation sets (from the model cards, `tiny_models/checkpoints/*.json`):

@@ -1,3 +1,15 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 02 · DAC-KL: what the learned band keeps
 #
@@ -11,8 +23,8 @@
 # reconstruction ([RECON]; see `reference/dac_kl.py` and [../docs/papers.md](../docs/papers.md)).
 #
 # Sections: the band on one distribution → training the sub-network → what the learned band keeps →
-# the Triton kernel's threshold search (31 bisection steps on the fp32 bit pattern) replayed in NumPy →
-# kernel vs torch vs oracle on an odd shape, every gradient included.
+# the Triton kernel's threshold search for value bounds (a radix select on integer keys of the fp32 logits,
+# one byte per pass) replayed in NumPy → kernel vs torch vs oracle on an odd shape, every gradient included.
 #
 # This notebook uses a synthetic Zipf teacher (no model download): each token's teacher distribution is a
 # shuffled Zipf law with its own exponent, so some positions are peaked and some flat.
@@ -29,6 +41,20 @@ from fast.testing import assert_close
 
 torch.manual_seed(0)
 rng = np.random.default_rng(0)
+
+# %% [markdown]
+# ### Parameter
+#
+# `UPPER, LOWER` are the levels `u` and `l` of the band drawn in the next section, on one teacher row of
+# V = 400 entries, under both quantile semantics.
+#
+# Expected effect: with `bounds="value"` the band keeps (mask above 1/2) the entries whose probability lies
+# between the `l`- and `u`-quantiles of the V probabilities, so it keeps about `(u − l)(V − 1)` entries
+# whatever the teacher's shape (152 at the default 0.98 and 0.6): widening `[l, u]` keeps more entries,
+# moving it up keeps larger probabilities. The cell after the figure checks the count at the current levels.
+
+# %%
+UPPER, LOWER = 0.98, 0.6
 
 # %% [markdown]
 # ## A Zipf teacher
@@ -53,27 +79,35 @@ print("top-1 mass: min %.3f  median %.3f  max %.3f" % tuple(top1))
 # %% [markdown]
 # ## The band on one distribution, both quantile semantics
 # `bounds="value"`: value quantiles of the V probabilities (the default). `bounds="mass"`: a window on the
-# cumulative mass of the descending-sorted distribution. Same levels `u = 0.98, l = 0.6`, very different
-# bands: value quantiles at 0.6-0.98 sit in the *body* of the multiset (most of V is tail), the mass window
-# cuts the head.
+# cumulative mass of the descending-sorted distribution. Same levels (`UPPER`, `LOWER`; by default
+# `u = 0.98, l = 0.6`), very different bands: value quantiles at 0.6-0.98 sit in the *body* of the multiset
+# (most of V is tail), the mass window cuts the head.
 
 # %%
 i = int(np.argmin(np.abs(alpha - 1.1)))
-u, l = np.array([0.98]), np.array([0.6])
+u, l = np.array([UPPER]), np.array([LOWER])
+parts = {}
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
 for ax, bounds in zip(axes, ["value", "mass"], strict=True):
-    f = R.dac_kl_parts(t_np[i : i + 1], t_np[i : i + 1], u, l, bounds=bounds)
+    f = parts[bounds] = R.dac_kl_parts(t_np[i : i + 1], t_np[i : i + 1], u, l, bounds=bounds)
     order = np.argsort(-f["p"][0])
     ax.semilogy(f["p"][0][order], label="teacher p (sorted)")
     ax.semilogy(np.maximum(f["mk"][0][order] * f["p"][0][order], 1e-12), label="kept m * p")
     ax.axhline(f["tau_hi"][0], color="k", ls="--", lw=0.8)
     ax.axhline(f["tau_lo"][0], color="k", ls=":", lw=0.8)
     ax.set_ylim(1e-6, 1)
-    ax.set_title(f'bounds="{bounds}": kept mass {f["kept"][0]:.2f}')
+    ax.set_title(f'bounds="{bounds}": kept mass {f["kept"][0]:.2f}, {(f["m"][0] > 0.5).sum()} entries')
     ax.set_xlabel("rank")
     ax.legend(fontsize=8)
 plt.tight_layout()
 plt.show()
+
+# %%
+n_kept = int((parts["value"]["m"][0] > 0.5).sum())
+print(
+    f"u = {UPPER}, l = {LOWER}: the value band keeps {n_kept} of {V} entries; (u - l)(V - 1) = {(UPPER - LOWER) * (V - 1):.1f}"
+)
+assert abs(n_kept - (UPPER - LOWER) * (V - 1)) <= 2, "a value band keeps about (u - l)(V - 1) entries"
 
 # %% [markdown]
 # ## Training the sub-network (and a student) end to end
@@ -139,12 +173,21 @@ plt.tight_layout()
 plt.show()
 for name, (_, _, log) in trained.items():
     print(f"{name:>16}: final u {log['u'][-1]:.4f}  l {log['l'][-1]:.4f}  kept mass {log['kept'][-1]:.3f}")
+final = {name: {k: v[-1] for k, v in log.items()} for name, (_, _, log) in trained.items()}
+assert min(final["value, lam_m=1"]["u"], final["value, lam_m=1"]["l"]) > 0.99, "lam_m = 1: u, l run to 1"
+assert final["value, lam_m=1"]["kept"] < 0.01, "lam_m = 1: the band keeps nothing"
+assert final["value, lam_m=10"]["kept"] > 0.45 and final["mass, lam_m=10"]["kept"] > 0.45, "lam_m = 10: open"
 dac_f, student_f, _ = trained["value, lam_m=10"]
 
 # %% [markdown]
 # ## What the learned band keeps, per token
-# Peaked teachers (large alpha) and flat ones get different levels: the sub-network sees the sorted top-k
-# probabilities and the entropy, so it can adapt the band to the shape.
+# The sub-network sees the sorted top-64 probabilities and the entropy, so it *could* give peaked teachers
+# (large alpha) and flat ones different levels. In the `value, lam_m=10` run it does not: the left panel shows
+# `u ≈ 1` and `l ≈ 0` for every token, whatever its exponent, so the band spans the whole distribution (value
+# levels 0 and 1 are the smallest and the largest probability). The kept mass (right) does fall with alpha,
+# but that is the teacher's shape, not the band: the fixed band `u = 1, l = 0` keeps the same mass to within
+# 1e-4 (checked below). It stays well under `1 −` (top-1 mass) because the sigmoid edges are
+# `gamma (tau_hi − tau_lo)` wide: the many tail entries near the smallest probability get a weight of about 1/2.
 
 # %%
 with torch.no_grad():
@@ -161,56 +204,91 @@ axes[1].set_xlabel("Zipf exponent alpha")
 axes[1].set_ylabel("kept mass (target excluded)")
 plt.tight_layout()
 plt.show()
+with torch.no_grad():
+    ones, zeros = torch.ones(N_TRAIN), torch.zeros(N_TRAIN)
+    _, kept_fixed, _ = dac_kl(teacher[:N_TRAIN], student_f.detach(), ones, zeros, backend="torch", lam_m=10.0)
+gap = float((kept - kept_fixed).abs().max())
+print(f"learned u in [{up.min():.5f}, {up.max():.5f}], l in [{lo.min():.5f}, {lo.max():.5f}]")
+print(f"max |kept mass, learned band - fixed band u = 1, l = 0| = {gap:.1e}")
+assert up.min() > 0.99 and lo.max() < 0.01, "the learned band is the whole distribution for every token"
+assert gap < 1e-4, "its kept mass is the fixed full band's"
 
 # %% [markdown]
 # ## How the kernel finds a threshold without sorting
 #
-# A value quantile needs one or two order statistics, not the whole order. For non-negative fp32 numbers the
-# bit pattern read as an int32 orders exactly like the value, so the $k$-th smallest probability (0-based) is
-# the smallest bit pattern $b$ with $\#\{v : \text{bits}(p_v) \le b\} \ge k + 1$. The count is monotone in
-# $b$, so bisection on the integer range $[0, \text{bits}(1.0)] = [0, \texttt{0x3F800000}]$ finds it; that
-# range holds about $1.07\cdot 10^9 < 2^{31}$ integers, so **31 steps** give the exact answer. The kernel does
-# one streaming pass over $V$ per step (the count), both thresholds in the same pass; a last pass finds the
-# next larger value for the linear interpolation $Q = s_k + \text{frac}\,(s_{k+1} - s_k)$,
-# $\text{idx} = \text{level}\,(n - 1)$. Replayed in NumPy on one row and compared with `np.quantile`:
+# A value quantile needs one or two order statistics, not the whole order. Since
+# $p_v = \exp((t_v - \max t) - \log z)$ is non-decreasing in the teacher logit $t_v$, the $k$-th smallest
+# probability (0-based) is exp of the $k$-th smallest logit, and the kernel (`fast/dac_kl.py`,
+# `bounds="value"`) selects among the fp32 *logits* with integer work only, no `exp`. Each logit becomes an
+# int32 key whose signed order is the value order (`_order_key`: the bit pattern itself for $t \ge +0$, the
+# pattern with its 31 low bits inverted for $t \le -0$). A **radix select** then fixes the key one byte at a
+# time: the first pass over $V$ (the log-sum-exp pass) also builds a 256-bin histogram of the keys' top bytes
+# (`tl.histogram`); its cumulative counts say which bucket holds rank $k$ and the rank inside that bucket
+# (`_radix_pick`); each of three more passes histograms the next byte of the keys that share the bytes chosen
+# so far. After four bytes the key, hence the logit, is exact; the last pass also gives the next order
+# statistic, for the linear interpolation $Q = s_k + \text{frac}\,(s_{k+1} - s_k)$, $\text{idx} =
+# \text{level}\,(n - 1)$, done on the probabilities. Both thresholds share the passes: 5 passes over $V$
+# with the final sums. (`bounds="mass"` still bisects: the mass above a candidate is a sum of probabilities,
+# not a count, so it takes 31 passes, each with an `exp`, plus one.) Replayed in NumPy on one row and compared
+# with `np.quantile`:
 
 # %%
-p32 = torch.softmax(teacher[i], -1).numpy().astype(np.float32)  # [V] fp32, as in the kernel
-bits = p32.view(np.int32)  # [V] the bit patterns; monotone in the value for p >= 0
-assert (np.argsort(bits, kind="stable") == np.argsort(p32, kind="stable")).all()
+x32 = teacher[i].numpy().astype(np.float32)  # [V] fp32 teacher logits, as the kernel loads them
 
 
-def kth_smallest_by_bisection(bits, k, steps=31):  # [V] int32, int -> int32 bit pattern, widths per step
-    lo, hi, widths = 0, 0x3F800000, []
-    for _ in range(steps):
-        mid = lo + ((hi - lo) >> 1)
-        if (bits <= mid).sum() >= k + 1:  # one pass over V: the count at or below the candidate
-            hi = mid
-        else:
-            lo = mid + 1
-        widths.append(hi - lo)
-    return np.int32(hi), widths
+def order_key(x):  # [V] fp32 -> [V] int64 holding the kernel's int32 keys (_order_key)
+    b = x.view(np.int32).astype(np.int64)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
 
 
-for level in (0.6, 0.98):
+def key_value(key):  # the inverse (_key_value): one key -> its fp32 value
+    b = np.array([key ^ ((key >> 31) & 0x7FFFFFFF)], dtype=np.int64).astype(np.int32)
+    return b.view(np.float32)[0]
+
+
+def radix_select(keys, k):  # [V] keys, rank k -> (key of rank k, entries left in its bucket after each pass)
+    prefix, r, left = 0, k, []
+    for sh in (24, 16, 8, 0):
+        same = keys if sh == 24 else keys[(keys >> (sh + 8)) == (prefix >> (sh + 8))]  # bytes so far agree
+        digit = (same >> sh) & 255
+        if sh == 24:
+            digit = digit ^ 128  # the top byte holds the sign: flipping its high bit puts negative keys first
+        hist = np.bincount(digit, minlength=256)  # tl.histogram
+        d = int((np.cumsum(hist) <= r).sum())  # the bucket that holds rank r (_radix_pick)
+        r -= int(hist[:d].sum())  # the rank inside that bucket
+        left.append(int(hist[d]))
+        top = d ^ 128
+        prefix += ((top - 256 if top >= 128 else top) if sh == 24 else d) << sh  # signed int32 key
+    return prefix, left
+
+
+keys = order_key(x32)  # [V]
+assert (np.argsort(keys, kind="stable") == np.argsort(x32, kind="stable")).all(), "keys order like values"
+mt = x32.max()
+lz = np.log(np.exp(x32 - mt).sum(dtype=np.float32))
+p_of = lambda t: np.float32(np.exp((t - mt) - lz))  # the kernel's p from a logit, fp32
+lefts = {}
+for level in (LOWER, UPPER):
     idx_f = level * (V - 1)
     k = int(np.floor(idx_f))
-    b_k, widths = kth_smallest_by_bisection(bits, k)
-    s_k = np.array(b_k, dtype=np.int32).view(np.float32)  # back to a float
-    s_next = p32[p32 > s_k].min() if (p32 > s_k).any() else s_k  # the kernel's extra pass
-    assert s_k == np.sort(p32)[k], "bisection must land exactly on the k-th order statistic"
-    tau = float(s_k) + (idx_f - k) * (float(s_next) - float(s_k))
-    want = np.quantile(p32.astype(np.float64), level)  # numpy's default 'linear' method
-    assert_close(tau, want, dtype="float64", name=f"quantile {level}")
+    key_k, lefts[level] = radix_select(keys, k)
+    s_k = key_value(key_k)
+    assert s_k == np.sort(x32)[k], "four byte passes land exactly on the k-th smallest logit"
+    s_next = key_value(radix_select(keys, min(k + 1, V - 1))[0])  # the kernel reads it off the last pass
+    tau = float(p_of(s_k)) + (idx_f - k) * (float(p_of(s_next)) - float(p_of(s_k)))
+    want = np.quantile(torch.softmax(teacher[i].double(), -1).numpy(), level)  # numpy's 'linear' method
+    assert_close(tau, want, dtype="float32", name=f"quantile {level}")
     print(
-        f"level {level}: k = {k}, interval width after steps 1, 10, 20, 31: "
-        f"{[widths[j] for j in (0, 9, 19, 30)]}; tau = {tau:.6e}, np.quantile = {want:.6e}"
+        f"level {level}: k = {k}, entries left in the chosen bucket after passes 1-4: {lefts[level]}; "
+        f"tau = {tau:.6e}, np.quantile = {want:.6e}"
     )
 plt.figure(figsize=(5, 2.6))
-plt.semilogy(np.arange(1, 32), np.maximum(widths, 0.5), "o-", ms=3)
-plt.xlabel("bisection step")
-plt.ylabel("bit patterns left (0 shown as 0.5)")
-plt.title("31 halvings of [0, bits(1.0)]")
+for level, left in lefts.items():
+    plt.semilogy(range(5), [V, *left], "o-", ms=3, label=f"level {level}")
+plt.xticks(range(5), ["start", "byte 1", "byte 2", "byte 3", "byte 4"])
+plt.ylabel("candidate logits left")
+plt.title(f"radix select over V = {V} logits")
+plt.legend(fontsize=8)
 plt.tight_layout()
 plt.show()
 
@@ -257,8 +335,10 @@ for bounds in ("value", "mass"):
 # ## Timing
 #
 # On a CPU: the torch backend beside the NumPy oracle (the readable version), forward + backward through the
-# student logits; on CUDA the Triton kernel too. The GPU rows are the committed measurement on one H200
-# (`benchmarks/results/mgsr_losses_h200.md`; `benchmarks/mgsr_losses.py` is the full benchmark).
+# student logits; on CUDA the Triton kernel too. The GPU rows are a committed measurement on one H200
+# (`benchmarks/results/mgsr_losses_h200.md`) of the *first* DAC-KL kernel, which still bisected the value
+# bounds: the radix-select kernel above has not been timed on a GPU yet (`docs/kernels.md`).
+# `benchmarks/mgsr_losses.py` is the full benchmark.
 
 # %%
 from fast.utils import committed_rows, median_ms  # noqa: E402
@@ -279,5 +359,11 @@ if torch.cuda.is_available():
     impls["triton"] = lambda: dac_kl(t_b, s_b, up_b, lo_b, backend="triton")[0].sum().backward()
 for label, fn in impls.items():
     print(f"DAC-KL, N=64 V=1024 on {dev}: {label:24s} {median_ms(fn, reps=1):8.1f} ms")
-print("\ncommitted, one H200, bf16:")
-print("\n".join(committed_rows("../benchmarks/results/mgsr_losses_h200.md", "dac_kl fwd+bwd (value)")[:2]))
+MGSR_H200 = "../benchmarks/results/mgsr_losses_h200.md"
+print(
+    "\ncommitted: one NVIDIA H200 (torch 2.11, triton 3.6), bf16, the first DAC-KL kernel (value bounds by"
+    " bisection, 28 November 2026),\nolder than this code: the radix-select kernel is not yet timed on a GPU"
+)
+print(
+    "\n".join(committed_rows(MGSR_H200, "op")[:1] + committed_rows(MGSR_H200, "dac_kl fwd+bwd (value)")[:2])
+)

@@ -1,3 +1,15 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 03 · The span-correlation loss
 #
@@ -25,6 +37,21 @@ import torch
 import reference.span as R
 from fast.span import span_loss, spans_to_tensor
 from fast.testing import assert_close
+
+# %% [markdown]
+# ### Parameter
+#
+# `SQUARED` picks the distance of section 2's construction: `False`, the L2 norm `D_k = ||r^t_k − r^s_k||`
+# (this project's default reading of the paper), or `True`, its square `D_k²` (the alternative reading).
+#
+# Expected effect: the two students keep identical token-level KL either way, and the correlated student A
+# keeps the larger span loss. Every pair of one student has the same distance here, so squaring squares the
+# ratio: A's loss is about 4.2 times B's with the norm and about 17.7 times (4.2²) with its square; the
+# gradient shrinks with the distance (`2 e_k` instead of `e_k / D_k`). The cell after the bar chart checks
+# the ratio at the current setting.
+
+# %%
+SQUARED = False
 
 # %% [markdown]
 # ## 1. Spans over a sentence
@@ -100,31 +127,41 @@ def token_kl(t, s):
 
 
 kl_a, kl_b = token_kl(teacher, s_a).mean(), token_kl(teacher, s_b).mean()
-sp_a, sp_b = R.span_loss(teacher, s_a, spans), R.span_loss(teacher, s_b, spans)
+sp_a, sp_b = R.span_loss(teacher, s_a, spans, SQUARED), R.span_loss(teacher, s_b, spans, SQUARED)
 print(f"token KL   A {kl_a:.5f}   B {kl_b:.5f}")
-print(f"span loss  A {sp_a:.5f}   B {sp_b:.5f}")
+print(f"span loss  A {sp_a:.5f}   B {sp_b:.5f}   ({'squared' if SQUARED else 'L2'} distance)")
 assert np.isclose(kl_a, kl_b) and sp_a > 1.5 * sp_b
 
 fig, axes = plt.subplots(1, 2, figsize=(10, 3))
 axes[0].bar(["A (correlated)", "B (uncorrelated)"], [kl_a, kl_b], color=["C0", "C1"])
 axes[0].set_title("mean token-level KL (identical)")
 axes[1].bar(["A (correlated)", "B (uncorrelated)"], [sp_a, sp_b], color=["C0", "C1"])
-axes[1].set_title("span-correlation loss")
+axes[1].set_title(f"span-correlation loss ({'squared' if SQUARED else 'L2'} distance)")
 plt.tight_layout()
 plt.show()
 
+# %%
+ratio_l2 = R.span_loss(teacher, s_a, spans) / R.span_loss(teacher, s_b, spans)
+print(
+    f"A / B: {sp_a / sp_b:.2f} at SQUARED = {SQUARED}; with the L2 norm {ratio_l2:.2f}, squared {ratio_l2**2:.2f}"
+)
+assert np.isclose(sp_a / sp_b, ratio_l2 ** (2 if SQUARED else 1)), "squaring the distance squares the ratio"
+
 # %% [markdown]
 # The gradient says the same: the span term pushes A's boosted entry down harder at interior positions
-# (which have two in-span neighbours) than at the span ends.
+# (which have two in-span neighbours) than at the span ends: twice as hard, since every pair of A contributes
+# the same.
 
 # %%
-g_a = R.span_loss_grad(teacher, s_a, spans)
+g_a = R.span_loss_grad(teacher, s_a, spans, SQUARED)
 plt.figure(figsize=(6, 2.6))
 plt.plot(g_a[:, 0], "o-", label="dL/ds[k, 0] (boosted entry), student A")
 plt.xlabel("position k")
 plt.legend(fontsize=8)
 plt.tight_layout()
 plt.show()
+assert (g_a[:, 0] > 0).all(), "a descent step lowers the boosted entry everywhere"
+assert np.allclose(g_a[1:-1, 0], 2 * g_a[0, 0]) and np.isclose(g_a[-1, 0], g_a[0, 0]), "interior = 2 x ends"
 
 # %% [markdown]
 # ## 3. The streaming identity: one number per pair, never a `[pairs, V]` tensor
@@ -137,16 +174,19 @@ plt.show()
 # $$D_k^2 = \sum_v \big(e^{t_{k,v} + t_{k+1,v} - L^t_k - L^t_{k+1}} - e^{s_{k,v} + s_{k+1,v} - L^s_k -
 #   L^s_{k+1}}\big)^2, \qquad L_k = \log\sum_v e^{x_{k,v}},$$
 #
-# a sum over $V$ that can be streamed in chunks once the four log-sum-exps are known. So the kernel makes two
-# passes over each pair's four rows: pass 1, the row log-sum-exps by the online recurrence (running max $m$,
-# running sum $z$ rescaled by $e^{m - m'}$); pass 2, the sum of squares. The backward needs, per position $k$,
+# a sum over $V$ that can be streamed in chunks once the four log-sum-exps are known. So the kernels (`fast/span.py`)
+# make one pass over each row for its log-sum-exp (the online recurrence: running max $m$, running sum $z$
+# rescaled by $e^{m - m'}$), saved as $[T]$-sized statistics, then one pass per pair over its four rows for the
+# sum of squares, which also accumulates $A_k = \langle e_k,\, q_k \odot q_{k+1}\rangle$. The backward
+# needs, per position $k$,
 #
 # $$g^q_k = c_{k-1}\, e_{k-1} \odot q_{k-1} + c_k\, e_k \odot q_{k+1}, \qquad c_k = \frac{1}{P\,D_k},
 #   \quad e_k = r^s_k - r^t_k, \qquad ds_k = q_k \odot \big(g^q_k - \langle g^q_k, q_k\rangle\big),$$
 #
-# where $e$ is recomputed chunk by chunk from the logits and the saved log-sum-exps: one pass for the dot
-# product $\langle g^q_k, q_k\rangle$, one to write $ds_k$. Only $[T]$-sized statistics are stored. The
-# replay below follows those passes with chunks of 32 over $V = 131$ and compares with the oracle.
+# where $e$ is recomputed chunk by chunk from the logits and the saved statistics. The dot product needs no
+# pass of its own: $\langle g^q_k, q_k\rangle = c_{k-1} A_{k-1} + c_k A_k$ comes from the forward's $A$, so
+# one pass writes $ds_k$. (The kernels work in base 2, `exp2` and `log2`; the replay uses $e$.) The replay
+# below follows those passes with chunks of 32 over $V = 131$ and compares with the oracle.
 
 # %%
 rng3 = np.random.default_rng(1)
@@ -178,14 +218,21 @@ def e_chunk(k, c0):  # [CH] chunk of e_k = q_k q_{k+1} - p_k p_{k+1}, recomputed
     )
 
 
+def q_pair_chunk(k, c0):  # [CH] chunk of q_k q_{k+1}
+    sl = slice(c0, c0 + CH)
+    return np.exp(s3[k, sl] + s3[k + 1, sl] - Ls[k] - Ls[k + 1])
+
+
 D = np.array(
     [np.sqrt(sum((e_chunk(k, c0) ** 2).sum() for c0 in range(0, V3, CH))) for k in k3]
-)  # [P], pass 2
+)  # [P], the pair pass
+A = np.zeros(T3)  # A_k = <e_k, q_k q_{k+1}>, accumulated in the same pair pass (0 where k starts no pair)
+A[k3] = [sum((e_chunk(k, c0) * q_pair_chunk(k, c0)).sum() for c0 in range(0, V3, CH)) for k in k3]
 assert_close(D, R.pair_distances(t3, s3, spans3), dtype="float64", name="streamed D_k")
 assert_close(D.mean(), R.span_loss(t3, s3, spans3), dtype="float64", name="streamed loss")
 print("pair distances D_k:", D.round(5), " loss = mean =", round(D.mean(), 6))
 
-# backward, one position at a time: c_left = coefficient of pair (k-1, k), c_right of pair (k, k+1)
+# backward, one position at a time and one pass each: c_left = coefficient of pair (k-1, k), c_right of (k, k+1)
 coef = np.zeros(T3)
 coef[k3] = 1.0 / (P3 * D)  # c_k, 0 for a position that starts no pair
 ds3 = np.zeros((T3, V3))
@@ -199,8 +246,9 @@ for k in range(T3):
             gq[sl] += c_left * e_chunk(k - 1, c0) * np.exp(s3[k - 1, sl] - Ls[k - 1])
         if c_right:
             gq[sl] += c_right * e_chunk(k, c0) * np.exp(s3[k + 1, sl] - Ls[k + 1])
-    dot = (gq * q_k).sum()  # one pass
-    ds3[k] = q_k * (gq - dot)  # one pass to write
+    dot = (coef[k - 1] * A[k - 1] if k > 0 else 0.0) + coef[k] * A[k]  # <gq_k, q_k> from the forward's A
+    assert np.isclose(dot, (gq * q_k).sum()), "the forward's A gives the dot product"
+    ds3[k] = q_k * (gq - dot)  # the same pass writes the gradient
 assert_close(ds3, R.span_loss_grad(t3, s3, spans3), dtype="float64", name="streamed backward")
 print("streamed backward = oracle gradient; position 3 (in no pair) gets", np.abs(ds3[3]).max())
 
@@ -239,8 +287,10 @@ print("no spans ->", empty.item())
 # ## Timing
 #
 # On a CPU: the torch backend beside the NumPy oracle, forward + backward through the student logits; on CUDA
-# the Triton kernel too. The GPU rows are the committed measurement on one H200
-# (`benchmarks/results/mgsr_losses_h200.md`; `benchmarks/mgsr_losses.py` is the full benchmark).
+# the Triton kernel too. The GPU rows are a committed measurement on one H200
+# (`benchmarks/results/mgsr_losses_h200.md`) of the *first* span kernel (13 reads of each row); the reworked
+# kernel that section 3 replays (6 reads) has not been timed on a GPU yet (`docs/kernels.md`).
+# `benchmarks/mgsr_losses.py` is the full benchmark.
 
 # %%
 from fast.utils import committed_rows, median_ms  # noqa: E402
@@ -261,5 +311,9 @@ if torch.cuda.is_available():
     impls["triton"] = lambda: span_loss(t_b, s_b, sp_b, backend="triton").backward()
 for label, fn in impls.items():
     print(f"span loss, T=128 V=2048 on {dev}: {label:24s} {median_ms(fn, reps=3):8.1f} ms")
-print("\ncommitted, one H200, bf16:")
-print("\n".join(committed_rows("../benchmarks/results/mgsr_losses_h200.md", "span fwd+bwd")[:2]))
+MGSR_H200 = "../benchmarks/results/mgsr_losses_h200.md"
+print(
+    "\ncommitted: one NVIDIA H200 (torch 2.11, triton 3.6), bf16, the first span kernel (28 November 2026),"
+    "\nolder than this code: the reworked kernel is not yet timed on a GPU"
+)
+print("\n".join(committed_rows(MGSR_H200, "op")[:1] + committed_rows(MGSR_H200, "span fwd+bwd")[:2]))

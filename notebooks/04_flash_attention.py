@@ -45,6 +45,20 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 rng = np.random.default_rng(0)
 
 # %% [markdown]
+# ### Parameter
+#
+# `WINDOW` and the tile sizes `BLOCK_M` (query rows) and `BLOCK_N` (keys) of section 4, where the forward
+# kernel's key-block loop is drawn for `T_TILES` tokens.
+#
+# Expected effect: a query block visits exactly the key tiles its rows can see, at most
+# `ceil((WINDOW + BLOCK_M − 1) / BLOCK_N) + 1` of them, whatever `T_TILES`: a smaller window or a larger
+# `BLOCK_N` visits fewer tiles per query block, and `WINDOW >= T_TILES` visits every causal tile (full
+# attention). The cell after the tile picture checks both at the current values.
+
+# %%
+T_TILES, BLOCK_M, BLOCK_N, WINDOW = 512, 64, 64, 100
+
+# %% [markdown]
 # ## 1. The definition
 #
 # $S = \text{scale}\cdot QK^\top$, masked to $-\infty$ outside the allowed pairs; $P = \text{softmax}(S)$
@@ -204,26 +218,38 @@ plt.show()
 # Dark tiles are visited; the mask is drawn on top. Tiles on the band edges are visited but partly masked.
 
 # %%
-T_tiles, BM, BN, w_tiles = 512, 64, 64, 100
+T_tiles, BM, BN, w_tiles = T_TILES, BLOCK_M, BLOCK_N, WINDOW
 mask = attention_mask(T_tiles, window=w_tiles)
-visited = np.zeros((T_tiles // BM, T_tiles // BN), dtype=bool)
-for bm in range(T_tiles // BM):
+n_qb, n_kb = -(-T_tiles // BM), -(-T_tiles // BN)  # query and key blocks (a partial last one counts)
+visited = np.zeros((n_qb, n_kb), dtype=bool)
+for bm in range(n_qb):
     lo, hi = key_block_range(bm * BM, BM, BN, T_tiles, window=w_tiles)
     for start_n in range(lo, hi, BN):
         visited[bm, start_n // BN] = True
 fig, ax = plt.subplots(figsize=(5, 5))
-ax.imshow(np.kron(visited, np.ones((BM, BN))), cmap="Greys", alpha=0.35)
+ax.imshow(np.kron(visited, np.ones((BM, BN)))[:T_tiles, :T_tiles], cmap="Greys", alpha=0.35)
 ax.imshow(np.ma.masked_where(~mask, mask), cmap="autumn", alpha=0.8)
+tile_seen = np.array(  # tile (query block, key block) holds at least one allowed (query, key) pair
+    [[mask[a * BM : (a + 1) * BM, c * BN : (c + 1) * BN].any() for c in range(n_kb)] for a in range(n_qb)]
+)
+causal_tiles = sum(1 for a in range(n_qb) for c in range(n_kb) if c * BN <= min((a + 1) * BM, T_tiles) - 1)
 ax.set_title(
-    f"T={T_tiles}, window={w_tiles}, blocks {BM}x{BN}: {visited.sum()} of "
-    f"{(T_tiles // BM) * (T_tiles // BN + 1) // 2} causal tiles visited"
+    f"T={T_tiles}, window={w_tiles}, blocks {BM}x{BN}: {visited.sum()} of {causal_tiles} causal tiles visited"
 )
 ax.set_xlabel("key")
 ax.set_ylabel("query")
 plt.show()
-for bm in range(T_tiles // BM):
+for bm in range(n_qb):
     lo, hi = key_block_range(bm * BM, BM, BN, T_tiles, window=w_tiles)
     print(f"query block {bm}: key blocks {list(range(lo // BN, -(-hi // BN)))}")
+
+# %%
+bound = -(-(w_tiles + BM - 1) // BN) + 1
+print(
+    f"tiles per query block: at most {visited.sum(1).max()}, bound ceil((w + BLOCK_M - 1) / BLOCK_N) + 1 = {bound}"
+)
+assert (visited == tile_seen).all(), "the kernel visits exactly the tiles that hold an allowed pair"
+assert visited.sum(1).max() <= bound, "the tiles per query block do not grow with T"
 
 # %% [markdown]
 # ## 5. The fast paths on an odd shape
@@ -308,7 +334,9 @@ assert slope_full > slope_win + 0.3, "full attention should grow clearly faster 
 
 # %% [markdown]
 # On a GPU the kernels are timed by `benchmarks/attention.py`; the committed rows of the last H200 run
-# (`benchmarks/results/gpu_report_h200.md`, `make gpu-check`; bf16, B1 H16, D64):
+# (`benchmarks/results/gpu_report_h200.md`, `make gpu-check`; bf16, B1 H16, D64). They time the restructured
+# kernels *before* their softmax moved to log2 units (the `exp2` form of section 2) and their tile table
+# became per Triton version: the current kernels have not been timed on a GPU yet (`docs/kernels.md`).
 
 # %%
 import pathlib  # noqa: E402
@@ -318,4 +346,9 @@ rows = [
     for ln in pathlib.Path("../benchmarks/results/gpu_report_h200.md").read_text().splitlines()
     if ln.startswith("| attn fwd+bwd |")
 ]
+print(
+    "committed: one NVIDIA H200 (torch 2.11, triton 3.6), bf16, the restructured attention kernels of"
+    " 30 November 2026,\nolder than this code: the log2-unit softmax and per-version tiles are not yet timed on a GPU"
+)
+print("| op | impl | shape | median_ms | ratio | gbps | tflops | peak_mb | note |")
 print("\n".join(rows[:8]))

@@ -50,20 +50,35 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 rng = np.random.default_rng(0)
 
 # %% [markdown]
+# ### Parameter
+#
+# `WINDOW` (w), `TOP_K` (K) and `BLOCK_SIZE` (B) of the toy sequence in sections 1-3 and 5-7 (T = 24;
+# block retrieval needs `BLOCK_SIZE <= WINDOW`). Section 4 pins its own values (its tie is built for them).
+#
+# Expected effect: query i attends to its window, `min(i + 1, w)` keys, plus the out-of-window keys of its K
+# selected blocks, so **at most w + K·B keys whatever T**; a query with at most K candidate blocks retrieves
+# all of them and attends to its whole causal past (i + 1 keys). Raising w widens the blue band of the
+# picture, raising K or B the orange part. The cell after the picture checks both at the current values.
+
+# %%
+WINDOW, TOP_K, BLOCK_SIZE = 6, 2, 3
+
+# %% [markdown]
 # ## 1. The toy sequence and its scores
 #
-# One head, $T = 24$, $D = 4$, window $w = 6$, blocks of $B = 3$ keys, budget $K = 2$ blocks.
+# One head, $T = 24$, $D = 4$, window $w$ = `WINDOW`, blocks of $B$ = `BLOCK_SIZE` keys, a budget of $K$ =
+# `TOP_K` blocks (by default 6, 3 and 2; the numbers quoted in the text below are for those).
 # The selection score of query $i$ and key $j$ is the attention logit $s_{ij} = q_i \cdot k_j / \sqrt D$.
 # The oracle sets non-candidates ($j > i - w$) to $-\infty$.
 
 # %%
-T, D, w, B, K = 24, 4, 6, 3, 2
+T, D, w, B, K = 24, 4, WINDOW, BLOCK_SIZE, TOP_K
 q, k, v = rng.standard_normal((3, T, D))  # each [T, D] = [24, 4]
 scale = 1 / np.sqrt(D)
 s_tok = ref.retrieval_scores(q, k, window=w)  # [T, T] = [24, 24]; -inf where j > i - w
-print("candidates of query 10 (j <= 10 - 6 = 4):", np.flatnonzero(np.isfinite(s_tok[10])))
+print(f"candidates of query 10 (j <= 10 - {w} = {10 - w}):", np.flatnonzero(np.isfinite(s_tok[10])))
 print("their scores:", np.round(s_tok[10][np.isfinite(s_tok[10])], 3))
-print("query 5 has", np.isfinite(s_tok[5]).sum(), "candidates: its window already reaches key 0")
+print(f"query {w - 1} has", np.isfinite(s_tok[w - 1]).sum(), "candidates: its window already reaches key 0")
 
 # %% [markdown]
 # ## 2. Blocks, their mean keys, the candidate blocks
@@ -75,15 +90,16 @@ print("query 5 has", np.isfinite(s_tok[5]).sum(), "candidates: its window alread
 
 # %%
 kbar = ref.block_summaries(k, B)  # [ceil(T / B), D] = [8, 4]
-assert_close(kbar[2], k[6:9].mean(axis=0), dtype="float64", name="block 2 = mean of keys 6, 7, 8")
+assert_close(kbar[2], k[2 * B : 3 * B].mean(axis=0), dtype="float64", name="block 2 = mean of its B keys")
 s_blk = ref.retrieval_scores(q, k, window=w, block_size=B)  # [T, ceil(T / B)] = [24, 8]
 i = 14
-cands = np.flatnonzero(np.isfinite(s_blk[i]))  # blocks b with 3b <= 14 - 6 = 8: b = 0, 1, 2
+cands = np.flatnonzero(np.isfinite(s_blk[i]))  # blocks b with bB <= i - w (defaults: 3b <= 8, b = 0, 1, 2)
 print(f"query {i}: candidate blocks {cands.tolist()} (bB <= {i - w}), scores {np.round(s_blk[i, cands], 3)}")
 idx = ref.retrieve(q, k, window=w, top_k=K, block_size=B)  # [T, K] = [24, 2]; -1 = empty slot
 print(f"query {i}: selected blocks {idx[i].tolist()} (descending score)")
-# block 2 = keys 6, 7, 8, but only key 8 is out of window for query 14 (keys 9..14 are the window):
-# what is retrieved from a selected block is exactly its candidate keys j <= i - w
+# what is retrieved from a selected block is exactly its candidate keys j <= i - w. With the defaults,
+# query 14's window is keys 9..14, so block 2 (keys 6, 7, 8) lies wholly out of window; for query 12
+# (window 7..12) only key 6 of block 2 is a candidate, and only key 6 would be retrieved from it
 print("rows 0..11 of idx:", idx[:12].tolist())
 
 # %% [markdown]
@@ -116,25 +132,38 @@ ax.set_ylabel("query i")
 plt.show()
 print("keys attended per query:", (m_w | m_r).sum(axis=1).tolist())
 
+# %%
+attended = (m_w | m_r).sum(axis=1)  # [T]
+n_cand_blocks = np.isfinite(s_blk).sum(axis=1)  # [T] candidate blocks per query
+whole_past = n_cand_blocks <= K
+print(
+    f"w = {w}, K = {K}, B = {B}: at most {attended.max()} keys per query (w + K·B = {w + K * B}); "
+    f"{whole_past.sum()} of {T} queries have at most K candidate blocks"
+)
+assert attended.max() <= w + K * B, "a query attends to at most w + K·B keys"
+assert (attended[whole_past] == np.arange(T)[whole_past] + 1).all(), "<= K candidate blocks: the whole past"
+
 # %% [markdown]
 # ## 4. The tie-break: the lower index wins
 #
 # Scores can tie exactly (identical keys, or a zero query). The rule is: among equal scores the lower
 # token / block index wins, and `idx` lists the selection in descending score. The oracle gets this
 # from a *stable* descending sort; the by-definition loop sorts Python tuples `(-score, index)`.
-# Below, blocks 0, 2 and 4 are made identical and aligned with query 23, so they tie for the top score
-# and only two fit in the budget: block 4 loses.
+# Below (with the default w = 6, B = 3, K = 2, pinned here whatever the parameter cell says), blocks 0, 2
+# and 4 are made identical and aligned with query 23, so they tie for the top score and only two fit in the
+# budget: block 4 loses.
 
 # %%
+wt, Bt, Kt = 6, 3, 2  # the defaults, pinned
 k_tie, q_tie = k.copy(), q.copy()
 k_tie[0:3] = 3 * np.eye(D)[0]  # block 0: three keys 3 e_0
 k_tie[6:9] = k_tie[0:3]  # block 2 = block 0
 k_tie[12:15] = k_tie[0:3]  # block 4 = block 0
 q_tie[23] = 2 * np.eye(D)[0]  # query 23 (candidate blocks 0..5): score 2 * 3 / sqrt(4) = 3 for 0, 2, 4
-s23 = ref.retrieval_scores(q_tie, k_tie, window=w, block_size=B)[23]  # [8]
+s23 = ref.retrieval_scores(q_tie, k_tie, window=wt, block_size=Bt)[23]  # [8]
 print("scores of query 23 per block:", np.round(s23, 3))
-idx_tie = ref.retrieve(q_tie, k_tie, window=w, top_k=K, block_size=B)[23]  # [K]
-ranked = sorted((-s, b) for b, s in enumerate(s23) if np.isfinite(s))[:K]
+idx_tie = ref.retrieve(q_tie, k_tie, window=wt, top_k=Kt, block_size=Bt)[23]  # [K]
+ranked = sorted((-s, b) for b, s in enumerate(s23) if np.isfinite(s))[:Kt]
 print("selected:", idx_tie.tolist(), " by (-score, index) tuples:", [b for _, b in ranked])
 assert idx_tie.tolist() == [0, 2] == [b for _, b in ranked]
 
@@ -210,12 +239,12 @@ print(
 #
 # The forward kernel does not merge two finished partial results: it runs **one** online softmax whose
 # running max $m$, sum $\ell$ and accumulator continue from the window keys into the retrieved keys, which
-# is the same merge done incrementally. That is the kernel's path for blocks of fewer than 16 keys (this toy's
-# B = 4, and token retrieval). From 16 keys on, the kernels turn the loop inside out (block-major, as MoBA
-# does): one program per selected block loads its keys once and attends to every query that selected it with
-# tensor-core tiles, writes a partial result per (query, slot), and a merge kernel combines them with the
-# window part by log-sum-exp: `merge_partials` again, done on the GPU. Its retrieved loop, in NumPy, for one
-# query row on the per-row path:
+# is the same merge done incrementally. That is the kernel's path for blocks of fewer than 16 keys (the toy's
+# B, 3 by default, the odd shape's B = 4 below, and token retrieval). From 16 keys on, the kernels turn the
+# loop inside out (block-major, as MoBA does): one program per selected block loads its keys once and attends
+# to every query that selected it with tensor-core tiles, writes a partial result per (query, slot), and a
+# merge kernel combines them with the window part by log-sum-exp: `merge_partials` again, done on the GPU.
+# The per-row path's retrieved loop, in NumPy, for one query row:
 
 # %%
 LOG2E = np.log2(np.e)
@@ -282,6 +311,7 @@ n_ties = sum(len(np.unique(r)) < len(r) for r in finite)  # rows with two equal 
 print(
     f"selection: all {idx_ref.size} entries equal; {n_ties} of {len(finite)} rows have tied candidate scores"
 )
+assert n_ties > 0, "the grid inputs must produce exact ties, or the tie rule goes untested"
 
 for mode in ("joint", "gated"):
     qd, kd, vd = (x.clone().to(DEVICE).requires_grad_() for x in (q7, k7, v7))
@@ -323,15 +353,17 @@ for mode in ("joint", "gated"):
 # ## 8. Timing
 #
 # **On CPU** (this run, unless a GPU is present) we time the forward of the torch backend of MATCH
-# (token scoring in query chunks of 128 rows, a stable sort, gathered keys, two partial attentions merged)
-# beside full causal attention and SWA (the blocked torch path of `fast/attention.py`), one thread,
-# CPU time of this process, min of 3. The selection scores every (query, block) pair, $O(T^2 D / B)$,
-# so MATCH is not linear in $T$; the attention part is $O(T(w + KB)D)$.
+# (block scoring against the mean keys in chunks of 128 query rows, a stable sort, gathered keys, two
+# partial attentions merged) beside full causal attention and SWA (the blocked torch path of
+# `fast/attention.py`), one thread,
+# CPU time of this process, min of 3, up to T = 16,384 (about 15 s on a 2-core CPU). The selection scores
+# every (query, block) pair, $O(T^2 D / B)$, so MATCH is not linear in $T$; the attention part is
+# $O(T(w + KB)D)$.
 #
 # **On CUDA** the same cell times the Triton kernels live (wall clock, synchronised).
 
 # %%
-Ts, D8, w8, K8, B8 = [512, 1024, 2048, 4096], 32, 128, 4, 32
+Ts, D8, w8, K8, B8 = [512, 1024, 2048, 4096, 8192, 16384], 32, 128, 4, 32
 threads = torch.get_num_threads()
 torch.set_num_threads(1)
 backend = "triton" if DEVICE == "cuda" else "torch"
@@ -388,20 +420,38 @@ for (Ta, *ta), (Tb, *tb) in zip(rows, rows[1:], strict=False):
         f"T {Ta} -> {Tb}: time x{tb[0] / ta[0]:.1f} full, x{tb[1] / ta[1]:.1f} SWA, "
         f"x{tb[2] / ta[2]:.1f} MATCH"
     )
+ratio = {T8: a / c for T8, a, _, c in rows}  # full / MATCH
+slope_full, slope_match = (
+    np.polyfit(np.log(Ts[2:]), np.log([r[col] for r in rows[2:]]), 1)[0] for col in (1, 3)
+)
+print(
+    f"this run: full / MATCH = {ratio[Ts[0]]:.2f} at T = {Ts[0]}, {ratio[Ts[-1]]:.2f} at T = {Ts[-1]} "
+    f"(MATCH {'ahead' if ratio[Ts[-1]] > 1 else 'behind'} there); fitted exponents (T >= {Ts[2]}): "
+    f"full {slope_full:.2f}, MATCH {slope_match:.2f}"
+)
+if DEVICE == "cpu":  # the growth, not the crossing: at T = 16K the two are too close to order reliably
+    assert slope_full > slope_match + 0.3, "full attention should grow clearly faster than MATCH"
+    assert ratio[Ts[-1]] > 2 * ratio[Ts[2]], "the gap to full attention should close with T"
 
 # %% [markdown]
-# Reading the CPU table: at these lengths the torch backend of MATCH is *slower* than full attention. Per
-# chunk of 128 queries it scores all blocks, runs a sort, gathers $K \cdot B$ keys and values per query
-# and does two softmaxes; that fixed work per chunk dominates while $T$ is small. What MATCH buys is the
-# growth: full attention's time roughly quadruples per doubling of $T$, MATCH's roughly doubles (its
-# quadratic part is only the block scoring, $T^2 D / B$ multiply-adds). The crossover lies beyond the
-# lengths a notebook can afford on CPU.
+# Reading the CPU table: up to a few thousand tokens the torch backend of MATCH is several times *slower*
+# than full attention. The cause is its retrieved part (`benchmarks/results/match_cpu.md`): every query row
+# gathers its own $K \cdot B$ keys and values and multiplies them as one-row products, $O(T K B D)$ work on
+# gathered copies, where full attention and the window part are dense matrix products per chunk of queries.
+# That cost is linear in $T$ with a large constant; the quadratic part, the block scoring ($T^2 D / B$
+# multiply-adds), stays small at these lengths. So full attention's time roughly quadruples per doubling
+# of $T$ and MATCH's grows more slowly (about twofold per doubling up to T = 8K, faster beyond, where the
+# block scoring starts to count), and the gap closes: with these settings the two meet around
+# T = 16,384 on a 2-core CPU (the last line above says which one was ahead in this run; it varies from
+# run to run). The cell checks the growth, not the crossing.
 #
-# **Committed GPU numbers.** `benchmarks/results/match_h200.md` holds the output of `benchmarks/match.py`
-# on one H200 (bf16, batch 1, 16 heads, window 512, 8 retrieved blocks of 64 keys; the file gives the exact
-# command). The cell reads its table and plots MATCH against SWA and full-causal SDPA. Honest reading, as
-# that file says: the targets (MATCH ≤ 2× the sliding kernel, ≥ 8× faster than full attention at T = 32K)
-# are **not met** by these untuned kernels; the cell prints the ratios.
+# **Committed GPU numbers, of the old kernel path.** `benchmarks/results/match_h200.md` holds the output of
+# `benchmarks/match.py` on one H200 (bf16, batch 1, 16 heads, window 512, 8 retrieved blocks of 64 keys; the
+# file gives the exact command), measured when the Triton kernels still gathered the retrieved keys per query
+# row. The block-major kernels that now serve blocks of 16 keys or more (section 7) have not been timed on a
+# GPU yet (`docs/kernels.md`). The cell reads that table and plots MATCH against SWA and full-causal SDPA.
+# As the file says, the targets (MATCH ≤ 2× the sliding kernel, ≥ 8× faster than full attention at T = 32K)
+# are **not met** by that old path; the cell prints the ratios.
 
 # %%
 path = pathlib.Path("../benchmarks/results/match_h200.md")
@@ -415,6 +465,10 @@ else:
             continue
         T_, D_ = (int(re.search(rf"\b{c}(\d+)", cells[2]).group(1)) for c in "TD")  # "B1 H16 T32768 D64 ..."
         table[(cells[0], cells[1], T_, D_)] = float(cells[3])
+    print(
+        "committed: one NVIDIA H200 (torch 2.11, triton 3.6), bf16, the old MATCH kernel path (retrieved keys"
+        " gathered per query row);\nthe block-major kernels of this code are not yet timed on a GPU"
+    )
     print(
         f"{'op':>14} {'T':>6} {'D':>4} {'full [ms]':>10} {'SWA [ms]':>9} {'MATCH [ms]':>11} "
         f"{'MATCH/SWA':>10} {'full/MATCH':>11}"
@@ -431,9 +485,13 @@ else:
             if op == "match fwd+bwd" and im == impl and D_ == 64
         )
         if pts:
-            ax.loglog(*zip(*pts, strict=True), mk, label=impl)
+            ax.loglog(
+                *zip(*pts, strict=True),
+                mk,
+                label=impl + (" (old per-row kernel path)" if impl == "match" else ""),
+            )
     ax.set_xlabel("T")
     ax.set_ylabel("fwd+bwd median [ms], H200, bf16, D = 64")
-    ax.set_title("benchmarks/results/match_h200.md")
+    ax.set_title("match_h200.md: MATCH's old per-row kernel path, one H200")
     ax.legend()
     plt.show()

@@ -73,6 +73,21 @@ print(
 )
 
 # %% [markdown]
+# ### Parameter
+#
+# `FREQUENCY` (F) is the most correction rounds SCRG makes per sequence; sections 2-4 run F = 1 beside it.
+#
+# Expected effect: a revision holds at most F corrected positions, strictly increasing, and fewer when a
+# round finds the teacher agreeing with every remaining token. Each round keeps everything up to and including
+# its correction, so with argmax teacher tokens and greedy re-generation the F-round revision equals the
+# one-round revision up to and including the first correction: raising F can only change what comes after
+# it. The cell after section 2's revisions checks this at the current value.
+
+# %%
+FREQUENCY = 3
+FS = sorted({1, FREQUENCY})  # the frequencies sections 2-4 compare
+
+# %% [markdown]
 # ## 1. One student sample, teacher-forced
 #
 # A held-out prompt and one sampled student response (temperature 1, EOS kept at the end). We take the first
@@ -80,22 +95,22 @@ print(
 
 # %%
 MAX_NEW = 48
-for ex in test:
-    if ex.family not in ("reverse", "sort_numbers", "number_to_words", "uppercase"):
-        continue
+
+
+def first_miss(ex):  # -> (seed, sample): the first of 4 sample seeds whose sample misses the reference
     x = prompt_ids(ex.prompt)
-    hits = [
-        k
-        for k in range(4)
-        if decode(
-            R.continue_response(sf, x, [], max_new_tokens=MAX_NEW, eos_id=EOS, rng=np.random.default_rng(k))
-        )
-        != ex.response
-    ]
-    if hits:
-        seed = hits[0]
+    for k in range(4):
+        y = R.continue_response(sf, x, [], max_new_tokens=MAX_NEW, eos_id=EOS, rng=np.random.default_rng(k))
+        if decode(y) != ex.response:
+            return k, y
+    return None
+
+
+for ex in test:
+    if ex.family in ("reverse", "sort_numbers", "number_to_words", "uppercase") and (hit := first_miss(ex)):
         break
-y = R.continue_response(sf, x, [], max_new_tokens=MAX_NEW, eos_id=EOS, rng=np.random.default_rng(seed))
+seed, y = hit
+x = prompt_ids(ex.prompt)
 print("prompt:   ", repr(ex.prompt))
 print("reference:", repr(ex.response))
 print("student:  ", show(y), f"(sample seed {seed})")
@@ -107,6 +122,8 @@ print(f"mismatch positions (teacher argmax != student token): {mism}")
 print(
     f"error position j = {j}: student {show(y[j : j + 1])} -> teacher {show([int(y_t[j])])}, d_j = {d[j]:.3f}"
 )
+assert j in mism and d[j] == max(d[i] for i in mism), "j: the largest KL among the mismatches"
+assert j == min(i for i in mism if d[i] == d[j]), "ties: the lowest index"
 
 # %%
 fig, ax = plt.subplots(figsize=(12, 3.2))
@@ -126,13 +143,14 @@ plt.show()
 # rest of the distribution, there is nothing to correct (Eq. 3 looks only at mismatches). Red bars are the
 # candidates; the outlined one is `j`.
 #
-# ## 2. Correction and re-generation, F = 1 vs F = 3
+# ## 2. Correction and re-generation, F = 1 vs F = `FREQUENCY` (3 by default)
 #
 # Greedy re-generation (deterministic), then the default sampled teacher token and sampled re-generation.
 
 # %%
-for fq in (1, 3):
-    rev, pos = R.scrg(
+greedy = {}
+for fq in FS:
+    rev, pos = greedy[fq] = R.scrg(
         x,
         y,
         tf,
@@ -144,7 +162,7 @@ for fq in (1, 3):
         eos_id=EOS,
     )
     print(f"F={fq} argmax/greedy  positions {pos}: {show(rev)}")
-for fq in (1, 3):
+for fq in FS:
     rev, pos = R.scrg(
         x, y, tf, sf, frequency=fq, max_new_tokens=MAX_NEW, eos_id=EOS, rng=np.random.default_rng(0)
     )
@@ -154,14 +172,26 @@ print("reference answer:", repr(ex.response))
 # %% [markdown]
 # Each round keeps everything up to and including its correction, so the corrected positions increase and
 # `revised[:j] == response[:j]` for the first one. A round where the teacher agrees with every remaining
-# token stops SCRG early (fewer than F positions).
-#
+# token stops SCRG early (fewer than F positions). Checked on the argmax/greedy revisions above:
+
+# %%
+for fq, (rev, pos) in greedy.items():
+    assert len(pos) <= fq and all(a < b for a, b in zip(pos, pos[1:], strict=False)), "<= F, increasing"
+    assert pos[0] == j and rev[:j] == y[:j] and rev[j] == y_t[j], "the first round corrects j, keeps y[:j]"
+rev_1, pos_1 = greedy[1]
+rev_f, pos_f = greedy[FREQUENCY]
+assert rev_f[: pos_1[0] + 1] == rev_1[: pos_1[0] + 1], "more rounds change only what follows the first one"
+print(f"F = {FREQUENCY}: correction positions {pos_f}; equal to the F = 1 revision up to position {pos_1[0]}")
+
+# %% [markdown]
 # ## 3. The batched fast path beside the oracle
 #
 # `fast.scrg.scrg` does one left-padded teacher-forced forward of each model per round, the per-position KL
 # through `fast.divergences` (torch backend on CPU), and one batched KV-cache re-generation from the per-row
 # prefixes. With argmax teacher tokens and greedy decoding it must give the oracle's sequences exactly; an
-# odd batch of 5 prompts of different lengths, student samples from the batched sampler.
+# odd batch of 5 prompts of different lengths, student samples from the batched sampler. The oracle (a NumPy
+# forward over the whole sequence for every token) takes most of this notebook's time, so it runs at
+# F = `FREQUENCY` only; the fast path runs at every F compared.
 
 # %%
 rows = sorted(test, key=lambda e: len(e.prompt))[:: max(1, len(test) // 5)][:5]
@@ -175,7 +205,7 @@ responses = F.continue_responses(
     generator=torch.Generator().manual_seed(0),
 )
 print("prompt lengths:", [len(p) for p in prompts], " response lengths:", [len(r) for r in responses])
-for fq in (1, 3):
+for fq in FS:
     t0 = time.perf_counter()
     got = F.scrg(
         prompts,
@@ -189,6 +219,9 @@ for fq in (1, 3):
         eos_id=EOS,
     )
     t1 = time.perf_counter()
+    if fq != FREQUENCY:
+        print(f"F={fq}: positions {got[1]}; fast {t1 - t0:.2f} s")
+        continue
     want = [
         R.scrg(
             p,
@@ -224,14 +257,14 @@ for p, r, rev in zip(prompts, responses, got[0], strict=True):
 # %%
 teacher32, student32 = teacher.float(), student.float()
 allp = [prompt_ids(e.prompt) for e in test]
-scores = {"student sample": [], "SCRG F=1": [], "SCRG F=3": []}
+scores = {"student sample": [], **{f"SCRG F={fq}": [] for fq in FS}}
 for seed in (0, 1, 2):
     g = torch.Generator().manual_seed(seed)
     samp = F.continue_responses(
         student32, allp, [[] for _ in allp], max_new_tokens=MAX_NEW, eos_id=EOS, generator=g
     )
     outs = {"student sample": samp}
-    for fq in (1, 3):
+    for fq in FS:
         outs[f"SCRG F={fq}"] = F.scrg(
             allp, samp, teacher32, student32, frequency=fq, max_new_tokens=MAX_NEW, eos_id=EOS, generator=g
         )[0]
