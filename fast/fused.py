@@ -27,6 +27,10 @@ trainer's MGSR objective does (CE by labelled rows, the token term by masked row
 
 Chunk size: ``chunk_rows`` (default :func:`default_chunk_rows`): about 128 MiB of fp32 ``[C, V]`` temporaries,
 counted per objective (a divergence holds about 6 copies, MGSR about 20), at least 1 row and at most N.
+
+On a CPU (Linux, glibc) the memory a chunk freed is handed back to the system before the next one
+(``malloc_trim``): glibc keeps freed blocks under 32 MiB in its heap, and chunks of different temporaries
+would otherwise fragment it, growing the resident set by several chunks' worth over a step.
 """
 
 from __future__ import annotations
@@ -49,6 +53,22 @@ def default_chunk_rows(n_rows: int, vocab: int, objective: str) -> int:
     """Rows per chunk: ``CHUNK_BYTES`` of the objective's fp32 ``[C, V]`` temporaries."""
     per_row = 4 * vocab * COPIES.get(objective, 6)
     return max(1, min(n_rows, CHUNK_BYTES // per_row))
+
+
+_LIBC = None
+
+
+def _release_freed_memory():  # CPU: return the heap's free pages to the system (glibc); elsewhere a no-op
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC(0)
 
 
 def _check(h, w, name):
@@ -131,6 +151,9 @@ class _Fused(torch.autograd.Function):
             for acc, gp in zip(d_dac, grads[1:], strict=True):
                 if gp is not None:
                     acc += gp.to(cd)
+            del s, t, loss, chunk_parts, grads, g
+            if hs.device.type == "cpu":
+                _release_freed_memory()
         ctx.save_for_backward(ds_h, dw, *d_dac)
         ctx.used = False
         ctx.dtypes = (hs.dtype, ws.dtype, [p.dtype for p in dac_params])
