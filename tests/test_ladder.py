@@ -153,3 +153,21 @@ def test_mask_predicate_is_the_oracles():
             got = fn(i, j, T, W, causal, window is not None)
             want = ref_allowed(i, j, causal=causal, window=window) & (j < T)
             assert np.array_equal(got, want), (causal, window)
+
+
+@pytest.mark.parametrize(
+    "module,launcher",
+    [
+        ("v1_naive", "attention_v1"),
+        ("v2_blocked", "attention_v2"),
+        ("v3_online", "attention_v3"),
+        ("v4_skip", "attention_v4"),
+        ("v5_split", "attention_v5"),
+        ("v6_log2", "attention_v6"),
+    ],
+)
+def test_every_step_has_its_own_module_and_launcher(module, launcher):
+    import importlib
+
+    mod = importlib.import_module(f"fast.ladder.{module}")
+    assert getattr(mod, launcher) in [fn for *_, fn in STEPS] or callable(getattr(mod, launcher))

@@ -15,8 +15,8 @@ ALLOWED = {
     "tiny_models": {"reference", "fast", "tiny_models"},
 }
 # inside fast/: the ops (top-level modules) never reach into the training or developer-tool rooms, except
-# SCRG, which generates through the causal-LM protocol and the sampler of fast.training, and the teacher cache,
-# which runs a teacher through that protocol over the training room's batches and JSONL reader
+# SCRG, which generates through the causal-LM protocol and the sampler of fast.training, and the teacher
+# cache, which runs a teacher through that protocol over the training room's batches and JSONL reader
 OPS_MAY_IMPORT_TRAINING = {
     "fast/scrg.py": {"fast.training.lm", "fast.training.sampling"},
     "fast/teacher_cache.py": {"fast.training.data", "fast.training.lm", "fast.training.hf_distill"},
@@ -95,7 +95,7 @@ def test_nothing_edits_sys_path():
         for folder in TOP
         for f in _files(folder)
         if f.name != "test_layout.py"
-        and ("sys.path.insert" in f.read_text() or "sys.path.append" in f.read_text())
+        and any(f"sys.path.{verb}" in f.read_text() for verb in ("insert", "append"))
     ]
     assert not hits, hits
 

@@ -10,7 +10,14 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
     """``--name value`` for every field of ``cls`` with its default: ints and floats parsed, ``none`` unsets
     an optional field, 1/true/yes (any case) is True for a bool."""
     for f in dataclasses.fields(cls):
-        typ = str(f.type)
+        # the annotation as written ("int", "float | None"), whether or not annotations are postponed
+        typ = (
+            f.type
+            if isinstance(f.type, str)
+            else f.type.__name__
+            if isinstance(f.type, type)
+            else str(f.type)
+        )
         if typ == "bool":
             parser.add_argument(
                 f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default
