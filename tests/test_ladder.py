@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from fast.devtools.kernel_stats import LADDER_WINDOW, ladder_markdown
-from fast.ladder import STEPS
+from fast.devtools.kernel_stats import LADDER_WINDOW, ladder_markdown, select_ladder_markdown
+from fast.ladder import SELECT_STEPS, STEPS
 from fast.ladder.common import allowed
 from fast.testing import assert_close
 from reference.attention import attention
+from reference.match import retrieve
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -171,3 +172,112 @@ def test_every_step_has_its_own_module_and_launcher(module, launcher):
 
     mod = importlib.import_module(f"fast.ladder.{module}")
     assert getattr(mod, launcher) in [fn for *_, fn in STEPS] or callable(getattr(mod, launcher))
+
+
+# ---- the retrieval ladder (SELECT_STEPS) against reference.match.retrieve, exactly
+
+# (B, H, T, D, window, top_k, block_size): T not a multiple of the block nor of the 16-row interpreter tile,
+# D padded, top_k above the candidate count (tokens: 19 - 3 = 16 < 20; blocks: 21 // 4 = 5 < 8), T < block
+# (no candidate block at all), T <= window (no candidate), top_k 1
+SELECT_CASES = (
+    (1, 2, 37, 24, 5, 3, 1),
+    (1, 1, 53, 20, 8, 4, 4),
+    (2, 1, 21, 16, 4, 8, 4),
+    (1, 1, 19, 16, 3, 20, 1),
+    (1, 1, 3, 16, 4, 2, 4),
+    (1, 1, 6, 16, 7, 2, 1),
+    (1, 1, 40, 32, 16, 1, 4),
+)
+
+
+def _select_ref(q, k, **kw):
+    return torch.from_numpy(retrieve(q.double().numpy(), k.double().numpy(), **kw))
+
+
+def _select_inputs(B, H, T, D, seed):
+    """q, k on a grid of 1/8 (|x| < 4): every dot product, block mean (blocks of 1 or 4) and score is exact in
+    fp32 as in fp64 whatever the summation order, so distinct scores stay far apart (>= scale / 256) and equal
+    ones are exact ties, which the tie rule decides."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(B, H, T, D, generator=g) * 8).round().clamp(-31, 31) / 8 for _ in range(2)]
+
+
+@pytest.mark.parametrize("case", SELECT_CASES, ids=lambda c: "B{}H{}T{}D{}-w{}-k{}-bs{}".format(*c))
+@pytest.mark.parametrize("step", list(SELECT_STEPS))
+def test_select_step_matches_retrieve(step, case):
+    B, H, T, D, window, top_k, bs = case
+    q, k = _select_inputs(B, H, T, D, seed=3)
+    kw = dict(window=window, top_k=top_k, block_size=bs)
+    idx = SELECT_STEPS[step](q, k, **kw)
+    assert idx.shape == (B, H, T, top_k) and idx.dtype == torch.int64
+    assert torch.equal(idx, _select_ref(q, k, **kw))
+
+
+@pytest.mark.parametrize("step", list(SELECT_STEPS))
+def test_select_tie_rule(step):
+    # hand-made: every key equal, so every candidate scores the same; the order is the index order
+    T, window = 12, 3
+    q = torch.randn(1, 1, T, 16, generator=torch.Generator().manual_seed(4))
+    k = torch.ones(1, 1, T, 16)
+    idx = SELECT_STEPS[step](q, k, window=window, top_k=5, block_size=1)
+    assert idx[0, 0, 10].tolist() == [0, 1, 2, 3, 4]  # 8 candidates (j <= 7): the 5 lowest indices
+    assert idx[0, 0, 5].tolist() == [0, 1, 2, -1, -1]  # 3 candidates, then empty slots
+    assert idx[0, 0, 2].tolist() == [-1] * 5  # inside the window: no candidate
+    assert torch.equal(idx, _select_ref(q, k, window=window, top_k=5, block_size=1))
+    # many ties among distinct scores: small integer entries (scores exact in fp32 and fp64), tokens and
+    # blocks of 4 (their means exact too); the tile merge must keep the lower index of every tie
+    g = torch.Generator().manual_seed(5)
+    for bs, top_k in ((1, 6), (4, 3)):
+        q, k = (torch.randint(-1, 2, (1, 2, 45, 16), generator=g).float() for _ in range(2))
+        kw = dict(window=6, top_k=top_k, block_size=bs, scale=1.0)
+        assert torch.equal(SELECT_STEPS[step](q, k, **kw), _select_ref(q, k, **kw)), bs
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(window=0), dict(top_k=-1), dict(block_size=5), dict(k=torch.zeros(1, 1, 8, 16))],
+    ids=["window0", "top_k", "block_gt_window", "shape"],
+)
+def test_select_launchers_validate(bad):
+    q, k, _ = _inputs(1, 1, 9, 16)
+    args = dict(q=q, k=k, window=4, top_k=2, block_size=1)
+    args.update(bad)
+    with pytest.raises(ValueError):
+        SELECT_STEPS["v2"](**args)
+
+
+def test_kernel_stats_select_table():
+    def record(kernel, top_k, loops):
+        cfg = f"TOP_K={top_k},KP=8,BLOCK_M=32,BLOCK_N=32,BLOCK_D=64,num_warps=4"
+        return dict(kernel=kernel, config=cfg, registers=96, spill_bytes=0, warnings=[], loops=loops)
+
+    loop = dict(sass=120, hgmma=0, mufu=0, ldg=0, stg=0, stsm=0, ldsm=0, bar=0, innermost=True)
+    attn = dict(kernel="ladder_v1_naive_kernel", config="IS_CAUSAL=1,HAS_WINDOW=0,BLOCK_D=64,num_warps=4")
+    recs = [
+        record("ladder_select_v3_running_kernel", 8, [loop]),
+        record("ladder_select_v1_naive_kernel", 32, []),
+        record("ladder_select_v1_naive_kernel", 8, []),
+        dict(attn, registers=1, spill_bytes=0, warnings=[], loops=[]),
+    ]
+    rows = select_ladder_markdown(recs).splitlines()[2:]
+    assert rows == [
+        "| select_v1_naive | 8 | 64 | 96 | 0 | no loop |",
+        "| select_v1_naive | 32 | 64 | 96 | 0 | no loop |",
+        "| select_v3_running | 8 | 64 | 96 | 0 | 120 (0 / 0) |",
+    ]
+    assert all("select" not in r for r in ladder_markdown(recs).splitlines())  # the attention table
+
+
+def test_docs_select_table_has_every_step():
+    from fast.devtools.kernel_stats import SELECT_TOP_K
+
+    doc = (ROOT / "docs" / "ladder.md").read_text()
+    for step in SELECT_STEPS.values():
+        names = [
+            n.name
+            for n in ast.parse(pathlib.Path(step.__code__.co_filename).read_text()).body
+            if isinstance(n, ast.FunctionDef) and n.name.endswith("_kernel")
+        ]
+        assert len(names) == 1
+        row = names[0].removeprefix("ladder_").removesuffix("_kernel")
+        assert doc.count(f"| {row} |") == len(SELECT_TOP_K), row

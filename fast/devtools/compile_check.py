@@ -160,6 +160,7 @@ def _workload(dtypes):
     import torch
 
     from fast import attention, dac_kl, divergences, match_triton, span
+    from fast.ladder import SELECT_STEPS as SELECT_LADDER
     from fast.ladder import STEPS as LADDER
 
     g = torch.Generator().manual_seed(0)
@@ -240,6 +241,10 @@ def _workload(dtypes):
         q, k, v = (rnd(1, 2, 40, 24, dtype=dtype) for _ in range(3))
         for step in LADDER.values():
             step(q, k, v, causal=True, window=7)
+        # the retrieval ladder: tokens and blocks of 4, top_k 3
+        for bs in (1, 4):
+            for step in SELECT_LADDER.values():
+                step(q, k, window=8, top_k=3, block_size=bs)
 
 
 def all_kernels() -> dict[str, str]:

@@ -27,7 +27,9 @@ change may never lower the counts by dropping work the algorithm needs.
 ``--ladder`` compiles the six steps of ``fast/ladder`` (naive, blocked, online softmax, block skipping,
 edge/interior split, log2 units) at bf16, D = 64 (``--heads``), T = 1024, causal without and with a window
 of 256, their default 64 x 64 tiles, and prints one row per step: registers, spill bytes and the SASS count of
-one iteration of each innermost loop, in code order (``docs/ladder.md`` keeps a copy of that table).
+one iteration of each innermost loop, in code order (``docs/ladder.md`` keeps a copy of that table). It also
+compiles the three steps of the retrieval ladder (``fast.ladder.SELECT_STEPS``: naive, tiled, running top-k)
+at token retrieval, T = 1024, window 64, top_k 8 and 32, and prints them in a second table.
 
 Configs are those the autotuner can pick for the workload (its ``early_config_prune`` is applied), at
 long sequences (T a multiple of every block size), so the numbers are those of the GPU benchmark.
@@ -339,6 +341,8 @@ def _match_workload(heads=(64, 128)):
 
 LADDER_T = 1024
 LADDER_WINDOW = 256
+SELECT_WINDOW = 64
+SELECT_TOP_K = (8, 32)
 
 
 def _ladder_workload(heads=(64,)):
@@ -346,13 +350,17 @@ def _ladder_workload(heads=(64,)):
     with a window of 256 keys; the launchers' default 64 x 64 tiles."""
     import torch
 
-    from fast.ladder import STEPS
+    from fast.ladder import SELECT_STEPS, STEPS
 
     for D in heads:
         for window in (None, LADDER_WINDOW):
             q, k, v = (torch.zeros(1, 2, LADDER_T, D, dtype=torch.bfloat16) for _ in range(3))
             for step in STEPS.values():
                 step(q, k, v, causal=True, window=window)
+        # the retrieval ladder: token retrieval (N = T candidates per head), window 64
+        for top_k in SELECT_TOP_K:
+            for step in SELECT_STEPS.values():
+                step(q, k, window=SELECT_WINDOW, top_k=top_k, block_size=1)
 
 
 def collect(
@@ -438,13 +446,35 @@ def ladder_markdown(records: list[dict]) -> str:
         cfg = dict(kv.split("=", 1) for kv in r["config"].split(","))
         return r["kernel"], cfg.get("HAS_WINDOW", "-"), cfg.get("BLOCK_D", "-")
 
-    for r in sorted(records, key=key):
+    for r in sorted((r for r in records if not r["kernel"].startswith("ladder_select_")), key=key):
         name, win, bd = key(r)
         step = name.removeprefix("ladder_").removesuffix("_kernel")
         inner = [lp for lp in r["loops"] if lp["innermost"]]
         loops = "; ".join(f"{lp['sass']} ({lp['mufu']} / {lp['hgmma']})" for lp in inner) or "no loop"
         window = f"w={LADDER_WINDOW}" if win == "1" else "full causal"
         lines.append(f"| {step} | {window} | {bd} | {r['registers']} | {r['spill_bytes']} | {loops} |")
+    return "\n".join(lines) + "\n"
+
+
+def select_ladder_markdown(records: list[dict]) -> str:
+    """One row per retrieval-ladder step and top_k: registers, spills, and each innermost loop's SASS per
+    iteration in code order (v1: the k extraction passes; v2: the insertion passes, then the sorted write;
+    v3: the early-exit merge, then the sorted write), with its MUFU and HGMMA counts."""
+    lines = [
+        "| step | top_k | BLOCK_D | regs | spill B | innermost loops: SASS per iteration (MUFU / HGMMA) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+
+    def key(r):
+        cfg = dict(kv.split("=", 1) for kv in r["config"].split(","))
+        return r["kernel"], int(cfg.get("TOP_K", 0)), cfg.get("BLOCK_D", "-")
+
+    for r in sorted((r for r in records if r["kernel"].startswith("ladder_select_")), key=key):
+        name, top_k, bd = key(r)
+        step = name.removeprefix("ladder_").removesuffix("_kernel")
+        inner = [lp for lp in r["loops"] if lp["innermost"]]
+        loops = "; ".join(f"{lp['sass']} ({lp['mufu']} / {lp['hgmma']})" for lp in inner) or "no loop"
+        lines.append(f"| {step} | {top_k} | {bd} | {r['registers']} | {r['spill_bytes']} | {loops} |")
     return "\n".join(lines) + "\n"
 
 
@@ -548,7 +578,10 @@ def main(argv=None) -> int:
         match_tiles=args.match,
         ladder=args.ladder,
     )
-    table = ladder_markdown(records) if args.ladder else markdown(records)
+    if args.ladder:
+        table = ladder_markdown(records) + "\n" + select_ladder_markdown(records)
+    else:
+        table = markdown(records)
     print(table)
     for what, msg in failures:
         print(f"FAILED {what}\n{msg}\n", file=sys.stderr)

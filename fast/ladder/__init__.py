@@ -17,8 +17,25 @@ v6 is the loop of ``fast.attention`` (which adds GQA, arbitrary strides, autotun
 Every step is checked against ``reference/attention.py`` (``tests/test_ladder.py``), and
 ``python -m fast.devtools.kernel_stats --ladder`` prints what each step costs per loop iteration on sm_90a
 (``docs/ladder.md``). Teaching code: only tests, notebooks and ``fast.devtools`` import it.
+
+A second, shorter ladder, ``SELECT_STEPS``, does the same for MATCH's retrieval (the top-k of the
+out-of-window candidates, ``reference/match.py`` ``retrieve``), each launcher
+``select_vN(q, k, *, window, top_k, block_size=1, scale=None) -> idx [B, H, T, top_k]`` int64:
+
+=====  =========================  ==============================================================
+step   kernel                     the idea
+=====  =========================  ==============================================================
+v1     ``select_v1_naive``        one program per query row, all its scores, top-k by k passes of max
+v2     ``select_v2_tiled``        query x candidate tiles (``tl.dot``), a running top-k in registers
+v3     ``select_v3_running``      loop bound from the window, merge only while a score beats the list
+=====  =========================  ==============================================================
+
+v3 is the loop of ``fast.match_triton.match_select_kernel`` (which adds GQA, strides, a query offset).
 """
 
+from fast.ladder.select_v1_naive import select_v1
+from fast.ladder.select_v2_tiled import select_v2
+from fast.ladder.select_v3_running import select_v3
 from fast.ladder.v1_naive import attention_v1
 from fast.ladder.v2_blocked import attention_v2
 from fast.ladder.v3_online import attention_v3
@@ -35,4 +52,15 @@ STEPS = {
     "v6": attention_v6,
 }
 
-__all__ = ["STEPS", *(f"attention_{v}" for v in STEPS)]
+SELECT_STEPS = {
+    "v1": select_v1,
+    "v2": select_v2,
+    "v3": select_v3,
+}
+
+__all__ = [
+    "SELECT_STEPS",
+    "STEPS",
+    *(f"attention_{v}" for v in STEPS),
+    *(f"select_{v}" for v in SELECT_STEPS),
+]
