@@ -476,7 +476,7 @@ MUTANTS: list[Mutant] = [
         "fast/training/methods.py",
         "loss = loss + cfg.w_span * sp / max(n_pairs, 1)",
         "loss = loss + cfg.w_span * sp",
-        "tests/test_distill.py",
+        "tests/test_distill.py tests/test_recipes.py",
         "MGSR's span term is summed over pairs, not averaged",
     ),
     # ---- distillation recipes on every batch source (tests/test_recipes.py) ----------------------------

@@ -179,10 +179,14 @@ METHOD_NAMES = sorted(set(METHODS) - {"mgsr-scrg0", "mgsr-scrg1", "mgsr-forward_
 def test_loss_by_hand_on_every_batch_source(method, examples):
     d, plans = _plans(method, examples)
     seen = set()
+    assert d.fused  # both paths: the losses from the hidden states chunk by chunk, and on materialised logits
     for source, plan in plans:
         seen.add(plan.source)
-        loss, _ = d.objective(plan)
-        assert_close(loss.detach(), _expected(d, plan), dtype=torch.float32, name=f"{method} on {source}")
+        want = _expected(d, plan)
+        for fused in (True, False):
+            d.fused = fused
+            loss, _ = d.objective(plan)
+            assert_close(loss.detach(), want, dtype=torch.float32, name=f"{method} on {source}, fused={fused}")
     adaptive = method.startswith("mgsr") or method == "distillm"
     assert not adaptive or seen == {"gt", "fresh", "replay"}, seen
 
