@@ -18,7 +18,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EX = ROOT / "notebooks" / "exercises"
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# slow: the Triton interpreter runs every step; `make test` runs them, `make test-quick` leaves them out
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 
 def _load_grader():  # exactly as notebooks/exercises/README.md tells a notebook to do it

@@ -18,7 +18,8 @@ from reference.match import retrieve
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# slow: the Triton interpreter runs every step; `make test` runs them, `make test-quick` leaves them out
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 # (B, H, T, D, causal, window): T not a multiple of the 16-row interpreter block, D padded to a power of two,
 # windows narrower than a block (5) and wide enough for interior blocks (35), the non-causal band, T < block
