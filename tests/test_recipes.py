@@ -186,7 +186,7 @@ def test_loss_by_hand_on_every_batch_source(method, examples):
         for fused in (True, False):
             d.fused = fused
             loss, _ = d.objective(plan)
-            assert_close(loss.detach(), want, dtype=torch.float32, name=f"{method} on {source}, fused={fused}")
+            assert_close(loss.detach(), want, dtype=torch.float32, name=f"{method} on {source} fused={fused}")
     adaptive = method.startswith("mgsr") or method == "distillm"
     assert not adaptive or seen == {"gt", "fresh", "replay"}, seen
 
