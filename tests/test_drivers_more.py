@@ -1,0 +1,121 @@
+"""More checks where experiment numbers come from: the seed of each sampled evaluation, the validation split
+of SFT, the step streams of different seeds, the step a MATCH run reports when it stops early, the MGSR
+parts logged on student samples, and kernel_stats' spill count."""
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models.evaluate as ev
+from fast.training.loop import step_indices
+from tiny_models.gpt import GPT, GPTConfig
+from tiny_models.tasks import build_dataset, example_ids
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_each_sampling_seed_reaches_the_generator(monkeypatch):
+    seen = []
+    real = ev.generate_texts
+
+    def spy(*a, seed, **kw):
+        seen.append(seed)
+        return real(*a, seed=seed, **kw)
+
+    monkeypatch.setattr(ev, "generate_texts", spy)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=96)).eval()
+    exs = build_dataset(0, n_per_family=10, n_eval_per_family=1)["test"][:2]
+    ev.evaluate(model, {"test": exs}, temperature=1.0, seeds=(0, 1, 2), max_new_tokens=3)
+    assert seen == [0, 1, 2]
+    seen.clear()
+    ev.evaluate(model, {"test": exs}, temperature=0.0, seeds=(4, 5), max_new_tokens=3)
+    assert seen == [4]  # greedy: one run, its std 0
+
+
+def test_sft_validates_on_the_validation_split():
+    from tiny_models.train import InstructData, TrainConfig
+
+    cfg = TrainConfig(n_per_family=30, eval_examples=7)
+    data = InstructData(cfg)
+    ds = build_dataset(cfg.data_seed, n_per_family=30)
+    assert data.valid == [example_ids(e.prompt, e.response) for e in ds["valid"]][:7]
+    test = {tuple(example_ids(e.prompt, e.response)[0]) for e in ds["test"]}
+    assert not test & {tuple(i) for i, _ in data.valid}
+
+
+def test_step_streams_of_different_seeds_differ():
+    # (seed, step) pairs must not share batches: (1, 2) and (2, 1) are different streams
+    batches = {(s, t): tuple(step_indices(s, t, 10_000, 16)) for s in range(4) for t in range(1, 6)}
+    assert len(set(batches.values())) == len(batches)
+
+
+def test_a_match_run_reports_the_step_it_stopped_at():
+    from tiny_models.match_grid import RunConfig, train_run
+
+    cfg = RunConfig(
+        seq_len=16,
+        num_kv_pairs=2,
+        vocab_size=16,
+        n_embd=16,
+        steps=5,
+        eval_every=1,
+        eval_n=8,
+        early_stop=-1.0,
+        batch_size=4,
+        warmup=1,
+    )
+    out = train_run(cfg, progress=False)
+    assert out["steps"] == 1 and [s for s, _ in out["curve"]] == [1]
+
+
+def test_mgsr_parts_on_student_samples_are_normalised_by_their_own_tokens():
+    import tiny_models.distill as distill
+    from fast.training.lm import logits_of
+    from tiny_models.tasks import IGNORE, collate
+
+    torch.manual_seed(0)
+    t = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=96))
+    s = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=96))
+    cfg = distill.DistillConfig(
+        method="mgsr-no-dackl",
+        block_size=96,
+        max_new_tokens=6,
+        init_threshold=1.0,
+        w_span=0.0,
+        backend="torch",
+        device="cpu",
+    )
+    examples = distill.as_pairs(build_dataset(0, n_per_family=30)["train"][:3])
+    for fused in (True, False):
+        d = distill.Distiller(cfg, t, s)
+        d.fused = fused
+        plan = d.plan(1, examples)
+        assert plan.source == "fresh"
+        _, parts = d.objective(plan)
+        with torch.no_grad():
+            x, y = collate(plan.seqs, block_size=96)
+            ls, lt = logits_of(s, x).double(), logits_of(t, x).double()
+            m = y != IGNORE
+            lp, lq = lt.log_softmax(-1)[m], ls.log_softmax(-1)[m]
+            kl = (lp.exp() * (lp - lq)).sum(-1).mean()  # over the samples' own tokens
+            xg, yg = collate(plan.gt, block_size=96)
+            ce = torch.nn.functional.cross_entropy(logits_of(s, xg).double().flatten(0, 1), yg.flatten())
+        assert torch.allclose(parts["token"].double(), kl, rtol=1e-4), (fused, parts["token"], kl)
+        assert torch.allclose(parts["sft"].double(), ce, rtol=1e-4), (fused, parts["sft"], ce)
+
+
+def test_spill_bytes_count_stores_and_loads(monkeypatch):
+    from fast.devtools import kernel_stats as ks
+
+    log = "ptxas info    : Used 40 registers\n    8 bytes spill stores, 12 bytes spill loads\n"
+
+    def fake_run(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 0, stdout=log, stderr="")
+
+    monkeypatch.setattr(ks.subprocess, "run", fake_run)
+    info = ks.ptxas_info(".version 8.0", {"ptxas": "ptxas"}, {})
+    assert info["spill_bytes"] == 20 and info["registers"] == 40
+    assert np.isfinite(info["spill_bytes"])
