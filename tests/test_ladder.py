@@ -282,3 +282,24 @@ def test_docs_select_table_has_every_step():
         assert len(names) == 1
         row = names[0].removeprefix("ladder_").removesuffix("_kernel")
         assert doc.count(f"| {row} |") == len(SELECT_TOP_K), row
+
+
+@pytest.mark.parametrize(
+    "module,launcher",
+    [("select_v1_naive", "select_v1"), ("select_v2_tiled", "select_v2"), ("select_v3_running", "select_v3")],
+)
+def test_every_selection_step_has_its_own_module_and_launcher(module, launcher):
+    import importlib
+
+    from fast.ladder import SELECT_STEPS
+
+    fn = getattr(importlib.import_module(f"fast.ladder.{module}"), launcher)
+    assert fn in SELECT_STEPS.values()
+
+
+def test_select_common_refuses_bad_settings():
+    from fast.ladder.select_common import prepare_select
+
+    q = torch.zeros(1, 1, 8, 16)
+    with pytest.raises(ValueError):
+        prepare_select(q, q, 0, 2, 1, None)  # a window of 0 keys
