@@ -771,6 +771,22 @@ MUTANTS: list[Mutant] = [
         "tests/test_kernel_stats.py::test_loops_from_back_edges",
         "kernel stats: of two loops with one header, the longer one is also called innermost",
     ),
+    M(
+        "driver-accum-logged-loss",
+        "fast/training/distill.py",
+        "loss = loss + loss_m.detach() / cfg.grad_accum",
+        "loss = loss_m.detach()",
+        "tests/test_drivers_more.py",
+        "the logged loss of an accumulated step is its last micro-batch's, not their mean",
+    ),
+    M(
+        "driver-scrg-salt",
+        "fast/training/distill.py",
+        "_gen(self.cfg, step, self.rank, 4, self.micro)",
+        "_gen(self.cfg, step, self.rank, 1, self.micro)",
+        "tests/test_drivers_more.py",
+        "SCRG's continuations reuse the generator that drew the samples they revise",
+    ),
 ]
 
 

@@ -119,3 +119,65 @@ def test_spill_bytes_count_stores_and_loads(monkeypatch):
     info = ks.ptxas_info(".version 8.0", {"ptxas": "ptxas"}, {})
     assert info["spill_bytes"] == 20 and info["registers"] == 40
     assert np.isfinite(info["spill_bytes"])
+
+
+def test_the_logged_loss_of_an_accumulated_step_is_the_mean_of_its_micro_batches():
+    # grad_accum = 2 over 4 examples: the logged loss is the mean of the two halves' objectives, each
+    # computed by a separate un-accumulated Distiller from the same initial student
+    import tiny_models.distill as distill
+
+    examples = distill.as_pairs(build_dataset(0, n_per_family=30)["train"][:4])
+    base = dict(method="kd", block_size=96, batch_size=4, backend="torch", device="cpu", lr=1e-3)
+
+    def fresh(**kw):
+        torch.manual_seed(0)
+        t = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=96))
+        s = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=96))
+        return distill.Distiller(distill.DistillConfig(**base, **kw), t, s)
+
+    halves = []
+    for part in (examples[:2], examples[2:]):
+        d = fresh()
+        loss, _ = d.objective(d.plan(1, part))
+        halves.append(float(loss.detach()))
+    rec = fresh(grad_accum=2).step(1, examples)
+    assert halves[0] != pytest.approx(halves[1])  # the halves differ: a last-only or first-only log is caught
+    assert rec["loss"] == pytest.approx(sum(halves) / 2, rel=1e-5)
+
+
+def test_the_draw_sites_of_one_step_use_different_generators(monkeypatch):
+    # an MGSR step that samples from the student and revises with SCRG draws from two generators; they must
+    # be seeded differently (the same seed would correlate SCRG's draws with the samples it revises), and
+    # the coin and the replay draw must not reuse either
+    import fast.training.distill as fd
+    import fast.training.methods as fm
+    import tiny_models.distill as distill
+
+    seeds = []
+    real = fm._gen
+
+    def spy(*a, **kw):
+        g = real(*a, **kw)
+        seeds.append(g.initial_seed())
+        return g
+
+    monkeypatch.setattr(fm, "_gen", spy)
+    monkeypatch.setattr(fd, "_gen", spy)
+    torch.manual_seed(0)
+    t = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=96))
+    s = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=96))
+    cfg = distill.DistillConfig(
+        method="mgsr", block_size=96, max_new_tokens=5, init_threshold=1.0, backend="torch", device="cpu"
+    )
+    d = distill.Distiller(cfg, t, s)
+    examples = distill.as_pairs(build_dataset(0, n_per_family=30)["train"][:3])
+    plan = d.plan(1, examples)
+    assert plan.source == "fresh" and "scrg_positions" in plan.extra
+    assert len(seeds) == 2 and len(set(seeds)) == 2, seeds  # sampling and SCRG: two different seeds
+    first = list(seeds)
+    seeds.clear()
+    d.plan(1, examples)  # the same step again: the same two generators (the step is reproducible)
+    assert seeds == first
+    seeds.clear()
+    d.plan(2, examples)  # the next step: two new ones
+    assert len(seeds) == 2 and not set(seeds) & set(first)
