@@ -6,18 +6,28 @@ and a loss step holds several (MGSR's DAC-KL torch path about sixteen). :func:`f
 from the final hidden states instead and never holds more than ``chunk_rows`` rows of logits of either
 model:
 
-    for each chunk of rows [a, b):
-        s = h_s[a:b] @ W_s.T,  t = h_t[a:b] @ W_t.T          # [C, V] each, fp32
-        loss_c, (ds, d_dac) = the objective on (t, s) and its gradient, normalised by the whole batch
-        dh_s[a:b] = ds @ W_s;  dW_s += ds.T @ h_s[a:b];  d_dac += d_dac_c
+    for each chunk of rows [r0, r1):
+        s = h_s[r0:r1] @ W_s.T,  t = h_t[r0:r1] @ W_t.T      # [R, V] each, fp32
+        for each piece [a, b) of the chunk:                    # loss_rows rows
+            loss_p, (ds, d_dac) = the objective on (t, s)[a:b] and its gradient, normalised by the whole batch
+            t[a:b] = ds                                        # the piece's teacher rows are no longer read
+        dh_s[r0:r1] = t @ W_s;  dW_s += t.T @ h_s[r0:r1]
+
+Two levels because of time, not memory: each chunk reads the whole weight twice and ``dW_s`` once (read
+and written), so with a few dozen rows these products are bound by memory traffic (on a 2-core CPU, 36-row
+chunks ran 1.4x slower than the unfused loss); a chunk of about a hundred rows keeps them bound by
+arithmetic, while the loss's own temporaries (a divergence about 6 copies of ``[C, V]``, MGSR about 20) are
+held for one small piece at a time. The chunk's gradient is written over the teacher's logits, so it costs
+no third ``[R, V]`` buffer.
 
 The gradients are computed in the forward (as Liger-Kernel's chunked losses do) and scaled by
-``grad_output`` in the backward, so peak memory is the chunk's temporaries plus ``dW_s`` (``[V, H]`` fp32).
-The span term pairs adjacent rows: a chunk also computes the logits of the row after it, so a span that
-crosses a chunk boundary is exact (the pair ``(b - 1, b)`` belongs to chunk ``[a, b)``; row ``b``'s own terms
-to the next chunk). The per-chunk losses are the unfused ones of ``fast.divergences``, ``fast.dac_kl`` and
-``fast.span`` (their ``backend``: torch, or the Triton kernels), so the fused path equals the unfused one up
-to the order of floating-point sums.
+``grad_output`` in the backward, so peak memory is ``dW_s`` (``[V, H]`` fp32), the chunk's two buffers and
+one piece's temporaries. The span term pairs adjacent rows: a chunk (and a piece) also computes the logits
+of the row after it, so a span that crosses a boundary is exact (the pair ``(b - 1, b)`` belongs to the
+piece ``[a, b)``; row ``b``'s own terms to the next piece, which adds the pair's gradient of row ``b`` to its
+own). The per-piece losses are the unfused ones of ``fast.divergences``, ``fast.dac_kl`` and ``fast.span``
+(their ``backend``: torch, or the Triton kernels), so the fused path equals the unfused one up to the order
+of floating-point sums.
 
 Objectives: ``"ce"`` (mean token cross-entropy over ``labels != ignore_index``), any divergence name of
 ``fast.divergences`` (mean over ``mask``; its ``params``), and ``"mgsr"``: ``w_sft * CE(labels) + w_token *
@@ -25,8 +35,11 @@ DAC-KL(mask) + w_span * span(spans)`` with the given ``fast.dac_kl.DACKL`` (its 
 gradient; ``token_loss`` may name a divergence instead, MGSR's ablation), each term normalised as the
 trainer's MGSR objective does (CE by labelled rows, the token term by masked rows, the span term by pairs).
 
-Chunk size: ``chunk_rows`` (default :func:`default_chunk_rows`): about 128 MiB of fp32 ``[C, V]`` temporaries,
-counted per objective (a divergence holds about 6 copies, MGSR about 20), at least 1 row and at most N.
+Sizes: ``chunk_rows`` (default :func:`default_chunk_rows`: about 144 MiB for the chunk's two fp32 ``[R, V]``
+buffers, 124 rows at V = 151,936) and ``loss_rows`` (default :func:`default_loss_rows`: about 48 MiB of the
+objective's temporaries, 13 rows for a divergence and 4 for MGSR at that vocabulary), each at least 1 and
+at most N (the piece at most the chunk). On a GPU the same budgets serve: at B·T = 1,024 they make 9
+chunks, whose products still have 124 rows.
 
 On a CPU (Linux, glibc) the memory a chunk freed is handed back to the system before the next one
 (``malloc_trim``): glibc keeps freed blocks under 32 MiB in its heap, and chunks of different temporaries
@@ -45,14 +58,23 @@ from fast.span import pair_rows, span_loss
 from fast.utils import check_float
 
 OBJECTIVES = ("ce", "mgsr", *DIV_PARAMS)
-COPIES = {"ce": 4, "mgsr": 20}  # fp32 [C, V] temporaries of one chunk (divergences: 6)
-CHUNK_BYTES = 128 * 2**20
+COPIES = {"ce": 4, "mgsr": 20}  # fp32 [C, V] temporaries of one loss piece (divergences: 6)
+LOGIT_BYTES = 144 * 2**20  # a chunk's two fp32 [R, V] buffers: student logits, teacher logits / gradient
+LOSS_BYTES = 48 * 2**20  # one loss piece's temporaries
 
 
-def default_chunk_rows(n_rows: int, vocab: int, objective: str) -> int:
-    """Rows per chunk: ``CHUNK_BYTES`` of the objective's fp32 ``[C, V]`` temporaries."""
+def default_chunk_rows(n_rows: int, vocab: int, objective: str | None = None) -> int:
+    """Rows of logits per chunk: ``LOGIT_BYTES`` of two fp32 ``[R, V]`` buffers, at least 1 and at most N.
+    (``objective`` is accepted for symmetry with :func:`default_loss_rows`; the buffers do not depend on
+    it.)"""
+    return max(1, min(n_rows, LOGIT_BYTES // (2 * 4 * vocab)))
+
+
+def default_loss_rows(chunk_rows: int, vocab: int, objective: str) -> int:
+    """Rows per loss piece: ``LOSS_BYTES`` of the objective's fp32 ``[C, V]`` temporaries, at most the
+    chunk."""
     per_row = 4 * vocab * COPIES.get(objective, 6)
-    return max(1, min(n_rows, CHUNK_BYTES // per_row))
+    return max(1, min(chunk_rows, LOSS_BYTES // per_row))
 
 
 _LIBC = None
@@ -116,42 +138,58 @@ class _Fused(torch.autograd.Function):
         d_dac = [torch.zeros_like(p, dtype=cd) for p in dac_params]
         total = torch.zeros((), dtype=torch.float64, device=hs.device)
         parts = {k: torch.zeros((), dtype=torch.float64, device=hs.device) for k in plan.part_names}
-        C = plan.chunk
-        for a in range(0, n, C):
-            b = min(a + C, n)
-            e = (
-                b + 1 if (plan.pairs is not None and b < n) else b
-            )  # the row after the chunk: its pair partner
-            with torch.enable_grad():
-                s = (hs[a:e] @ ws.T).to(cd)
-                with torch.no_grad():
-                    t = None if ht is None else (ht[a:e] @ wt.T).to(cd)  # CE needs no teacher
-                if plan.vocab is not None:  # a padded vocabulary: -inf in both, as the unfused losses take it
-                    s[:, plan.vocab :] = -math.inf
-                    if t is not None:
-                        t[:, plan.vocab :] = -math.inf
-                s = s.detach().requires_grad_()
-                loss, chunk_parts = plan.chunk_loss(t, s, a, b, e, dac_params)
-                wrt = [s, *dac_params]
-                grads = (
-                    torch.autograd.grad(loss, wrt, allow_unused=True)
-                    if loss.requires_grad
-                    else [None] * len(wrt)
-                )
-            total += loss.detach().double()
-            for k, v in chunk_parts.items():
-                parts[k] += v.double()
-            g = grads[0]
-            if g is not None:  # in the weights' dtype, as autograd through `h @ W.T` would compute it
-                if plan.vocab is not None:
-                    g[:, plan.vocab :] = 0.0  # padded logits are constants (-inf), not functions of h and W
-                g = g.to(ws.dtype)
-                ds_h[a:e] += (g @ ws).to(cd)
-                _add_outer(dw, g, hs[a:e])
-            for acc, gp in zip(d_dac, grads[1:], strict=True):
-                if gp is not None:
-                    acc += gp.to(cd)
-            del s, t, loss, chunk_parts, grads, g
+        R, C, pairs = plan.chunk, plan.loss_rows, plan.pairs is not None
+        for r0 in range(0, n, R):
+            r1 = min(r0 + R, n)
+            re = r1 + 1 if (pairs and r1 < n) else r1  # the row after the chunk: its pair partner
+            s_all = (hs[r0:re] @ ws.T).to(cd)
+            t_all = None if ht is None else (ht[r0:re] @ wt.T).to(cd)  # CE needs no teacher
+            if plan.vocab is not None:  # a padded vocabulary: -inf in both, as the unfused losses take it
+                s_all[:, plan.vocab :] = -math.inf
+                if t_all is not None:
+                    t_all[:, plan.vocab :] = -math.inf
+            # the gradient w.r.t. the logits, row by row as the loss consumes them: in the teacher's rows,
+            # which no later loss piece reads (a piece's partner row is overwritten by the next piece)
+            G = torch.empty_like(s_all) if t_all is None else t_all
+            carry = None  # the partner row's gradient from the previous piece
+            for a in range(r0, r1, C):
+                b = min(a + C, r1)
+                e = b + 1 if (pairs and b < n) else b
+                i, j, k = a - r0, b - r0, e - r0
+                with torch.enable_grad():
+                    s = s_all[i:k].detach().requires_grad_()
+                    t = None if t_all is None else t_all[i:k]
+                    loss, chunk_parts = plan.chunk_loss(t, s, a, b, e, dac_params)
+                    wrt = [s, *dac_params]
+                    grads = (
+                        torch.autograd.grad(loss, wrt, allow_unused=True)
+                        if loss.requires_grad
+                        else [None] * len(wrt)
+                    )
+                total += loss.detach().double()
+                for key, v in chunk_parts.items():
+                    parts[key] += v.double()
+                g = grads[0]
+                if g is None:
+                    G[i:j] = 0.0
+                else:
+                    G[i:j] = g[: j - i]
+                if carry is not None:
+                    G[i : i + 1] += carry
+                carry = None if (g is None or k == j) else g[j - i :].clone()
+                for acc, gp in zip(d_dac, grads[1:], strict=True):
+                    if gp is not None:
+                        acc += gp.to(cd)
+                del s, t, loss, chunk_parts, grads, g
+            if re > r1:
+                G[r1 - r0 : re - r0] = 0.0 if carry is None else carry
+            del s_all
+            if plan.vocab is not None:
+                G[:, plan.vocab :] = 0.0  # padded logits are constants (-inf), not functions of h and W
+            g = G.to(ws.dtype)  # in the weights' dtype, as autograd through `h @ W.T` would compute it
+            ds_h[r0:re] += (g @ ws).to(cd)
+            _add_outer(dw, g, hs[r0:re])
+            del G, g, t_all, carry
             if hs.device.type == "cpu":
                 _release_freed_memory()
         ctx.save_for_backward(ds_h, dw, *d_dac)
@@ -287,6 +325,7 @@ def fused_distill_loss(
     spans=None,
     dac=None,
     chunk_rows=None,
+    loss_rows=None,
     temperature=1.0,
     backend="auto",
     weights=(1.0, 1.0, 1.0),
@@ -340,10 +379,13 @@ def fused_distill_loss(
     pairs = _span_pairs(spans, n) if objective == "mgsr" else None
     if pairs is not None:
         pairs = pairs.to(student_hidden.device)
-    C = chunk_rows if chunk_rows is not None else default_chunk_rows(n, student_weight.shape[0], objective)
+    V = student_weight.shape[0]
+    C = chunk_rows if chunk_rows is not None else default_chunk_rows(n, V, objective)
     if not isinstance(C, int) or C < 1:
         raise ValueError(f"chunk_rows must be an integer >= 1, got {C!r}")
-    V = student_weight.shape[0]
+    L = loss_rows if loss_rows is not None else default_loss_rows(C, V, objective)
+    if not isinstance(L, int) or not 1 <= L <= C:
+        raise ValueError(f"loss_rows must be an integer in [1, chunk_rows={C}], got {L!r}")
     if vocab is not None and not (isinstance(vocab, int) and 1 <= vocab <= V):
         raise ValueError(f"vocab must be an integer in [1, V={V}], got {vocab!r}")
     plan = _Plan(
@@ -361,6 +403,7 @@ def fused_distill_loss(
         None if vocab == V else vocab,
         params,
     )
+    plan.loss_rows = L
     dac_params = tuple(dac.parameters()) if (objective == "mgsr" and token_loss == "dac_kl") else ()
     ht = None if teacher_hidden is None else teacher_hidden.detach()
     wt = None if teacher_weight is None else teacher_weight.detach()

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from fast.dac_kl import DACKL
 from fast.divergences import PARAMS as DIV_PARAMS
 from fast.divergences import divergence
-from fast.fused import default_chunk_rows, fused_distill_loss
+from fast.fused import default_chunk_rows, default_loss_rows, fused_distill_loss
 from fast.span import span_loss
 from fast.testing import assert_close
 from reference import divergences as R
@@ -76,7 +76,7 @@ def _unfused(
     return out
 
 
-def _both(objective, N, chunk, dtype=torch.float64, backend="torch", go=-1.7, seed=0, **kw):
+def _both(objective, N, chunk, dtype=torch.float64, backend="torch", go=-1.7, seed=0, loss_rows=None, **kw):
     hs, ws, ht, wt, labels, mask = _inputs(N, 12, 20, 37, dtype, seed, n_masked=min(3, N - 1), n_unlabelled=2)
     if kw.get("vocab") is not None:  # labels are real tokens
         labels = torch.where(labels == -100, labels, labels % kw["vocab"])
@@ -95,6 +95,7 @@ def _both(objective, N, chunk, dtype=torch.float64, backend="torch", go=-1.7, se
         spans=spans,
         dac=dac,
         chunk_rows=chunk,
+        loss_rows=loss_rows,
         backend=backend,
         **extra,
     )
@@ -120,22 +121,29 @@ def _both(objective, N, chunk, dtype=torch.float64, backend="torch", go=-1.7, se
 
 
 @pytest.mark.parametrize("objective", ["ce", *DIVS])
-@pytest.mark.parametrize("N,chunk", [(1, 1), (17, 5), (16, 4), (9, 64)])
-def test_every_objective_equals_the_unfused_loss(objective, N, chunk):
+@pytest.mark.parametrize(
+    "N,chunk,loss_rows", [(1, 1, None), (17, 5, None), (16, 4, None), (9, 64, None), (17, 7, 3), (9, 64, 4)]
+)
+def test_every_objective_equals_the_unfused_loss(objective, N, chunk, loss_rows):
+    # loss_rows < chunk: each chunk's logits are consumed in pieces (partial pieces at the ends)
     params = {k: v for k, v in (("alpha", 0.3), ("beta", 0.35)) if k in DIV_PARAMS.get(objective, ())}
-    _both(objective, N, chunk, **params)
+    _both(objective, N, chunk, loss_rows=loss_rows, **params)
 
 
-@given(N=st.integers(2, 30), chunk=st.integers(1, 12), seed=st.integers(0, 2**16))
-@example(N=20, chunk=3, seed=1)  # spans straddle several chunk boundaries
-@example(N=2, chunk=1, seed=0)  # one pair split across two one-row chunks
-def test_mgsr_with_spans_across_chunks(N, chunk, seed):
+@given(N=st.integers(2, 30), chunk=st.integers(1, 12), piece=st.integers(1, 12), seed=st.integers(0, 2**16))
+@example(N=20, chunk=3, piece=3, seed=1)  # spans straddle several chunk boundaries
+@example(N=20, chunk=7, piece=2, seed=1)  # ... and the boundaries of the loss pieces inside a chunk
+@example(N=2, chunk=1, piece=1, seed=0)  # one pair split across two one-row chunks
+@example(N=3, chunk=2, piece=1, seed=0)  # one pair split across two one-row pieces of one chunk
+def test_mgsr_with_spans_across_chunks(N, chunk, piece, seed):
     rng = np.random.default_rng(seed)
     cuts = np.sort(rng.choice(np.arange(1, N), size=min(3, N - 1), replace=False)).tolist()
     bounds = [0, *cuts, N]
     spans = torch.tensor([[a, b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b - a >= 2])
     spans = spans if len(spans) else None
-    parts = _both("mgsr", N, chunk, seed=seed, spans=spans, weights=(0.7, 1.3, 2.5))
+    parts = _both(
+        "mgsr", N, chunk, seed=seed, loss_rows=min(piece, chunk), spans=spans, weights=(0.7, 1.3, 2.5)
+    )
     assert set(parts) >= {"sft", "token", "kept"}
 
 
@@ -173,18 +181,19 @@ def test_mgsr_with_a_divergence_as_token_term(token_loss):
 def test_padded_vocabulary(objective):
     spans = torch.tensor([[0, 6], [8, 13]]) if objective == "mgsr" else None
     _both(objective, 13, 4, vocab=30, spans=spans)
+    _both(objective, 13, 6, loss_rows=4, vocab=30, spans=spans)
 
 
 @pytest.mark.parametrize("objective", ["ce", "js_divergence", "mgsr"])
 def test_fp32(objective):
     spans = torch.tensor([[1, 9]]) if objective == "mgsr" else None
-    _both(objective, 14, 5, dtype=torch.float32, spans=spans)
+    _both(objective, 14, 5, dtype=torch.float32, spans=spans, loss_rows=2)
 
 
 @pytest.mark.parametrize("objective", ["forward_kl", "skew_forward_kl", "mgsr"])
 def test_triton_backend(objective):
     spans = torch.tensor([[1, 6], [6, 12]]) if objective == "mgsr" else None
-    _both(objective, 12, 5, dtype=torch.float32, backend="triton", spans=spans)
+    _both(objective, 12, 5, dtype=torch.float32, backend="triton", spans=spans, loss_rows=3)
 
 
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "js_divergence", "tv_distance"])
@@ -205,10 +214,16 @@ def test_against_the_oracle(name):
 
 
 def test_chunk_size_rule():
-    assert default_chunk_rows(2048, 151_936, "forward_kl") == 36  # 128 MiB / (6 x 4 B x V)
-    assert default_chunk_rows(2048, 151_936, "mgsr") == 11
+    V = 151_936
+    assert default_chunk_rows(2048, V, "forward_kl") == 124  # 144 MiB / (2 x 4 B x V)
+    assert default_chunk_rows(2048, V, "mgsr") == 124  # the logit buffers do not depend on the objective
+    assert default_loss_rows(124, V, "forward_kl") == 13  # 48 MiB / (6 x 4 B x V)
+    assert default_loss_rows(124, V, "mgsr") == 4  # 48 MiB / (20 x 4 B x V)
+    assert default_loss_rows(124, V, "ce") == 20  # 48 MiB / (4 x 4 B x V)
     assert default_chunk_rows(5, 259, "ce") == 5  # never more than N
+    assert default_loss_rows(5, 259, "ce") == 5  # never more than the chunk
     assert default_chunk_rows(10, 10**9, "mgsr") == 1  # never less than 1
+    assert default_loss_rows(1, 10**9, "mgsr") == 1
 
 
 def test_bad_input_names_it():
@@ -228,6 +243,8 @@ def test_bad_input_names_it():
         fused_distill_loss(hs, ws, ht, wt, objective="mgsr", dac=_dac(torch.float32), spans=[[4, 9]], **kw)
     with pytest.raises(ValueError, match="chunk_rows must be an integer >= 1"):
         fused_distill_loss(hs, ws, ht, wt, objective="ce", chunk_rows=0, **kw)
+    with pytest.raises(ValueError, match=r"loss_rows must be an integer in \[1, chunk_rows=3\]"):
+        fused_distill_loss(hs, ws, ht, wt, objective="ce", chunk_rows=3, loss_rows=4, **kw)
     with pytest.raises(ValueError, match="vocab must be an integer"):
         fused_distill_loss(hs, ws, ht, wt, objective="ce", vocab=12, **kw)
 
