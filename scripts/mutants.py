@@ -780,6 +780,14 @@ MUTANTS: list[Mutant] = [
         "the logged loss of an accumulated step is its last micro-batch's, not their mean",
     ),
     M(
+        "driver-accum-grad-scale",
+        "fast/training/distill.py",
+        "(loss_m * (self.world / cfg.grad_accum)).backward()",
+        "(loss_m * self.world).backward()",
+        "tests/test_drivers_more.py",
+        "an accumulated step sums its micro-batch gradients instead of averaging them",
+    ),
+    M(
         "driver-scrg-salt",
         "fast/training/distill.py",
         "_gen(self.cfg, step, self.rank, 4, self.micro)",

@@ -121,7 +121,7 @@ def test_spill_bytes_count_stores_and_loads(monkeypatch):
     assert np.isfinite(info["spill_bytes"])
 
 
-def test_the_logged_loss_of_an_accumulated_step_is_the_mean_of_its_micro_batches():
+def test_an_accumulated_step_logs_and_follows_the_mean_of_its_micro_batches():
     # grad_accum = 2 over 4 examples: the logged loss is the mean of the two halves' objectives, each
     # computed by a separate un-accumulated Distiller from the same initial student
     import tiny_models.distill as distill
@@ -135,14 +135,18 @@ def test_the_logged_loss_of_an_accumulated_step_is_the_mean_of_its_micro_batches
         s = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=96))
         return distill.Distiller(distill.DistillConfig(**base, **kw), t, s)
 
-    halves = []
+    halves, grads = [], []
     for part in (examples[:2], examples[2:]):
         d = fresh()
         loss, _ = d.objective(d.plan(1, part))
+        loss.backward()
         halves.append(float(loss.detach()))
+        grads.append(torch.cat([p.grad.flatten() for p in d.student.parameters() if p.grad is not None]))
     rec = fresh(grad_accum=2).step(1, examples)
     assert halves[0] != pytest.approx(halves[1])  # the halves differ: a last-only or first-only log is caught
     assert rec["loss"] == pytest.approx(sum(halves) / 2, rel=1e-5)
+    # ... and the update follows the mean of the micro-batch gradients (its norm, logged before clipping)
+    assert rec["grad_norm"] == pytest.approx(float(((grads[0] + grads[1]) / 2).norm()), rel=1e-4)
 
 
 def test_the_draw_sites_of_one_step_use_different_generators(monkeypatch):
