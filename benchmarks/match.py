@@ -17,6 +17,7 @@ is O(T (w + K B) D), so a sits between 1 and 2. Peak memory (``peak_mb``) is mea
     python benchmarks/match.py --device cuda          # bf16, T = 1K..32K, D = 64 and 128
     python benchmarks/match.py --device cpu           # fp32, T = 1K..8K, D = 64 (minutes)
     python benchmarks/match.py --device cpu --quick   # tiny, proves the script runs
+    python benchmarks/match.py --cost                  # the cost model at B1 H16 T32K D64 (no timing)
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ import torch
 
 if __package__:  # imported as benchmarks.match (the tests, from the repository root)
     from benchmarks._timing import fmt_table, median_ms, peak_mb
+    from benchmarks.match_cost import print_report
 else:  # run as a script (or by run_all.py): benchmarks/ is sys.path[0]
     from _timing import fmt_table, median_ms, peak_mb
+    from match_cost import print_report
 
 COLS = ["op", "impl", "shape", "median_ms", "peak_mb", "note"]
 FULL_BUDGET_S = 240.0  # CUDA: stop adding lengths past this (compiles included)
@@ -143,7 +146,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--cost",
+        action="store_true",
+        help="print the cost model of the T = 32K shape (benchmarks/match_cost.py) instead of timing",
+    )
     args = ap.parse_args(argv)
+    if args.cost:
+        print_report(1, 16, 16, 32768, 64, WINDOW, TOP_K, BLOCK)
+        return 0
     t0 = time.perf_counter()
     rows = run(device=args.device, quick=args.quick)
     print(fmt_table(rows, COLS))

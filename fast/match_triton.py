@@ -51,38 +51,38 @@ Kernels and design choices
    ``joint``: one online softmax over window then retrieved keys; ``gated``: two online softmaxes, mixed
    by ``sigmoid(gate_logit)`` in the epilogue (``o = o_W`` where nothing is retrieved). exp2 with
    ``scale * log2(e)`` folded into the logits, fp32 accumulation, fully masked rows guarded (no NaN).
-   Block-major path (MoBA-style, "per selected block, the queries that selected it"), three launches:
+   Block-major path (MoBA-style, "per selected block, the queries that selected it"):
      * ``match_fwd_kernel`` without retrieval (``TOP_K = 0``) writes the window output in fp32 (o_W) and
        lse_W;
-     * ``match_fwd_blocks_kernel``, one program per (block, batch, kv head), walks the block's list in the
-       reverse index (item 4) in tiles of ``BLOCK_M`` listed (query, slot) entries: the block's keys and
-       values are loaded once, the listed query rows gathered, and for each of the G query heads of the kv
-       head ``S = Q K^T`` and ``P V`` are tensor-core ``tl.dot`` (keys ``j > t - w`` and ``j >= T`` masked,
-       fully masked rows guarded). Each (query head, query, slot) gets its partial attention written to a
-       place of its own: ``o_part [B, H_q, T, K, D]`` (fp32, normalised) and ``lse_part [B, H_q, T, K]``
-       (natural log); unique writes, no atomics. A block longer than the key tile ``BLOCK_N`` (64; 32 for
-       fp32 on a GPU) is walked in ``NSUB`` chunks with an online softmax inside the program (the chunks
-       are then re-read for every query tile and head, from cache);
-     * ``match_fwd_merge_kernel``, per (query tile, batch, query head), slots in order (deterministic), a
-       running log-sum-exp: joint ``lse = logsumexp(lse_W, lse_s over the filled slots)``,
-       ``o = e^{lse_W - lse} o_W + sum_s e^{lse_s - lse} o_s``; gated ``lse_R = logsumexp_s lse_s``,
-       ``o_R = sum_s e^{lse_s - lse_R} o_s``, ``o = g o_R + (1 - g) o_W`` where R is non-empty, ``o_W``
-       elsewhere. Empty slots (-1 in idx) are never read, so the partial buffers need no initialisation;
-       every output has a buffer of its own (no in-place update: a row statistic may be loaded by several
-       warps, and a write could overtake another warp's load).
+     * the **reverse index** (``reverse_index``: CSR lists built with one torch sort, for every (batch, kv
+       head, block) the entries ``t * K + slot`` of the queries that selected it, ascending) is cut into
+       **work items** of at most ``WORK_ITEM`` (256) entries (``work_items``): one program per item, so a
+       block that most queries select (an attention sink) is spread over many programs. Both are built once
+       per forward, on the device with static shapes (the empty slots sort to a segment after the last;
+       the item count is bounded by ``ceil(entries / WORK_ITEM) + segments``, the surplus items empty):
+       no host synchronisation, and the backward reuses them;
+     * ``match_fwd_blocks_kernel``, one program per work item: the block's keys and values are loaded
+       once, the listed query rows gathered in tiles of ``BLOCK_M``, and for each of the G query heads of
+       the kv head ``S = Q K^T`` (and ``P V``) are tensor-core ``tl.dot`` (keys ``j > t - w`` and ``j >= T``
+       masked, fully masked rows guarded). Two passes: (1) each (query head, query, slot)'s block lse ->
+       ``lse_part [B, H_q, T, K]`` (natural log, -inf in the empty slots); then, in torch,
+       ``lse_R = logsumexp_s lse_part`` and joint ``lse = logaddexp(lse_W, lse_R)``; (2) each block's
+       contribution ``e^{S - L} V`` normalised by the row's final lse ``L`` (joint ``lse``; gated
+       ``lse_R``) is atomically added to the fp32 output (joint: started as ``e^{lse_W - lse} o_W``; gated:
+       o_R from 0, then ``o = g o_R + (1 - g) o_W`` where R is non-empty, ``o_W`` elsewhere). A block
+       longer than the key tile ``BLOCK_N`` (64; 32 for fp32 on a GPU) is walked in ``NSUB`` chunks.
        The saved tensors (o, lse, lse_R, o_W, o_R) are those of the gathered path: the backward formulas
        are shared.
-   Expected cost of the block-major path (a model, not a measurement): K, V are read once per (selected
-   block, kv head) (``NSUB == 1``), so their loads are amortised over the queries that selected the block;
-   each listed (query, slot) costs the gather of G query rows (D elements each) and the write of G
-   partials (``(D + 1) * 4`` bytes each), read again by the merge. At B1 H16 T32K K8 blocks of 64 D64
-   (bf16) that is ~0.5 GB of query gathers and ~1 GiB written + read of partials, against ~68 GB of
-   gathered K/V loads for the per-row path. Memory: ``o_part`` is ``B H_q T K D * 4`` bytes (1 GiB at
-   B1 H16 T32K K8 D64) plus ``lse_part`` (``1 / D`` of it), live during the forward only; the backward's
-   dq partials are ``NSUB`` times ``o_part``. [RECON] alternatives: per query tile over the union of the
-   tile's selected blocks with a mask (no partial buffers, but a cost that grows with the union); one
-   program per block chunk with partials per (query, slot, chunk) in the forward too (``NSUB`` times the
-   buffer, no re-read of the chunks).
+   Memory of the block-major path (forward + backward, beyond the inputs, outputs and gradients): fp32
+   ``[B, H_q, T, D]`` for o_W and dq_W (gated: also o_R), fp32 ``[B, H_kv, T, D]`` for the dk/dv
+   accumulators, and O(B H T K) for the selection (int64), lse_part (fp32) and the reverse index (int32
+   entries, transient int64 sort keys): O(B H T (D + K)), nothing ``K D`` per query (tested: the peak grows
+   by about 4 bytes per extra (query, slot) at D = 128). Expected cost (a model, not a measurement): K, V
+   are read once per (work item, pass), amortised over the item's queries; each listed (query, slot) costs
+   the gather of G query rows per pass and one atomic add of a D-vector; the scores are computed twice
+   (lse pass, accumulate pass). [RECON] alternatives: per-slot partial outputs merged in a fixed order
+   (deterministic, but ``B H_q T K D`` fp32: 1 GiB at B1 H16 T32K K8 D64); per query tile over the union
+   of the tile's selected blocks with a mask (a cost that grows with the union).
 4. backward. Each part (window W, retrieved R) is a partial attention with its own output cotangent
    ``dO_P``, log-sum-exp ``L_P`` and ``delta_P = rowsum(dO_P * O_P)``: joint uses ``dO, L, rowsum(dO * O)``
    for both; gated uses ``dO_W = c_W dO``, ``dO_R = c_R dO`` with ``c_R = g`` (0 where R is empty),
@@ -95,18 +95,16 @@ Kernels and design choices
        ``L_W`` and ``delta_W``: ``fast/attention.py``'s dk/dv kernel (per key block and kv head, the G
        query heads summed in the program, masked edge blocks and unmasked interior ones, its tuned
        tiles), writing fp32 partial dk/dv;
-     * ``match_bwd_dkdv_kernel``: the retrieved part of dk/dv through a **reverse index** (CSR lists built
-       with one torch sort: for every (batch, kv head, block) the query positions that selected it,
-       ascending; each entry is ``t * K + slot``, so the slot is known too). One program per (block chunk,
-       batch, kv head) gathers the listed queries in tiles of ``BLOCK_M`` (tensor-core ``tl.dot`` against
-       the block's keys), sums the G query heads, adds the window's fp32 partial and writes dk/dv: no
-       atomics, deterministic, every key row written exactly once. For ``block_size < 16`` the key tile is
-       padded to 16 (masked columns). Block-major path (``DQ_PART``): it has P and dS of every listed
-       (query head, query) against its chunk, so it also writes the chunk's dq share ``scale dS K_chunk``
-       to ``dq_part [B, H_q, T, K, NSUB, D]`` (fp32, a place per (query head, query, slot, chunk): unique
-       writes); ``match_dq_merge_kernel`` then sums ``dq = dq_W + sum over filled slots and chunks`` in a
-       fixed order (deterministic). [RECON] alternative: fp32 ``tl.atomic_add`` from the dq kernel's
-       gathered tiles (T K B D atomics, nondeterministic).
+     * ``match_bwd_dkdv_kernel``: the retrieved part of dk/dv through the forward's reverse index and work
+       items. One program per (work item, block chunk) gathers the listed queries in tiles of ``BLOCK_M``
+       (tensor-core ``tl.dot`` against the chunk's keys), sums the G query heads and adds its dk/dv to the
+       fp32 accumulators holding the window part with ``tl.atomic_add`` (an item is a slice of one block's
+       list: several items may share a block). For ``block_size < 16`` the key tile is padded to 16 (masked
+       columns). Block-major path (``DQ_ATOMIC``): it has P and dS of every listed (query head, query)
+       against its chunk, so it also adds the chunk's dq share ``scale dS K_chunk`` to the fp32 dq_W
+       accumulator atomically (a query selects a block at most once: no two rows of one program share an
+       address). Atomic fp32 adds make the last bits of dq, dk, dv (and of the block-major output) depend
+       on the order in which programs finish on a GPU; the interpreter runs programs in order.
 5. decode: one query at position ``T - 1`` against the cache; the same select and forward kernels with a
    query offset (``q_start``), cached block summaries used as given. Forward only (no autograd). It keeps
    the gathered path for every block size: one query row has nothing to amortise a block's loads over.
@@ -120,7 +118,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fast.attention import _t_bucket, attention_bwd_dkdv_kernel
+from fast.attention import (
+    _t_bucket,
+    attention_bwd_dkdv_kernel,
+    attention_bwd_dq_kernel,
+    attention_fwd_kernel,
+)
 from fast.utils import LN2, LOG2E, empty, is_interpreting
 
 __all__ = [
@@ -129,12 +132,14 @@ __all__ = [
     "match_decode_triton",
     "block_summaries_triton",
     "reverse_index",
+    "work_items",
     "MAX_TOP_K",
     "BLOCK_MAJOR_MIN_BLOCK",
 ]
 
 MAX_TOP_K = 32  # running top-k lives in registers: [BLOCK_M, next_pow2(top_k)] values + indices
 BLOCK_MAJOR_MIN_BLOCK = 16  # block_size from which the retrieved part is block-major (see _block_major)
+WORK_ITEM = 256  # listed (query, slot) entries per program of the block-major kernels (see work_items)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,13 +598,11 @@ def match_bwd_dkdv_kernel(
     do_ptr,  # [B, Hq, T, D] dO_R (contiguous)
     lse_ptr,  # [B, Hq, T] fp32 natural-log lse of the retrieved part (contiguous)
     delta_ptr,  # [B, Hq, T] fp32 rowsum(dO_R * O_R) (contiguous)
-    list_ptr,  # [n_pairs] int32/int64 entries t * TOP_K + slot, grouped by (batch, kv head, block), ascending
-    start_ptr,  # [B * Hkv * NB + 1] int64 CSR offsets into list_ptr
-    dkw_ptr,  # [B, Hkv, T, D] fp32 window dk (contiguous), already multiplied by scale
-    dvw_ptr,  # [B, Hkv, T, D] fp32 window dv (contiguous)
-    dk_ptr,  # [B, Hkv, T, D] dk output, input dtype (contiguous)
-    dv_ptr,  # [B, Hkv, T, D] dv output, input dtype (contiguous)
-    dqp_ptr,  # [B, Hq, T, TOP_K, NSUB, D] fp32 retrieved dq partials, times scale (DQ_PART only, contiguous)
+    list_ptr,  # [n_entries] int32/int64 entries t * TOP_K + slot, by (batch, kv head, block), ascending
+    item_ptr,  # [3, NI] int64 work items: segment (b * Hkv + kv head) * NB + block, first and end list offset
+    dkw_ptr,  # [B, Hkv, T, D] fp32 dk accumulator (contiguous): the window part (times scale), added to
+    dvw_ptr,  # [B, Hkv, T, D] fp32 dv accumulator (contiguous): the window part, added to
+    dq_ptr,  # [B, Hq, T, D] fp32 dq accumulator, times scale (DQ_ATOMIC only, contiguous): added to
     sqb,
     sqh,
     sqt,
@@ -620,93 +623,99 @@ def match_bwd_dkdv_kernel(
     W,
     BS,
     NB,
+    NI,
     NSUB,
     TOP_K,
     scale,
     LOWP_DOT: tl.constexpr,
-    DQ_PART: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """One program per (chunk of a block, batch, kv head): the queries that selected the block, from the
-    reverse index, gathered BLOCK_M at a time for each of the G query heads of the group. ``DQ_PART``
-    (block-major path): also the chunk's share of dq for every listed (query head, query, slot),
-    ``scale * dS @ K_chunk``, written to its own place (the list entry and the chunk number): no atomics."""
+    """One program per (work item, chunk of its block): the item's listed queries, gathered BLOCK_M at a
+    time for each of the G query heads of the group, against the chunk's keys. The chunk's dk/dv (the G
+    heads summed) are atomically added to the fp32 accumulators that hold the window part. ``DQ_ATOMIC``
+    (block-major path): also the chunk's share of dq for every listed (query head, query),
+    ``scale * dS @ K_chunk``, atomically added to the fp32 dq accumulator (a query selects a block at most
+    once, so no two rows of one program share an address)."""
     pid = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    blk = pid // NSUB
+    it = pid // NSUB
     sub = pid % NSUB
-    b = pid_bh // Hkv
-    hk = pid_bh % Hkv
-    offs_in = sub * BLOCK_N + tl.arange(0, BLOCK_N)  # offsets inside the block
-    kpos = blk * BS + offs_in
-    col_ok = (offs_in < BS) & (kpos < T)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    kk = tl.load(
-        k_ptr + b * skb + hk * skh + kpos[:, None] * skt + offs_d[None, :] * skd, mask=kv_mask, other=0.0
-    ).to(tl.float32)  # [BN, BD]
-    vv = tl.load(
-        v_ptr + b * svb + hk * svh + kpos[:, None] * svt + offs_d[None, :] * svd, mask=kv_mask, other=0.0
-    ).to(tl.float32)
-    if LOWP_DOT:
-        k_dot = kk.to(k_ptr.dtype.element_ty)
-        v_dot = vv.to(v_ptr.dtype.element_ty)
-    else:
-        k_dot = kk
-        v_dot = vv
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    seg = pid_bh * NB + blk
-    lst_lo = tl.load(start_ptr + seg)
-    lst_hi = tl.load(start_ptr + seg + 1)
-    qk_scale = scale * LOG2E
-    for g in range(0, G):
-        h = hk * G + g
-        stat_base = (b * Hq + h) * T
-        for t0 in range(lst_lo, lst_hi, BLOCK_M):
-            offs_t = t0 + tl.arange(0, BLOCK_M)
-            t_ok = offs_t < lst_hi
-            ent = tl.load(list_ptr + offs_t, mask=t_ok, other=0).to(tl.int64)  # [BM] t * TOP_K + slot
-            qi = ent // TOP_K  # query positions
-            qd_mask = t_ok[:, None] & d_ok[None, :]
-            qq = tl.load(
-                q_ptr + b * sqb + h * sqh + qi[:, None] * sqt + offs_d[None, :] * sqd, mask=qd_mask, other=0.0
-            ).to(tl.float32)  # [BM, BD]
-            do = tl.load(
-                do_ptr + (stat_base + qi)[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0
-            ).to(tl.float32)
-            lse2 = tl.load(lse_ptr + stat_base + qi, mask=t_ok, other=0.0) * LOG2E
-            delta = tl.load(delta_ptr + stat_base + qi, mask=t_ok, other=0.0)
-            if LOWP_DOT:
-                s = tl.dot(qq.to(k_ptr.dtype.element_ty), tl.trans(k_dot))
-                dp = tl.dot(do.to(v_ptr.dtype.element_ty), tl.trans(v_dot))
-            else:
-                s = tl.dot(qq, tl.trans(k_dot), input_precision="ieee")  # [BM, BN]
-                dp = tl.dot(do, tl.trans(v_dot), input_precision="ieee")
-            ok = t_ok[:, None] & col_ok[None, :] & (kpos[None, :] <= qi[:, None] - W)
-            p = tl.exp2(tl.where(ok, s * qk_scale - lse2[:, None], float("-inf")))
-            ds = p * (dp - delta[:, None])
-            if LOWP_DOT:
-                dv += tl.dot(tl.trans(p.to(v_ptr.dtype.element_ty)), do.to(v_ptr.dtype.element_ty))
-                dk += tl.dot(tl.trans(ds.to(k_ptr.dtype.element_ty)), qq.to(k_ptr.dtype.element_ty))
-            else:
-                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
-                dk += tl.dot(tl.trans(ds), qq, input_precision="ieee")
-            if DQ_PART:
+    seg = tl.load(item_ptr + it)
+    lst_lo = tl.load(item_ptr + NI + it)
+    lst_hi = tl.load(item_ptr + 2 * NI + it)
+    if lst_lo < lst_hi:
+        blk = seg % NB
+        pid_bh = seg // NB
+        b = pid_bh // Hkv
+        hk = pid_bh % Hkv
+        offs_in = sub * BLOCK_N + tl.arange(0, BLOCK_N)  # offsets inside the block
+        kpos = blk * BS + offs_in
+        col_ok = (offs_in < BS) & (kpos < T)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        kk = tl.load(
+            k_ptr + b * skb + hk * skh + kpos[:, None] * skt + offs_d[None, :] * skd, mask=kv_mask, other=0.0
+        ).to(tl.float32)  # [BN, BD]
+        vv = tl.load(
+            v_ptr + b * svb + hk * svh + kpos[:, None] * svt + offs_d[None, :] * svd, mask=kv_mask, other=0.0
+        ).to(tl.float32)
+        if LOWP_DOT:
+            k_dot = kk.to(k_ptr.dtype.element_ty)
+            v_dot = vv.to(v_ptr.dtype.element_ty)
+        else:
+            k_dot = kk
+            v_dot = vv
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        qk_scale = scale * LOG2E
+        for g in range(0, G):
+            h = hk * G + g
+            stat_base = (b * Hq + h) * T
+            for t0 in range(lst_lo, lst_hi, BLOCK_M):
+                offs_t = t0 + tl.arange(0, BLOCK_M)
+                t_ok = offs_t < lst_hi
+                ent = tl.load(list_ptr + offs_t, mask=t_ok, other=0).to(tl.int64)  # [BM] t * TOP_K + slot
+                qi = ent // TOP_K  # query positions
+                qd_mask = t_ok[:, None] & d_ok[None, :]
+                qq = tl.load(
+                    q_ptr + b * sqb + h * sqh + qi[:, None] * sqt + offs_d[None, :] * sqd,
+                    mask=qd_mask,
+                    other=0.0,
+                ).to(tl.float32)  # [BM, BD]
+                do = tl.load(
+                    do_ptr + (stat_base + qi)[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0
+                ).to(tl.float32)
+                lse2 = tl.load(lse_ptr + stat_base + qi, mask=t_ok, other=0.0) * LOG2E
+                delta = tl.load(delta_ptr + stat_base + qi, mask=t_ok, other=0.0)
                 if LOWP_DOT:
-                    dqt = tl.dot(ds.to(k_ptr.dtype.element_ty), k_dot)
+                    s = tl.dot(qq.to(k_ptr.dtype.element_ty), tl.trans(k_dot))
+                    dp = tl.dot(do.to(v_ptr.dtype.element_ty), tl.trans(v_dot))
                 else:
-                    dqt = tl.dot(ds, k_dot, input_precision="ieee")  # [BM, BD]
-                part = (stat_base * TOP_K + ent) * NSUB + sub
-                tl.store(dqp_ptr + part[:, None] * D + offs_d[None, :], dqt * scale, mask=qd_mask)
-    out_off = (pid_bh * T + kpos)[:, None] * D + offs_d[None, :]
-    dkw = tl.load(dkw_ptr + out_off, mask=kv_mask, other=0.0)
-    dvw = tl.load(dvw_ptr + out_off, mask=kv_mask, other=0.0)
-    tl.store(dk_ptr + out_off, (dkw + dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + out_off, (dvw + dv).to(dv_ptr.dtype.element_ty), mask=kv_mask)
+                    s = tl.dot(qq, tl.trans(k_dot), input_precision="ieee")  # [BM, BN]
+                    dp = tl.dot(do, tl.trans(v_dot), input_precision="ieee")
+                ok = t_ok[:, None] & col_ok[None, :] & (kpos[None, :] <= qi[:, None] - W)
+                p = tl.exp2(tl.where(ok, s * qk_scale - lse2[:, None], float("-inf")))
+                ds = p * (dp - delta[:, None])
+                if LOWP_DOT:
+                    dv += tl.dot(tl.trans(p.to(v_ptr.dtype.element_ty)), do.to(v_ptr.dtype.element_ty))
+                    dk += tl.dot(tl.trans(ds.to(k_ptr.dtype.element_ty)), qq.to(k_ptr.dtype.element_ty))
+                else:
+                    dv += tl.dot(tl.trans(p), do, input_precision="ieee")
+                    dk += tl.dot(tl.trans(ds), qq, input_precision="ieee")
+                if DQ_ATOMIC:
+                    if LOWP_DOT:
+                        dqt = tl.dot(ds.to(k_ptr.dtype.element_ty), k_dot)
+                    else:
+                        dqt = tl.dot(ds, k_dot, input_precision="ieee")  # [BM, BD]
+                    tl.atomic_add(
+                        dq_ptr + (stat_base + qi)[:, None] * D + offs_d[None, :], dqt * scale, mask=qd_mask
+                    )
+        out_off = (pid_bh * T + kpos)[:, None] * D + offs_d[None, :]
+        tl.atomic_add(dkw_ptr + out_off, dk * scale, mask=kv_mask)
+        tl.atomic_add(dvw_ptr + out_off, dv, mask=kv_mask)
 
 
 @triton.jit
@@ -714,10 +723,11 @@ def match_fwd_blocks_kernel(
     q_ptr,  # [B, Hq, T, D] queries
     k_ptr,  # [B, Hkv, T, D] keys
     v_ptr,  # [B, Hkv, T, D] values
-    list_ptr,  # [n_pairs] int32/int64 entries t * TOP_K + slot, grouped by (batch, kv head, block), ascending
-    start_ptr,  # [B * Hkv * NB + 1] int64 CSR offsets into list_ptr
-    op_ptr,  # [B, Hq, T, TOP_K, D] fp32 normalised partial outputs (contiguous)
-    lsep_ptr,  # [B, Hq, T, TOP_K] fp32 partial log-sum-exps, natural log (contiguous)
+    list_ptr,  # [n_entries] int32/int64 entries t * TOP_K + slot, by (batch, kv head, block), ascending
+    item_ptr,  # [3, NI] int64 work items: segment (b * Hkv + kv head) * NB + block, first and end list offset
+    lsep_ptr,  # [B, Hq, T, TOP_K] fp32 per-slot log-sum-exps, natural log (contiguous; written unless ACCUM)
+    lset_ptr,  # [B, Hq, T] fp32 the lse the contributions are normalised by, natural log (ACCUM, contiguous)
+    oacc_ptr,  # [B, Hq, T, D] fp32 output accumulator, atomically added to (ACCUM, contiguous)
     sqb,
     sqh,
     sqt,
@@ -738,232 +748,126 @@ def match_fwd_blocks_kernel(
     W,
     BS,
     NB,
+    NI,
     TOP_K,
     qk_scale,  # scale * log2(e)
     NSUB: tl.constexpr,
+    ACCUM: tl.constexpr,
     LOWP_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Block-major retrieved part of the forward: one program per (selected block, batch, kv head). The
-    block's keys and values are loaded once (``NSUB == 1``; else its ``NSUB`` chunks of ``BLOCK_N`` keys are
-    walked with an online softmax for every query tile); the queries that selected it come from the reverse
-    index in tiles of ``BLOCK_M``, for each of the G query heads of the group. Each (query head, query, slot)
-    gets the block's partial attention: o_part normalised, lse_part (natural log, -inf if no key is
-    visible: never for a selected block, whose first key is a candidate, but guarded: no NaN).
-    Expected cost (a model, see the module docstring): the block's 2 BS D key/value elements (BS = block
-    size) are loaded once and amortised over the n queries that selected it; per listed query, G gathered
-    query rows (G D elements) and G partials written (G (D + 1) fp32); tensor-core work 4 G n BS D flops.
-    The partial buffers hold batch H_q T K (D + 1) fp32 (1 GiB at B1 H16 T32K K8 D64)."""
-    blk = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // Hkv
-    hk = pid_bh % Hkv
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    kpos0 = blk * BS + offs_n  # the first chunk: the whole block when NSUB == 1
-    col0 = (offs_n < BS) & (kpos0 < T)
-    kv0 = col0[:, None] & d_ok[None, :]
-    # kept in the input dtype for the tensor-core dots (half the registers of fp32), fp32 otherwise
-    k0 = tl.load(
-        k_ptr + b * skb + hk * skh + kpos0[:, None] * skt + offs_d[None, :] * skd, mask=kv0, other=0.0
-    )  # [BN, BD]
-    v0 = tl.load(
-        v_ptr + b * svb + hk * svh + kpos0[:, None] * svt + offs_d[None, :] * svd, mask=kv0, other=0.0
-    )
-    if not LOWP_DOT:
-        k0 = k0.to(tl.float32)
-        v0 = v0.to(tl.float32)
-    seg = pid_bh * NB + blk
-    lst_lo = tl.load(start_ptr + seg)
-    lst_hi = tl.load(start_ptr + seg + 1)
-    for t0 in range(lst_lo, lst_hi, BLOCK_M):
-        offs_t = t0 + tl.arange(0, BLOCK_M)
-        t_ok = offs_t < lst_hi
-        ent = tl.load(list_ptr + offs_t, mask=t_ok, other=0).to(tl.int64)  # [BM] t * TOP_K + slot
-        qi = ent // TOP_K  # query positions
-        qd_mask = t_ok[:, None] & d_ok[None, :]
-        for g in range(0, G):
-            h = hk * G + g
-            qq = tl.load(
-                q_ptr + b * sqb + h * sqh + qi[:, None] * sqt + offs_d[None, :] * sqd, mask=qd_mask, other=0.0
-            ).to(tl.float32)  # [BM, BD] gathered query rows
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # log2-domain running max
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            for sb in range(0, NSUB):
-                if NSUB == 1:
-                    kk = k0
-                    vv = v0
-                    kpos = kpos0
-                    col_ok = col0
-                else:
-                    offs_in = sb * BLOCK_N + offs_n
-                    kpos = blk * BS + offs_in
-                    col_ok = (offs_in < BS) & (kpos < T)
-                    kv_mask = col_ok[:, None] & d_ok[None, :]
-                    kk = tl.load(
-                        k_ptr + b * skb + hk * skh + kpos[:, None] * skt + offs_d[None, :] * skd,
-                        mask=kv_mask,
-                        other=0.0,
-                    )
-                    vv = tl.load(
-                        v_ptr + b * svb + hk * svh + kpos[:, None] * svt + offs_d[None, :] * svd,
-                        mask=kv_mask,
-                        other=0.0,
-                    )
-                    if not LOWP_DOT:
-                        kk = kk.to(tl.float32)
-                        vv = vv.to(tl.float32)
-                if LOWP_DOT:
-                    s = tl.dot(qq.to(k_ptr.dtype.element_ty), tl.trans(kk))
-                else:
-                    s = tl.dot(qq, tl.trans(kk), input_precision="ieee")  # [BM, BN]
-                s = s * qk_scale
-                # the block's candidate keys only (a selected block may reach into the window)
-                vis = t_ok[:, None] & col_ok[None, :] & (kpos[None, :] <= qi[:, None] - W)
-                s = tl.where(vis, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(s - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                if LOWP_DOT:
-                    pv = tl.dot(p.to(v_ptr.dtype.element_ty), vv)
-                else:
-                    pv = tl.dot(p, vv, input_precision="ieee")
-                acc = acc * alpha[:, None] + pv
-                m_i = m_new
-            l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-            lse_p = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
-            part = ((b * Hq + h) * T) * TOP_K + ent  # [BM] the (query head, query, slot) of each row
-            tl.store(op_ptr + part[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=qd_mask)
-            tl.store(lsep_ptr + part, lse_p, mask=t_ok)
-
-
-@triton.jit
-def match_fwd_merge_kernel(
-    ow_ptr,  # [B, Hq, T, D] fp32 window output (contiguous)
-    lse_ptr,  # [B, Hq, T] fp32 window lse (contiguous)
-    lse_j_ptr,  # [B, Hq, T] fp32 joint lse (joint only, contiguous; a buffer of its own: a row's lse may be
-    # loaded by several warps, so an in-place write could overtake another warp's load)
-    op_ptr,  # [B, Hq, T, TOP_K, D] fp32 partial outputs (contiguous; read only where the slot is filled)
-    lsep_ptr,  # [B, Hq, T, TOP_K] fp32 partial lse (contiguous; read only where the slot is filled)
-    idx_ptr,  # [B, Hkv, T, TOP_K] int64 selection (contiguous), -1 = empty slot
-    gate_ptr,  # [B, Hq, T] fp32 gate logits (contiguous; gated only)
-    o_ptr,  # [B, Hq, T, D] output, input dtype
-    lse_r_ptr,  # [B, Hq, T] fp32 retrieved-part lse, -inf where empty (gated only)
-    or_ptr,  # [B, Hq, T, D] fp32 retrieved output, 0 where empty (gated only, contiguous)
-    sob,
-    soh,
-    sot,
-    sod,
-    Hq,
-    G,
-    T,
-    D,
-    TOP_K,
-    GATED: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Merge of the window part and the per-slot partials, one program per (query tile, batch, query head),
-    slots in order (deterministic): a running (max, sum, accumulator) over log-sum-exps. Joint: the window
-    part starts the running sum (lse_W is finite: the window holds the query); gated: the slots alone give
-    (o_R, lse_R), mixed with o_W by the gate where R is non-empty."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // G
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < T
-    d_ok = offs_d < D
-    qd_mask = row_ok[:, None] & d_ok[None, :]
-    stat = pid_bh * T + offs_m
-    o_w = tl.load(ow_ptr + stat[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-    lse_w = tl.load(lse_ptr + stat, mask=row_ok, other=0.0)
-    if GATED:
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_s = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    else:
-        m = lse_w
-        l_s = tl.full([BLOCK_M], 1.0, tl.float32)
-        acc = o_w
-    idx_row = idx_ptr + ((b * (Hq // G) + hk) * T + offs_m) * TOP_K
-    for slot in range(0, TOP_K):
-        filled = tl.load(idx_row + slot, mask=row_ok, other=-1) >= 0
-        part = stat * TOP_K + slot
-        lse_s = tl.load(lsep_ptr + part, mask=filled, other=float("-inf"))
-        o_s = tl.load(
-            op_ptr + part[:, None] * D + offs_d[None, :], mask=filled[:, None] & d_ok[None, :], other=0.0
+    """Block-major retrieved part of the forward: one program per work item (at most ITEM consecutive
+    entries of one selected block's list in the reverse index). The block's keys and values are loaded once
+    (``NSUB == 1``; else its ``NSUB`` chunks of ``BLOCK_N`` keys are walked for every query tile); the listed
+    queries come in tiles of ``BLOCK_M``, for each of the G query heads of the group. Two passes:
+      * ``ACCUM = False``: the block's log-sum-exp for each listed (query head, query, slot) -> lse_part
+        (natural log; -inf if no key is visible: never for a selected block, whose first key is a
+        candidate, but guarded: no NaN);
+      * ``ACCUM = True``: the block's contribution ``exp(S - L) V`` normalised by the row's final lse ``L``
+        (given: the softmax the block joins), atomically added to the row's fp32 output accumulator.
+    No per-slot output buffer: extra memory O(B H_q T (D + TOP_K)). Expected cost: the block's 2 BS D key /
+    value elements loaded once per item and pass and amortised over its n listed queries; per listed query
+    G gathered query rows per pass; tensor-core work 2 G n BS D flops (lse pass) + 4 G n BS D (accumulate)."""
+    it = tl.program_id(0).to(tl.int64)
+    seg = tl.load(item_ptr + it)
+    lst_lo = tl.load(item_ptr + NI + it)
+    lst_hi = tl.load(item_ptr + 2 * NI + it)
+    if lst_lo < lst_hi:
+        blk = seg % NB
+        pid_bh = seg // NB
+        b = pid_bh // Hkv
+        hk = pid_bh % Hkv
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        kpos0 = blk * BS + offs_n  # the first chunk: the whole block when NSUB == 1
+        col0 = (offs_n < BS) & (kpos0 < T)
+        kv0 = col0[:, None] & d_ok[None, :]
+        # kept in the input dtype for the tensor-core dots (half the registers of fp32), fp32 otherwise
+        k0 = tl.load(
+            k_ptr + b * skb + hk * skh + kpos0[:, None] * skt + offs_d[None, :] * skd, mask=kv0, other=0.0
+        )  # [BN, BD]
+        v0 = tl.load(  # the lse pass reads no values
+            v_ptr + b * svb + hk * svh + kpos0[:, None] * svt + offs_d[None, :] * svd,
+            mask=kv0 & ACCUM,
+            other=0.0,
         )
-        m_new = tl.maximum(m, lse_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        beta = tl.exp(lse_s - m_safe)  # 0 for an empty slot
-        l_s = l_s * alpha + beta
-        acc = acc * alpha[:, None] + beta[:, None] * o_s
-        m = m_new
-    has = l_s > 0.0
-    l_safe = tl.where(has, l_s, 1.0)
-    merged = acc / l_safe[:, None]
-    lse_m = tl.where(has, m + tl.log(l_safe), float("-inf"))
-    if GATED:
-        g = tl.sigmoid(tl.load(gate_ptr + stat, mask=row_ok, other=0.0))
-        out = tl.where(has[:, None], g[:, None] * merged + (1.0 - g[:, None]) * o_w, o_w)
-        tl.store(lse_r_ptr + stat, lse_m, mask=row_ok)
-        tl.store(or_ptr + stat[:, None] * D + offs_d[None, :], merged, mask=qd_mask)
-    else:
-        out = merged
-        tl.store(lse_j_ptr + stat, lse_m, mask=row_ok)
-    tl.store(
-        o_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod,
-        out.to(o_ptr.dtype.element_ty),
-        mask=qd_mask,
-    )
-
-
-@triton.jit
-def match_dq_merge_kernel(
-    dqw_ptr,  # [B, Hq, T, D] fp32 window dq, times scale (contiguous)
-    dqp_ptr,  # [B, Hq, T, TOP_K, NSUB, D] fp32 retrieved dq partials (contiguous; read where filled)
-    idx_ptr,  # [B, Hkv, T, TOP_K] int64 selection (contiguous)
-    dq_ptr,  # [B, Hq, T, D] dq output, input dtype (contiguous)
-    Hq,
-    G,
-    T,
-    D,
-    TOP_K,
-    NSUB,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """dq = dq_W + sum over the filled slots and the chunks of dq_part, in a fixed order (deterministic)."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // Hq
-    hk = (pid_bh % Hq) // G
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < T
-    d_ok = offs_d < D
-    qd_mask = row_ok[:, None] & d_ok[None, :]
-    stat = pid_bh * T + offs_m
-    dq = tl.load(dqw_ptr + stat[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-    idx_row = idx_ptr + ((b * (Hq // G) + hk) * T + offs_m) * TOP_K
-    for slot in range(0, TOP_K):
-        filled = tl.load(idx_row + slot, mask=row_ok, other=-1) >= 0
-        for sub in range(0, NSUB):
-            part = (stat * TOP_K + slot) * NSUB + sub
-            dq += tl.load(
-                dqp_ptr + part[:, None] * D + offs_d[None, :], mask=filled[:, None] & d_ok[None, :], other=0.0
-            )
-    tl.store(dq_ptr + stat[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qd_mask)
+        if not LOWP_DOT:
+            k0 = k0.to(tl.float32)
+            v0 = v0.to(tl.float32)
+        for t0 in range(lst_lo, lst_hi, BLOCK_M):
+            offs_t = t0 + tl.arange(0, BLOCK_M)
+            t_ok = offs_t < lst_hi
+            ent = tl.load(list_ptr + offs_t, mask=t_ok, other=0).to(tl.int64)  # [BM] t * TOP_K + slot
+            qi = ent // TOP_K  # query positions
+            qd_mask = t_ok[:, None] & d_ok[None, :]
+            for g in range(0, G):
+                h = hk * G + g
+                stat = (b * Hq + h) * T + qi  # [BM] the (query head, query) of each row
+                qq = tl.load(
+                    q_ptr + b * sqb + h * sqh + qi[:, None] * sqt + offs_d[None, :] * sqd,
+                    mask=qd_mask,
+                    other=0.0,
+                ).to(tl.float32)  # [BM, BD] gathered query rows
+                if ACCUM:
+                    lse_t = tl.load(lset_ptr + stat, mask=t_ok, other=0.0)
+                    # a row with no visible retrieved key has L = -inf: its contributions are 0, not NaN
+                    lse2 = tl.where(lse_t == float("-inf"), float("inf"), lse_t * LOG2E)
+                    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                else:
+                    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # log2-domain running max
+                    l_i = tl.zeros([BLOCK_M], tl.float32)
+                for sb in range(0, NSUB):
+                    if NSUB == 1:
+                        kk = k0
+                        vv = v0
+                        kpos = kpos0
+                        col_ok = col0
+                    else:
+                        offs_in = sb * BLOCK_N + offs_n
+                        kpos = blk * BS + offs_in
+                        col_ok = (offs_in < BS) & (kpos < T)
+                        kv_mask = col_ok[:, None] & d_ok[None, :]
+                        kk = tl.load(
+                            k_ptr + b * skb + hk * skh + kpos[:, None] * skt + offs_d[None, :] * skd,
+                            mask=kv_mask,
+                            other=0.0,
+                        )
+                        vv = tl.load(
+                            v_ptr + b * svb + hk * svh + kpos[:, None] * svt + offs_d[None, :] * svd,
+                            mask=kv_mask & ACCUM,
+                            other=0.0,
+                        )
+                        if not LOWP_DOT:
+                            kk = kk.to(tl.float32)
+                            vv = vv.to(tl.float32)
+                    if LOWP_DOT:
+                        s = tl.dot(qq.to(k_ptr.dtype.element_ty), tl.trans(kk))
+                    else:
+                        s = tl.dot(qq, tl.trans(kk), input_precision="ieee")  # [BM, BN]
+                    s = s * qk_scale
+                    # the block's candidate keys only (a selected block may reach into the window)
+                    vis = t_ok[:, None] & col_ok[None, :] & (kpos[None, :] <= qi[:, None] - W)
+                    s = tl.where(vis, s, float("-inf"))
+                    if ACCUM:
+                        p = tl.exp2(s - lse2[:, None])
+                        if LOWP_DOT:
+                            acc += tl.dot(p.to(v_ptr.dtype.element_ty), vv)
+                        else:
+                            acc += tl.dot(p, vv, input_precision="ieee")
+                    else:
+                        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+                        m_i = m_new
+                if ACCUM:
+                    tl.atomic_add(oacc_ptr + stat[:, None] * D + offs_d[None, :], acc, mask=qd_mask)
+                else:
+                    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+                    lse_p = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+                    tl.store(lsep_ptr + stat * TOP_K + ent % TOP_K, lse_p, mask=t_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1170,20 +1074,50 @@ def reverse_index(idx, T, block_size):
     ``s = (b * H_kv + h) * NB + blk``, ``NB = ceil(T / block_size)``, in ascending query order (a query
     selects a block at most once, so the order is strict: deterministic); int32 (int64 if T_q K >= 2^31),
     starts int64. The slot lets a block-major kernel write a per-(query, slot) result to a place of its
-    own. One sort of the filled (query, slot) pairs."""
+    own. One sort of every (query, slot) pair, the empty slots (-1) keyed to a segment after the last, so
+    no shape depends on the data: built on the device without a host synchronisation (``entries`` has
+    ``B H_kv T_q K`` elements; those past ``starts[-1]`` are the empty slots, never read)."""
     B, Hkv, TQ, K = idx.shape
     NB = triton.cdiv(T, block_size)
     n = TQ * K
     dev = idx.device
+    n_seg = B * Hkv * NB
     seg = torch.arange(B * Hkv, device=dev, dtype=torch.int64).view(B, Hkv, 1, 1) * NB + idx
+    seg = torch.where(idx >= 0, seg, n_seg)
     key = seg * n + torch.arange(n, device=dev, dtype=torch.int64).view(1, 1, TQ, K)
-    key = torch.sort(key[idx >= 0]).values
+    key = torch.sort(key.reshape(-1)).values
     entries = (key % n).to(torch.int32 if n < 2**31 else torch.int64)
-    bounds = torch.arange(B * Hkv * NB + 1, device=dev, dtype=torch.int64)
+    bounds = torch.arange(n_seg + 1, device=dev, dtype=torch.int64)
     starts = torch.searchsorted(key // n, bounds)
     if entries.numel() == 0:  # a valid pointer for the kernel (never read: every list is empty)
         entries = torch.zeros(1, dtype=torch.int32, device=dev)
     return entries, starts
+
+
+def work_items(starts, n_entries, item):
+    """The block lists of the reverse index cut into work items of at most ``item`` entries: int64
+    ``[3, NI]`` rows (segment, first list offset, end list offset), one kernel program per item, so a block
+    that most queries select (an attention sink) is spread over many programs instead of running serially
+    in one. ``NI = ceil(n_entries / item) + n_segments`` bounds the item count without reading it on the
+    host (static shapes, no synchronisation); the items past the real ones are empty (first = end = 0)
+    and their programs return at once."""
+    n_seg = starts.numel() - 1
+    dev = starts.device
+    cnt = (starts[1:] - starts[:-1] + item - 1) // item  # items per segment
+    cum = torch.cumsum(cnt, 0)
+    NI = triton.cdiv(max(n_entries, 1), item) + n_seg
+    i = torch.arange(NI, device=dev, dtype=torch.int64)
+    seg = torch.searchsorted(cum, i, right=True).clamp_(max=n_seg - 1)
+    lo = starts[seg] + (i - (cum[seg] - cnt[seg])) * item
+    hi = torch.minimum(lo + item, starts[seg + 1])
+    real = i < cum[-1]
+    zero = torch.zeros_like(lo)
+    return torch.stack([seg, torch.where(real, lo, zero), torch.where(real, hi, zero)]).contiguous()
+
+
+def _reverse(idx, T, block_size):  # (entries, work items) of a selection: built once, saved for the backward
+    entries, starts = reverse_index(idx, T, block_size)
+    return entries, work_items(starts, idx.numel(), WORK_ITEM)
 
 
 def _block_major(block_size, top_k):
@@ -1204,124 +1138,116 @@ def _block_tiles(q, block_size):
     return (64 if big else 32), bn, triton.cdiv(block_size, bn)
 
 
-def _fwd_block_major(q, k, v, idx, gate, *, window, block_size, gated, scale, tiles=None):
-    """Training forward (T_q = T_k) with the block-major retrieved part; returns what ``_fwd`` returns.
-    1. window part: ``match_fwd_kernel`` without retrieval (TOP_K = 0), writing its output in fp32 (o_W)
-       and lse_W; 2. ``match_fwd_blocks_kernel``: per (selected block, batch, kv head) the partial attention
-       of every listed (query head, query, slot) -> o_part [B, H_q, T, K, D], lse_part [B, H_q, T, K] (fp32;
-       unselected slots are never written nor read); 3. ``match_fwd_merge_kernel``: o, lse (joint) or o,
-       lse_R, o_R (gated) from the parts."""
+def _signed(q, scale):  # fast/attention.py's kernels take scale >= 0: S = scale q.k = (-scale) (-q).k
+    return (q, float(scale)) if scale >= 0 else (-q, -float(scale))
+
+
+def _window_fwd(q, k, v, window, scale):
+    """The window part of the training forward: ``fast/attention.py``'s tuned sliding-window forward kernel
+    (the same loop, tiles and numerics as ``flash_attention``), writing o_W in fp32 and lse_W (natural
+    log; the kernel's is in log2 units)."""
     B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
-    top_k = idx.shape[-1]
-    dev = q.device
-    o_w = empty((B, Hq, T, D), dtype=torch.float32, device=dev)
-    lse = empty((B, Hq, T), dtype=torch.float32, device=dev)
-    BM, BN, BR, warps = tiles or _tiles(q)
-    no_idx = torch.zeros(1, dtype=torch.int64, device=dev)  # TOP_K = 0: never read
-    match_fwd_kernel[(triton.cdiv(T, BM), B * Hq)](
-        q,
+    W = min(window, T)
+    qs, sc = _signed(q, scale)
+    o_w = empty((B, Hq, T, D), dtype=torch.float32, device=q.device)
+    lse2 = empty((B, Hq, T), dtype=torch.float32, device=q.device)
+    attention_fwd_kernel[lambda meta: (B * Hq, triton.cdiv(T, meta["BLOCK_M"]))](
+        qs,
         k,
         v,
-        no_idx,
-        lse,
         o_w,
-        lse,
-        lse,
-        lse,
-        lse,
-        *q.stride(),
+        lse2,
+        *qs.stride(),
         *k.stride(),
         *v.stride(),
         *o_w.stride(),
         Hq,
-        Hq // Hkv,
+        Hq // k.shape[1],
         T,
-        T,
-        0,
         D,
-        window,
-        block_size,
-        float(scale) * LOG2E.value,
-        TOP_K=0,
-        GATED=False,
-        STORE_PARTS=False,
+        W,
+        sc,
+        _t_bucket(T, W),
+        IS_CAUSAL=True,
+        HAS_WINDOW=W < T,
         LOWP_DOT=_lowp(q),
-        BLOCK_M=BM,
-        BLOCK_N=BN,
-        BLOCK_R=2,
         BLOCK_D=_block_d(D),
-        num_warps=warps,
     )
-    entries, starts = reverse_index(idx, T, block_size)
+    return o_w, lse2.mul_(LN2.value)
+
+
+def _fwd_block_major(q, k, v, idx, gate, *, window, block_size, gated, scale, tiles=None, rev=None):
+    """Training forward (T_q = T_k) with the block-major retrieved part; returns what ``_fwd`` returns.
+    ``rev``: the selection's (entries, work items) (``_reverse``). 1. window part: sliding-window
+    attention's forward kernel (``fast/attention.py``, ``_window_fwd``), its output in fp32 (o_W) and lse_W;
+    2. ``match_fwd_blocks_kernel``
+    (lse pass): per work item, the block lse of every listed (query head, query, slot) -> lse_part
+    [B, H_q, T, K] (-inf in the empty slots); the retrieved part's lse and the joint lse follow from it;
+    3. ``match_fwd_blocks_kernel`` (accumulate pass): each block's contribution, normalised by the final
+    lse, atomically added to the fp32 output (joint: started as ``e^{lse_W - lse} o_W``; gated: o_R from 0).
+    Extra memory O(B H_q T (D + K)): no per-slot outputs."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    top_k = idx.shape[-1]
+    dev = q.device
+    o_w, lse = _window_fwd(q, k, v, window, scale)
+    entries, items = rev
     NB = triton.cdiv(T, block_size)
+    NI = items.shape[1]
     BM_L, BN_L, NSUB = _block_tiles(q, block_size)
-    o_part = empty((B, Hq, T, top_k, D), dtype=torch.float32, device=dev)
-    lse_part = empty((B, Hq, T, top_k), dtype=torch.float32, device=dev)
-    # 8 warps: with 4 the fp32 D = 128 tile spilled 1.9 KB per thread, with 8 at most 64 B
-    # (kernel_stats --match)
-    match_fwd_blocks_kernel[(NB, B * Hkv)](
-        q,
-        k,
-        v,
-        entries,
-        starts,
-        o_part,
-        lse_part,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        Hq,
-        Hkv,
-        Hq // Hkv,
-        T,
-        D,
-        window,
-        block_size,
-        NB,
-        top_k,
-        float(scale) * LOG2E.value,
-        NSUB=NSUB,
-        LOWP_DOT=_lowp(q),
-        BLOCK_M=BM_L,
-        BLOCK_N=BN_L,
-        BLOCK_D=_block_d(D),
-        num_warps=8,
-    )
-    o = empty((B, Hq, T, D), dtype=q.dtype, device=dev)
-    if gated:
-        lse_r = empty((B, Hq, T), dtype=torch.float32, device=dev)
-        o_r = empty((B, Hq, T, D), dtype=torch.float32, device=dev)
-        gate = gate.float().contiguous()
-    else:
-        lse_r = o_r = gate = lse  # unused pointers
-    lse_j = lse if gated else empty((B, Hq, T), dtype=torch.float32, device=dev)
-    BM_M = 64 if is_interpreting() else 32
-    match_fwd_merge_kernel[(triton.cdiv(T, BM_M), B * Hq)](
-        o_w,
-        lse,
-        lse_j,
-        o_part,
-        lse_part,
-        idx,
-        gate,
-        o,
-        lse_r,
-        o_r,
-        *o.stride(),
-        Hq,
-        Hq // Hkv,
-        T,
-        D,
-        top_k,
-        GATED=gated,
-        BLOCK_M=BM_M,
-        BLOCK_D=_block_d(D),
-        num_warps=4,
-    )
-    if not gated:  # as _fwd: joint saves o and the joint lse only
-        lse = lse_r = o_w = o_r = lse_j
-    return o, lse, lse_r, o_w, o_r
+    G = Hq // Hkv
+    lse_part = torch.full((B, Hq, T, top_k), float("-inf"), dtype=torch.float32, device=dev)
+
+    def blocks(lse_part, lse_target, acc, accum):
+        # 8 warps: with 4 the fp32 D = 128 tile spilled 1.9 KB per thread, with 8 at most 64 B
+        # (kernel_stats --match)
+        match_fwd_blocks_kernel[(NI,)](
+            q,
+            k,
+            v,
+            entries,
+            items,
+            lse_part,
+            lse_target,
+            acc,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            Hq,
+            Hkv,
+            G,
+            T,
+            D,
+            window,
+            block_size,
+            NB,
+            NI,
+            top_k,
+            float(scale) * LOG2E.value,
+            NSUB=NSUB,
+            ACCUM=accum,
+            LOWP_DOT=_lowp(q),
+            BLOCK_M=BM_L,
+            BLOCK_N=BN_L,
+            BLOCK_D=_block_d(D),
+            num_warps=8,
+        )
+
+    blocks(lse_part, lse_part, lse_part, False)  # pass 1: every (query head, query, slot)'s block lse
+    lse_r = torch.logsumexp(lse_part, -1)  # the retrieved part's lse, -inf where nothing is retrieved
+    del lse_part
+    if gated:  # o_R = sum over the slots of e^{S - lse_R} V; o = g o_R + (1 - g) o_W where R is non-empty
+        o_r = torch.zeros((B, Hq, T, D), dtype=torch.float32, device=dev)
+        blocks(lse_r, lse_r, o_r, True)
+        g = torch.sigmoid(gate.float())[..., None]
+        has = torch.isfinite(lse_r)[..., None]
+        o = torch.where(has, g * o_r + (1.0 - g) * o_w, o_w).to(q.dtype)
+        return o, lse, lse_r, o_w, o_r
+    # joint: one softmax over both parts; o = e^{lse_W - lse} o_W + sum over the slots of e^{S - lse} V
+    lse_j = torch.logaddexp(lse, lse_r)  # lse_W is finite: the window holds the query
+    acc = o_w.mul_(torch.exp(lse - lse_j)[..., None])
+    blocks(lse_j, lse_j, acc, True)
+    return acc.to(q.dtype), lse_j, lse_j, lse_j, lse_j
 
 
 def _bwd(
@@ -1343,6 +1269,7 @@ def _bwd(
     scale,
     block_major=False,
     tiles=None,
+    rev=None,
 ):
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -1367,50 +1294,80 @@ def _bwd(
     stats = stats.contiguous()  # [4, B, Hq, T] fp32
     lowp, BD = _lowp(q), _block_d(D)
     strides = (*q.stride(), *k.stride(), *v.stride())
-    # dq: window and retrieved keys in one kernel (gathered path); block-major: the window keys here into
-    # fp32, the retrieved keys' partials from the dk/dv kernel below, summed by match_dq_merge_kernel
-    dq = empty((B, Hq, T, D), dtype=q.dtype, device=dev)
-    dq_w = empty((B, Hq, T, D), dtype=torch.float32, device=dev) if block_major else dq
-    BM, BN, BR, warps = tiles or _tiles(q)
-    BR = min(BR, max(2, triton.next_power_of_2(max(top_k * block_size, 1))))
-    no_idx = torch.zeros(1, dtype=torch.int64, device=dev)
-    idx_arg = idx if top_k > 0 else no_idx  # never read if empty
-    match_bwd_dq_kernel[(triton.cdiv(T, BM), B * Hq)](
-        q,
-        k,
-        v,
-        do_w,
-        do_r,
-        stats,
-        no_idx if block_major else idx_arg,
-        dq_w,
-        *strides,
-        B,
-        Hq,
-        G,
-        T,
-        D,
-        window,
-        block_size,
-        float(scale),
-        TOP_K=0 if block_major else top_k,
-        GATED=gated and not block_major,
-        LOWP_DOT=lowp,
-        BLOCK_M=BM,
-        BLOCK_N=BN,
-        BLOCK_R=BR,
-        BLOCK_D=BD,
-        num_warps=warps,
-    )
+    # dq: window and retrieved keys in one kernel (gathered path); block-major: the window keys by
+    # fast/attention.py's dq kernel into fp32, to which the dk/dv kernel below adds the retrieved keys' share
+    # atomically. The window part of every sliding-window loop below is sliding-window attention with the
+    # part's own lse (log2 units there), delta and dO
+    W = min(window, T)
+    lse2_w = stats[0] * LOG2E.value
+    qs, sc = _signed(q, scale)
+    if block_major:
+        dq_w = empty((B, Hq, T, D), dtype=torch.float32, device=dev)
+        attention_bwd_dq_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)](
+            qs,
+            k,
+            v,
+            do_w,
+            lse2_w,
+            stats[1],
+            dq_w,
+            *qs.stride(),
+            *k.stride(),
+            *v.stride(),
+            *do_w.stride(),
+            Hq,
+            G,
+            T,
+            D,
+            W,
+            sc,
+            _t_bucket(T, W),
+            IS_CAUSAL=True,
+            HAS_WINDOW=W < T,
+            LOWP_DOT=lowp,
+            BLOCK_D=BD,
+        )
+        if scale < 0:  # the gradient w.r.t. -q
+            dq_w.neg_()
+    else:
+        dq = empty((B, Hq, T, D), dtype=q.dtype, device=dev)
+        BM, BN, BR, warps = tiles or _tiles(q)
+        BR = min(BR, max(2, triton.next_power_of_2(max(top_k * block_size, 1))))
+        no_idx = torch.zeros(1, dtype=torch.int64, device=dev)
+        match_bwd_dq_kernel[(triton.cdiv(T, BM), B * Hq)](
+            q,
+            k,
+            v,
+            do_w,
+            do_r,
+            stats,
+            idx if top_k > 0 else no_idx,  # never read if empty
+            dq,
+            *strides,
+            B,
+            Hq,
+            G,
+            T,
+            D,
+            window,
+            block_size,
+            float(scale),
+            TOP_K=top_k,
+            GATED=gated,
+            LOWP_DOT=lowp,
+            BLOCK_M=BM,
+            BLOCK_N=BN,
+            BLOCK_R=BR,
+            BLOCK_D=BD,
+            num_warps=warps,
+        )
     # dk/dv: window part into fp32 buffers, then the retrieved part through the reverse index
     dk_w = empty((B, Hkv, T, D), dtype=torch.float32, device=dev)
     dv_w = empty((B, Hkv, T, D), dtype=torch.float32, device=dev)
-    # the window part is sliding-window attention with the part's own lse, delta and dO: the tuned, split
-    # dk/dv kernel of fast/attention.py (lse in log2 units there), writing fp32 into dk_w, dv_w
-    W = min(window, T)
-    lse2_w = stats[0] * LOG2E.value
+    # the window part: the tuned, split dk/dv kernel of fast/attention.py, writing fp32 into dk_w, dv_w
+    # (with -q and -scale for a negative scale: dk = scale dS^T q is the same)
     attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](
-        q,
+        qs,
         k,
         v,
         do_w,
@@ -1418,7 +1375,9 @@ def _bwd(
         stats[1],
         dk_w,
         dv_w,
-        *strides,
+        *qs.stride(),
+        *k.stride(),
+        *v.stride(),
         *do_w.stride(),
         Hq,
         Hkv,
@@ -1426,24 +1385,23 @@ def _bwd(
         T,
         D,
         W,
-        float(scale),
+        sc,
         _t_bucket(T, W),
         IS_CAUSAL=True,
         HAS_WINDOW=W < T,
         LOWP_DOT=lowp,
         BLOCK_D=BD,
     )
-    dk = empty((B, Hkv, T, D), dtype=k.dtype, device=dev)
-    dv = empty((B, Hkv, T, D), dtype=v.dtype, device=dev)
-    entries, starts = reverse_index(idx, T, block_size)
+    entries, items = rev if rev is not None else _reverse(idx, T, block_size)
     NB = triton.cdiv(T, block_size)
+    NI = items.shape[1]
     _, BN, NSUB = _block_tiles(q, block_size)
-    BM_L = 64 if is_interpreting() else 32
-    dq_part = empty((B, Hq, T, top_k, NSUB, D), dtype=torch.float32, device=dev) if block_major else dk_w
     # 8 warps, one stage (kernel_stats --match): with 4 warps and 3 stages the block-major variant spilled
     # (480 B bf16, 1.7 KB fp32 at D = 128) and serialized its wgmma (C7515); the listed queries are
-    # gathered rows, which the software pipeline does not prefetch well anyway
-    match_bwd_dkdv_kernel[(NB * NSUB, B * Hkv)](
+    # gathered rows, which the software pipeline does not prefetch well anyway. fp32 at D > 64: 16 listed
+    # queries at a time (32 spilled 100 B with the atomic dq tile, 255 registers)
+    BM_L = 64 if is_interpreting() else (16 if not lowp and D > 64 else 32)
+    match_bwd_dkdv_kernel[(NI * NSUB,)](
         q,
         k,
         v,
@@ -1451,12 +1409,10 @@ def _bwd(
         stats[2],
         stats[3],
         entries,
-        starts,
+        items,
         dk_w,
         dv_w,
-        dk,
-        dv,
-        dq_part,
+        dq_w if block_major else dk_w,
         *strides,
         Hq,
         Hkv,
@@ -1466,34 +1422,21 @@ def _bwd(
         window,
         block_size,
         NB,
+        NI,
         NSUB,
         max(top_k, 1),
         float(scale),
         LOWP_DOT=lowp,
-        DQ_PART=block_major,
+        DQ_ATOMIC=block_major,
         BLOCK_M=BM_L,
         BLOCK_N=BN,
         BLOCK_D=BD,
         num_warps=8,
         num_stages=1,
     )
+    dk, dv = dk_w.to(k.dtype), dv_w.to(v.dtype)
     if block_major:
-        BM_M = 64 if is_interpreting() else 32
-        match_dq_merge_kernel[(triton.cdiv(T, BM_M), B * Hq)](
-            dq_w,
-            dq_part,
-            idx,
-            dq,
-            Hq,
-            G,
-            T,
-            D,
-            top_k,
-            NSUB,
-            BLOCK_M=BM_M,
-            BLOCK_D=BD,
-            num_warps=4,
-        )
+        dq = dq_w.to(q.dtype)
     return dq, dk, dv, dgate
 
 
@@ -1502,14 +1445,16 @@ class _MatchAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, gate, window, top_k, block_size, gated, scale, tiles, block_major):
         idx = _select(q, k, window=window, top_k=top_k, block_size=block_size, scale=scale)
         block_major = _block_major(block_size, top_k) if block_major is None else block_major and top_k > 0
-        fwd = _fwd_block_major if block_major else _fwd
-        o, lse, lse_r, o_w, o_r = fwd(
-            q, k, v, idx, gate, window=window, block_size=block_size, gated=gated, scale=scale, tiles=tiles
-        )
-        if gated:
-            ctx.save_for_backward(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx)
+        rev = _reverse(idx, k.shape[2], block_size)  # once, on the device; the backward reuses it
+        kw = dict(window=window, block_size=block_size, gated=gated, scale=scale, tiles=tiles)
+        if block_major:
+            o, lse, lse_r, o_w, o_r = _fwd_block_major(q, k, v, idx, gate, **kw, rev=rev)
         else:
-            ctx.save_for_backward(q, k, v, o, lse, idx)
+            o, lse, lse_r, o_w, o_r = _fwd(q, k, v, idx, gate, **kw)
+        if gated:
+            ctx.save_for_backward(q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, *rev)
+        else:
+            ctx.save_for_backward(q, k, v, o, lse, idx, *rev)
         ctx.cfg = (window, block_size, gated, scale, block_major, tiles)
         return o
 
@@ -1517,9 +1462,9 @@ class _MatchAttention(torch.autograd.Function):
     def backward(ctx, do):
         window, block_size, gated, scale, block_major, tiles = ctx.cfg
         if gated:
-            q, k, v, o, lse, lse_r, o_w, o_r, gate, idx = ctx.saved_tensors
+            q, k, v, o, lse, lse_r, o_w, o_r, gate, idx, *rev = ctx.saved_tensors
         else:
-            q, k, v, o, lse, idx = ctx.saved_tensors
+            q, k, v, o, lse, idx, *rev = ctx.saved_tensors
             lse_r = o_w = o_r = gate = None
         dq, dk, dv, dgate = _bwd(
             q,
@@ -1539,6 +1484,7 @@ class _MatchAttention(torch.autograd.Function):
             scale=scale,
             block_major=block_major,
             tiles=tiles,
+            rev=rev,
         )
         if dgate is not None:
             dgate = dgate.to(gate.dtype)

@@ -24,3 +24,31 @@ def test_match_benchmark_quick_cpu():
 def test_fit_exponent_recovers_a_power_law():
     ts = [1024, 2048, 4096, 8192]
     assert abs(bench.fit_exponent(ts, [3e-6 * t**1.5 for t in ts]) - 1.5) < 1e-12
+
+
+def test_the_cost_model_counts_what_the_kernels_do(capsys):
+    from benchmarks import match_cost as mc
+
+    rows = {r["kernel"]: r for r in mc.match_step(1, 4, 2, 4096, 64, 256, 4, 32)}
+    rows8 = {r["kernel"]: r for r in mc.match_step(1, 4, 2, 4096, 64, 256, 8, 32)}
+    # the retrieved part's tensor-core work: 2 (lse) + 4 (accumulate) + 10 (backward) flops per listed
+    # (query head, query, slot) x block x D
+    listed = 1 * 4 * 4096 * 4
+    assert rows["blocks: lse pass"]["flops"] == 2 * listed * 32 * 64
+    assert rows["blocks: accumulate pass (atomic)"]["flops"] == 4 * listed * 32 * 64
+    assert rows["blocks: dk/dv + dq (atomic)"]["flops"] == 10 * listed * 32 * 64
+    for name in ("blocks: lse pass", "blocks: accumulate pass (atomic)", "blocks: dk/dv + dq (atomic)"):
+        assert rows8[name]["flops"] == 2 * rows[name]["flops"]  # linear in top_k
+    # the window part is the sliding-window kernel's: the same rows as the baseline
+    assert rows["window fwd (o_W fp32)"]["flops"] == mc.window_parts(1, 4, 2, 4096, 64, 256)[0]["flops"]
+    # extra memory: per extra slot a few bytes of index, not a D-vector
+    grow = [
+        (mc.extra_memory(1, 4, 4, 4096, D, 16, 32) - mc.extra_memory(1, 4, 4, 4096, D, 8, 32))
+        / (4 * 4096 * 8)
+        for D in (64, 128)
+    ]
+    assert grow[0] == grow[1] and 0 < grow[0] < 64
+    s = mc.print_report(1, 16, 16, 32768, 64, 512, 8, 64)
+    out = capsys.readouterr().out
+    assert "MATCH total" in out and s["match_over_swa"] > 1 and s["sdpa_over_match"] > 1
+    assert abs(s["match_ms"] - sum(r["ms"] for r in mc.match_step(1, 16, 16, 32768, 64, 512, 8, 64))) < 1e-9
