@@ -52,8 +52,9 @@ Kernels and design choices
    by ``sigmoid(gate_logit)`` in the epilogue (``o = o_W`` where nothing is retrieved). exp2 with
    ``scale * log2(e)`` folded into the logits, fp32 accumulation, fully masked rows guarded (no NaN).
    Block-major path (MoBA-style, "per selected block, the queries that selected it"):
-     * ``match_fwd_kernel`` without retrieval (``TOP_K = 0``) writes the window output in fp32 (o_W) and
-       lse_W;
+     * the window part is sliding-window attention: ``fast/attention.py``'s tuned forward kernel (one copy
+       of the loop and its online softmax for both ops; ``-q, -scale`` for a negative scale) writes the
+       window output in fp32 (o_W) and lse_W;
      * the **reverse index** (``reverse_index``: CSR lists built with one torch sort, for every (batch, kv
        head, block) the entries ``t * K + slot`` of the queries that selected it, ascending) is cut into
        **work items** of at most ``WORK_ITEM`` (256) entries (``work_items``): one program per item, so a
@@ -89,8 +90,9 @@ Kernels and design choices
    ``c_W = 1 - c_R``, and ``d gate_logit = g (1 - g) rowsum(dO (O_R - O_W))`` (0 where R is empty). Then
      * ``match_bwd_dq_kernel``, per (query tile, query head): the window keys by key blocks (tensor-core
        ``tl.dot``, the forward's loop bounds), then (gathered path) the row's retrieved keys with the
-       forward's gathered tiles; writes dq once. Block-major path: the window keys only (``TOP_K = 0``,
-       fp32 dq_W); the retrieved part's dq comes from ``match_bwd_dkdv_kernel`` below;
+       forward's gathered tiles; writes dq once. Block-major path: the window part is
+       ``fast/attention.py``'s dq kernel with the part's own lse, delta and dO (fp32 dq_W); the retrieved
+       part's dq comes from ``match_bwd_dkdv_kernel`` below;
      * the window part of dk/dv is sliding-window attention's backward with the part's own ``dO_W``,
        ``L_W`` and ``delta_W``: ``fast/attention.py``'s dk/dv kernel (per key block and kv head, the G
        query heads summed in the program, masked edge blocks and unmasked interior ones, its tuned
