@@ -19,6 +19,8 @@ import argparse
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -120,12 +122,26 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--rep", type=int, default=3)
     ap.add_argument(
+        "--impls",
+        nargs="+",
+        default=["unfused", "fused"],
+        choices=["unfused", "fused"],
+        help="leave one out where it cannot run (e.g. unfused MGSR beyond the machine's memory)",
+    )
+    ap.add_argument(
         "--peak-rss", nargs=5, metavar=("IMPL", "OBJECTIVE", "N", "H", "V"), help=argparse.SUPPRESS
+    )
+    ap.add_argument(
+        "--cpu-time", nargs=6, metavar=("IMPL", "OBJECTIVE", "N", "H", "V", "REP"), help=argparse.SUPPRESS
     )
     a = ap.parse_args(argv)
     if a.peak_rss:  # one measurement in this fresh process: print the peak resident growth last
         impl, obj, N, H, V = a.peak_rss
         print(peak_cpu(impl, obj, int(N), int(H), int(V)))
+        return
+    if a.cpu_time:  # likewise the median thread CPU time
+        impl, obj, N, H, V, rep = a.cpu_time
+        print(time_cpu(impl, obj, int(N), int(H), int(V), int(rep)))
         return
     rows = []
     hdr = "| objective | N | H | chunk / piece rows | unfused peak (MiB) | fused peak (MiB) |"
@@ -138,12 +154,20 @@ def main(argv=None) -> None:
             for obj in a.objectives:
                 C = default_chunk_rows(N, a.V, obj)
                 C = f"{C} / {default_loss_rows(C, a.V, obj)}"
-                if a.device == "cpu":
+                if a.device == "cpu":  # each case in a fresh process: a case killed for memory is reported
                     here = os.path.abspath(__file__)
-                    peaks = [
-                        peak_rss_in_subprocess(here, impl, obj, N, H, a.V) for impl in ("unfused", "fused")
-                    ]
-                    times = [time_cpu(impl, obj, N, H, a.V, a.rep) for impl in ("unfused", "fused")]
+                    peaks, times = [], []
+                    for impl in ("unfused", "fused"):
+                        if impl not in a.impls:
+                            peaks.append(None)
+                            times.append(None)
+                            continue
+                        try:
+                            peaks.append(peak_rss_in_subprocess(here, impl, obj, N, H, a.V))
+                            times.append(_time_in_subprocess(here, impl, obj, N, H, a.V, a.rep))
+                        except subprocess.CalledProcessError as err:
+                            peaks.append(f"failed (exit {err.returncode}: out of memory?)")
+                            times.append(None)
                     unit = "s (CPU)"
                 else:
                     dt = torch.bfloat16 if a.dtype == "bf16" else torch.float32
@@ -151,11 +175,33 @@ def main(argv=None) -> None:
                     peaks, times, unit = [r[0] for r in res], [r[1] for r in res], "ms"
                 rows.append((obj, N, H, C, *peaks, *times))
                 print(
-                    f"| {obj} | {N} | {H} | {C} | {peaks[0]:.0f} | {peaks[1]:.0f} | "
-                    f"{peaks[1] / peaks[0]:.2f} | "
-                    f"{times[0]:.3g} {unit} | {times[1]:.3g} {unit} | {times[1] / times[0]:.2f} |",
+                    f"| {obj} | {N} | {H} | {C} | {_fmt(peaks[0], '.0f')} | {_fmt(peaks[1], '.0f')} | "
+                    f"{_ratio(peaks[1], peaks[0])} | {_fmt(times[0], '.3g', unit)} | "
+                    f"{_fmt(times[1], '.3g', unit)} | {_ratio(times[1], times[0])} |",
                     flush=True,
                 )
+
+
+def _fmt(x, spec, unit=""):
+    if x is None:
+        return "not run"
+    if isinstance(x, str):
+        return x
+    return f"{x:{spec}}" + (f" {unit}" if unit else "")
+
+
+def _ratio(a, b):
+    return f"{a / b:.2f}" if isinstance(a, float) and isinstance(b, float) else "-"
+
+
+def _time_in_subprocess(script, impl, obj, N, H, V, rep):
+    out = subprocess.run(
+        [sys.executable, script, "--cpu-time", impl, obj, str(N), str(H), str(V), str(rep)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

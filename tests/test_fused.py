@@ -375,3 +375,17 @@ def test_a_qwen2_shaped_step_at_a_real_vocabulary():
     rec = d.step(1, examples)
     assert math.isfinite(rec["loss"]) and rec["source"] == "gt"
     assert any(not torch.equal(a, b) for a, b in zip(before, models[1].parameters(), strict=True))
+
+
+def test_the_benchmark_script_prints_its_row(capsys):
+    # a smoke run at a tiny vocabulary: each case in a fresh process; an implementation left out reads
+    # "not run" and its ratios "-"
+    from benchmarks.fused_loss import main
+
+    argv = ["--device", "cpu", "--V", "300", "--N", "9", "--H", "16", "--rep", "1"]
+    main([*argv, "--objectives", "mgsr", "--impls", "fused"])
+    row = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| mgsr"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:4] == ["mgsr", "9", "16", "9 / 9"]
+    assert cells[4] == "not run" and float(cells[5]) > 0 and cells[6] == "-" and cells[9] == "-"
+    assert cells[7] == "not run" and cells[8].endswith("s (CPU)")
