@@ -788,6 +788,14 @@ MUTANTS: list[Mutant] = [
         "an accumulated step sums its micro-batch gradients instead of averaging them",
     ),
     M(
+        "driver-generate-reseed",
+        "fast/training/evaluate.py",
+        "            generator=g,\n",
+        "            generator=torch.Generator().manual_seed(seed),\n",
+        "tests/test_drivers_more.py",
+        "sampled evaluation re-seeds its generator for every batch (the batches replay one another)",
+    ),
+    M(
         "driver-scrg-salt",
         "fast/training/distill.py",
         "_gen(self.cfg, step, self.rank, 4, self.micro)",

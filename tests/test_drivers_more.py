@@ -185,3 +185,19 @@ def test_the_draw_sites_of_one_step_use_different_generators(monkeypatch):
     seeds.clear()
     d.plan(2, examples)  # the next step: two new ones
     assert len(seeds) == 2 and not set(seeds) & set(first)
+
+
+def test_sampled_generation_draws_one_stream_across_batches():
+    # the same prompt four times in batches of two: one generator for the whole set, so the second batch is
+    # not a replay of the first (a generator re-seeded per batch would repeat it); the same seed repeats all
+    from fast.training.evaluate import generate_texts
+    from tiny_models.gpt import EOS, PAD
+    from tiny_models.tasks import decode, prompt_ids
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=96)).eval()
+    prompts = [prompt_ids("reverse: abc")] * 4
+    kw = dict(eos_id=EOS, pad_id=PAD, temperature=1.0, seed=3, batch_size=2, max_new_tokens=12)
+    out = generate_texts(model, prompts, decode, **kw)
+    assert out[:2] != out[2:]
+    assert generate_texts(model, prompts, decode, **kw) == out
