@@ -276,7 +276,8 @@ def _tile_table(triton_version: str) -> dict:
     shapes = {
         "fwd": [(128, 64, 8, 3, _ALL_D), (64, 64, 4, 3, _ALL_D), _FP32_TILE],
         "dkdv": [
-            (32, 64, 4, 2, _ALL_D),
+            (32, 64, 4, 2, (16, 32, 64)),
+            (32, 64, 8, 2, (128,)),  # 4 warps: 224 B spilled at D = 128 in the EVEN_T = 0 variant
             (64, 128, 8, 2, (16, 32, 64)),
             (64, 64, 4, 2, (16, 32, 64)),
             (32, 128, 8, 2, (128,)),
