@@ -241,9 +241,12 @@ print(
 # running max $m$, sum $\ell$ and accumulator continue from the window keys into the retrieved keys, which
 # is the same merge done incrementally. That is the kernel's path for blocks of fewer than 16 keys (the toy's
 # B, 3 by default, the odd shape's B = 4 below, and token retrieval). From 16 keys on, the kernels turn the
-# loop inside out (block-major, as MoBA does): one program per selected block loads its keys once and attends
-# to every query that selected it with tensor-core tiles, writes a partial result per (query, slot), and a
-# merge kernel combines them with the window part by log-sum-exp: `merge_partials` again, done on the GPU.
+# loop inside out (block-major, as MoBA does): one program per selected block (or per slice of its list, when
+# many queries select it) loads its keys once and attends to every query that selected it with tensor-core
+# tiles. Storing a partial result per (query, slot) would cost `K·D` floats per query, so it makes two passes
+# instead: the first finds each slot's log-sum-exp $L_s$, whence the joint $L$ (the merge's denominator, as in
+# `merge_partials`); the second adds each block's $\sum_j e^{s_{ij} - L} v_j$, already normalised, to the
+# output, starting from $e^{L_W - L} o_W$.
 # The per-row path's retrieved loop, in NumPy, for one query row:
 
 # %%
