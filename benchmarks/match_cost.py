@@ -29,6 +29,7 @@ HBM = 3.35e12  # bytes/s
 LAUNCH_S = 4e-6
 GPU_BYTES = 80e9
 WORK_ITEM = 256  # fast.match_triton.WORK_ITEM
+BWD_ACC_BYTES = 2 * 2**30  # fast.match_triton.BWD_ACC_BYTES
 
 
 def _k(name, flops=0.0, bytes_=0.0, launches=1, fp32=False):
@@ -106,11 +107,14 @@ def match_step(B, Hq, Hkv, T, D, w, top_k, bs, es=2):
 
 def extra_memory(B, Hq, Hkv, T, D, top_k, bs):
     """Peak extra bytes of the block-major step beyond q, k, v, o, dO and the gradients (module docstring
-    of fast/match_triton.py): forward o_W, lse_part and the index; backward dq_W, dk_W, dv_W."""
+    of fast/match_triton.py): forward o_W, lse_part and the index; backward dq_W, dk_W, dv_W for as many
+    batch elements at a time as fit in BWD_ACC_BYTES."""
     E = B * Hkv * T * top_k
     index = E * 8 + E * 4 + (math.ceil(E / WORK_ITEM) + B * Hkv * math.ceil(T / bs)) * 24
     fwd = B * Hq * T * D * 4 + B * Hq * T * top_k * 4 + index + E * 8 * 3  # + transient sort keys
-    bwd = index + B * Hq * T * D * 4 + 2 * B * Hkv * T * D * 4 + B * Hq * T * 4 * 5
+    per_b = (Hq + 2 * Hkv) * T * D * 4  # the backward's fp32 accumulators, BWD_ACC_BYTES of batch at a time
+    chunk = max(1, min(B, BWD_ACC_BYTES // per_b))
+    bwd = index + chunk * per_b + B * Hq * T * 4 * 5 + B * Hq * T * D * 2  # + stats, the dO_R copy (gated)
     return max(fwd, bwd)
 
 

@@ -75,10 +75,12 @@ Kernels and design choices
        The saved tensors (o, lse, lse_R, o_W, o_R) are those of the gathered path: the backward formulas
        are shared.
    Memory of the block-major path (forward + backward, beyond the inputs, outputs and gradients): fp32
-   ``[B, H_q, T, D]`` for o_W and dq_W (gated: also o_R), fp32 ``[B, H_kv, T, D]`` for the dk/dv
-   accumulators, and O(B H T K) for the selection (int64), lse_part (fp32) and the reverse index (int32
-   entries, transient int64 sort keys): O(B H T (D + K)), nothing ``K D`` per query (tested: the peak grows
-   by about 4 bytes per extra (query, slot) at D = 128). Expected cost (a model, not a measurement): K, V
+   ``[B, H_q, T, D]`` for o_W (gated: also o_R) in the forward; in the backward fp32 accumulators for dq_W
+   ``[b, H_q, T, D]`` and dk/dv ``[b, H_kv, T, D]``, for ``b`` batch elements at a time (as many as fit in
+   ``BWD_ACC_BYTES``, 2 GiB: 12.9 GB for the whole batch at B8 H32 T32K D128); and O(B H T K) for the
+   selection (int64), lse_part (fp32) and the reverse index (int32 entries, transient int64 sort keys):
+   O(B H T (D + K)), nothing ``K D`` per query (tested: the peak grows by about 4 bytes per extra
+   (query, slot) at D = 128). Expected cost (a model, not a measurement): K, V
    are read once per (work item, pass), amortised over the item's queries; each listed (query, slot) costs
    the gather of G query rows per pass and one atomic add of a D-vector; the scores are computed twice
    (lse pass, accumulate pass). [RECON] alternatives: per-slot partial outputs merged in a fixed order
@@ -98,7 +100,8 @@ Kernels and design choices
        query heads summed in the program, masked edge blocks and unmasked interior ones, its tuned
        tiles), writing fp32 partial dk/dv;
      * ``match_bwd_dkdv_kernel``: the retrieved part of dk/dv through the forward's reverse index and work
-       items. One program per (work item, block chunk) gathers the listed queries in tiles of ``BLOCK_M``
+       items, launched once per chunk of batch elements (the items of other elements return at once).
+       One program per (work item, block chunk) gathers the listed queries in tiles of ``BLOCK_M``
        (tensor-core ``tl.dot`` against the chunk's keys), sums the G query heads and adds its dk/dv to the
        fp32 accumulators holding the window part with ``tl.atomic_add`` (an item is a slice of one block's
        list: several items may share a block). For ``block_size < 16`` the key tile is padded to 16 (masked
@@ -142,6 +145,7 @@ __all__ = [
 MAX_TOP_K = 32  # running top-k lives in registers: [BLOCK_M, next_pow2(top_k)] values + indices
 BLOCK_MAJOR_MIN_BLOCK = 16  # block_size from which the retrieved part is block-major (see _block_major)
 WORK_ITEM = 256  # listed (query, slot) entries per program of the block-major kernels (see work_items)
+BWD_ACC_BYTES = 2 * 2**30  # the backward's fp32 dq/dk/dv accumulators: batch elements at a time (see _bwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,9 +606,9 @@ def match_bwd_dkdv_kernel(
     delta_ptr,  # [B, Hq, T] fp32 rowsum(dO_R * O_R) (contiguous)
     list_ptr,  # [n_entries] int32/int64 entries t * TOP_K + slot, by (batch, kv head, block), ascending
     item_ptr,  # [3, NI] int64 work items: segment (b * Hkv + kv head) * NB + block, first and end list offset
-    dkw_ptr,  # [B, Hkv, T, D] fp32 dk accumulator (contiguous): the window part (times scale), added to
-    dvw_ptr,  # [B, Hkv, T, D] fp32 dv accumulator (contiguous): the window part, added to
-    dq_ptr,  # [B, Hq, T, D] fp32 dq accumulator, times scale (DQ_ATOMIC only, contiguous): added to
+    dkw_ptr,  # [B1 - B0, Hkv, T, D] fp32 dk accumulator (contiguous): the window part (times scale), added to
+    dvw_ptr,  # [B1 - B0, Hkv, T, D] fp32 dv accumulator (contiguous): the window part, added to
+    dq_ptr,  # [B1 - B0, Hq, T, D] fp32 dq accumulator, times scale (DQ_ATOMIC only, contiguous): added to
     sqb,
     sqh,
     sqt,
@@ -629,6 +633,8 @@ def match_bwd_dkdv_kernel(
     NSUB,
     TOP_K,
     scale,
+    B0,
+    B1,  # the batch elements [B0, B1) this launch accumulates (the accumulators hold B1 - B0 of them)
     LOWP_DOT: tl.constexpr,
     DQ_ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -647,10 +653,10 @@ def match_bwd_dkdv_kernel(
     seg = tl.load(item_ptr + it)
     lst_lo = tl.load(item_ptr + NI + it)
     lst_hi = tl.load(item_ptr + 2 * NI + it)
-    if lst_lo < lst_hi:
+    pid_bh = seg // NB
+    b = pid_bh // Hkv
+    if (lst_lo < lst_hi) & (b >= B0) & (b < B1):
         blk = seg % NB
-        pid_bh = seg // NB
-        b = pid_bh // Hkv
         hk = pid_bh % Hkv
         offs_in = sub * BLOCK_N + tl.arange(0, BLOCK_N)  # offsets inside the block
         kpos = blk * BS + offs_in
@@ -712,10 +718,9 @@ def match_bwd_dkdv_kernel(
                         dqt = tl.dot(ds.to(k_ptr.dtype.element_ty), k_dot)
                     else:
                         dqt = tl.dot(ds, k_dot, input_precision="ieee")  # [BM, BD]
-                    tl.atomic_add(
-                        dq_ptr + (stat_base + qi)[:, None] * D + offs_d[None, :], dqt * scale, mask=qd_mask
-                    )
-        out_off = (pid_bh * T + kpos)[:, None] * D + offs_d[None, :]
+                    acc_row = ((b - B0) * Hq + h) * T + qi
+                    tl.atomic_add(dq_ptr + acc_row[:, None] * D + offs_d[None, :], dqt * scale, mask=qd_mask)
+        out_off = (((b - B0) * Hkv + hk) * T + kpos)[:, None] * D + offs_d[None, :]
         tl.atomic_add(dkw_ptr + out_off, dk * scale, mask=kv_mask)
         tl.atomic_add(dvw_ptr + out_off, dv, mask=kv_mask)
 
@@ -1303,36 +1308,10 @@ def _bwd(
     W = min(window, T)
     lse2_w = stats[0] * LOG2E.value
     qs, sc = _signed(q, scale)
-    if block_major:
-        dq_w = empty((B, Hq, T, D), dtype=torch.float32, device=dev)
-        attention_bwd_dq_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)](
-            qs,
-            k,
-            v,
-            do_w,
-            lse2_w,
-            stats[1],
-            dq_w,
-            *qs.stride(),
-            *k.stride(),
-            *v.stride(),
-            *do_w.stride(),
-            Hq,
-            G,
-            T,
-            D,
-            W,
-            sc,
-            _t_bucket(T, W),
-            IS_CAUSAL=True,
-            HAS_WINDOW=W < T,
-            LOWP_DOT=lowp,
-            BLOCK_D=BD,
-        )
-        if scale < 0:  # the gradient w.r.t. -q
-            dq_w.neg_()
-    else:
-        dq = empty((B, Hq, T, D), dtype=q.dtype, device=dev)
+    dk = empty((B, Hkv, T, D), dtype=k.dtype, device=dev)
+    dv = empty((B, Hkv, T, D), dtype=v.dtype, device=dev)
+    dq = empty((B, Hq, T, D), dtype=q.dtype, device=dev)
+    if not block_major:
         BM, BN, BR, warps = tiles or _tiles(q)
         BR = min(BR, max(2, triton.next_power_of_2(max(top_k * block_size, 1))))
         no_idx = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -1363,82 +1342,82 @@ def _bwd(
             BLOCK_D=BD,
             num_warps=warps,
         )
-    # dk/dv: window part into fp32 buffers, then the retrieved part through the reverse index
-    dk_w = empty((B, Hkv, T, D), dtype=torch.float32, device=dev)
-    dv_w = empty((B, Hkv, T, D), dtype=torch.float32, device=dev)
-    # the window part: the tuned, split dk/dv kernel of fast/attention.py, writing fp32 into dk_w, dv_w
-    # (with -q and -scale for a negative scale: dk = scale dS^T q is the same)
-    attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](
-        qs,
-        k,
-        v,
-        do_w,
-        lse2_w,
-        stats[1],
-        dk_w,
-        dv_w,
-        *qs.stride(),
-        *k.stride(),
-        *v.stride(),
-        *do_w.stride(),
-        Hq,
-        Hkv,
-        G,
-        T,
-        D,
-        W,
-        sc,
-        _t_bucket(T, W),
-        IS_CAUSAL=True,
-        HAS_WINDOW=W < T,
-        LOWP_DOT=lowp,
-        BLOCK_D=BD,
-    )
     entries, items = rev if rev is not None else _reverse(idx, T, block_size)
     NB = triton.cdiv(T, block_size)
     NI = items.shape[1]
-    _, BN, NSUB = _block_tiles(q, block_size)
+    _, BN_L, NSUB = _block_tiles(q, block_size)
     # 8 warps, one stage (kernel_stats --match): with 4 warps and 3 stages the block-major variant spilled
     # (480 B bf16, 1.7 KB fp32 at D = 128) and serialized its wgmma (C7515); the listed queries are
     # gathered rows, which the software pipeline does not prefetch well anyway. fp32 at D > 64: 16 listed
     # queries at a time (32 spilled 100 B with the atomic dq tile, 255 registers)
     BM_L = 64 if is_interpreting() else (16 if not lowp and D > 64 else 32)
-    match_bwd_dkdv_kernel[(NI * NSUB,)](
-        q,
-        k,
-        v,
-        do_r,
-        stats[2],
-        stats[3],
-        entries,
-        items,
-        dk_w,
-        dv_w,
-        dq_w if block_major else dk_w,
-        *strides,
-        Hq,
-        Hkv,
-        G,
-        T,
-        D,
-        window,
-        block_size,
-        NB,
-        NI,
-        NSUB,
-        max(top_k, 1),
-        float(scale),
-        LOWP_DOT=lowp,
-        DQ_ATOMIC=block_major,
-        BLOCK_M=BM_L,
-        BLOCK_N=BN,
-        BLOCK_D=BD,
-        num_warps=8,
-        num_stages=1,
-    )
-    dk, dv = dk_w.to(k.dtype), dv_w.to(v.dtype)
-    if block_major:
-        dq = dq_w.to(q.dtype)
+    # the fp32 accumulators (dq_W when block-major, dk_W, dv_W) for as many batch elements at a time as fit
+    # in BWD_ACC_BYTES: at B8 H32 T32K D128 they would be 12.9 GB for the whole batch
+    per_b = ((Hq if block_major else 0) + 2 * Hkv) * T * D * 4
+    chunk = max(1, min(B, BWD_ACC_BYTES // per_b))
+    for b0 in range(0, B, chunk):
+        b1 = min(B, b0 + chunk)
+        nb, sl = b1 - b0, slice(b0, b1)
+        q_c, k_c, v_c, do_c = qs[sl], k[sl], v[sl], do_w[sl]
+        # the window part's arguments, shared by fast/attention.py's dq and dk/dv kernels
+        part = (q_c, k_c, v_c, do_c, lse2_w[sl], stats[1][sl])
+        strides_c = (*q_c.stride(), *k_c.stride(), *v_c.stride(), *do_c.stride())
+        tail = (T, D, W, sc, _t_bucket(T, W))
+        win = dict(IS_CAUSAL=True, HAS_WINDOW=W < T, LOWP_DOT=lowp, BLOCK_D=BD)
+        if block_major:
+            dq_w = empty((nb, Hq, T, D), dtype=torch.float32, device=dev)
+            attention_bwd_dq_kernel[lambda meta, nb=nb: (triton.cdiv(T, meta["BLOCK_M"]), nb * Hq)](
+                *part, dq_w, *strides_c, Hq, G, *tail, **win
+            )
+            if scale < 0:  # the gradient w.r.t. -q
+                dq_w.neg_()
+        # the window part of dk/dv: the tuned, split dk/dv kernel of fast/attention.py, fp32 into dk_w, dv_w
+        # (with -q and -scale for a negative scale: dk = scale dS^T q is the same)
+        dk_w = empty((nb, Hkv, T, D), dtype=torch.float32, device=dev)
+        dv_w = empty((nb, Hkv, T, D), dtype=torch.float32, device=dev)
+        attention_bwd_dkdv_kernel[lambda meta, nb=nb: (triton.cdiv(T, meta["BLOCK_N"]), nb * Hkv)](
+            *part, dk_w, dv_w, *strides_c, Hq, Hkv, G, *tail, **win
+        )
+        # the retrieved part, through the forward's reverse index: the items of batch elements [b0, b1)
+        match_bwd_dkdv_kernel[(NI * NSUB,)](
+            q,
+            k,
+            v,
+            do_r,
+            stats[2],
+            stats[3],
+            entries,
+            items,
+            dk_w,
+            dv_w,
+            dq_w if block_major else dk_w,
+            *strides,
+            Hq,
+            Hkv,
+            G,
+            T,
+            D,
+            window,
+            block_size,
+            NB,
+            NI,
+            NSUB,
+            max(top_k, 1),
+            float(scale),
+            b0,
+            b1,
+            LOWP_DOT=lowp,
+            DQ_ATOMIC=block_major,
+            BLOCK_M=BM_L,
+            BLOCK_N=BN_L,
+            BLOCK_D=BD,
+            num_warps=8,
+            num_stages=1,
+        )
+        dk[sl] = dk_w
+        dv[sl] = dv_w
+        if block_major:
+            dq[sl] = dq_w
     return dq, dk, dv, dgate
 
 

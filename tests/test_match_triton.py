@@ -720,3 +720,12 @@ def test_a_negative_scale(path, mode):
     for name, a, e in zip(("out", "dq", "dk", "dv", "dgate"), got, exp, strict=True):
         if e is not None:
             assert_close(a, e, dtype=torch.float32, name=f"{name} (scale < 0, {path}, {mode})")
+
+
+@pytest.mark.parametrize("path", ["block-major", "gathered"])
+@pytest.mark.parametrize("mode", ["joint", "gated"])
+def test_the_backward_in_batch_chunks(monkeypatch, path, mode):
+    # the backward's fp32 accumulators one batch element at a time (a budget of 1 byte): every work item
+    # is read by every launch and only its own batch element's are accumulated; results equal the oracle
+    monkeypatch.setattr(mt, "BWD_ACC_BYTES", 1)
+    check_all(3, 2, 1, 45, 16, 16, 2, 16, mode, torch.float32, seed=11, block_major=path == "block-major")
