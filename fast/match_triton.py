@@ -1348,9 +1348,9 @@ def _bwd(
     _, BN_L, NSUB = _block_tiles(q, block_size)
     # 8 warps, one stage (kernel_stats --match): with 4 warps and 3 stages the block-major variant spilled
     # (480 B bf16, 1.7 KB fp32 at D = 128) and serialized its wgmma (C7515); the listed queries are
-    # gathered rows, which the software pipeline does not prefetch well anyway. fp32 at D > 64: 16 listed
-    # queries at a time (32 spilled 100 B with the atomic dq tile, 255 registers)
-    BM_L = 64 if is_interpreting() else (16 if not lowp and D > 64 else 32)
+    # gathered rows, which the software pipeline does not prefetch well anyway. fp32: 16 listed queries at a
+    # time (32 spilled 44 B at D = 64 and 100 B at D = 128 with the atomic dq tile)
+    BM_L = 64 if is_interpreting() else (32 if lowp else 16)
     # the fp32 accumulators (dq_W when block-major, dk_W, dv_W) for as many batch elements at a time as fit
     # in BWD_ACC_BYTES: at B8 H32 T32K D128 they would be 12.9 GB for the whole batch
     per_b = ((Hq if block_major else 0) + 2 * Hkv) * T * D * 4
