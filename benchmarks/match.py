@@ -10,9 +10,11 @@ Per (T, D), forward and forward+backward, side by side:
   keys (mean-key selection), joint mode.
 
 Each ``match`` row's note gives ``MATCH/SWA`` (target on an H200, bf16, T = 32K: <= 2) and ``full/MATCH``
-(target >= 8). On CPU the script also fits the exponent a of time ~ T^a over the measured lengths
-(``fit`` rows): the torch backend's selection scores every (query, block) pair, O(T^2 D / B), the attention
-is O(T (w + K B) D), so a sits between 1 and 2. Peak memory (``peak_mb``) is measured on CUDA only.
+(target >= 8), and the block-major path's balance on these inputs: the longest list of queries that selected
+one block, and the most entries one program processes after the lists are cut into work items. On CPU the
+script also fits the exponent a of time ~ T^a over the measured lengths (``fit`` rows): the torch backend's
+selection scores every (query, block) pair, O(T^2 D / B), the attention is O(T (w + K B) D), so a sits
+between 1 and 2. Peak memory (``peak_mb``) is measured on CUDA only.
 
     python benchmarks/match.py --device cuda          # bf16, T = 1K..32K, D = 64 and 128
     python benchmarks/match.py --device cpu           # fp32, T = 1K..8K, D = 64 (minutes)
@@ -47,6 +49,20 @@ def fit_exponent(ts, ms) -> float:
     y = [math.log(m) for m in ms]
     mx, my = sum(x) / len(x), sum(y) / len(y)
     return sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / sum((a - mx) ** 2 for a in x)
+
+
+def work_balance(B, H, T, D, w, K, bs, device, dtype, backend) -> tuple[int, int]:
+    """(the longest list of queries that selected one block, the most listed entries one block-major
+    program processes) on the benchmark's random inputs: the work items cut the first into the second."""
+    from fast.match import retrieve
+    from fast.match_triton import WORK_ITEM, reverse_index, work_items
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k = (torch.randn(B, H, T, D, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+    idx = retrieve(q, k, window=w, top_k=K, block_size=bs, backend=backend)
+    _, starts = reverse_index(idx, T, bs)
+    items = work_items(starts, idx.numel(), WORK_ITEM)
+    return int((starts[1:] - starts[:-1]).max()), int((items[2] - items[1]).max())
 
 
 def run(*, device: str, quick: bool) -> list[dict]:
@@ -109,6 +125,7 @@ def run(*, device: str, quick: bool) -> list[dict]:
             continue
         for name, fn in impls.items():
             measure(name, fn, T, D, shape)
+        longest, item = work_balance(B, H, T, D, w, K, bs, device, dtype, backend)
         for op in ("fwd", "fwd+bwd"):
             m, s, f = (times[(n, op, T, D)] for n in ("match", "swa", "full"))
             rows.append(
@@ -116,7 +133,8 @@ def run(*, device: str, quick: bool) -> list[dict]:
                     op=f"match {op}",
                     impl="ratios",
                     shape=shape,
-                    note=f"MATCH/SWA={m / s:.2f} full/MATCH={f / m:.2f}",
+                    note=f"MATCH/SWA={m / s:.2f} full/MATCH={f / m:.2f} "
+                    f"longest block list {longest}, most per program {item}",
                 )
             )
     if not cuda:

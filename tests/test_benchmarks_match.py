@@ -17,6 +17,9 @@ def test_match_benchmark_quick_cpu():
         assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0
     notes = [r["note"] for r in rows if r["impl"] == "ratios"]
     assert len(notes) == 4 and all("MATCH/SWA=" in n and "full/MATCH=" in n for n in notes)
+    for n in notes:  # the block-major balance: no program gets more than a work item
+        longest, most = (int(x) for x in n.replace(",", "").split() if x.isdigit())
+        assert 0 < most <= min(longest, 256)
     fits = [r["note"] for r in rows if r["impl"].startswith("fit ")]
     assert len(fits) == 6 and all(math.isfinite(float(n.split("^")[1])) for n in fits)
 
