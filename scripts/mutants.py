@@ -473,7 +473,7 @@ MUTANTS: list[Mutant] = [
     M(
         "match-bm-negative-scale",
         "fast/match_triton.py",
-        "        if scale < 0:  # the gradient w.r.t. -q\n            dq_w.neg_()\n",
+        "            if scale < 0:  # the gradient w.r.t. -q\n                dq_w.neg_()\n",
         "",
         "tests/test_match_triton.py -k negative",
         "a negative scale: the window dq is the gradient w.r.t. -q, not negated back",
