@@ -76,3 +76,26 @@ def test_refuses_under_the_interpreter(tmp_path):
         timeout=120,
     )
     assert p.returncode == 2 and "without TRITON_INTERPRET" in p.stderr
+
+
+@pytest.mark.parametrize("all_configs", [True, False])
+def test_every_autotune_config_is_compiled_only_in_the_full_check(all_configs):
+    # the full check compiles each autotuned kernel once per config, --quick only its first config
+    import triton
+    from triton.runtime import autotuner as at
+
+    from fast.devtools.compile_check import CompileLog, compile_instead_of_launch
+
+    seen = []
+
+    class Fn:
+        def run(self, *args, grid, warmup, **kwargs):
+            seen.append(kwargs["BLOCK_M"])
+
+    class Tuner:
+        configs = [triton.Config({"BLOCK_M": m}, num_warps=4) for m in (16, 32, 64)]
+        fn = Fn()
+
+    with compile_instead_of_launch(CompileLog(), all_configs=all_configs):
+        at.Autotuner.run(Tuner(), 1, 2, grid=(1,), warmup=False)
+    assert seen == ([16, 32, 64] if all_configs else [16])

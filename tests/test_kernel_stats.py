@@ -232,3 +232,26 @@ def test_tensor_core_loop_and_a_loop_without_tensor_cores():
     ]
     rec = loops[1].record()
     assert "start" not in rec and "end" not in rec and rec["sass"] == 4 and rec["hgmma"] == 0
+
+
+def test_summary_reports_the_leanest_innermost_loop_by_value():
+    # two configs of one kernel: the summary's range is over each config's *leanest* innermost loop (the
+    # interior loop of a split kernel); outer loops and fatter innermost loops do not count
+    def rec(config, loops, spill=0, warnings=()):
+        return dict(kernel="k_kernel", config=config, loops=loops, spill_bytes=spill, warnings=list(warnings))
+
+    loops_a = [
+        dict(sass=900, innermost=False),
+        dict(sass=300, innermost=True),
+        dict(sass=120, innermost=True),
+        dict(sass=310, innermost=True),
+    ]
+    loops_b = [dict(sass=150, innermost=True), dict(sass=400, innermost=True)]
+    records = [
+        rec("BLOCK_D=64,HAS_WINDOW=1", loops_a, spill=8),
+        rec("BLOCK_D=64,HAS_WINDOW=1", loops_b, warnings=["ptxas C7515: serialized"]),
+    ]
+    from fast.devtools.kernel_stats import summary
+
+    (line,) = summary(records, "after")
+    assert line == "| after | k_kernel | 64 | 1 | 2 | 120-150 | 8 | 1 |"
