@@ -402,6 +402,40 @@ def _allowed(qi, kj, T, W, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, CH
 
 
 @triton.jit
+def _masked_step(s, ok, m_i, qk_scale):
+    """The online-softmax step over a tile of raw scores ``s`` [BM, BN] with allowed entries ``ok``, in log2
+    units (qk_scale = scale * log2(e) >= 0): the new running max ``m_new`` [BM] and ``p = exp2(s * qk_scale
+    - m_new)`` (0 where not allowed). A row with no allowed key yet stays at -inf (no -inf * 0 when
+    scale = 0); its p is masked to 0. MATCH's gathered retrieved keys (``fast/match_triton.py``) take the
+    same step."""
+    s_max = tl.max(tl.where(ok, s, float("-inf")), 1)
+    m_new = tl.maximum(m_i, tl.where(s_max == float("-inf"), float("-inf"), s_max * qk_scale))
+    p = tl.math.exp2(tl.where(ok, tl.fma(s, qk_scale, -m_new[:, None]), float("-inf")))
+    return m_new, p
+
+
+@triton.jit
+def _rescale(m_i, m_new):
+    """The factor exp2(m_i - m_new) of the running sums; m_i = -inf before the first allowed key gives 0
+    (no -inf - -inf, no -inf * 0 when scale = 0)."""
+    return tl.math.exp2(tl.where(m_i == float("-inf"), float("-inf"), m_i - m_new))
+
+
+@triton.jit
+def causal_window_split(first, end, W, T, BLOCK_N):
+    """``key_block_split`` for the causal, windowed query rows [first, end) (positions) over the keys
+    [0, T): the edge blocks [a, bb), the interior blocks [bb, c) (every key allowed for every row) and the
+    edge blocks [c, end), multiples of BLOCK_N. The forward and dq kernels below inline the same bounds;
+    MATCH's kernels call this with a query offset (decode)."""
+    a = (tl.maximum(first - W + 1, 0) // BLOCK_N) * BLOCK_N
+    c = (tl.minimum(first + 1, T) // BLOCK_N) * BLOCK_N
+    bb = ((tl.maximum(end - W, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    c = tl.maximum(tl.minimum(c, end), a)
+    bb = tl.minimum(tl.maximum(bb, a), c)
+    return a, bb, c
+
+
+@triton.jit
 def _fwd_loop(
     acc,
     l_i,
@@ -442,15 +476,11 @@ def _fwd_loop(
         # qk_scale >= 0 (the host flips q for a negative scale): max(s * qk_scale) = max(s) * qk_scale
         if EDGE:
             ok = _allowed(offs_m[:, None], cols[None, :], T, W, IS_CAUSAL, HAS_WINDOW, not EVEN_T)
-            s_max = tl.max(tl.where(ok, s, float("-inf")), 1)
-            # a row with no allowed key yet stays at -inf (no -inf * 0 when scale = 0); its p is masked to 0
-            m_new = tl.maximum(m_i, tl.where(s_max == float("-inf"), float("-inf"), s_max * qk_scale))
-            p = tl.math.exp2(tl.where(ok, tl.fma(s, qk_scale, -m_new[:, None]), float("-inf")))
+            m_new, p = _masked_step(s, ok, m_i, qk_scale)
         else:  # interior block: every key allowed, m_new finite
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             p = tl.math.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
-        # m_i = -inf before the first allowed key: alpha = 0 (no -inf - -inf, no -inf * 0 when scale = 0)
-        alpha = tl.math.exp2(tl.where(m_i == float("-inf"), float("-inf"), m_i - m_new))
+        alpha = _rescale(m_i, m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_ptrs + start_n * svt, cols, T, d_ok, EDGE and not EVEN_T, EVEN_D, LOWP_DOT)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, LOWP_DOT)

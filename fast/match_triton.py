@@ -41,16 +41,21 @@ Kernels and design choices
    forward and dq): **block-major** for ``block_size >= BLOCK_MAJOR_MIN_BLOCK`` (16), **gathered per
    query row** below it (tokens included), where a tensor-core tile over a block of fewer than 16 keys
    would be mostly padding. (Tests set the module constant to force either path at the same shapes.)
-   ``match_fwd_kernel``: one program per (query tile, batch, query head). The window part is the
-   sliding-window loop of ``fast/attention.py`` (only the key blocks that intersect the tile's window are
-   visited; tensor-core ``tl.dot``). Gathered path: the same kernel then walks each row's retrieved keys
+   ``match_fwd_kernel``: one program per (query tile, batch, query head). The window part calls
+   ``fast/attention.py``'s forward loop ``_fwd_loop`` (edge, interior and edge key blocks of the tile's
+   window, ``causal_window_split``; tensor-core ``tl.dot``, log2 units with one FMA per score) at the
+   rows' positions, so training and decode (a query offset) share the one copy of the loop; a negative
+   scale arrives as ``(-q, -scale)``. Gathered path: the same kernel then walks each row's retrieved keys
    (the flattened list of slot ``e // B``, offset ``e % B``: key ``idx * B + e % B``) in chunks of
    ``BLOCK_R``; each chunk is a gathered ``[BLOCK_M, BLOCK_R, BLOCK_D]`` tile multiplied elementwise (no
    ``tl.dot``, so small blocks need no padding), every query row loading its own K B keys and values.
    Keys beyond ``i - w`` (a selected block's in-window tail) and sentinel slots (-1) are masked.
-   ``joint``: one online softmax over window then retrieved keys; ``gated``: two online softmaxes, mixed
-   by ``sigmoid(gate_logit)`` in the epilogue (``o = o_W`` where nothing is retrieved). exp2 with
-   ``scale * log2(e)`` folded into the logits, fp32 accumulation, fully masked rows guarded (no NaN).
+   The gathered tiles take the window loop's online-softmax step (``_masked_step``, ``_rescale`` of
+   ``fast/attention.py``). ``joint``: one online softmax over window then retrieved keys; ``gated``: two
+   online softmaxes, mixed by ``sigmoid(gate_logit)`` in the epilogue (``o = o_W`` where nothing is
+   retrieved). fp32 accumulation, fully masked rows guarded (no NaN). The window loop runs at MATCH's own
+   tiles (``_tiles``): the one program also walks the retrieved keys, so attention's autotuned tiles do
+   not apply.
    Block-major path (MoBA-style, "per selected block, the queries that selected it"):
      * the window part is sliding-window attention: ``fast/attention.py``'s tuned forward kernel (one copy
        of the loop and its online softmax for both ops; ``-q, -scale`` for a negative scale) writes the
@@ -90,11 +95,11 @@ Kernels and design choices
    ``dO_P``, log-sum-exp ``L_P`` and ``delta_P = rowsum(dO_P * O_P)``: joint uses ``dO, L, rowsum(dO * O)``
    for both; gated uses ``dO_W = c_W dO``, ``dO_R = c_R dO`` with ``c_R = g`` (0 where R is empty),
    ``c_W = 1 - c_R``, and ``d gate_logit = g (1 - g) rowsum(dO (O_R - O_W))`` (0 where R is empty). Then
-     * ``match_bwd_dq_kernel``, per (query tile, query head): the window keys by key blocks (tensor-core
-       ``tl.dot``, the forward's loop bounds), then (gathered path) the row's retrieved keys with the
-       forward's gathered tiles; writes dq once. Block-major path: the window part is
-       ``fast/attention.py``'s dq kernel with the part's own lse, delta and dO (fp32 dq_W); the retrieved
-       part's dq comes from ``match_bwd_dkdv_kernel`` below;
+     * ``match_bwd_dq_kernel``, per (query tile, query head): the window keys by ``fast/attention.py``'s
+       dq loop ``_dq_loop`` (the forward's key blocks), then (gathered path) the row's retrieved keys with
+       the forward's gathered tiles; writes dq once (negated back for a negative scale). Block-major
+       path: the window part is ``fast/attention.py``'s dq kernel with the part's own lse, delta and dO
+       (fp32 dq_W); the retrieved part's dq comes from ``match_bwd_dkdv_kernel`` below;
      * the window part of dk/dv is sliding-window attention's backward with the part's own ``dO_W``,
        ``L_W`` and ``delta_W``: ``fast/attention.py``'s dk/dv kernel (per key block and kv head, the G
        query heads summed in the program, masked edge blocks and unmasked interior ones, its tuned
@@ -111,7 +116,8 @@ Kernels and design choices
        address). Atomic fp32 adds make the last bits of dq, dk, dv (and of the block-major output) depend
        on the order in which programs finish on a GPU; the interpreter runs programs in order.
 5. decode: one query at position ``T - 1`` against the cache; the same select and forward kernels with a
-   query offset (``q_start``), cached block summaries used as given. Forward only (no autograd). It keeps
+   query offset (``q_start``; the window part is attention's loop at that position), cached block
+   summaries used as given. Forward only (no autograd). It keeps
    the gathered path for every block size: one query row has nothing to amortise a block's loads over.
 
 Kernels are launched with fixed tiles (one config, no autotuning): the GPU tile sizes are untuned.
@@ -124,10 +130,15 @@ import triton
 import triton.language as tl
 
 from fast.attention import (
+    _dq_loop,
+    _fwd_loop,
+    _masked_step,
+    _rescale,
     _t_bucket,
     attention_bwd_dkdv_kernel,
     attention_bwd_dq_kernel,
     attention_fwd_kernel,
+    causal_window_split,
 )
 from fast.utils import LN2, LOG2E, empty, is_interpreting
 
@@ -317,11 +328,12 @@ def match_fwd_kernel(
     D,
     W,
     BS,
-    qk_scale,  # scale * log2(e)
+    qk_scale,  # scale * log2(e) >= 0 (the host flips q for a negative scale)
     TOP_K: tl.constexpr,
     GATED: tl.constexpr,
     STORE_PARTS: tl.constexpr,
     LOWP_DOT: tl.constexpr,
+    EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -350,44 +362,25 @@ def match_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # log2-domain running max
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # ---- window part: key blocks intersecting [pos_first - W + 1, pos_last] (key_block_range)
+    # ---- window part: fast/attention.py's loop (edge, interior, edge key blocks of the tile's window)
     pos_first = q_start + start_m
     pos_end = q_start + tl.minimum(start_m + BLOCK_M, TQ)  # exclusive
-    lo = tl.maximum(pos_first - W + 1, 0)
-    lo = (lo // BLOCK_N) * BLOCK_N
-    for start_n in range(lo, pos_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < TK
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        kk = tl.load(
-            k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
-            mask=kv_mask,
-            other=0.0,
-        ).to(tl.float32)
-        vv = tl.load(
-            v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
-            mask=kv_mask,
-            other=0.0,
-        ).to(tl.float32)
-        if LOWP_DOT:
-            s = tl.dot(q_dot, tl.trans(kk.to(k_ptr.dtype.element_ty)))
-        else:
-            s = tl.dot(q_dot, tl.trans(kk), input_precision="ieee")
-        s = s * qk_scale
-        ok = row_ok[:, None] & col_ok[None, :] & (offs_n[None, :] <= pos[:, None])
-        ok = ok & (pos[:, None] - offs_n[None, :] < W)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if LOWP_DOT:
-            pv = tl.dot(p.to(v_ptr.dtype.element_ty), vv.to(v_ptr.dtype.element_ty))
-        else:
-            pv = tl.dot(p, vv, input_precision="ieee")
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    offs_n = tl.arange(0, BLOCK_N)
+    k_ptrs = k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd
+    v_ptrs = v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd
+    wa, wb, wc = causal_window_split(pos_first, pos_end, W, TK, BLOCK_N)
+    acc, l_i, m_i = _fwd_loop(
+        acc, l_i, m_i, q_dot, k_ptrs, v_ptrs, skt, svt, pos, offs_n, d_ok, wa, wb, TK, W, qk_scale,
+        True, True, True, False, EVEN_D, LOWP_DOT, BLOCK_N,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_loop(
+        acc, l_i, m_i, q_dot, k_ptrs, v_ptrs, skt, svt, pos, offs_n, d_ok, wb, wc, TK, W, qk_scale,
+        False, True, True, False, EVEN_D, LOWP_DOT, BLOCK_N,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_loop(
+        acc, l_i, m_i, q_dot, k_ptrs, v_ptrs, skt, svt, pos, offs_n, d_ok, wc, pos_end, TK, W, qk_scale,
+        True, True, True, False, EVEN_D, LOWP_DOT, BLOCK_N,
+    )  # fmt: skip
     # ---- retrieved part: per-row gathered keys, flattened (slot, offset) list of TOP_K * BS entries
     m_r = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_r = tl.zeros([BLOCK_M], tl.float32)
@@ -408,26 +401,22 @@ def match_fwd_kernel(
             mask=ok3,
             other=0.0,
         ).to(tl.float32)  # [BM, BR, BD]
-        s = tl.sum(q[:, None, :] * kk, axis=2) * qk_scale  # [BM, BR]
-        s = tl.where(ok, s, float("-inf"))
+        s = tl.sum(q[:, None, :] * kk, axis=2)  # [BM, BR] raw scores
         vv = tl.load(
             v_ptr + b * svb + hk * svh + kpos[:, :, None] * svt + offs_d[None, None, :] * svd,
             mask=ok3,
             other=0.0,
         ).to(tl.float32)  # [BM, BR, BD]
+        # the window loop's online-softmax step (fast/attention.py), on gathered tiles
         if GATED:
-            m_new = tl.maximum(m_r, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_r - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
+            m_new, p = _masked_step(s, ok, m_r, qk_scale)
+            alpha = _rescale(m_r, m_new)
             l_r = l_r * alpha + tl.sum(p, axis=1)
             acc_r = acc_r * alpha[:, None] + tl.sum(p[:, :, None] * vv, axis=1)
             m_r = m_new
         else:
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
+            m_new, p = _masked_step(s, ok, m_i, qk_scale)
+            alpha = _rescale(m_i, m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vv, axis=1)
             m_i = m_new
@@ -489,17 +478,19 @@ def match_bwd_dq_kernel(
     D,
     W,
     BS,
-    scale,
+    scale,  # >= 0 (the host flips q for a negative scale and negates dq)
     TOP_K: tl.constexpr,
     GATED: tl.constexpr,
     LOWP_DOT: tl.constexpr,
+    EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """dq = scale * sum_j dS_ij k_j: window keys by key blocks (tl.dot, the forward's loop bounds), then the
-    row's retrieved keys (gathered tiles, as in the forward). dS = P (dO_P . v - delta_P) per part P."""
+    """dq = scale * sum_j dS_ij k_j: window keys by fast/attention.py's dq loop (tensor-core ``tl.dot``, the
+    forward's key blocks), then the row's retrieved keys (gathered tiles, as in the forward).
+    dS = P (dO_P . v - delta_P) per part P."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // Hq
@@ -527,38 +518,24 @@ def match_bwd_dq_kernel(
         q_dot = q
         do_dot = do
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # ---- window keys (key_block_range of fast/attention.py)
-    lo = tl.maximum(start_m - W + 1, 0)
-    lo = (lo // BLOCK_N) * BLOCK_N
+    # ---- window keys: fast/attention.py's dq loop (edge, interior, edge key blocks of the tile's window)
     hi = tl.minimum(start_m + BLOCK_M, T)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < T
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        kk = tl.load(
-            k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
-            mask=kv_mask,
-            other=0.0,
-        ).to(tl.float32)
-        vv = tl.load(
-            v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
-            mask=kv_mask,
-            other=0.0,
-        ).to(tl.float32)
-        if LOWP_DOT:
-            s = tl.dot(q_dot, tl.trans(kk.to(k_ptr.dtype.element_ty)))
-            dp = tl.dot(do_dot, tl.trans(vv.to(v_ptr.dtype.element_ty)))
-        else:
-            s = tl.dot(q_dot, tl.trans(kk), input_precision="ieee")
-            dp = tl.dot(do_dot, tl.trans(vv), input_precision="ieee")
-        ok = row_ok[:, None] & col_ok[None, :] & (offs_n[None, :] <= offs_m[:, None])
-        ok = ok & (offs_m[:, None] - offs_n[None, :] < W)
-        p = tl.exp2(tl.where(ok, s * qk_scale - lse2[:, None], float("-inf")))
-        ds = p * (dp - delta[:, None])
-        if LOWP_DOT:
-            dq += tl.dot(ds.to(k_ptr.dtype.element_ty), kk.to(k_ptr.dtype.element_ty))
-        else:
-            dq += tl.dot(ds, kk, input_precision="ieee")
+    offs_n = tl.arange(0, BLOCK_N)
+    k_ptrs = k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd
+    v_ptrs = v_ptr + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd
+    wa, wb, wc = causal_window_split(start_m, hi, W, T, BLOCK_N)
+    dq = _dq_loop(
+        dq, q_dot, do_dot, lse2, delta, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, wa, wb, T, W,
+        qk_scale, True, True, True, False, EVEN_D, LOWP_DOT, BLOCK_N,
+    )  # fmt: skip
+    dq = _dq_loop(
+        dq, q_dot, do_dot, lse2, delta, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, wb, wc, T, W,
+        qk_scale, False, True, True, False, EVEN_D, LOWP_DOT, BLOCK_N,
+    )  # fmt: skip
+    dq = _dq_loop(
+        dq, q_dot, do_dot, lse2, delta, k_ptrs, v_ptrs, skt, svt, offs_m, offs_n, d_ok, wc, hi, T, W,
+        qk_scale, True, True, True, False, EVEN_D, LOWP_DOT, BLOCK_N,
+    )  # fmt: skip
     # ---- retrieved keys
     if GATED:
         do = tl.load(dor_ptr + stat[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0).to(tl.float32)
@@ -586,8 +563,8 @@ def match_bwd_dq_kernel(
             mask=ok3,
             other=0.0,
         ).to(tl.float32)
-        s = tl.sum(q[:, None, :] * kk, axis=2) * qk_scale
-        p = tl.exp2(tl.where(ok, s - lse2[:, None], float("-inf")))  # [BM, BR]
+        s = tl.sum(q[:, None, :] * kk, axis=2)  # raw scores, as in the window loop
+        p = tl.math.exp2(tl.where(ok, tl.fma(s, qk_scale, -lse2[:, None]), float("-inf")))  # [BM, BR]
         dp = tl.sum(do[:, None, :] * vv, axis=2)
         ds = p * (dp - delta[:, None])
         dq += tl.sum(ds[:, :, None] * kk, axis=1)
@@ -1037,8 +1014,9 @@ def _fwd(q, k, v, idx, gate, *, window, block_size, gated, scale, q_start=0, sto
     BR = min(BR, max(2, triton.next_power_of_2(max(top_k * block_size, 1))))
     if top_k == 0:  # no retrieval: a valid pointer that is never read
         idx = torch.zeros(1, dtype=torch.int64, device=dev)
+    qs, sc = _signed(q, scale)  # the window loop takes scale >= 0
     match_fwd_kernel[(triton.cdiv(TQ, BM), B * Hq)](
-        q,
+        qs,
         k,
         v,
         idx,
@@ -1048,7 +1026,7 @@ def _fwd(q, k, v, idx, gate, *, window, block_size, gated, scale, q_start=0, sto
         lse_r,
         o_w,
         o_r,
-        *q.stride(),
+        *qs.stride(),
         *k.stride(),
         *v.stride(),
         *o.stride(),
@@ -1060,11 +1038,12 @@ def _fwd(q, k, v, idx, gate, *, window, block_size, gated, scale, q_start=0, sto
         D,
         window,
         block_size,
-        float(scale) * LOG2E.value,
+        sc * LOG2E.value,
         TOP_K=top_k,
         GATED=gated,
         STORE_PARTS=gated and store_parts,
         LOWP_DOT=_lowp(q),
+        EVEN_D=D == _block_d(D),
         BLOCK_M=BM,
         BLOCK_N=BN,
         BLOCK_R=BR,
@@ -1316,7 +1295,7 @@ def _bwd(
         BR = min(BR, max(2, triton.next_power_of_2(max(top_k * block_size, 1))))
         no_idx = torch.zeros(1, dtype=torch.int64, device=dev)
         match_bwd_dq_kernel[(triton.cdiv(T, BM), B * Hq)](
-            q,
+            qs,
             k,
             v,
             do_w,
@@ -1324,7 +1303,9 @@ def _bwd(
             stats,
             idx if top_k > 0 else no_idx,  # never read if empty
             dq,
-            *strides,
+            *qs.stride(),
+            *k.stride(),
+            *v.stride(),
             B,
             Hq,
             G,
@@ -1332,16 +1313,19 @@ def _bwd(
             D,
             window,
             block_size,
-            float(scale),
+            sc,
             TOP_K=top_k,
             GATED=gated,
             LOWP_DOT=lowp,
+            EVEN_D=D == BD,
             BLOCK_M=BM,
             BLOCK_N=BN,
             BLOCK_R=BR,
             BLOCK_D=BD,
             num_warps=warps,
         )
+        if scale < 0:  # the gradient w.r.t. -q
+            dq.neg_()
     entries, items = rev if rev is not None else _reverse(idx, T, block_size)
     NB = triton.cdiv(T, block_size)
     NI = items.shape[1]
