@@ -1,10 +1,23 @@
-"""tiny_models/mgsr_lu.py: the labelled / unlabelled split and the paired table of differences to SFT(L)."""
+"""tiny_models/mgsr_lu.py: the labelled / unlabelled split, the scored sets, and the paired tables recomputed
+from fixture runs with known numbers."""
 
 import collections
+import json
+import math
 
+import numpy as np
 import pytest
 
-from tiny_models.mgsr_lu import labelled_split, table
+from tiny_models import mgsr_lu
+from tiny_models.mgsr_lu import (
+    adaptive_stats,
+    compact_log,
+    labelled_split,
+    machinery_table,
+    paired,
+    summarise,
+    table,
+)
 from tiny_models.tasks import TRAIN_FAMILIES, build_dataset
 
 
@@ -20,20 +33,113 @@ def test_split_per_family_disjoint_and_seeded():
     assert [e.prompt for e in L] == [e.prompt for e in L2] and [e.prompt for e in L] != [e.prompt for e in L3]
 
 
-def test_table_pairs_by_prompt_and_seed():
-    def rec(seed, test, src):
-        return {"seed": seed, "test": test, "sources": src}
+def test_fresh_prompts_are_new():
+    sets = mgsr_lu.eval_sets(5)
+    ds = build_dataset(0, n_eval_per_family=5)
+    seen = {e.prompt for k in ("train", "valid", "test") for e in ds[k]}
+    assert sets["fresh"] and not {e.prompt for e in sets["fresh"]} & seen
+    assert [e.prompt for e in sets["test"]] == [e.prompt for e in ds["test"]]
+    assert set(sets) == set(mgsr_lu.HEADLINE) | set(mgsr_lu.NEAR_FLOOR)
 
-    results = {
-        ("sft", 0): rec(0, [10.0, 20.0, 30.0], {"gt": 1.0}),
-        ("sft", 1): rec(1, [0.0, 0.0, 60.0], {"gt": 1.0}),
-        ("kd", 0): rec(0, [12.0, 22.0, 32.0], {"gt": 1.0}),
-        ("kd", 1): rec(1, [2.0, 2.0, 62.0], {"gt": 0.5, "fresh": 0.5}),
+
+def test_paired_difference_interval_and_seed_spread():
+    x = {0: [1.0, 2.0, 3.0], 1: [3.0, 4.0, 5.0]}
+    y = {0: [0.0, 0.0, 0.0], 1: [0.0, 0.0, 0.0]}
+    p = paired(x, y, [0, 1], np.random.default_rng(0))
+    assert p["mean"] == pytest.approx(3.0)  # per-prompt differences averaged over seeds: 2, 3, 4
+    assert p["sd"] == pytest.approx(math.sqrt(2.0))  # per-seed means 2 and 4
+    assert 2.0 <= p["lo"] < 3.0 < p["hi"] <= 4.0
+    one = paired({0: [5.0, 5.0]}, {0: [4.0, 4.0]}, [0], np.random.default_rng(0))
+    assert one == {"mean": 1.0, "lo": 1.0, "hi": 1.0, "sd": 0.0}
+
+
+def _rec(seed, test, longer, sampled_shift=0.0, sources=None, log=None):
+    sc = {"test": test, "longer": longer}
+    return {
+        "seed": seed,
+        "scores": {"greedy": sc, "sampled": {k: [v + sampled_shift for v in vs] for k, vs in sc.items()}},
+        "sources": sources or {"gt": 1.0},
+        "threshold_end": 0.2,
+        "scrg_revised": 0,
+        "kept_off_gt": None,
+        "log": log or [],
     }
-    text = table(results, ["test"])
-    kd = next(line for line in text.splitlines() if line.startswith("| kd |"))
-    assert "| 22.0 |" in kd  # mean over seeds of the per-seed means: (22 + 22) / 2
-    assert "+2.0 [+2.0, +2.0]" in kd  # every paired difference is +2
-    assert "fresh 0.25, gt 0.75" in kd  # batch-source shares averaged over seeds
+
+
+def test_tables_from_fixture_runs():
+    results = {
+        ("sft", 0): _rec(0, [10.0, 20.0, 30.0], [0.0, 10.0]),
+        ("sft", 1): _rec(1, [0.0, 0.0, 60.0], [10.0, 10.0]),
+        ("kd", 0): _rec(0, [12.0, 22.0, 32.0], [1.0, 11.0]),
+        ("kd", 1): _rec(1, [2.0, 2.0, 62.0], [11.0, 11.0]),
+        ("mgsr", 0): _rec(0, [13.0, 23.0, 33.0], [0.0, 10.0], -1.0, {"gt": 0.5, "fresh": 0.3, "replay": 0.2}),
+        ("mgsr", 1): _rec(1, [4.0, 4.0, 64.0], [10.0, 10.0], -1.0, {"gt": 0.7, "fresh": 0.3}),
+    }
+    summary = summarise(results, ["test", "longer"])
+    g, s = summary["greedy"], summary["sampled"]
+    assert g["kd"]["test"]["mean"] == pytest.approx(22.0)  # (22 + 22) / 2
+    assert g["kd"]["test"]["vs_floor"]["mean"] == pytest.approx(2.0)
+    assert g["kd"]["test"]["vs_floor"]["lo"] == g["kd"]["test"]["vs_floor"]["hi"] == pytest.approx(2.0)
+    assert g["mgsr"]["test"]["vs_floor"]["mean"] == pytest.approx(3.5)  # +3 on seed 0, +4 on seed 1
+    assert g["mgsr"]["test"]["vs_floor"]["sd"] == pytest.approx(math.sqrt(0.5))
+    assert g["mgsr"]["test"]["vs_ref"]["mean"] == pytest.approx(1.5)
+    assert g["mgsr"]["longer"]["vs_ref"]["mean"] == pytest.approx(-1.0)
+    assert s["mgsr"]["test"]["vs_floor"]["mean"] == pytest.approx(2.5)  # sampled: 1 lower than greedy
+    assert g["mgsr"]["seeds"] == [0, 1]
+    row = next(
+        line for line in table(summary, "greedy", ["test"]).splitlines() if line.startswith("| mgsr |")
+    )
+    # per-prompt differences are +3 (seed 0) and +4 (seed 1) everywhere: the interval over prompts is a
+    # point, the spread is over seeds
+    assert row.split(" | ")[1:5] == ["2", "23.5", "+3.5 [+3.5, +3.5] ±0.7", "+1.5 [+1.5, +1.5] ±0.7 |"]
+    m = next(line for line in machinery_table(results).splitlines() if line.startswith("| mgsr |"))
+    assert m.split(" | ")[1:4] == ["0.60", "0.30", "0.10"]
     with pytest.raises(KeyError):
-        table({("kd", 0): results[("kd", 0)]}, ["test"])  # no floor run: no paired difference
+        summarise({("kd", 0): results[("kd", 0)]}, ["test"])  # no floor run: no paired difference
+
+
+def test_compact_log_and_adaptive_stats():
+    log = [
+        {"step": t, "loss": 1.0 / t, "lr": 1e-3, "step_s": 0.1, "time_s": t, "source": "gt", "threshold": 0.2}
+        for t in range(1, 26)
+    ]
+    log[6]["val_loss"] = 2.0
+    log[11].update(source="fresh", scrg_revised=5, kept=0.25)
+    log[12].update(source="replay", kept=0.75)
+    log[-1]["threshold"] = 0.4
+    c = compact_log(log)
+    assert [r["step"] for r in c] == [7, 10, 20, 25]  # every 10th, the validation step, the last
+    assert all("lr" not in r and "time_s" not in r for r in c) and c[0]["val_loss"] == 2.0
+    st = adaptive_stats(log)
+    assert st["sources"] == {"gt": 23 / 25, "fresh": 1 / 25, "replay": 1 / 25}
+    assert st["threshold_end"] == 0.4 and st["scrg_revised"] == 5 and st["kept_off_gt"] == pytest.approx(0.5)
+
+
+def test_driver_end_to_end(tmp_path):
+    # three methods, a few steps: trains, scores the last checkpoint, writes the tables, plots and per-run
+    # files; a rerun trains nothing, and a run without its eval.json is re-scored, not retrained
+    runs, res = tmp_path / "runs", tmp_path / "res"
+    argv = [
+        "--seeds",
+        "0",
+        "--steps",
+        "3",
+        "--base_steps",
+        "3",
+        "--eval_every",
+        "3",
+        "--n_eval_per_family",
+        "2",
+    ]
+    argv += ["--samples", "1", "--methods", "sft", "kd", "mgsr", "--runs", str(runs), "--results", str(res)]
+    mgsr_lu.main([*argv, "--no_progress"])
+    for f in ("results.md", "summary.json", "curves.png", "deltas.png", "runs/mgsr/seed0.json"):
+        assert (res / f).exists(), f
+    rec = json.loads((res / "runs" / "mgsr" / "seed0.json").read_text())
+    assert [r["step"] for r in rec["log"]] == [3] and rec["steps"] == 3
+    assert set(rec["scores"]["sampled"]) == set(mgsr_lu.HEADLINE) | set(mgsr_lu.NEAR_FLOOR)
+    log = runs / "kd" / "seed0" / "log.jsonl"
+    before = log.read_text()
+    (runs / "kd" / "seed0" / "eval.json").unlink()
+    mgsr_lu.main([*argv, "--no_progress"])
+    assert log.read_text() == before and (runs / "kd" / "seed0" / "eval.json").exists()

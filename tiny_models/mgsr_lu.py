@@ -1,6 +1,7 @@
 """Distillation where a teacher has something to teach: a small labelled set L and a large pool U of prompts.
 
-    python -m tiny_models.mgsr_lu --seeds 0 --steps 400 --methods sft kd imitkd distillm mgsr sft-full
+    python -m tiny_models.mgsr_lu --seeds 0 1 2 3 4 --steps 1500 --methods sft kd distillm mgsr sft-full \
+        --runs runs/mgsr_lu --results tiny_models/results/mgsr_lu
 
 The student sees ground-truth responses only for ``labelled`` examples per training family (L, about 20); the
 other training prompts form an unlabelled pool U (their responses are never read). Terms that need a
@@ -11,11 +12,15 @@ only a prompt (student or teacher samples, SCRG, the replay buffer) draw from U 
 truth (the ceiling). The split and both index streams are fixed by the seed and shared by every method, so
 runs are paired.
 
-Each run leaves ``<runs>/<method>/seed<k>/eval.json`` (skipped when present): greedy ROUGE-L per prompt of the
-``test`` and ``longer`` sets, the run's per-step log (step, loss, source, threshold) and its batch-source
-shares. ``--results`` gets ``results.json`` and a table of paired differences to SFT(L) with a per-prompt
-bootstrap interval. This is the experiment's first stage (is there a signal at all?); the full grid adds
-seeds, methods and sampled decoding.
+Each run is trained in ``<runs>/<method>/seed<k>/`` (resumable: a killed run continues from its last
+checkpoint; a finished one is skipped) and its last checkpoint is scored (``eval.json``): ROUGE-L per
+prompt, greedy and sampled (T = 1, the mean of ``--samples`` decodings with seeds shared by every method),
+on the headline sets -- ``test``, ``longer`` and ``fresh`` (test prompts of another draw of the task
+generator, none of them seen in any split of this one) -- and on the near-floor sets ``unseen_templates``
+and ``unseen_families``, reported apart. ``--results`` gets ``results.md`` (the paired differences to SFT(L)
+and to KD with a bootstrap interval over prompts and the spread over seeds, the batch-source shares, the
+threshold and the SCRG revisions), ``curves.png``, ``deltas.png`` and one compact JSON per run in ``runs/``
+(its scores and its log every ``LOG_EVERY`` steps plus every validation step).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import collections
 import json
 import os
 import statistics
+import sys
 
 import numpy as np
 import torch
@@ -106,11 +112,90 @@ def base_student(a, seed, L, valid) -> str:
     return path
 
 
+HEADLINE = ("test", "longer", "fresh")
+NEAR_FLOOR = ("unseen_templates", "unseen_families")
+DECODINGS = ("greedy", "sampled")
+LOG_EVERY = 10  # the compact per-run log keeps every 10th step and every validation step
+_LOG_SKIP = {"lr", "tokens", "step_s", "time_s"}
+
+
+def eval_sets(n_per_family: int) -> dict:
+    """The scored sets: the headline ``test``, ``longer``, ``fresh`` and the near-floor ``unseen_templates``,
+    ``unseen_families``. ``fresh``: the test split of the generator's draw 1 without the prompts of draw 0's
+    evaluation sets (the hash split keeps every training prompt out of any draw's test split)."""
+    ds = build_dataset(0, n_eval_per_family=n_per_family)
+    seen = {e.prompt for k in ("valid", "test") for e in ds[k]}
+    fresh = [e for e in build_dataset(1, n_eval_per_family=n_per_family)["test"] if e.prompt not in seen]
+    sets = {"test": ds["test"], "longer": ds["longer"], "fresh": fresh}
+    sets.update({k: ds[k] for k in NEAR_FLOOR})
+    return sets
+
+
+def score(model, sets: dict, samples: int) -> dict:
+    """ROUGE-L F1 x 100 per prompt: ``{"greedy": {set: [...]}, "sampled": {set: [...]}}``; sampled is the mean
+    over ``samples`` decodings at T = 1 with the seeds 1000, 1001, ... (the same for every model)."""
+    out = {d: {} for d in DECODINGS}
+    for name, exs in sets.items():
+        refs = [e.response for e in exs]
+        greedy = generate_responses(model, exs, max_new_tokens=48)
+        out["greedy"][name] = [100 * rouge_l(o, r)[2] for o, r in zip(greedy, refs, strict=True)]
+        acc = np.zeros(len(exs))
+        for k in range(samples):
+            outs = generate_responses(model, exs, temperature=1.0, seed=1000 + k, max_new_tokens=48)
+            acc += [100 * rouge_l(o, r)[2] for o, r in zip(outs, refs, strict=True)]
+        out["sampled"][name] = (acc / samples).tolist()
+    return out
+
+
+def compact_log(log: list[dict]) -> list[dict]:
+    """Every ``LOG_EVERY``-th step, the last one and every validation step, without the timing fields;
+    floats to 5 significant digits."""
+    last = log[-1]["step"] if log else 0
+    keep = [r for r in log if r["step"] % LOG_EVERY == 0 or r["step"] == last or "val_loss" in r]
+    return [
+        {k: (float(f"{v:.5g}") if isinstance(v, float) else v) for k, v in r.items() if k not in _LOG_SKIP}
+        for r in keep
+    ]
+
+
+def adaptive_stats(log: list[dict]) -> dict:
+    """Shares of the steps by batch source, the threshold at the end, SCRG revisions, mean kept mass."""
+    n = max(len(log), 1)
+    out = {"sources": {k: v / n for k, v in collections.Counter(r["source"] for r in log).items()}}
+    out["threshold_end"] = log[-1]["threshold"] if log else None
+    out["scrg_revised"] = int(sum(r.get("scrg_revised", 0) for r in log))
+    kept = [r["kept"] for r in log if "kept" in r and r.get("source") != "gt"]
+    out["kept_off_gt"] = statistics.fmean(kept) if kept else None
+    return out
+
+
 def run(a, method, seed, split, sets) -> dict:
     out = os.path.join(a.runs, method, f"seed{seed}")
     done = os.path.join(out, "eval.json")
     if os.path.exists(done):
-        return json.load(open(done))
+        rec = json.load(open(done))
+        if "scores" in rec and set(rec["scores"]["greedy"]) == set(sets) and rec.get("samples") == a.samples:
+            return rec
+    if not os.path.exists(os.path.join(out, "model.safetensors")) or _unfinished(out, a.steps):
+        _train(a, method, seed, split, out)
+    model, _ = load_model(os.path.join(out, "model.safetensors"))
+    model.eval()
+    log = read_log(out)
+    rec = {"method": method, "seed": seed, "steps": a.steps, "samples": a.samples}
+    rec["scores"] = score(model, sets, a.samples)
+    rec["log"] = compact_log(log)
+    rec.update(adaptive_stats(log))
+    with open(done, "w") as f:
+        json.dump(rec, f)
+    return rec
+
+
+def _unfinished(out, steps) -> bool:
+    log = read_log(out) if os.path.exists(os.path.join(out, "log.jsonl")) else []
+    return not log or log[-1]["step"] < steps
+
+
+def _train(a, method, seed, split, out) -> None:
     L, U, valid = split
     teacher, _ = load_model(os.path.join(CKPT, "teacher.safetensors"))
     student, _ = load_model(base_student(a, seed, L, valid))
@@ -133,55 +218,180 @@ def run(a, method, seed, split, sets) -> dict:
         device="cpu",
         resume=True,
     )
-    res = fd.train(
+    fd.train(
         cfg, teacher, student, train_set, as_pairs(valid), decode=decode, save_model=saver, prompts=prompts
     )
-    model = res["model"].eval()
-    rec = {"method": method, "seed": seed, "steps": a.steps}
-    for s, exs in sets.items():
-        outs = generate_responses(model, exs, max_new_tokens=48)
-        rec[s] = [100 * rouge_l(o, e.response)[2] for o, e in zip(outs, exs, strict=True)]
-    log = read_log(out)
-    rec["log"] = [
-        {k: r.get(k) for k in ("step", "loss", "source", "threshold", "scrg_revised", "val_rougeL")}
-        for r in log
-    ]
-    n = len(log)
-    rec["sources"] = {k: v / n for k, v in collections.Counter(r["source"] for r in log).items()}
-    with open(done, "w") as f:
-        json.dump(rec, f)
-    return rec
 
 
-def table(results, sets, floor="sft") -> str:
-    seeds = sorted({r["seed"] for r in results.values()})
+def paired(x: dict, y: dict, seeds, rng, n_boot: int = 2000) -> dict:
+    """The paired difference x - y of per-prompt scores (``{seed: [per prompt]}``, the same prompts for every
+    seed): ``mean`` (over prompts of the seed-averaged difference), a 95 % percentile bootstrap interval
+    over prompts (``lo``, ``hi``) and ``sd``, the standard deviation over seeds of the per-seed mean
+    difference (0 for one seed)."""
+    d = np.array([np.asarray(x[k]) - np.asarray(y[k]) for k in seeds])  # [seeds, prompts]
+    per_prompt = d.mean(0)
+    boot = per_prompt[rng.integers(0, len(per_prompt), (n_boot, len(per_prompt)))].mean(1)
+    per_seed = d.mean(1)
+    return {
+        "mean": float(per_prompt.mean()),
+        "lo": float(np.percentile(boot, 2.5)),
+        "hi": float(np.percentile(boot, 97.5)),
+        "sd": float(per_seed.std(ddof=1)) if len(seeds) > 1 else 0.0,
+    }
+
+
+def summarise(results: dict, sets, floor="sft", ref="kd") -> dict:
+    """``{decoding: {method: {set: {"mean", "vs_floor", "vs_ref"}}}}`` over the seeds every method shares
+    with the floor (``vs_ref`` only when ``ref`` ran); a missing floor run raises KeyError."""
     methods = list(dict.fromkeys(m for m, _ in results))
-    lines = [
-        "| method | "
-        + " | ".join(f"{s} ROUGE-L" for s in sets)
-        + " | "
-        + " | ".join(f"{s} - SFT(L) [95 % CI]" for s in sets)
-        + " | batch sources |",
-        "|---|" + "---|" * (2 * len(sets) + 1),
-    ]
-    rng = np.random.default_rng(0)
-    for m in methods:
-        cells, diffs = [], []
+    out = {}
+    for dec in DECODINGS:
+        out[dec] = {}
+        for m in methods:
+            seeds = sorted(k for mm, k in results if mm == m)
+            sc = {k: results[(m, k)]["scores"][dec] for k in seeds}
+            fl = {k: results[(floor, k)]["scores"][dec] for k in seeds}
+            rf = (
+                {k: results[(ref, k)]["scores"][dec] for k in seeds}
+                if all((ref, k) in results for k in seeds)
+                else None
+            )
+            row = {}
+            for s in sets:
+                rng = np.random.default_rng(0)
+                row[s] = {
+                    "mean": statistics.fmean(statistics.fmean(sc[k][s]) for k in seeds),
+                    "vs_floor": paired(
+                        {k: sc[k][s] for k in seeds}, {k: fl[k][s] for k in seeds}, seeds, rng
+                    ),
+                }
+                if rf is not None:
+                    row[s]["vs_ref"] = paired(
+                        {k: sc[k][s] for k in seeds}, {k: rf[k][s] for k in seeds}, seeds, rng
+                    )
+            row["seeds"] = seeds
+            out[dec][m] = row
+    return out
+
+
+def _d(p) -> str:
+    return f"{p['mean']:+.1f} [{p['lo']:+.1f}, {p['hi']:+.1f}] ±{p['sd']:.1f}"
+
+
+def table(summary: dict, dec: str, sets) -> str:
+    """One Markdown row per method: ROUGE-L, minus SFT(L) and minus KD (mean [95 % CI over prompts] ±sd over
+    seeds) for every set."""
+    cols = [c for s in sets for c in (f"{s}", f"{s} − SFT(L)", f"{s} − KD")]
+    lines = ["| method | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for m, row in summary[dec].items():
+        cells = []
         for s in sets:
-            cells.append(f"{statistics.fmean(statistics.fmean(results[(m, k)][s]) for k in seeds):.1f}")
-            d = np.concatenate(
-                [np.array(results[(m, k)][s]) - np.array(results[(floor, k)][s]) for k in seeds]
-            )
-            boot = d[rng.integers(0, len(d), (2000, len(d)))].mean(1)
-            diffs.append(
-                f"{d.mean():+.1f} [{np.percentile(boot, 2.5):+.1f}, {np.percentile(boot, 97.5):+.1f}]"
-            )
-        src = collections.Counter()
-        for k in seeds:
-            src.update(results[(m, k)]["sources"])
-        shares = ", ".join(f"{k} {v / len(seeds):.2f}" for k, v in sorted(src.items()))
-        lines.append(f"| {m} | " + " | ".join(cells) + " | " + " | ".join(diffs) + f" | {shares} |")
+            r = row[s]
+            cells += [f"{r['mean']:.1f}", _d(r["vs_floor"]), _d(r["vs_ref"]) if "vs_ref" in r else "–"]
+        lines.append(f"| {m} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def machinery_table(results: dict) -> str:
+    """Per method (mean over seeds): batch-source shares, the threshold at the end, SCRG revisions per run
+    and the mean kept teacher mass of DAC-KL on student sequences."""
+    lines = [
+        "| method | ground truth | fresh samples | replay | other | threshold at end | SCRG revisions / run "
+        "| kept mass |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in dict.fromkeys(mm for mm, _ in results):
+        recs = [r for (mm, _), r in results.items() if mm == m]
+        share = collections.Counter()
+        for r in recs:
+            share.update(r["sources"])
+        n = len(recs)
+        other = sum(v for k, v in share.items() if k not in ("gt", "fresh", "replay")) / n
+        th = [r["threshold_end"] for r in recs if r.get("threshold_end") is not None]
+        kept = [r["kept_off_gt"] for r in recs if r.get("kept_off_gt") is not None]
+        lines.append(
+            f"| {m} | {share['gt'] / n:.2f} | {share['fresh'] / n:.2f} | {share['replay'] / n:.2f} "
+            f"| {other:.2f} | "
+            f"{statistics.fmean(th):.2f} | {statistics.fmean(r['scrg_revised'] for r in recs):.0f} | "
+            + (f"{statistics.fmean(kept):.2e}" if kept else "–")
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def plots(results: dict, summary: dict, out_dir: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(summary["greedy"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for m in methods:
+        curves = collections.defaultdict(list)
+        for (mm, _), r in results.items():
+            if mm == m:
+                for row in r["log"]:
+                    if row.get("val_rougeL") is not None:
+                        curves[row["step"]].append((row["val_rougeL"], row.get("val_loss")))
+        steps = sorted(curves)
+        axes[0].plot(steps, [statistics.fmean(v for v, _ in curves[t]) for t in steps], label=m)
+        axes[1].plot(steps, [statistics.fmean(lv for _, lv in curves[t]) for t in steps], label=m)
+    axes[0].set(xlabel="step", ylabel="validation greedy ROUGE-L", title="mean over seeds")
+    axes[1].set(xlabel="step", ylabel="validation CE (ground truth)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=120)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(DECODINGS), figsize=(10, 3.6), sharey=True)
+    others = [m for m in methods if m != "sft"]
+    for ax, dec in zip(axes, DECODINGS, strict=True):
+        for j, s in enumerate(HEADLINE):
+            ps = [summary[dec][m][s]["vs_floor"] for m in others]
+            x = np.arange(len(others)) + (j - 1) * 0.27
+            ax.bar(x, [p["mean"] for p in ps], width=0.27, label=s)
+            ax.errorbar(
+                x,
+                [p["mean"] for p in ps],
+                yerr=[[p["mean"] - p["lo"] for p in ps], [p["hi"] - p["mean"] for p in ps]],
+                fmt="none",
+                ecolor="k",
+                capsize=2,
+            )
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xticks(range(len(others)), others, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{dec}: ROUGE-L − SFT(L), 95 % CI over prompts", fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "deltas.png"), dpi=120)
+    plt.close(fig)
+
+
+def write_results(a, results: dict, sets: dict, cmd: str) -> str:
+    os.makedirs(os.path.join(a.results, "runs"), exist_ok=True)
+    headline = [s for s in HEADLINE if s in sets]
+    near = [s for s in NEAR_FLOOR if s in sets]
+    summary = summarise(results, list(sets))
+    parts = [f"Command: `{cmd}`", "Prompts per set: " + ", ".join(f"{s} {len(v)}" for s, v in sets.items())]
+    for dec in DECODINGS:
+        parts += [f"### {dec} decoding, headline sets", table(summary, dec, headline)]
+        parts += [f"### {dec} decoding, near-floor sets", table(summary, dec, near)]
+    parts += ["### The adaptive machinery", machinery_table(results)]
+    text = "\n\n".join(parts) + "\n"
+    with open(os.path.join(a.results, "results.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(a.results, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    for (m, k), r in results.items():
+        os.makedirs(os.path.join(a.results, "runs", m), exist_ok=True)
+        slim = dict(r)
+        slim["scores"] = {
+            d: {s: [round(v, 2) for v in vs] for s, vs in r["scores"][d].items()} for d in r["scores"]
+        }
+        with open(os.path.join(a.results, "runs", m, f"seed{k}.json"), "w") as f:
+            json.dump(slim, f, separators=(",", ":"))
+    plots(results, summary, a.results)
+    return text
 
 
 def main(argv=None) -> None:
@@ -189,33 +399,31 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=["sft", "kd", "imitkd", "distillm", "mgsr", "sft-full"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--labelled", type=int, default=20, help="labelled examples per training family")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--base_steps", type=int, default=600)
     p.add_argument("--eval_every", type=int, default=100)
     p.add_argument("--init_threshold", type=float, default=0.2)
     p.add_argument("--loss_eps", type=float, default=0.1)
-    p.add_argument("--n_eval_per_family", type=int, default=30)
+    p.add_argument("--n_eval_per_family", type=int, default=100)
+    p.add_argument("--samples", type=int, default=3, help="sampled decodings per prompt (T = 1)")
     p.add_argument("--runs", default="runs/mgsr_lu")
     p.add_argument("--results", default=None)
     p.add_argument("--no_progress", action="store_true")
     a = p.parse_args(argv)
     setup_process("cpu", 1)
     ds = build_dataset(0, n_eval_per_family=a.n_eval_per_family)
-    sets = {s: ds[s] for s in ("test", "longer")}
+    sets = eval_sets(a.n_eval_per_family)
     results = {}
     for seed in a.seeds:
         L, U = labelled_split(ds["train"], a.labelled, seed)
         assert {e.family for e in L} == set(TRAIN_FAMILIES)
         for m in a.methods:
             results[(m, seed)] = run(a, m, seed, (L, U, ds["valid"]), sets)
-    text = table(results, list(sets))
-    print(text)
     if a.results:
-        os.makedirs(a.results, exist_ok=True)
-        with open(os.path.join(a.results, "results.json"), "w") as f:
-            json.dump({f"{m}/seed{s}": r for (m, s), r in results.items()}, f)
-        with open(os.path.join(a.results, "pilot.md"), "w") as f:
-            f.write(text + "\n")
+        cmd = "python -m tiny_models.mgsr_lu " + " ".join(argv if argv is not None else sys.argv[1:])
+        print(write_results(a, results, sets, cmd))
+    else:
+        print(table(summarise(results, list(HEADLINE)), "greedy", list(HEADLINE)))
 
 
 if __name__ == "__main__":
