@@ -10,7 +10,9 @@ byte's histogram rides along the log-sum-exp pass, three more passes narrow it t
 one, also give the next order statistic (the interpolation's neighbour); integer work only, no ``exp``.
 ``bounds="mass"``: the mass above a candidate is not a count, so the threshold is bisected on the bit pattern
 of p (for ``p >= 0`` the int32 pattern orders like the value), 31 steps of one streaming pass each, plus one
-pass for the neighbouring value. Then one pass computes mask, weights, ``A = sum w p``, ``B = sum w q`` and
+pass for the neighbouring value (``bounds="nontarget"``: the same bisection with the target class left out,
+at the masses ``upper r, lower r`` the host computes, ``r = 1 - p_c``).
+Then one pass computes mask, weights, ``A = sum w p``, ``B = sum w q`` and
 the cross term. The backward kernel is a single streaming pass: ``dL/ds = w (q/B - p/A)`` plus the two sums
 that give ``dL/dtau``. The input checks on the logits' values (a row with no finite teacher logit, a -inf
 student logit where the teacher's is finite) are made by the first pass (``CHECK``), not by the host.
@@ -32,7 +34,7 @@ import triton.language as tl
 
 from fast.utils import check_float, empty, is_interpreting, resolve_backend
 
-BOUNDS = ("value", "mass")
+BOUNDS = ("value", "mass", "nontarget")
 DEFAULTS = dict(
     bounds="value",
     gamma=0.05,
@@ -168,9 +170,14 @@ def dac_kl_torch(t, s, upper, lower, **cfg):  # [N, V], [N, V], [N], [N] -> ([N]
     if cfg["bounds"] == "value":  # one sort serves both levels
         srt = _value_sorted(p, valid)
         tau_lo, tau_hi = _value_quantile(srt, valid, lower), _value_quantile(srt, valid, upper)
-    else:
+    elif cfg["bounds"] == "mass":
         srt = _mass_sorted(p, valid)
         tau_lo, tau_hi = _mass_quantile(p, valid, upper, srt), _mass_quantile(p, valid, lower, srt)
+    else:  # nontarget: the non-target entries' mass quantiles at the masses upper r, lower r
+        pn, vn = torch.where(onehot, 0.0, p), valid & ~onehot
+        r = pn.sum(-1).detach()
+        srt = _mass_sorted(pn, vn)
+        tau_lo, tau_hi = _mass_quantile(pn, vn, upper * r, srt), _mass_quantile(pn, vn, lower * r, srt)
     del srt  # [N, V]: not needed past the thresholds (the backward needs only the gathered values)
     if cfg["band"]:
         beta = 1.0 / (cfg["gamma"] * (tau_hi - tau_lo) + cfg["eps"])
@@ -189,7 +196,8 @@ def dac_kl_torch(t, s, upper, lower, **cfg):  # [N, V], [N, V], [N], [N] -> ([N]
     cross = (w * p * d).sum(-1)
     kl = cross / A + B.log() - A.log() if cfg["normalize"] else cross - A + B
     kept = (mk * p).sum(-1)
-    reg = cfg["lam_m"] * F.relu(cfg["rho_min"] - kept) if cfg["floor"] else torch.zeros_like(kept)
+    spanned = upper - lower if cfg["bounds"] == "nontarget" else kept  # what the floor holds up
+    reg = cfg["lam_m"] * F.relu(cfg["rho_min"] - spanned) if cfg["floor"] else torch.zeros_like(kept)
     return kl + reg, kept.detach(), c
 
 
@@ -254,6 +262,7 @@ def dac_kl_fwd_kernel(
     rho_min,
     lam_m,
     MASS: tl.constexpr,
+    NONTARGET: tl.constexpr,  # MASS over the non-target entries (the host passes the masses upper r, lower r)
     TARGET: tl.constexpr,
     BAND: tl.constexpr,
     NORMALIZE: tl.constexpr,
@@ -349,6 +358,8 @@ def dac_kl_fwd_kernel(
                 idx = v0 + offs
                 x = tl.load(t_row + idx, mask=idx < V, other=ninf).to(tl.float32)
                 ok = x > ninf
+                if NONTARGET:
+                    ok = ok & (idx != cidx)
                 p = tl.where(ok, tl.exp((x - mt) - lz_t), 0.0)
                 pb = p.to(tl.int32, bitcast=True)
                 a_acc += tl.sum(tl.where(ok & (pb > a_mid), p, 0.0), 0)  # mass strictly above the candidate
@@ -370,6 +381,8 @@ def dac_kl_fwd_kernel(
             idx = v0 + offs
             x = tl.load(t_row + idx, mask=idx < V, other=ninf).to(tl.float32)
             ok = x > ninf
+            if NONTARGET:
+                ok = ok & (idx != cidx)
             p = tl.where(ok, tl.exp((x - mt) - lz_t), 0.0)
             pb = p.to(tl.int32, bitcast=True)
             a_le = ok & (pb <= a_hi)
@@ -638,11 +651,12 @@ class _DACKLTriton(torch.autograd.Function):
                 float(cfg["eps"]),
                 float(cfg["rho_min"]),
                 float(cfg["lam_m"]),
-                MASS=cfg["bounds"] == "mass",
+                MASS=cfg["bounds"] in ("mass", "nontarget"),
+                NONTARGET=cfg["bounds"] == "nontarget",
                 TARGET=bool(cfg["target"]),
                 BAND=bool(cfg["band"]),
                 NORMALIZE=bool(cfg["normalize"]),
-                FLOOR=bool(cfg["floor"]),
+                FLOOR=bool(cfg["floor"]) and cfg["bounds"] != "nontarget",
                 CHECK=bool(check),
                 N_STATS=N_STATS,
                 BLOCK_V=BLOCK_V,
@@ -690,7 +704,7 @@ class _DACKLTriton(torch.autograd.Function):
                 BLOCK_V=BLOCK_V,
                 num_warps=8 if BLOCK_V >= 2048 else 4,
             )
-        if cfg["bounds"] == "mass":
+        if cfg["bounds"] in ("mass", "nontarget"):
             d_up, d_low = d_lo, d_hi
         else:
             d_up, d_low = d_hi, d_lo
@@ -712,8 +726,28 @@ def dac_kl(t, s, upper, lower, *, backend: str = "auto", validate: bool = True, 
             _check_logits(t, s)
         return dac_kl_torch(t, s, upper, lower, **cfg)
     cfg_items = tuple(sorted(cfg.items()))
-    loss, kept, cls = _DACKLTriton.apply(t.detach(), s, upper, lower, cfg_items, check_values)
+    if cfg["bounds"] != "nontarget":
+        loss, kept, cls = _DACKLTriton.apply(t.detach(), s, upper, lower, cfg_items, check_values)
+        return loss, kept, cls.long()
+    # nontarget: the kernel takes the masses upper r, lower r (r = 1 - p_c; autograd multiplies the level
+    # gradients by r) and leaves the target out of its mass bisection; the floor on upper - lower is here
+    r = nontarget_mass(t).to(upper.dtype)
+    loss, kept, cls = _DACKLTriton.apply(t.detach(), s, upper * r, lower * r, cfg_items, check_values)
+    if cfg["floor"]:
+        loss = loss + cfg["lam_m"] * torch.relu(cfg["rho_min"] - (upper - lower)).to(loss.dtype)
     return loss, kept, cls.long()
+
+
+def nontarget_mass(t):  # [N, V] -> [N], no gradient
+    """``r = 1 - p_c`` of the teacher logits: the mass of every entry but the largest, summed in log space
+    (no cancellation when p_c is close to 1)."""
+    with torch.no_grad():
+        lp = t.float().log_softmax(-1) if t.dtype != torch.float64 else t.log_softmax(-1)
+        if lp.shape[-1] < 2:
+            return torch.zeros(lp.shape[:-1], dtype=lp.dtype, device=lp.device)
+        c = lp.argmax(-1, keepdim=True)
+        rest = lp.scatter(-1, c, float("-inf"))
+        return rest.logsumexp(-1).exp()
 
 
 # ------------------------------------------------------------------------------------ the module with f_sub
@@ -737,7 +771,8 @@ class DACKL(nn.Module):
 
     ``fixed_bounds=(u, l)``: the "fixed clipping" ablation (no sub-network, constant levels).
     ``forward(t, s, mask=None)`` returns ``(mean loss over mask, info)`` with ``info`` holding per-token
-    ``upper``, ``lower``, ``kept`` and ``kl`` (detached) for logging."""
+    ``upper``, ``lower``, ``kept`` (the teacher's non-target mass the band keeps), ``share`` (kept / the
+    non-target mass) and ``loss`` (detached) for logging."""
 
     def __init__(
         self,
@@ -797,5 +832,9 @@ class DACKL(nn.Module):
         upper, lower = self.bounds(t)
         loss, kept, _ = dac_kl(t, s, upper, lower, backend=self.backend, validate=False, **self.cfg)
         total = loss.mean() if loss.numel() else loss.sum()
-        info = dict(upper=upper.detach(), lower=lower.detach(), kept=kept.detach(), loss=loss.detach())
+        r = nontarget_mass(t).to(kept.dtype)
+        share = torch.where(r > 0, kept.detach() / r.clamp_min(torch.finfo(r.dtype).tiny), torch.ones_like(r))
+        info = dict(
+            upper=upper.detach(), lower=lower.detach(), kept=kept.detach(), share=share, loss=loss.detach()
+        )
         return total, info

@@ -243,7 +243,7 @@ class _Plan:
         if objective == "ce":
             self.part_names = ("ce",)
         elif objective == "mgsr":
-            dac_parts = ("kept", "upper", "lower") if token_loss == "dac_kl" else ()
+            dac_parts = ("kept", "share", "upper", "lower") if token_loss == "dac_kl" else ()
             self.part_names = ("sft", "token", "span", *dac_parts)
         else:
             self.part_names = (objective,)
@@ -288,7 +288,7 @@ class _Plan:
             if self.token_loss == "dac_kl":
                 tok_mean, info = self.dac(t[: b - a], s[: b - a], m)
                 tok = tok_mean * (int(m.sum()) / self.n_mask)
-                for k in ("kept", "upper", "lower"):  # means over the masked rows
+                for k in ("kept", "share", "upper", "lower"):  # means over the masked rows
                     parts[k] = info[k].double().sum() / self.n_mask
             else:
                 own = {k: v for k, v in self.params.items() if k in DIV_PARAMS[self.token_loss]}

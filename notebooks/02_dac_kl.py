@@ -110,6 +110,29 @@ print(
 assert abs(n_kept - (UPPER - LOWER) * (V - 1)) <= 2, "a value band keeps about (u - l)(V - 1) entries"
 
 # %% [markdown]
+# A third semantics, `bounds="nontarget"` (the training default of `fast/training/distill.py`): the same
+# cumulative-mass window, over the non-target entries only, at the masses `u r` and `l r` (`r = 1 - p_c`).
+# The levels are then shares of the non-target mass, whatever the teacher's confidence. Below, the most
+# confident row of this teacher and the same row made confident (logits x 4, as a trained byte-level teacher
+# is on most tokens): the value band and the mass window (whose head is the target) change what they keep,
+# the non-target window keeps a share of the non-target mass of the order of `u - l` in both.
+
+# %%
+conf = int(np.argmax(t_np.max(-1) - np.log(np.exp(t_np).sum(-1))))  # the most confident row
+for sharp in (1.0, 4.0):
+    row = sharp * t_np[conf : conf + 1]
+    for bounds in ["value", "mass", "nontarget"]:
+        f = R.dac_kl_parts(row, row, u, l, bounds=bounds)
+        r = 1 - f["p"][0].max()
+        print(
+            f"x{sharp:.0f} {bounds:>9}: p_c = {1 - r:.4f}, kept {f['kept'][0]:.1e} = {f['kept'][0] / r:.2f} of r"
+        )
+        if bounds == "nontarget":
+            assert f["kept"][0] / r > 0.5 * (UPPER - LOWER), "the non-target window keeps a share near u - l"
+        elif sharp > 1:
+            assert f["kept"][0] / r < 0.01, "on a confident row the value and mass bands keep almost nothing"
+
+# %% [markdown]
 # ## Training the sub-network (and a student) end to end
 # The student is a free table of logits; the sub-network `f_sub` (top-64 sorted probabilities + entropy ->
 # 2 hidden layers of 64 -> (a, b)) is trained jointly through the DAC-KL loss (the paper trains it through the loss it clips).

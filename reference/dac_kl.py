@@ -13,7 +13,14 @@ The paper describes the loss in words; its exact equations are reconstructed her
      ``tau_lo = Qm(upper)`` (the tail beyond cumulative mass ``upper`` is cut), ``tau_hi = Qm(lower)`` (the
      head whose cumulative mass is below ``lower`` is cut); see :func:`mass_quantile` for the interpolation.
 
-   Both are piecewise linear and continuous in the level, so the loss is differentiable in the bounds.
+   * ``bounds="nontarget"``: the same cumulative-mass window over the *non-target* entries only (the
+     target class left out of the sorted list), at the masses ``upper r`` and ``lower r`` with
+     ``r = 1 - p_c`` the non-target mass: the levels are shares of the non-target mass, and scaling the
+     non-target probabilities scales both thresholds alike, so the band (and the share it keeps) does not
+     depend on the teacher's confidence. With ``"mass"`` a teacher with ``p_c > upper`` keeps no
+     non-target entry at all; with ``"value"`` the band follows the vocabulary's many near-zero entries.
+
+   All three are piecewise linear and continuous in the level, so the loss is differentiable in the bounds.
 3. A soft band mask ``m_v = sigma(beta (p_v - tau_lo)) * sigma(beta (tau_hi - p_v))``,
    ``beta = 1 / (gamma (tau_hi - tau_lo) + eps)``.
 4. Target class ``c = argmax_v t_v`` (teacher logits; the lowest index wins a tie). With ``target=True`` the
@@ -23,7 +30,10 @@ The paper describes the loss in words; its exact equations are reconstructed her
    generalised KL ``sum a log(a/b) - a + b`` of the literal unnormalised vectors.
 6. ``floor=True`` (default; a DEVIATION from the paper, which has no such term): add
    ``lam_m * relu(rho_min - kept)``, ``kept = sum_{v != c} m_v p_v`` (the teacher mass the band keeps), so the
-   sub-network cannot shrink the band to nothing. It depends on the bounds only, not on the student.
+   sub-network cannot shrink the band to nothing. It depends on the bounds only, not on the student. With
+   ``bounds="nontarget"`` the floor is on the share of the non-target mass the levels span,
+   ``lam_m * relu(rho_min - (upper - lower))`` (an absolute floor of 0.5 could never be met by a teacher
+   whose non-target mass is 0.01).
 
 Everything is written with per-entry weights ``w`` (``w_v = m_v``; ``w_c = 1`` when ``target``): because the
 ratio ``(w_v p_v) / (w_v q_v) = p_v / q_v``, the normalised KL is
@@ -42,7 +52,7 @@ import numpy as np
 
 from reference.nn import gelu, gelu_grad, log_softmax, sigmoid
 
-BOUNDS = ("value", "mass")
+BOUNDS = ("value", "mass", "nontarget")
 DEFAULTS = dict(
     bounds="value",
     gamma=0.05,
@@ -126,16 +136,28 @@ def mass_quantile(p, valid, q):  # [N, V], [N, V] bool, [N] -> ([N] tau, [N] dta
     return tau, dtau
 
 
-def thresholds(p, valid, upper, lower, bounds):  # [N, V], [N, V], [N], [N], str -> 4 x [N]
+def thresholds(p, valid, upper, lower, bounds, onehot):  # [N, V], [N, V], [N], [N], str, [N, V] -> 4 x [N]
     """Return ``(tau_lo, tau_hi, dtau_lo/d(level), dtau_hi/d(level))``; which level feeds which threshold
-    depends on ``bounds`` (value: lower->tau_lo, upper->tau_hi; mass: upper->tau_lo, lower->tau_hi)."""
+    depends on ``bounds`` (value: lower->tau_lo, upper->tau_hi; mass and nontarget: upper->tau_lo,
+    lower->tau_hi). ``onehot``: the target class (nontarget leaves it out)."""
     if bounds == "value":
         lo, dlo = value_quantile(p, valid, lower)
         hi, dhi = value_quantile(p, valid, upper)
-    else:
+    elif bounds == "mass":
         lo, dlo = mass_quantile(p, valid, upper)
         hi, dhi = mass_quantile(p, valid, lower)
+    else:  # nontarget: the mass quantiles of the non-target entries at the masses upper r, lower r
+        pn, vn = np.where(onehot, 0.0, p), valid & ~onehot
+        r = nontarget_mass(p, onehot)
+        lo, dlo = mass_quantile(pn, vn, upper * r)
+        hi, dhi = mass_quantile(pn, vn, lower * r)
+        dlo, dhi = dlo * r, dhi * r
     return lo, hi, dlo, dhi
+
+
+def nontarget_mass(p, onehot):  # [N, V], [N, V] -> [N]
+    """``r = 1 - p_c``, summed over the non-target entries (no cancellation when p_c is close to 1)."""
+    return np.sum(np.where(onehot, 0.0, p), -1)
 
 
 def _forward(t, s, upper, lower, cfg):  # [N, V], [N, V], [N], [N], dict -> dict of [N] / [N, V]
@@ -148,7 +170,7 @@ def _forward(t, s, upper, lower, cfg):  # [N, V], [N, V], [N], [N], dict -> dict
     p, q = np.exp(lp), np.exp(lq)  # [N, V]
     c = np.argmax(t, axis=-1)  # [N]  convention: argmax of the teacher *logits*, lowest index on ties
     onehot = np.arange(V)[None, :] == c[:, None]  # [N, V]
-    tau_lo, tau_hi, dlo, dhi = thresholds(p, valid, upper, lower, cfg["bounds"])
+    tau_lo, tau_hi, dlo, dhi = thresholds(p, valid, upper, lower, cfg["bounds"], onehot)
     beta = 1.0 / (cfg["gamma"] * (tau_hi - tau_lo) + cfg["eps"])  # [N]
     z1 = beta[:, None] * (p - tau_lo[:, None])  # [N, V]
     z2 = beta[:, None] * (tau_hi[:, None] - p)  # [N, V]
@@ -165,8 +187,9 @@ def _forward(t, s, upper, lower, cfg):  # [N, V], [N, V], [N], [N], dict -> dict
     else:
         kl = cross - A + B
     kept = np.sum(mk * p, -1)  # [N]
-    active = (cfg["rho_min"] - kept > 0) & cfg["floor"]  # [N] convention: relu'(0) = 0
-    reg = np.where(active, cfg["lam_m"] * (cfg["rho_min"] - kept), 0.0)
+    spanned = upper - lower if cfg["bounds"] == "nontarget" else kept  # what the floor holds up
+    active = (cfg["rho_min"] - spanned > 0) & cfg["floor"]  # [N] convention: relu'(0) = 0
+    reg = np.where(active, cfg["lam_m"] * (cfg["rho_min"] - spanned), 0.0)
     return dict(
         loss=kl + reg,
         kl=kl,
@@ -226,7 +249,8 @@ def dac_kl_grad(t, s, upper, lower, g=None, **cfg):  # [N, V], [N, V], [N], [N],
     else:
         ds = w * (q - p) + (A - B) * q
         G = p * d - p + q
-    G = G - np.where(f["active"][:, None], cfg["lam_m"] * p, 0.0)
+    if cfg["bounds"] != "nontarget":  # the floor on kept (nontarget: on upper - lower, added below)
+        G = G - np.where(f["active"][:, None], cfg["lam_m"] * p, 0.0)
     G = np.where(f["onehot"], 0.0, G) if cfg["target"] else G  # m_c is not used when target
     G = np.where(f["valid"], G, 0.0)
     if cfg["band"]:
@@ -245,6 +269,9 @@ def dac_kl_grad(t, s, upper, lower, g=None, **cfg):  # [N, V], [N, V], [N], [N],
         d_upper, d_lower = d_hi, d_lo
     else:
         d_upper, d_lower = d_lo, d_hi
+    if cfg["bounds"] == "nontarget":  # d/d(upper, lower) of lam_m (rho_min - (upper - lower)) where active
+        d_upper = d_upper - np.where(f["active"], cfg["lam_m"], 0.0)
+        d_lower = d_lower + np.where(f["active"], cfg["lam_m"], 0.0)
     return ds * g[:, None], d_upper * g, d_lower * g
 
 

@@ -50,7 +50,7 @@ def _inputs(seed, N, V, scale=3.0, kind="normal"):
 CFGS = [
     dict(bounds=b, target=tg, band=bd, normalize=nm, floor=fl)
     for b, tg, bd, nm, fl in itertools.product(
-        ["value", "mass"], [True, False], [True, False], [True, False], [True, False]
+        ["value", "mass", "nontarget"], [True, False], [True, False], [True, False], [True, False]
     )
 ]
 
@@ -93,6 +93,25 @@ def test_reference_hand_cases():
     with np.errstate(invalid="ignore", divide="ignore"):
         alogab = np.where(a > 0, a * np.log(a / b), 0.0)  # the masked-out target slot is 0 log 0/0 = 0
     assert_close(f["kl"], np.sum(alogab - a + b, -1), name="generalised KL")
+
+
+def test_reference_nontarget_band_does_not_depend_on_the_teacher_s_confidence():
+    # the same non-target shape under a target of 0.5, 0.9, 0.999: bounds="nontarget" keeps the same share
+    # of the non-target mass (both thresholds scale with it; exactly so with the band's eps = 0); "mass"
+    # keeps none once p_c > upper
+    rest = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    u, l = np.array([0.8]), np.array([0.2])
+    shares = {}
+    for pc in (0.5, 0.9, 0.999):
+        t = np.log(np.concatenate([[pc], (1 - pc) * rest]))[None]
+        f = R.dac_kl_parts(t, t, u, l, bounds="nontarget", eps=0.0)
+        shares[pc] = f["kept"][0] / (1 - pc)
+        want = R.mass_quantile(rest[None], rest[None] > 0, u)[0]  # the non-target shape's own quantile
+        assert_close(f["tau_lo"] / (1 - pc), want, name="lo")
+        if pc > u[0]:
+            assert R.dac_kl_parts(t, t, u, l, bounds="mass")["kept"][0] < 1e-6 * (1 - pc)
+    assert 0.3 < shares[0.5] < 0.8
+    assert_close(np.array([shares[0.9], shares[0.999]]), np.array([shares[0.5]] * 2), name="share")
 
 
 def test_reference_mass_quantile_by_hand():
@@ -303,6 +322,8 @@ FAST_CFGS = [
     dict(bounds="mass", target=False),
     dict(bounds="value", band=False),
     dict(bounds="mass", floor=False, normalize=False),
+    dict(bounds="nontarget"),
+    dict(bounds="nontarget", target=False, normalize=False),
 ]
 
 
@@ -315,7 +336,7 @@ def test_fast_modes(backend, cfg):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("kind", ["ties", "onehot", "uniform", "pad", "big"])
-@pytest.mark.parametrize("bounds", ["value", "mass"])
+@pytest.mark.parametrize("bounds", ["value", "mass", "nontarget"])
 def test_fast_nasty_teachers(backend, kind, bounds):
     t, s, u, l, g = _inputs(6, 3, 130, kind=kind)
     _run_fast(t, s, u, l, g, backend, bounds=bounds)
@@ -393,7 +414,7 @@ def test_triton_value_select_on_tied_and_signed_zero_logits():
     N=st.integers(1, 5),
     V=st.integers(2, 300),
     seed=st.integers(0, 2**16),
-    bounds=st.sampled_from(["value", "mass"]),
+    bounds=st.sampled_from(["value", "mass", "nontarget"]),
     target=st.booleans(),
     normalize=st.booleans(),
 )
@@ -414,7 +435,7 @@ def test_torch_backend_property(N, V, seed, bounds, target, normalize):
     N=st.integers(1, 3),
     V=st.integers(2, 200),
     seed=st.integers(0, 2**16),
-    bounds=st.sampled_from(["value", "mass"]),
+    bounds=st.sampled_from(["value", "mass", "nontarget"]),
 )
 @example(N=1, V=3, seed=2, bounds="mass")
 @example(N=1, V=2, seed=809, bounds="mass")  # fuzzing: a kept mass of 1.3e-30 in a sigmoid tail

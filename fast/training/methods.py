@@ -352,6 +352,7 @@ def _mgsr_objective(d, plan):
             upper=info["upper"].mean() if info["upper"].numel() else torch.zeros(()),
             lower=info["lower"].mean() if info["lower"].numel() else torch.zeros(()),
             kept=info["kept"].mean() if info["kept"].numel() else torch.zeros(()),
+            share=info["share"].mean() if info["share"].numel() else torch.zeros(()),
         )
     else:
         p = {k: v for k, v in (("alpha", cfg.skew_alpha), ("beta", 0.5)) if k in DIV_PARAMS[cfg.token_loss]}
