@@ -207,11 +207,12 @@ def test_mgsr_revises_fresh_samples_with_scrg_before_the_buffer(examples, monkey
         return out
 
     monkeypatch.setattr(fast.scrg, "scrg", scrg_spy)
-    d = Distiller(_cfg("mgsr-scrg3"), t, s)
+    d = Distiller(_cfg("mgsr-scrg3", gen_temperature=0.7), t, s)
     plan = d.plan(1, examples)
     ((resp_in, teacher, student, kw, (revised, positions)),) = calls
     ((_, _, (resp, ended)),) = spy.calls
     assert teacher is t and student is s and kw["frequency"] == 3
+    assert kw["temperature"] == 0.7  # SCRG re-generates at the samples' own temperature
     assert resp_in == [r + ([EOS] if e else []) for r, e in zip(resp, ended, strict=True)]  # the raw samples
     assert _responses(plan.seqs) == [list(r) for r in revised] and list(d.buffer) == plan.seqs
     assert plan.extra["scrg_positions"] == positions

@@ -112,6 +112,15 @@ def base_student(a, seed, L, valid) -> str:
     return path
 
 
+# how the baselines here differ from their papers' / DistiLLM's runs; every table names them so
+LABELS = {
+    "seqkd": "seqkd (CE on teacher samples drawn each step, not a fixed teacher-generated set)",
+    "imitkd": "imitkd (fresh student samples each step, no replay buffer)",
+    "gkd": "gkd (β 0.5, λ 0.5; fresh student samples, no replay buffer)",
+    "minillm": "minillm (a REINFORCE variant: one update per rollout, no PPO clipping)",
+    "sft": "sft = SFT(L) continued (the floor)",
+    "sft-full": "sft-full (SFT on the full ground truth: the ceiling)",
+}
 HEADLINE = ("test", "longer", "fresh")
 NEAR_FLOOR = ("unseen_templates", "unseen_families")
 DECODINGS = ("greedy", "sampled")
@@ -288,7 +297,7 @@ def table(summary: dict, dec: str, sets) -> str:
         for s in sets:
             r = row[s]
             cells += [f"{r['mean']:.1f}", _d(r["vs_floor"]), _d(r["vs_ref"]) if "vs_ref" in r else "–"]
-        lines.append(f"| {m} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {LABELS.get(m, m)} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -190,10 +190,11 @@ def _workload(dtypes):
                 q, k, v, causal=causal, window=window, backend="triton"
             )
             (out.float().sum() + lse.sum()).backward()
-        # DAC-KL: both bound semantics, the options that change the kernels
+        # DAC-KL: the three bound semantics, the options that change the kernels
         for cfg in (
             {"bounds": "value"},
             {"bounds": "mass"},
+            {"bounds": "nontarget"},
             {"bounds": "value", "normalize": False},
             {"bounds": "mass", "target": False},
         ):

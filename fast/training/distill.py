@@ -267,6 +267,7 @@ class Distiller:
             frequency=self.cfg.scrg_frequency,
             teacher_token=self.cfg.scrg_teacher_token,
             decode="sample",
+            temperature=self.cfg.gen_temperature,  # the samples' own temperature
             max_new_tokens=self.cfg.max_new_tokens,
             eos_id=eos,
             generator=_gen(self.cfg, step, self.rank, 4, self.micro),
