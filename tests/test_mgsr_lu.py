@@ -53,6 +53,16 @@ def test_paired_difference_interval_and_seed_spread():
     assert one == {"mean": 1.0, "lo": 1.0, "hi": 1.0, "sd": 0.0}
 
 
+def test_paired_interval_is_a_95_percent_bootstrap_interval():
+    # 1,000 prompts with differences 0..999: the standard error of the mean is sd / sqrt(n) = 9.13, so a 95 %
+    # interval is about 2 * 1.96 * 9.13 = 35.8 wide (a 90 % one 30.0); the bootstrap's own noise is ~3 %
+    x = {0: np.arange(1000.0)}
+    p = paired(x, {0: np.zeros(1000)}, [0], np.random.default_rng(1))
+    se = np.arange(1000.0).std() / math.sqrt(1000)
+    assert p["hi"] - p["lo"] == pytest.approx(2 * 1.96 * se, rel=0.08)
+    assert p["mean"] == pytest.approx(499.5) and p["lo"] < p["mean"] < p["hi"]
+
+
 def _rec(seed, test, longer, sampled_shift=0.0, sources=None, log=None):
     sc = {"test": test, "longer": longer}
     return {
