@@ -345,3 +345,32 @@ def test_text_data_validation_is_the_last_twentieth_and_disjoint(monkeypatch):
     for inp, lab in data.valid:
         w = bytes([*inp, lab[-1]]).decode()
         assert len(inp) == 32 and text.index(w) >= 4000 - n_val, "validation windows lie in the held-out tail"
+
+
+def _size(fam, prompt, response):
+    """What makes an input of each trained family longer (the family's own measure, tiny_models/tasks.py)."""
+    ints = [int(x) for x in re.findall(r"\d+", prompt)]
+    words = re.findall(r"[a-z]+", response.lower())
+    vocab = set(tasks.WORDS) | set(tasks.LONG_WORDS)
+    return {
+        "reverse": lambda: len(response),
+        "sort_numbers": lambda: len(ints),
+        "count_letter": lambda: max(len(w) for w in re.findall(r"[a-z]+", prompt) if w in vocab),
+        "add_word_problem": lambda: min(ints),
+        "subtract_word_problem": lambda: max(ints),
+        "fact_lookup": lambda: prompt.count(" lives in "),
+        "uppercase": lambda: len(words),
+        "number_to_words": lambda: ints[0],
+        "repeat_word": lambda: len(words),
+        "larger_number": lambda: min(ints),
+    }[fam]()
+
+
+def test_longer_inputs_are_longer_than_every_training_input_of_their_family():
+    # the documented property of the ``longer`` set, by value, with each family's own measure of length
+    ds = tasks.build_dataset(0, n_per_family=300, n_eval_per_family=60)
+    for fam in tasks.TRAIN_FAMILIES:
+        train = [_size(fam, e.prompt, e.response) for e in ds["train"] if e.family == fam]
+        longer = [_size(fam, e.prompt, e.response) for e in ds["longer"] if e.family == fam]
+        assert train and longer, fam
+        assert min(longer) > max(train), (fam, min(longer), max(train))
