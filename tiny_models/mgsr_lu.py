@@ -2,6 +2,7 @@
 
     python -m tiny_models.mgsr_lu --seeds 0 1 2 3 4 --steps 1500 --methods sft kd distillm mgsr sft-full \
         --runs runs/mgsr_lu --results tiny_models/results/mgsr_lu
+    python -m tiny_models.mgsr_lu --preset gpu --seeds 0 1 2 3 4 --runs runs/mgsr_lu_gpu --results ...  # CUDA
 
 The student sees ground-truth responses only for ``labelled`` examples per training family (L, about 20); the
 other training prompts form an unlabelled pool U (their responses are never read). Terms that need a
@@ -48,6 +49,48 @@ from tiny_models.tasks import IGNORE, TRAIN_FAMILIES, build_dataset, decode, exa
 
 CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
 STUDENT = GPTConfig(n_layer=2, n_head=2, n_embd=96, block_size=160)  # the shipped student's shape
+# ``--preset``: "cpu" distils the shipped teacher (4 x 192, 1.8 M parameters) into the shipped student's shape
+# (2 x 96) on one core; "gpu" trains a larger teacher first (8 x 512, about 25 M parameters, 6,000 steps of
+# 64 on the full ground truth, into <runs>/teacher) and distils it into a 4 x 256 student, on one CUDA device.
+# The grid (split, methods, steps, evaluation) is the same.
+PRESETS = {
+    "cpu": dict(teacher=None, student=STUDENT, device="cpu", threads=1),
+    "gpu": dict(
+        teacher=dict(n_layer=8, n_head=8, n_embd=512, steps=6000, batch_size=64, lr=1e-3, min_lr=1e-4),
+        student=GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=160),
+        device="cuda",
+        threads=None,
+    ),
+}
+
+
+def teacher_path(a) -> str:
+    """The preset's teacher: the shipped one, or (gpu) one trained once into ``<runs>/teacher``."""
+    spec = PRESETS[a.preset]["teacher"]
+    if spec is None:
+        return os.path.join(CKPT, "teacher.safetensors")
+    from tiny_models.train import TrainConfig, train
+
+    out = os.path.join(a.runs, "teacher")
+    path = os.path.join(out, "model.safetensors")
+    if not os.path.exists(os.path.join(out, "done")):
+        kw = {**spec, "steps": a.teacher_steps or spec["steps"]}
+        cfg = TrainConfig(
+            out_dir=out,
+            block_size=160,
+            warmup=100,
+            weight_decay=0.1,
+            beta2=0.95,
+            eval_every=max(kw["steps"] // 10, 1),
+            ckpt_every=max(kw["steps"] // 10, 1),
+            device=a.device,
+            progress=not a.no_progress,
+            resume=True,
+            **kw,
+        )
+        train(cfg)
+        open(os.path.join(out, "done"), "w").close()
+    return path
 
 
 def labelled_split(examples, per_family: int, seed: int):
@@ -101,12 +144,16 @@ def base_student(a, seed, L, valid) -> str:
         eval_examples=len(valid),
         ckpt_every=a.base_steps,
         progress=not a.no_progress,
-        device="cpu",
+        device=a.device,
         resume=True,
     )
-    model = GPT(STUDENT)
+    model = GPT(PRESETS[a.preset]["student"])
     sft.train(
-        cfg, model, _Examples(L, valid, 160), save_model=saver, world_rank_device=(1, 0, torch.device("cpu"))
+        cfg,
+        model,
+        _Examples(L, valid, 160),
+        save_model=saver,
+        world_rank_device=(1, 0, torch.device(a.device)),
     )
     open(os.path.join(out, "done"), "w").close()
     return path
@@ -187,7 +234,7 @@ def run(a, method, seed, split, sets) -> dict:
             return rec
     if not os.path.exists(os.path.join(out, "model.safetensors")) or _unfinished(out, a.steps):
         _train(a, method, seed, split, out)
-    model, _ = load_model(os.path.join(out, "model.safetensors"))
+    model, _ = load_model(os.path.join(out, "model.safetensors"), device=a.device)
     model.eval()
     log = read_log(out)
     rec = {"method": method, "seed": seed, "steps": a.steps, "samples": a.samples}
@@ -206,8 +253,8 @@ def _unfinished(out, steps) -> bool:
 
 def _train(a, method, seed, split, out) -> None:
     L, U, valid = split
-    teacher, _ = load_model(os.path.join(CKPT, "teacher.safetensors"))
-    student, _ = load_model(base_student(a, seed, L, valid))
+    teacher, _ = load_model(teacher_path(a), device=a.device)
+    student, _ = load_model(base_student(a, seed, L, valid), device=a.device)
     name = "sft" if method == "sft-full" else method
     train_set = as_pairs(L if method != "sft-full" else L + U)
     prompts = [(p, []) for p, _ in as_pairs(U)]  # responses hidden
@@ -224,7 +271,7 @@ def _train(a, method, seed, split, out) -> None:
         init_threshold=a.init_threshold,
         loss_eps=a.loss_eps,
         progress=not a.no_progress,
-        device="cpu",
+        device=a.device,
         resume=True,
     )
     fd.train(
@@ -417,9 +464,15 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=3, help="sampled decodings per prompt (T = 1)")
     p.add_argument("--runs", default="runs/mgsr_lu")
     p.add_argument("--results", default=None)
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), default="cpu", help="model sizes and device (PRESETS)"
+    )
+    p.add_argument("--device", default=None, help="override the preset's device")
+    p.add_argument("--teacher_steps", type=int, default=None, help="override the gpu preset's teacher steps")
     p.add_argument("--no_progress", action="store_true")
     a = p.parse_args(argv)
-    setup_process("cpu", 1)
+    a.device = a.device or PRESETS[a.preset]["device"]
+    setup_process(a.device, PRESETS[a.preset]["threads"] or 0)
     ds = build_dataset(0, n_eval_per_family=a.n_eval_per_family)
     sets = eval_sets(a.n_eval_per_family)
     results = {}
