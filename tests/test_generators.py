@@ -30,6 +30,7 @@ from tiny_models.recall import (
     mad_fuzzy_recall,
     mad_in_context_recall,
     mad_noisy_recall,
+    mad_recall,
     mqar,
     shakespeare_recall,
 )
@@ -376,3 +377,24 @@ def test_longer_inputs_are_longer_than_every_training_input_of_their_family():
         longer = [_size(fam, e.prompt, e.response) for e in ds["longer"] if e.family == fam]
         assert train and longer, fam
         assert min(longer) > max(train), (fam, min(longer), max(train))
+
+
+def test_generator_defaults_are_their_documented_baselines():
+    # each wrapper's docstring states its baseline (MAD's and Zoology's settings); called with its defaults it
+    # must draw exactly what the stated values draw
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b, strict=True))  # noqa: E731
+    assert same(
+        mqar(8, seq_len=64, num_kv_pairs=4, vocab_size=32, seed=1),
+        mqar(8, seq_len=64, num_kv_pairs=4, vocab_size=32, seed=1, power_a=0.01, random_filler=False),
+    )
+    assert same(
+        mad_in_context_recall(8, seed=1), mad_recall(8, seed=1, seq_len=128, vocab_size=16, frac_noise=0.0)
+    )
+    assert same(
+        mad_noisy_recall(8, seed=1),
+        mad_recall(8, seed=1, seq_len=128, vocab_size=32, noise_vocab_size=16, frac_noise=0.2),
+    )
+    assert same(
+        mad_fuzzy_recall(8, seed=1),
+        mad_recall(8, seed=1, seq_len=128, vocab_size=16, k_motif_size=3, v_motif_size=3),
+    )
