@@ -33,9 +33,11 @@ Choices (all [RECON]; the paper's method section was not available, alternatives
 
 Torch backend: a loop over chunks of ``TORCH_CHUNK`` queries; per chunk, the scores against every
 candidate (``[chunk, T]`` tokens or ``[chunk, ceil(T / B)]`` blocks) under no_grad, a *stable* descending
-sort (equal scores keep their index order: the lower index wins, exactly), a gather of the selected keys
-and values (``[chunk, top_k * B, D]``), the window keys of the chunk (``[chunk, chunk + w - 1]``), two
-partial attentions with their log-sum-exps and the merge
+sort (equal scores keep their index order: the lower index wins, exactly), the retrieved keys -- while the
+chunk has at most ``DENSE_RETRIEVED * top_k * B`` candidate keys, scored all at once with one product and the
+selection as a mask; beyond that a gather of each row's selected keys and values (``[chunk, top_k * B, D]``)
+-- and the window keys of the chunk (``[chunk, chunk + w - 1]``), two partial attentions with their
+log-sum-exps and the merge
 ``o = (e^{L_W} o_W + e^{L_R} o_R) / (e^{L_W} + e^{L_R})``. No ``[T, T]`` tensor beyond one chunk.
 
 Complexity per head (T tokens, w window, K = top_k, B = block_size, D head dim):
@@ -70,9 +72,14 @@ __all__ = [
     "update_block_summaries",
     "MODES",
     "TORCH_CHUNK",
+    "DENSE_RETRIEVED",
 ]
 
 TORCH_CHUNK = 128  # query rows per step of the torch backend
+# the torch backend's retrieved part scores a chunk's rows against all its candidate keys at once (one
+# shared product, the selection as a mask) while there are at most DENSE_RETRIEVED * top_k * block_size of
+# them, and gathers each row's selected keys beyond that (see _torch_match)
+DENSE_RETRIEVED = 8
 MODES = ("joint", "gated")
 
 
@@ -257,6 +264,16 @@ def _partial(s, mask, v):
     return out, lse[..., 0], has[..., 0]
 
 
+def _integrate(mode, o_w, lse_w, o_r, lse_r, has_r, gc, a, b):
+    """The window and retrieved partials of one chunk -> its output."""
+    if mode == "joint":  # one softmax over window u retrieved, from the two partials
+        lse = torch.logaddexp(lse_w, lse_r)  # lse_w is finite: a query always sees itself
+        return torch.exp(lse_w - lse)[..., None] * o_w + torch.exp(lse_r - lse)[..., None] * o_r
+    # gated; nothing retrieved: o = o_w and a zero gate gradient
+    g = torch.where(has_r, torch.sigmoid(gc[..., a:b]), torch.zeros_like(lse_r))
+    return o_w + g[..., None] * (o_r - o_w)
+
+
 def _torch_match(
     q,
     k,
@@ -319,14 +336,32 @@ def _torch_match(
             ok_w = ok_w & (key_valid[:, lo:hi][:, None, None, None] | (j[None, :] == pos[:, None]))
         s_w = (qg @ kc[:, :, None, lo:hi].transpose(-1, -2)) * scale  # [B, H_kv, G, c, L]
         o_w, lse_w, _ = _partial(s_w, ok_w, vc[:, :, None, None, lo:hi])  # [B, H_kv, G, c, D], [.., c]
-        if top_k == 0:  # nothing can be retrieved: sliding-window attention
+        n_cand = max(0, min(offset + b - window, Tk))  # candidate keys: j <= pos - w of the chunk's last row
+        if top_k == 0 or n_cand == 0:  # nothing can be retrieved: sliding-window attention
             if mode == "gated":  # keep the gate in the graph with an exactly zero gradient
                 zero = torch.zeros_like(lse_w)
                 o_w = o_w + torch.where(zero.bool(), torch.sigmoid(gc[..., a:b]), zero)[..., None]
             outs.append(o_w)
             continue
-        # --- retrieved part: gather the selected keys / values
+        # --- retrieved part
         c = b - a
+        if n_cand <= DENSE_RETRIEVED * top_k * block_size:
+            # few candidates: score the chunk's rows against all of them with one product and keep each
+            # row's selected blocks by a mask (a per-row gather of K * B keys would copy more than it saves)
+            nb = -(-n_cand // block_size)
+            sel = torch.zeros(B, Hkv, c, nb + 1, dtype=torch.bool, device=dev)
+            sel.scatter_(-1, torch.where(idx >= 0, idx, nb), True)  # an empty slot marks the spare column
+            j = torch.arange(n_cand, device=dev)
+            ok_r = sel[..., :nb].repeat_interleave(block_size, -1)[..., :n_cand] & (
+                j <= pos[:, None] - window
+            )
+            if key_valid is not None:
+                ok_r = ok_r & key_valid[:, None, None, :n_cand]
+            s_r = (qg @ kc[:, :, None, :n_cand].transpose(-1, -2)) * scale  # [B, H_kv, G, c, n_cand]
+            o_r, lse_r, has_r = _partial(s_r, ok_r[:, :, None], vc[:, :, None, None, :n_cand])
+            outs.append(_integrate(mode, o_w, lse_w, o_r, lse_r, has_r, gc, a, b))
+            continue
+        # many candidates: gather each row's selected keys / values
         if block_size == 1:
             tok = idx  # [B, H_kv, c, K]
             ok_r = idx >= 0
@@ -342,14 +377,7 @@ def _torch_match(
         v_r = v_rows.index_select(0, rows).view(B, Hkv, 1, c, M, D)
         s_r = (qg.unsqueeze(-2) @ k_r.transpose(-1, -2)).squeeze(-2) * scale  # [B, H_kv, G, c, M]
         o_r, lse_r, has_r = _partial(s_r, ok_r[:, :, None], v_r)
-        # --- integration
-        if mode == "joint":  # one softmax over window u retrieved, from the two partials
-            lse = torch.logaddexp(lse_w, lse_r)  # lse_w is finite: a query always sees itself
-            o = torch.exp(lse_w - lse)[..., None] * o_w + torch.exp(lse_r - lse)[..., None] * o_r
-        else:  # gated; nothing retrieved: o = o_w and a zero gate gradient
-            g = torch.where(has_r, torch.sigmoid(gc[..., a:b]), torch.zeros_like(lse_r))
-            o = o_w + g[..., None] * (o_r - o_w)
-        outs.append(o)
+        outs.append(_integrate(mode, o_w, lse_w, o_r, lse_r, has_r, gc, a, b))
     if return_idx:
         return torch.cat(idxs, dim=2)
     return torch.cat(outs, dim=3).reshape(B, Hq, Tq, D).to(q.dtype)

@@ -10,6 +10,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from fast import match
 from fast.attention import flash_attention
 from fast.match import (
     block_summaries,
@@ -404,6 +405,23 @@ def test_torch_chunks_and_scale(chunk, mode, bs):
     _check_fast(1, 2, 2, 50, 6, 5, 3, bs, mode, torch.float64, seed=chunk + bs, scale=0.37, chunk=chunk)
 
 
+@pytest.mark.parametrize("dense", [0, 10**6], ids=["gathered", "dense"])
+@pytest.mark.parametrize(
+    "G,T,w,K,bs,mode,dtype",
+    [
+        (2, 45, 5, 3, 4, "gated", torch.float32),  # GQA, a partial last block
+        (1, 40, 3, 5, 1, "joint", torch.bfloat16),  # tokens
+        (1, 30, 9, 5, 3, "gated", torch.float64),  # top_k beyond the candidate blocks
+        (3, 33, 4, 2, 2, "joint", torch.float64),
+    ],
+)
+def test_torch_retrieved_parts_vs_oracle(G, T, w, K, bs, mode, dtype, dense, monkeypatch):
+    # the torch backend scores few candidates densely (the selection as a mask) and gathers each row's
+    # selected keys otherwise: both against the oracle, forward and every gradient, chunks of 7 rows
+    monkeypatch.setattr(match, "DENSE_RETRIEVED", dense)
+    _check_fast(2, 2, G, T, 5, w, K, bs, mode, dtype, seed=T + K, chunk=7)
+
+
 @pytest.mark.parametrize("bs", [1, 2, 3])
 @pytest.mark.parametrize("G", [1, 3])
 def test_torch_ties_go_to_the_lower_index(bs, G):
@@ -505,8 +523,10 @@ def test_decode_equals_last_row(mode, bs, G):
             assert_close(out, full[:, :, t : t + 1], name=f"decode t={t}")
 
 
+@pytest.mark.parametrize("dense", [0, 10**6], ids=["gathered", "dense"])
 @pytest.mark.parametrize("bs,pad", [(1, 3), (1, 4), (2, 4), (3, 6)])
-def test_padding_and_longer_keys(bs, pad):
+def test_padding_and_longer_keys(bs, pad, dense, monkeypatch):
+    monkeypatch.setattr(match, "DENSE_RETRIEVED", dense)  # both retrieved parts of the torch backend
     # left padding (any amount for tokens, a multiple of the block size for blocks): the valid rows equal
     # the unpadded computation
     T, D, w, K = 21, 4, 3, 2
