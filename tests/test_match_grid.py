@@ -179,6 +179,18 @@ def test_grid_runs_each_config_once_and_resumes(tmp_path, monkeypatch):
     assert all(r["n_seeds"] == 1 for r in rows) and mg.markdown_table(rows).count("\n") == len(rows) + 1
 
 
+def test_grid_budget_matched_window_attends_the_largest_match_budget():
+    # the second SWA baseline sees w + max(top_k) * block_size keys: what the largest MATCH run attends
+    spec = mg.GridSpec(window=8, top_ks=(1, 3, 2), block_size=5, seeds=(0, 1), pairs=(4, 8))
+    runs = mg.grid_runs(spec)
+    sliding = {c.window for c in runs if c.attention == "sliding"}
+    assert sliding == {8, 8 + 3 * 5}
+    kws = [dict(c.attn_kwargs) for c in runs if c.attn_kwargs]
+    assert max(sliding) == spec.window + max(kw["top_k"] * kw["block_size"] for kw in kws)
+    names = {mg.run_name(c).split("_")[3] for c in runs if c.attention == "sliding"}
+    assert names == {"sliding8", "sliding23"}
+
+
 CKPTS = [pathlib.Path(mg.CKPT_DIR) / f"{n}.safetensors" for n in ("full", "swa", "match")]
 
 
