@@ -29,8 +29,10 @@ def evaluate(model: GPT, x: torch.Tensor, y: torch.Tensor, *, batch: int = 256) 
     return {"acc": float(c.float().mean()), "correct": c, "dist": d}
 
 
-def train_run(cfg: RunConfig, *, progress: bool = True, log=None) -> dict:
+def train_run(cfg: RunConfig, *, progress: bool = True, log=None, init: dict | None = None) -> dict:
     """Train one model; returns a dict: model, acc, curve [(step, acc)], steps, time_s, num_params, eval.
+    ``init``: a state dict to start from (a fine-tune: the weights of a run trained with another attention;
+    fresh AdamW state and schedule).
 
     The step loop and the schedule are ``fast.training``'s (``run_loop``, ``lr_at``): fresh batches every
     step, cross-entropy on the labelled positions only, clipping at 1, evaluation every ``eval_every`` steps
@@ -39,6 +41,8 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log=None) -> dict:
     training_config(cfg)  # bad training options fail before the model is built
     torch.manual_seed(cfg.seed)
     model = new_model(cfg)
+    if init is not None:
+        model.load_state_dict(init, strict=True)
     opt = adamw(model, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     xe, ye = heldout(cfg)
     curve: list[tuple[int, float]] = []
