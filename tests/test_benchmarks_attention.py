@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 from benchmarks import attention as bench
 
 
@@ -23,3 +25,17 @@ def test_allowed_pairs_matches_mask_count():
 
     for T, w in ((10, None), (10, 3), (10, 10), (7, 1), (5, 9)):
         assert bench.allowed_pairs(T, w) == int(attention_mask(T, causal=True, window=w).sum())
+
+
+def test_eager_ratio_and_tflops_from_the_medians(monkeypatch):
+    # fake medians: eager fwd 6, fwd+bwd 12, then ours 2 and 3 (ms): the notes say 3.00x and 4.00x eager,
+    # and each row's TFLOP/s is its flop count over its own median
+    seq = iter([6.0, 12.0, 2.0, 3.0])
+    monkeypatch.setattr(bench, "median_ms", lambda f, **kw: next(seq, 1.0))
+    rows = bench.run(device="cpu", quick=True)
+    first = rows[2:4]  # the first case's torch-blocked rows, after its two eager rows
+    assert [r["impl"] for r in rows[:4]] == ["eager", "eager", "torch-blocked", "torch-blocked"]
+    assert [r["note"].split(";")[0] for r in first] == ["3.00x eager", "4.00x eager"]
+    # TFLOP/s = flops / median, the backward counted as 2.5 forwards: tflops x ms is 3.5 times larger for it
+    work = [r["tflops"] * r["median_ms"] for r in first]
+    assert work[1] == pytest.approx(3.5 * work[0])

@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 from benchmarks import match as bench
 
 
@@ -55,3 +57,29 @@ def test_the_cost_model_counts_what_the_kernels_do(capsys):
     out = capsys.readouterr().out
     assert "MATCH total" in out and s["match_over_swa"] > 1 and s["sdpa_over_match"] > 1
     assert abs(s["match_ms"] - sum(r["ms"] for r in mc.match_step(1, 16, 16, 32768, 64, 512, 8, 64))) < 1e-9
+
+
+def test_the_ratio_notes_divide_the_right_medians(monkeypatch):
+    # fake medians in the order the script measures them (per case: full, swa, match; fwd then fwd+bwd)
+    per_case = [10.0, 20.0, 2.0, 4.0, 3.0, 8.0]
+    seq = iter(per_case * 2)
+    monkeypatch.setattr(bench, "median_ms", lambda f, **kw: next(seq, 1.0))
+    rows = bench.run(device="cpu", quick=True)
+    notes = [r["note"] for r in rows if r["impl"] == "ratios"]
+    assert [n.split(" longest")[0] for n in notes] == [
+        "MATCH/SWA=1.50 full/MATCH=3.33",  # fwd: 3 / 2, 10 / 3
+        "MATCH/SWA=2.00 full/MATCH=2.50",  # fwd+bwd: 8 / 4, 20 / 8
+    ] * 2
+
+
+def test_median_ms_is_the_median_of_the_timed_calls_after_the_warmup(monkeypatch):
+    from benchmarks import _timing
+
+    clock, durations = [0.0], iter([9.0, 9.0, 0.005, 0.001, 0.100, 0.002, 0.003])  # seconds per call
+    monkeypatch.setattr(_timing.time, "perf_counter", lambda: clock[0])
+
+    def fn():
+        clock[0] += next(durations)
+
+    assert _timing.median_ms(fn, device="cpu", warmup=2, rep=5) == pytest.approx(3.0)  # ms; warm-up untimed
+    assert _timing.fmt_table([{"a": 1.23456, "b": None}], ["a", "b"]).splitlines()[-1] == "| 1.235 |  |"
