@@ -342,20 +342,44 @@ def test_markdown_table_cells():
     lines = reports.markdown_table(rows).split("\n")
     assert len(lines) == 2 + len(rows)
     full = statistics.fmean([0.9, 0.7, 0.8]), statistics.stdev([0.9, 0.7, 0.8])
+    # cost columns, per head (D = 64 / 2 = 32) and layer over T = 128 queries: full attention attends
+    # 128 * 129 / 2 pairs at 4 D flops each; MATCH block B=4 w=8 top_k=1 scores, for t >= 8, the
+    # (t - 8) // 4 + 1 candidate blocks at 2 D flops each (sum 1,860) plus the summaries (D per key), and
+    # keeps 12 bytes per query and slot
+    f_full = 4 * 32 * (128 * 129 // 2) / 1e6
+    pairs_blk = sum(min(t + 1, 8) + min(4, t + 1 - min(t + 1, 8)) for t in range(128))
+    sel = sum((t - 8) // 4 + 1 for t in range(8, 128))
+    assert sel == 1860
+    cost_full = f"{f_full:.2f} | 0.00 | 0.0"
+    cost_blk = (
+        f"{4 * 32 * pairs_blk / 1e6:.2f} | {(2 * 32 * sel + 32 * 128) / 1e6:.2f} | {12 * 128 / 1024:.1f}"
+    )
     assert (
-        f"| mqar | full | 128 | 8 | 3 | {100 * full[0]:.1f} ± {100 * full[1]:.1f} | 1.000 | 200 | 30 |"
-        in lines
+        f"| mqar | full | 128 | 8 | 3 | {100 * full[0]:.1f} ± {100 * full[1]:.1f} | 1.000 | {cost_full} "
+        "| 200 | 30 |" in lines
     )
     att = plugin.attended_fraction(128, "match", 8, MATCH_BLK)
     assert (
-        f"| mqar | SWA w=8 + MATCH block B=4 gated top_k=1 | 128 | 8 | 1 | 50.0 | {att:.3f} | 100 | 20 |"
-        in lines
+        f"| mqar | SWA w=8 + MATCH block B=4 gated top_k=1 | 128 | 8 | 1 | 50.0 | {att:.3f} | {cost_blk} "
+        "| 100 | 20 |" in lines
     )
-    assert "| mad_noisy | full | 128 | – | 1 | 95.0 | 1.000 | 100 | 20 |" in lines
+    assert f"| mad_noisy | full | 128 | – | 1 | 95.0 | 1.000 | {cost_full} | 100 | 20 |" in lines
 
 
 # ----------------------------------------------------------------------------------------------------
 # attended fraction
+
+
+def test_token_retrieval_scores_every_out_of_window_key():
+    # token MATCH (w = 8) scores keys j <= t - 8 for every t >= 8: 1 + 2 + ... + 120 pairs at 2 D flops; a
+    # sliding window scores nothing, and top_k only changes the attended pairs and the extra bytes
+    c = plugin.attention_cost(128, "match", 8, MATCH_TOK, head_dim=32)
+    assert c["select_flops"] == 2 * 32 * (120 * 121 // 2) and c["extra_bytes"] == 12 * 2 * 128
+    assert plugin.attention_cost(128, "sliding", 8, (), head_dim=32) == {
+        "attn_flops": 4 * 32 * sum(min(t + 1, 8) for t in range(128)),
+        "select_flops": 0,
+        "extra_bytes": 0,
+    }
 
 
 def _attended_by_hand(T, attention, window, top_k=0, block_size=1):

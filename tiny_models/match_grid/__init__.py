@@ -44,6 +44,7 @@ from tiny_models.match_grid.model import (  # noqa: F401
 )
 from tiny_models.match_grid.plugin import (  # noqa: F401
     attended_fraction,
+    attention_cost,
     plugin_eval,
     plugin_pairs,
     plugin_table,

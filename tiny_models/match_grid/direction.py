@@ -34,7 +34,7 @@ import sys
 
 from tiny_models.match_grid.config import TASK_DEFAULTS, RunConfig, heldout
 from tiny_models.match_grid.model import load_run, save_run, use_match_chunk
-from tiny_models.match_grid.plugin import swapped
+from tiny_models.match_grid.plugin import attention_cost, swapped
 from tiny_models.match_grid.reports import by_distance
 from tiny_models.match_grid.run import evaluate, train_run
 
@@ -90,6 +90,9 @@ def run_task_seed(task: str, seed: int, a) -> dict:
 
     def record(v, cfg, model, trained=None, **extra):
         rec = {"variant": v, "task": task, "seed": seed, "config": dataclasses.asdict(cfg), **extra}
+        rec["cost"] = attention_cost(
+            cfg.seq_len, cfg.attention, cfg.window, cfg.attn_kwargs, head_dim=cfg.n_embd // cfg.n_head
+        )
         rec.update(score(model, cfg, a.window))
         if trained is not None:
             rec.update(steps=trained["steps"], curve=trained["curve"], time_s=round(trained["time_s"], 1))

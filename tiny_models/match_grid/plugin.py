@@ -35,6 +35,41 @@ def attended_fraction(seq_len: int, attention: str, window: int | None, attn_kwa
     return num / den
 
 
+def attention_cost(
+    seq_len: int, attention: str, window: int | None, attn_kwargs=(), head_dim: int = 1
+) -> dict:
+    """Per head and layer over one sequence of ``seq_len`` queries (multiply-adds counted as 2 FLOPs):
+
+    * ``attn_flops``: ``4 D`` per attended (query, key) pair (``q.k`` and ``p v``), forward;
+    * ``select_flops``: MATCH's scoring, ``2 D`` per (query, candidate): every out-of-window key for token
+      retrieval (an O(T^2) ``q k^T``), every out-of-window block summary for block retrieval, plus the
+      summaries themselves (``D`` per key);
+    * ``extra_bytes``: what MATCH keeps per query beyond attention's: the selection (int64) and, in the
+      Triton path, one fp32 log-sum-exp per slot (``12 top_k`` bytes).
+    The attended pairs are those of :func:`attended_fraction`."""
+    kw = dict(attn_kwargs)
+    K, bs = kw.get("top_k", 0), kw.get("block_size", 1)
+    pairs = select = 0
+    for t in range(seq_len):
+        full = t + 1
+        if attention == "full" or window is None:
+            seen = full
+        else:
+            seen = min(full, window)
+            if attention == "match":
+                seen += min(K * bs, full - seen)
+                if t >= window:  # candidates: keys j <= t - w, or the blocks that start there
+                    select += (t - window + 1) if bs == 1 else (t - window) // bs + 1
+        pairs += seen
+    D = head_dim
+    match = attention == "match" and K > 0
+    return {
+        "attn_flops": 4 * D * pairs,
+        "select_flops": (2 * D * select + (D * seq_len if bs > 1 else 0)) if match else 0,
+        "extra_bytes": 12 * K * seq_len if match else 0,
+    }
+
+
 def swapped(model: RecallGPT, *, attention: str, window: int | None, attn_kwargs=()) -> RecallGPT:
     """A copy of ``model`` with the same weights and another attention (no retraining)."""
     cfg = dataclasses.replace(model.cfg, attention=attention, window=window, attn_kwargs=tuple(attn_kwargs))

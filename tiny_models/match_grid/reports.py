@@ -50,6 +50,7 @@ def summarise(results: list[dict]) -> list[dict]:
                 "acc_mean": float(a.mean()),
                 "acc_std": float(a.std()) if len(rs) > 1 else 0.0,
                 "attended": rs[0]["attended"],
+                "cost": _cost(rs[0]["config"]),
                 "steps_mean": sum(r["steps"] for r in rs) / len(rs),
                 "time_s_mean": sum(r["time_s"] for r in rs) / len(rs),
                 "by_distance": _merge_dist([r["by_distance"] for r in rs]),
@@ -59,6 +60,15 @@ def summarise(results: list[dict]) -> list[dict]:
     for r in rows:
         r.pop("config")
     return rows
+
+
+def _cost(cfg: dict) -> dict:
+    """``attention_cost`` of a run's attention, per head and layer over one sequence."""
+    from tiny_models.match_grid.plugin import attention_cost
+
+    kw = tuple(tuple(p) for p in cfg["attn_kwargs"])
+    hd = cfg["n_embd"] // cfg["n_head"]
+    return attention_cost(cfg["seq_len"], cfg["attention"], cfg["window"], kw, head_dim=hd)
 
 
 def _order(cfg: dict) -> tuple:
@@ -79,18 +89,22 @@ def _merge_dist(lists) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
+    """One row per model; the cost columns are per head and layer over one sequence (``attention_cost``):
+    attention and selection MFLOP (forward) and MATCH's extra memory in KB."""
     lines = [
-        "| task | model | T | pairs | seeds | accuracy % (mean ± std) | attended fraction | steps (mean) "
-        "| time/run (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | model | T | pairs | seeds | accuracy % (mean ± std) | attended fraction "
+        "| attention MFLOP | selection MFLOP | extra KB | steps (mean) | time/run (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        c = r["cost"]
         pairs = r["pairs"] if r["task"] == "mqar" else "–"
         acc = f"{100 * r['acc_mean']:.1f}" + (f" ± {100 * r['acc_std']:.1f}" if r["n_seeds"] > 1 else "")
         lines.append(
             f"| {r['task']} | {r['model']} | {r['seq_len']} | {pairs} | {r['n_seeds']} | "
             f"{acc} | "
             f"{r['attended']:.3f} | "
+            f"{c['attn_flops'] / 1e6:.2f} | {c['select_flops'] / 1e6:.2f} | {c['extra_bytes'] / 1024:.1f} | "
             f"{r['steps_mean']:.0f} | {r['time_s_mean']:.0f} |"
         )
     return "\n".join(lines)
