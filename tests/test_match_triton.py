@@ -533,6 +533,18 @@ def test_retrieved_paths_match_oracle(
     assert took == want
 
 
+@pytest.mark.parametrize("dT", [-1, 0, 1, 2])  # T = w - 1, w, w + 1 (the first candidate exists), w + 2
+@pytest.mark.parametrize("path,bs", [("gathered", 1), ("gathered", 2), ("block-major", 16)])
+@pytest.mark.parametrize("mode", ["joint", "gated"])
+def test_lengths_around_the_first_candidate(path, bs, mode, dT):
+    # at T = w + 1 only the last query has a candidate (key 0 / block 0) and it sits at the end of a tile:
+    # forward and every gradient against the oracle, both retrieved paths
+    w = 16
+    check_all(
+        1, 2, 1, w + dT, 16, w, 2, bs, mode, torch.float32, seed=w + dT, block_major=path == "block-major"
+    )
+
+
 @pytest.mark.parametrize("mode", ["joint", "gated"])
 def test_block_major_equals_gathered(monkeypatch, mode):
     # same inputs, both paths: forward and every gradient agree to fp32 rounding (the merge order differs);
