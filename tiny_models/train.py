@@ -35,6 +35,7 @@ class TrainConfig(SFTConfig):
     n_embd: int = 64
     attention: str = "full"
     window: int | None = None
+    attn_kwargs: tuple = ()  # MATCH options, (name, value) pairs; command line: "top_k=8,block_size=32"
     # data: "instruct" (tiny_models.tasks) or "shakespeare" (LM on the plays)
     data: str = "instruct"
     data_seed: int = 0
@@ -52,7 +53,21 @@ class TrainConfig(SFTConfig):
             block_size=self.block_size,
             attention=self.attention,
             window=self.window,
+            attn_kwargs=parse_kv(self.attn_kwargs),
         )
+
+
+def parse_kv(kv) -> tuple:
+    """``(name, value)`` pairs from a tuple of pairs or a ``"name=value,name=value"`` string (ints parsed)."""
+    if not isinstance(kv, str):
+        return tuple(tuple(p) for p in kv)
+    out = []
+    for item in filter(None, (x.strip() for x in kv.split(","))):
+        name, _, value = item.partition("=")
+        if not name or not value:
+            raise ValueError(f"attn_kwargs: expected name=value, got {item!r}")
+        out.append((name, int(value) if value.lstrip("-").isdigit() else value))
+    return tuple(out)
 
 
 class InstructData:
