@@ -61,6 +61,8 @@ def parse_kv(kv) -> tuple:
     """``(name, value)`` pairs from a tuple of pairs or a ``"name=value,name=value"`` string (ints parsed)."""
     if not isinstance(kv, str):
         return tuple(tuple(p) for p in kv)
+    if kv.strip() in ("", "()", "none"):
+        return ()
     out = []
     for item in filter(None, (x.strip() for x in kv.split(","))):
         name, _, value = item.partition("=")

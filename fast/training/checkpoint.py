@@ -103,7 +103,7 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict, prefix: str, param
 
 def check_same_run(saved: dict, cfg, free: set, path: str) -> None:
     """A run resumes only under the config it was started with, up to the fields in ``free``."""
-    now = dataclasses.asdict(cfg)
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as saved: tuples read back as lists
     diff = {k: (saved.get(k), now[k]) for k in now if k not in free and saved.get(k) != now[k]}
     if diff:
         raise CheckpointError(f"cannot resume from {path}: the run config differs (saved, now): {diff}")
