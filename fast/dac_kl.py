@@ -816,7 +816,11 @@ class DACKL(nn.Module):
         N = t.shape[0]
         if self.mlp is None:
             u, l = self.fixed_bounds
-            return (torch.full((N,), float(u), device=t.device), torch.full((N,), float(l), device=t.device))
+            dt = torch.promote_types(t.dtype, torch.float32)  # fp64 teachers get fp64 levels
+            return (
+                torch.full((N,), float(u), device=t.device, dtype=dt),
+                torch.full((N,), float(l), device=t.device, dtype=dt),
+            )
         x = teacher_features(t, self.k).to(self.mlp[0].weight.dtype)
         a, b = self.mlp(x).unbind(-1)
         upper = self.u_min + (1.0 - self.u_min) * torch.sigmoid(a)

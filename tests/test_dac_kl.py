@@ -495,6 +495,18 @@ def test_module_matches_reference_mlp_and_trains_bounds():
     assert_close(mod.mlp[0].weight.grad.T, grads["W1"], dtype=torch.float32, name="dW1")
 
 
+@pytest.mark.parametrize("bounds", ["value", "nontarget"])
+def test_module_logs_kept_mass_and_its_share_of_the_non_target_mass(bounds):
+    # kept = sum over v != c of m_v p_v (the oracle's), share = kept / (1 - p_c), per token
+    mod = DACKL(fixed_bounds=(0.8, 0.3), backend="torch", bounds=bounds).double()
+    t, s, u, l, _ = _inputs(11, 5, 37)
+    _, info = mod(torch.tensor(t), torch.tensor(s))
+    f = R.dac_kl_parts(t, s, np.full(5, 0.8), np.full(5, 0.3), bounds=bounds)
+    r = 1.0 - f["p"].max(-1)
+    assert_close(info["kept"], f["kept"], name="kept")
+    assert_close(info["share"], f["kept"] / r, name="share")
+
+
 def test_module_fixed_bounds_and_mask():
     mod = DACKL(fixed_bounds=(0.9, 0.2), backend="torch")
     assert mod.mlp is None and len(list(mod.parameters())) == 0
