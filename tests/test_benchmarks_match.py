@@ -83,3 +83,16 @@ def test_median_ms_is_the_median_of_the_timed_calls_after_the_warmup(monkeypatch
 
     assert _timing.median_ms(fn, device="cpu", warmup=2, rep=5) == pytest.approx(3.0)  # ms; warm-up untimed
     assert _timing.fmt_table([{"a": 1.23456, "b": None}], ["a", "b"]).splitlines()[-1] == "| 1.235 |  |"
+
+
+def test_the_cost_model_prices_causal_sdpa_and_the_window_by_their_pairs():
+    # compute-bound shapes: causal SDPA attends T (T + 1) / 2 ~ T^2 / 2 pairs per head at 4 D flops (forward),
+    # the backward 2.5 times that; the sliding window attends T w pairs
+    from benchmarks import match_cost as mc
+
+    B, H, T, D, w = 1, 16, 32768, 64, 512
+    _, s = mc.report(B, H, H, T, D, w, 8, 64)
+    sdpa_flops = 3.5 * 4 * D * B * H * T * T / 2
+    assert s["sdpa_ms"] == pytest.approx(sdpa_flops / mc.PEAK_TC * 1e3 + 2 * mc.LAUNCH_S * 1e3, rel=1e-3)
+    win = mc.window_parts(B, H, H, T, D, w)
+    assert sum(r["flops"] for r in win) == pytest.approx(3.5 * 4 * D * B * H * T * w)
