@@ -153,3 +153,21 @@ def test_driver_end_to_end(tmp_path):
     (runs / "kd" / "seed0" / "eval.json").unlink()
     mgsr_lu.main([*argv, "--no_progress"])
     assert log.read_text() == before and (runs / "kd" / "seed0" / "eval.json").exists()
+
+
+def test_score_greedy_and_the_mean_of_sampled_decodings_with_shared_seeds(monkeypatch):
+    # greedy once, then `samples` decodings at T = 1 with the seeds 1000, 1001, ...; sampled = their mean
+    calls = []
+
+    def fake(model, exs, *, temperature=0.0, seed=0, max_new_tokens=48):
+        calls.append((temperature, seed))
+        # decoding k returns the reference for the first k + 1 prompts (greedy: none), garbage elsewhere
+        k = -1 if temperature == 0 else seed - 1000
+        return [e.response if i <= k else "zzz" for i, e in enumerate(exs)]
+
+    monkeypatch.setattr(mgsr_lu, "generate_responses", fake)
+    exs = build_dataset(0, n_per_family=40, n_eval_per_family=1)["test"][:3]
+    out = mgsr_lu.score(None, {"test": exs}, samples=2)
+    assert calls == [(0.0, 0), (1.0, 1000), (1.0, 1001)]
+    assert out["greedy"]["test"] == [0.0, 0.0, 0.0]
+    assert out["sampled"]["test"] == pytest.approx([100.0, 50.0, 0.0])  # right in 2, 1 and 0 of 2 decodings
