@@ -16,7 +16,7 @@ seqkd          teacher samples (T = 1)                                      CE
 rkl            ground truth                                                 reverse KL
 imitkd         student samples (T = 1)                                      forward KL
 gkd            student samples with prob. ``gkd_lambda``, else ground truth generalised JSD(beta)
-minillm        samples of the teacher-mixed policy ``a p + (1 - a) q``       reverse KL by policy gradient
+minillm        samples of the teacher-mixed policy ``a p + (1 - a) q``       reverse KL, REINFORCE (no PPO)
 distillm       adaptive off-policy: ground truth / fresh student / replay   skew forward KL (alpha = 0.1)
 mgsr           distillm's loop, SCRG on fresh student samples               CE(gt) + DAC-KL + span
 =============  ===========================================================  ============================
@@ -440,7 +440,7 @@ _BASE = [
     Method(
         "minillm",
         "teacher-mixed policy samples",
-        "reverse KL by policy gradient",
+        "reverse KL by REINFORCE (a variant of MiniLLM: no PPO epochs or clipping)",
         _minillm_build,
         _minillm_objective,
     ),
