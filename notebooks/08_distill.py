@@ -122,12 +122,13 @@ if pos:
 # (greedy, 32 validation prompts) every 10 steps. MGSR's adaptive sampler starts at threshold `INIT_THRESHOLD`
 # (0.5 here), so about half of the steps train on SCRG-revised student samples.
 #
-# The right panel's `token` curve is DAC-KL as the trainer logs it, and here it is **not a KL**: it is the
-# kept-mass floor's penalty `rho_min − kept = 0.5 − kept` with a kept mass of at most a few 1e-4, plus a clipped
-# KL of a few thousandths (at the default parameters; the check allows up to 0.01 and 0.05). The
-# value-quantile band keeps almost none of the teacher's mass on these peaked byte-level distributions (next
-# cell, and `docs/mgsr.md`), and a band that holds only the target entry has a KL of 0. The cell after the
-# plot splits the term.
+# The right panel's `token` curve is DAC-KL as the trainer logs it, with the training default `bounds="nontarget"`:
+# the band's levels are shares of the teacher's *non-target* mass (the target class has its own entry), so on these
+# confident byte-level teachers it keeps a real part of the distribution (the logged `share`, a third or so), and
+# the term is a KL of the clipped distributions plus the floor's penalty `0.5 − (u − l)` while the levels span
+# less than half of the non-target mass. With the value-quantile bounds of the first grid the band kept almost
+# none of the teacher's mass and the term was nearly all floor (`docs/mgsr.md`). The cell after the plot prints
+# the kept mass and its share.
 
 # %%
 runs = {}
@@ -160,7 +161,7 @@ for method, recs in runs.items():
 ax[0].set_xlabel("step")
 ax[0].set_ylabel("validation ROUGE-L (greedy)")
 ax[0].legend()
-LABELS = {"sft": "sft", "token": "token (DAC-KL: floor 0.5 − kept, + KL)", "span": "span"}
+LABELS = {"sft": "sft", "token": "token (DAC-KL, + the floor's penalty)", "span": "span"}
 for part in ("sft", "token", "span"):
     ax[1].plot(
         [r["step"] for r in runs["mgsr"]],
@@ -176,14 +177,13 @@ plt.show()
 # %%
 recs = runs["mgsr"]
 kept = np.array([r["kept"] for r in recs])
-kl_part = np.array([r["token"] - (0.5 - r["kept"]) for r in recs])  # what is left after the floor's penalty
+share = np.array([r["share"] for r in recs])
+span = np.array([r["upper"] - r["lower"] for r in recs])
 print(
-    f"MGSR token term: kept mass at most {kept.max():.1e}; token − (0.5 − kept): median {np.median(kl_part):.4f}, "
-    f"max {kl_part.max():.3f}"
+    f"MGSR token term: kept teacher mass median {np.median(kept):.1e}, its share of the non-target mass median "
+    f"{np.median(share):.2f}; mean levels span u − l = {np.median(span):.2f} of it"
 )
-assert kept.max() < 0.01 and np.median(kl_part) < 0.05, (
-    "the token term is mostly the floor's penalty, not a KL"
-)
+assert np.median(share) > 0.1, "the non-target band keeps a real share of the non-target mass"
 student_steps = sum(r["source"] != "gt" for r in recs)
 th = float(np.mean([r["threshold"] for r in recs]))
 tol = 3 * np.sqrt(th * (1 - th) / len(recs)) + 1e-9
@@ -194,16 +194,15 @@ assert all(r["source"] == "gt" for r in runs["kd"]), "KD trains on the ground tr
 assert abs(student_steps / len(recs) - th) <= tol, "the student-data fraction follows the threshold"
 
 # %% [markdown]
-# The DAC-KL diagnostics of the same run: the bounds sub-network's mean upper/lower quantile levels and the
-# teacher mass kept by the band (see `docs/mgsr.md` for why the kept mass is near 0 on these peaked
-# byte-level distributions with value-quantile bounds).
+# The DAC-KL diagnostics of the same run: the bounds sub-network's mean upper/lower levels (shares of the
+# non-target mass), the teacher mass kept by the band and its share of the non-target mass.
 
 # %%
 for r in runs["mgsr"][::10]:
     print(
         {
             k: round(r[k], 3) if isinstance(r[k], float) else r[k]
-            for k in ("step", "source", "upper", "lower", "kept")
+            for k in ("step", "source", "upper", "lower", "kept", "share")
             if k in r
         }
     )
