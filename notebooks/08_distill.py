@@ -124,7 +124,7 @@ if pos:
 #
 # The right panel's `token` curve is DAC-KL as the trainer logs it, with the training default `bounds="nontarget"`:
 # the band's levels are shares of the teacher's *non-target* mass (the target class has its own entry), so on these
-# confident byte-level teachers it keeps a real part of the distribution (the logged `share`, a third or so), and
+# confident byte-level teachers it keeps a real part of the distribution (the logged `share`: a third to a half), and
 # the term is a KL of the clipped distributions plus the floor's penalty `0.5 − (u − l)` while the levels span
 # less than half of the non-target mass. With the value-quantile bounds of the first grid the band kept almost
 # none of the teacher's mass and the term was nearly all floor (`docs/mgsr.md`). The cell after the plot prints
