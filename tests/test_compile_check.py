@@ -99,3 +99,22 @@ def test_every_autotune_config_is_compiled_only_in_the_full_check(all_configs):
     with compile_instead_of_launch(CompileLog(), all_configs=all_configs):
         at.Autotuner.run(Tuner(), 1, 2, grid=(1,), warmup=False)
     assert seen == ([16, 32, 64] if all_configs else [16])
+
+
+def test_kernel_arguments_are_typed_as_triton_types_them():
+    # the signature compile_check compiles: a bool is i1 (not an int), ints by range, floats fp32, tensors
+    # by dtype
+    from fast.devtools import compile_check as cc
+
+    assert [cc._arg_type(v) for v in (True, False, 3, -(2**31), 2**31, 0.5, None)] == [
+        "i1",
+        "i1",
+        "i32",
+        "i32",
+        "i64",
+        "fp32",
+        "constexpr",
+    ]
+    assert cc._arg_type(torch.zeros(1, dtype=torch.bfloat16)) == "*bf16"
+    with pytest.raises(TypeError):
+        cc._arg_type("a string")

@@ -35,6 +35,20 @@ def test_each_sampling_seed_reaches_the_generator(monkeypatch):
     assert seen == [4]  # greedy: one run, its std 0
 
 
+def test_evaluate_reports_the_mean_and_sample_std_over_sampling_seeds(monkeypatch):
+    # per seed a known ROUGE-L (10, 20, 60): the row's mean is 30 and its std the sample std over seeds
+    # (ddof 1: 26.46), not the population one (21.60)
+    per_seed = {0: 10.0, 1: 20.0, 2: 60.0}
+    monkeypatch.setattr(ev, "generate_responses", lambda model, exs, *, seed, **kw: [seed] * len(exs))
+    monkeypatch.setattr(
+        ev, "score", lambda outs, exs: {"rougeL": per_seed[outs[0]], "exact_match": 0.0, "n": 2}
+    )
+    row = ev.evaluate(None, {"test": [None, None]}, temperature=1.0, seeds=(0, 1, 2))["test"]
+    assert row["rougeL"] == pytest.approx(30.0)
+    assert row["rougeL_std"] == pytest.approx(np.std([10.0, 20.0, 60.0], ddof=1))
+    assert row["exact_match_std"] == 0.0 and row["n"] == 2
+
+
 def test_sft_validates_on_the_validation_split():
     from tiny_models.train import InstructData, TrainConfig
 
