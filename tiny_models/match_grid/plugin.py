@@ -20,19 +20,8 @@ def attended_fraction(seq_len: int, attention: str, window: int | None, attn_kwa
     Window ``w`` (NSA convention: w keys including the query itself); MATCH adds ``top_k`` tokens, or
     ``top_k`` blocks of ``block_size`` tokens, from the out-of-window past (capped by how many exist).
     """
-    kw = dict(attn_kwargs)
-    num = den = 0
-    for t in range(seq_len):
-        full = t + 1
-        if attention == "full" or window is None:
-            seen = full
-        else:
-            seen = min(full, window)
-            if attention == "match":
-                seen += min(kw.get("top_k", 0) * kw.get("block_size", 1), full - seen)
-        num += seen
-        den += full
-    return num / den
+    seen = attention_cost(seq_len, attention, window, attn_kwargs)["attn_flops"]  # 4 flops per pair at D = 1
+    return seen / (2 * seq_len * (seq_len + 1))  # full causal: seq_len (seq_len + 1) / 2 pairs
 
 
 def attention_cost(
@@ -46,7 +35,7 @@ def attention_cost(
       summaries themselves (``D`` per key);
     * ``extra_bytes``: what MATCH keeps per query beyond attention's: the selection (int64) and, in the
       Triton path, one fp32 log-sum-exp per slot (``12 top_k`` bytes).
-    The attended pairs are those of :func:`attended_fraction`."""
+    ``attended_fraction`` is these attended pairs over full causal attention's."""
     kw = dict(attn_kwargs)
     K, bs = kw.get("top_k", 0), kw.get("block_size", 1)
     pairs = select = 0
