@@ -701,8 +701,8 @@ MUTANTS: list[Mutant] = [
     M(
         "mg-attended-no-cap",
         "tiny_models/match_grid/plugin.py",
-        'seen += min(kw.get("top_k", 0) * kw.get("block_size", 1), full - seen)',
-        'seen += kw.get("top_k", 0) * kw.get("block_size", 1)',
+        "seen += min(K * bs, full - seen)",
+        "seen += K * bs",
         T_GRID,
         "attended fraction counts retrieved tokens that do not exist yet (no cap)",
     ),
