@@ -48,6 +48,19 @@ def test_every_variant_from_the_right_weights_and_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dr, "train_run", boom)
     dr.main([*ARGV, "--out", str(out)])
+    # the training directory gone, the committed records stand in: nothing is trained, the table is the same
+    table = (res / "results.md").read_text()
+    import shutil
+
+    shutil.rmtree(out)
+    dr.main([*ARGV, "--out", str(out), "--results", str(res)])
+    assert (res / "results.md").read_text() == table
+    # other settings are not taken from them: a longer fine-tune trains (b) again, from the SWA weights,
+    # which are trained again first since no weights were committed
+    monkeypatch.setattr(dr, "train_run", spy)
+    calls.clear()
+    dr.main([*ARGV[:-3], "--ft_frac", "0.75", "--no_progress", "--out", str(out), "--results", str(res)])
+    assert sorted((c.attention, c.steps) for c, _, _ in calls) == [("match", 3), ("sliding", 4)]
 
 
 def _args():
@@ -58,11 +71,48 @@ def _args():
 
 def test_score_splits_by_the_window(monkeypatch):
     # distances 1, 3, 4, 9 with window 4: inside are 1 and 3 (right, wrong), beyond 4 and 9 (right, right)
+    # (positions 0, 1 in example 0; 2 in example 1; 3 in example 3; example 2 has none)
     ev = {"acc": 0.75, "correct": torch.tensor([True, False, True, True]), "dist": torch.tensor([1, 3, 4, 9])}
+    ev["row"] = torch.tensor([0, 0, 1, 3])
     monkeypatch.setattr(dr, "evaluate", lambda m, x, y: ev)
     monkeypatch.setattr(dr, "heldout", lambda cfg: (None, None))
     s = dr.score(None, None, window=4)
     assert (s["acc"], s["acc_inside"], s["acc_beyond"], s["frac_beyond"]) == (0.75, 0.5, 1.0, 0.5)
+    assert (s["ex_correct"], s["ex_n"]) == ([1, 1, 0, 1], [2, 1, 0, 1])
+
+
+def test_evaluate_rows_match_the_labelled_positions(monkeypatch):
+    # two examples with 2 and 1 labelled positions, batches of one: rows follow y[mask]'s row-major order
+    from tiny_models.match_grid import run as rr
+
+    y = torch.full((2, 5), -100)
+    y[0, 1], y[0, 3], y[1, 4] = 1, 2, 3
+    monkeypatch.setattr(rr, "logits_at", lambda model, xb, mask: torch.zeros(int(mask.sum()), 8))
+    monkeypatch.setattr(rr, "key_distance", lambda xb, yb: torch.zeros_like(yb))
+    ev = rr.evaluate(torch.nn.Identity(), torch.zeros(2, 5, dtype=torch.long), y, batch=1)
+    assert ev["row"].tolist() == [0, 0, 1] and ev["correct"].tolist() == [False, False, False]
+
+
+def test_paired_difference_and_interval():
+    # seed 0: per-example accuracies (a) 1, 1, 0.5, 1 against SWA 0, 1, 0.5, 0 -> differences 1, 0, 0, 1;
+    # seed 1: 0, 0.5 against 0, 0 -> 0, 0.5. Mean over seeds of the per-seed means: (0.5 + 0.25) / 2
+    recs = [
+        {"seed": 0, "variant": "swa_match_inference", "ex_correct": [2, 2, 1, 2], "ex_n": [2, 2, 2, 2]},
+        {"seed": 0, "variant": "swa", "ex_correct": [0, 2, 1, 0], "ex_n": [2, 2, 2, 2]},
+        {"seed": 1, "variant": "swa_match_inference", "ex_correct": [0, 1], "ex_n": [2, 2]},
+        {"seed": 1, "variant": "swa", "ex_correct": [0, 0], "ex_n": [2, 2]},
+    ]
+    d = dr.paired(recs, "swa_match_inference")
+    assert d["mean"] == pytest.approx(0.375) and d["seeds"] == 2
+    # the bootstrap means lie between the extremes a resample can give: (0 + 0) / 2 and (1 + 0.5) / 2
+    assert 0.0 <= d["lo"] < 0.375 < d["hi"] <= 0.75
+    same = [dict(r, variant="swa") for r in recs if r["variant"] == "swa"]
+    z = dr.paired(same + [dict(r, variant="x") for r in same], "x")
+    assert (z["mean"], z["lo"], z["hi"]) == (0.0, 0.0, 0.0)
+    assert dr.paired(recs, "match_scratch") is None
+    bad = [recs[0], dict(recs[1], ex_n=[1, 2, 2, 2], ex_correct=[0, 2, 1, 0])]
+    with pytest.raises(ValueError, match="different held-out sets"):
+        dr.paired(bad, "swa_match_inference")
 
 
 def test_table_means_and_spread_over_seeds():
@@ -71,4 +121,12 @@ def test_table_means_and_spread_over_seeds():
         for a, b in ((0.5, 0.2), (0.7, 0.4))
     ]
     row = next(line for line in dr.table(recs).splitlines() if "| SWA |" in line)
-    assert row == "| mqar | SWA | 2 | 60.0 ± 14.1 | 100.0 ± 0.0 | 30.0 ± 14.1 |"
+    assert row == "| mqar | SWA | 2 | 60.0 ± 14.1 | 100.0 ± 0.0 | 30.0 ± 14.1 | – |"
+    # a variant gets its paired difference to SWA: per example 1 - 0 and 1 - 1 -> +50.0, interval [0, 100]
+    recs = [
+        {"task": "mqar", "seed": 0, "variant": v, "acc": 0.5, "acc_inside": None, "acc_beyond": 0.5}
+        | {"ex_correct": c, "ex_n": [1, 1]}
+        for v, c in (("swa", [0, 1]), ("swa_match_inference", [1, 1]))
+    ]
+    row = next(line for line in dr.table(recs).splitlines() if "(a)" in line)
+    assert row.endswith("| 50.0 ± 0.0 | – | 50.0 ± 0.0 | +50.0 [+0.0, +100.0] |")

@@ -1,9 +1,11 @@
 """tiny_models/mgsr_lu.py: the labelled / unlabelled split, the scored sets, and the paired tables recomputed
 from fixture runs with known numbers."""
 
+import argparse
 import collections
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -151,8 +153,27 @@ def test_driver_end_to_end(tmp_path):
     log = runs / "kd" / "seed0" / "log.jsonl"
     before = log.read_text()
     (runs / "kd" / "seed0" / "eval.json").unlink()
+    (res / "runs" / "kd" / "seed0.json").unlink()
     mgsr_lu.main([*argv, "--no_progress"])
     assert log.read_text() == before and (runs / "kd" / "seed0" / "eval.json").exists()
+    # with the training directories gone, the committed per-run files (scores rounded to 0.01) stand in:
+    # nothing is trained and the summary is rebuilt from them
+    summary = json.loads((res / "summary.json").read_text())
+    shutil.rmtree(runs)
+    mgsr_lu.main([*argv, "--no_progress"])
+    assert not runs.exists()
+    again = json.loads((res / "summary.json").read_text())
+    for dec in summary:
+        for m in summary[dec]:
+            for s in mgsr_lu.HEADLINE:
+                assert again[dec][m][s]["mean"] == pytest.approx(summary[dec][m][s]["mean"], abs=0.01)
+    # a committed run is taken only for the same steps, samples and sets
+    rec = json.loads((res / "runs" / "mgsr" / "seed0.json").read_text())
+    sets = dict.fromkeys(rec["scores"]["greedy"])
+    assert mgsr_lu.usable(rec, argparse.Namespace(steps=3, samples=1), sets)
+    assert not mgsr_lu.usable(rec, argparse.Namespace(steps=4, samples=1), sets)
+    assert not mgsr_lu.usable(rec, argparse.Namespace(steps=3, samples=3), sets)
+    assert not mgsr_lu.usable(rec, argparse.Namespace(steps=3, samples=1), {"test": None})
 
 
 def test_score_greedy_and_the_mean_of_sampled_decodings_with_shared_seeds(monkeypatch):

@@ -228,10 +228,12 @@ def adaptive_stats(log: list[dict]) -> dict:
 def run(a, method, seed, split, sets) -> dict:
     out = os.path.join(a.runs, method, f"seed{seed}")
     done = os.path.join(out, "eval.json")
-    if os.path.exists(done):
-        rec = json.load(open(done))
-        if "scores" in rec and set(rec["scores"]["greedy"]) == set(sets) and rec.get("samples") == a.samples:
-            return rec
+    committed = os.path.join(a.results, "runs", method, f"seed{seed}.json") if a.results else None
+    for path in (done, committed):  # a scored run here, or one committed with the results
+        if path and os.path.exists(path):
+            rec = json.load(open(path))
+            if usable(rec, a, sets):
+                return rec
     if not os.path.exists(os.path.join(out, "model.safetensors")) or _unfinished(out, a.steps):
         _train(a, method, seed, split, out)
     model, _ = load_model(os.path.join(out, "model.safetensors"), device=a.device)
@@ -244,6 +246,16 @@ def run(a, method, seed, split, sets) -> dict:
     with open(done, "w") as f:
         json.dump(rec, f)
     return rec
+
+
+def usable(rec: dict, a, sets) -> bool:
+    """A stored run stands for this one when it was scored on the same sets, steps and sampled decodings."""
+    return (
+        "scores" in rec
+        and set(rec["scores"]["greedy"]) == set(sets)
+        and rec.get("samples") == a.samples
+        and rec.get("steps") == a.steps
+    )
 
 
 def _unfinished(out, steps) -> bool:

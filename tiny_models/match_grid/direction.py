@@ -19,8 +19,9 @@ Per task and seed, with equal width and depth and the same training stream, the 
 Every variant is scored on the run's held-out set: accuracy overall and split by the distance from the
 query to its key, inside the window (``d < w``) or beyond it. Each finished variant leaves
 ``<out>/<task>_s<seed>/<variant>.json`` (resumable: finished variants are skipped; trained weights are
-saved for the variants that reuse them); ``--results`` gets ``results.md`` (mean ± std over seeds) and
-``runs.json`` (every variant's record: config, seed, curve, accuracy by distance).
+saved for the variants that reuse them); ``--results`` gets ``results.md`` (mean ± std over seeds, and each variant's paired
+difference to SWA on the same held-out examples with a bootstrap interval) and ``runs.json`` (every variant's
+record: config, seed, curve, accuracy by distance, per-example counts).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ import json
 import os
 import statistics
 import sys
+
+import numpy as np
+import torch
 
 from tiny_models.match_grid.config import TASK_DEFAULTS, RunConfig, heldout
 from tiny_models.match_grid.model import load_run, save_run, use_match_chunk
@@ -63,30 +67,76 @@ def configs(task: str, seed: int, a) -> dict:
 
 
 def score(model, cfg: RunConfig, window: int) -> dict:
-    """Held-out accuracy overall, inside the window (key-query distance < w), beyond it, and by distance."""
+    """Held-out accuracy overall, inside the window (key-query distance < w), beyond it, and by distance;
+    per example (row of the held-out set), the labelled positions answered right (``ex_correct``) and their
+    number (``ex_n``), for paired intervals."""
     x, y = heldout(cfg)
     ev = evaluate(model, x, y)
-    c, d = ev["correct"], ev["dist"]
+    c, d, row = ev["correct"], ev["dist"], ev["row"]
     inside, beyond = d < window, d >= window
+    n_ex = int(row.max()) + 1 if len(row) else 0
     return {
         "acc": ev["acc"],
         "acc_inside": float(c[inside].float().mean()) if bool(inside.any()) else None,
         "acc_beyond": float(c[beyond].float().mean()) if bool(beyond.any()) else None,
         "frac_beyond": float(beyond.float().mean()),
         "by_distance": by_distance(c, d),
+        "ex_correct": torch.bincount(row, weights=c.double(), minlength=n_ex).long().tolist(),
+        "ex_n": torch.bincount(row, minlength=n_ex).tolist(),
     }
 
 
-def run_task_seed(task: str, seed: int, a) -> dict:
-    """Every variant of one (task, seed); resumable. Returns {variant: record}."""
+def paired(records: list[dict], variant: str, ref: str = "swa", n_boot: int = 2000, seed: int = 0) -> dict | None:
+    """``variant`` minus ``ref`` on the same held-out examples, per (task, seed) pair of records: ``mean`` (over
+    seeds of the per-seed mean of per-example accuracy differences) and a 95 % percentile bootstrap interval
+    (``lo``, ``hi``) that resamples examples within each seed. ``None`` when no seed has both records."""
+    by = {(r["seed"], r["variant"]): r for r in records}
+    diffs = []
+    for k in sorted({r["seed"] for r in records}):
+        a, b = by.get((k, variant)), by.get((k, ref))
+        if a is None or b is None or "ex_correct" not in a or "ex_correct" not in b:
+            continue
+        if a["ex_n"] != b["ex_n"]:
+            raise ValueError(f"seed {k}: {variant} and {ref} were scored on different held-out sets")
+        n = np.maximum(np.asarray(a["ex_n"], dtype=float), 1.0)
+        diffs.append((np.asarray(a["ex_correct"]) - np.asarray(b["ex_correct"])) / n)
+    if not diffs:
+        return None
+    rng = np.random.default_rng(seed)
+    boot = np.mean([d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1) for d in diffs], axis=0)
+    return {
+        "mean": float(np.mean([d.mean() for d in diffs])),
+        "lo": float(np.percentile(boot, 2.5)),
+        "hi": float(np.percentile(boot, 97.5)),
+        "seeds": len(diffs),
+    }
+
+
+def run_task_seed(task: str, seed: int, a, prior: list[dict] = ()) -> dict:
+    """Every variant of one (task, seed); resumable. Returns {variant: record}. ``prior``: records committed
+    with the results (``runs.json``), which stand in for a variant of the same task, seed and config."""
     d = os.path.join(a.out, f"{task}_s{seed}")
     os.makedirs(d, exist_ok=True)
     cfgs = configs(task, seed, a)
     out = {}
 
-    def done(v):
+    def cfg_of(v):  # the config a variant's record carries
+        if v in ("full", "swa"):
+            return cfgs[v]
+        if v == "swa_match_finetune":
+            return dataclasses.replace(cfgs["match"], steps=max(1, round(a.ft_frac * a.steps)), warmup=0)
+        return cfgs["match"]
+
+    def done(v, committed=True):
         p = os.path.join(d, f"{v}.json")
-        return json.load(open(p)) if os.path.exists(p) else None
+        if os.path.exists(p):
+            return json.load(open(p))
+        want = json.loads(json.dumps(dataclasses.asdict(cfg_of(v))))
+        for r in prior if committed else ():  # a record committed with the results, for the same settings
+            if (r["task"], r["seed"], r["variant"]) == (task, seed, v) and "ex_correct" in r:
+                if r["config"] == want:
+                    return r
+        return None
 
     def record(v, cfg, model, trained=None, **extra):
         rec = {"variant": v, "task": task, "seed": seed, "config": dataclasses.asdict(cfg), **extra}
@@ -103,12 +153,12 @@ def run_task_seed(task: str, seed: int, a) -> dict:
         return rec
 
     def trained(v):  # the saved weights of a trained variant (train it first if needed)
-        if done(v) is None:
-            run(v)
+        if not os.path.exists(os.path.join(d, f"{v}.safetensors")):
+            run(v, committed=False)  # a committed record has no weights: train again (the same run)
         return load_run(os.path.join(d, f"{v}.safetensors"))[0]
 
-    def run(v):
-        if (rec := done(v)) is not None:
+    def run(v, committed=True):
+        if (rec := done(v, committed)) is not None:
             out[v] = rec
             return
         match_cfg = cfgs["match"]
@@ -123,7 +173,7 @@ def run_task_seed(task: str, seed: int, a) -> dict:
             m = swapped(src, attention="match", window=a.window, attn_kwargs=match_cfg.attn_kwargs)
             out[v] = record(v, match_cfg, m)
         else:  # swa_match_finetune
-            ft = dataclasses.replace(match_cfg, steps=max(1, round(a.ft_frac * a.steps)), warmup=0)
+            ft = cfg_of(v)
             t = train_run(ft, progress=not a.no_progress, init=trained("swa").state_dict())
             out[v] = record(v, ft, t["model"], t, init="swa")
 
@@ -135,9 +185,15 @@ def run_task_seed(task: str, seed: int, a) -> dict:
 def table(records: list[dict]) -> str:
     """Mean ± std over seeds per (task, variant): accuracy overall, inside the window, beyond it."""
     lines = [
-        "| task | variant | seeds | accuracy | inside the window | beyond the window |",
-        "|---|---|---|---|---|---|",
+        "| task | variant | seeds | accuracy | inside the window | beyond the window | − SWA, paired [95 % CI] |",
+        "|---|---|---|---|---|---|---|",
     ]
+
+    def pd(rs, v):
+        if v == "swa":
+            return "–"
+        d = paired([r for r in records if r["task"] == rs[0]["task"]], v)
+        return "–" if d is None else f"{100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
 
     def ms(vals):
         vals = [v for v in vals if v is not None]
@@ -151,7 +207,7 @@ def table(records: list[dict]) -> str:
         for v in VARIANTS:
             rs = [r for r in records if r["task"] == task and r["variant"] == v]
             if rs:
-                cells = [ms([r[k] for r in rs]) for k in ("acc", "acc_inside", "acc_beyond")]
+                cells = [ms([r[k] for r in rs]) for k in ("acc", "acc_inside", "acc_beyond")] + [pd(rs, v)]
                 lines.append(f"| {task} | {LABELS[v]} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -173,10 +229,13 @@ def main(argv=None) -> None:
     p.add_argument("--no_progress", action="store_true")
     a = p.parse_args(argv)
     use_match_chunk()
+    prior = []
+    if a.results and os.path.exists(os.path.join(a.results, "runs.json")):
+        prior = json.load(open(os.path.join(a.results, "runs.json")))
     records = []
     for task in a.tasks:
         for seed in a.seeds:
-            records += list(run_task_seed(task, seed, a).values())
+            records += list(run_task_seed(task, seed, a, prior).values())
     text = table(records)
     print(text)
     if a.results:

@@ -17,16 +17,18 @@ from tiny_models.recall import IGNORE, key_distance
 
 @torch.no_grad()
 def evaluate(model: GPT, x: torch.Tensor, y: torch.Tensor, *, batch: int = 256) -> dict:
-    """Accuracy over labelled positions, plus per-position correctness and key distances (for binning)."""
+    """Accuracy over labelled positions, plus per-position correctness, key distances (for binning) and the
+    example (row of ``x``) each position belongs to."""
     model.eval()
-    correct, dists = [], []
+    correct, dists, rows = [], [], []
     for i in range(0, len(x), batch):
         xb, yb = x[i : i + batch], y[i : i + batch]
         mask = yb != IGNORE
         correct.append(logits_at(model, xb, mask).argmax(-1) == yb[mask])
         dists.append(key_distance(xb, yb)[mask])
+        rows.append(mask.nonzero()[:, 0] + i)  # row-major, the order of yb[mask]
     c, d = torch.cat(correct), torch.cat(dists)
-    return {"acc": float(c.float().mean()), "correct": c, "dist": d}
+    return {"acc": float(c.float().mean()), "correct": c, "dist": d, "row": torch.cat(rows)}
 
 
 def train_run(cfg: RunConfig, *, progress: bool = True, log=None, init: dict | None = None) -> dict:
