@@ -130,3 +130,37 @@ def test_table_means_and_spread_over_seeds():
     ]
     row = next(line for line in dr.table(recs).splitlines() if "(a)" in line)
     assert row.endswith("| 50.0 ± 0.0 | – | 50.0 ± 0.0 | +50.0 [+0.0, +100.0] |")
+
+
+def test_table_groups_settings_and_pairs_with_the_same_window():
+    # two MQAR lengths; at T = 16 two windows. (a) at w 4 pairs with SWA w 4 (+100), not with SWA w 8 (0)
+    def rec(T, v, w, correct, kw=()):
+        cfg = {"task": "mqar", "seq_len": T, "num_kv_pairs": 2, "vocab_size": 64, "window": w}
+        cfg["attn_kwargs"] = [list(p) for p in kw]
+        return {"task": "mqar", "seed": 0, "variant": v, "config": cfg, "acc": sum(correct) / 2}, {
+            "acc_inside": None,
+            "acc_beyond": None,
+            "ex_correct": correct,
+            "ex_n": [1, 1],
+        }
+
+    kw = (("top_k", 1), ("block_size", 2), ("mode", "joint"))
+    recs = [
+        a | b
+        for a, b in (
+            rec(16, "swa", 4, [0, 0]),
+            rec(16, "swa", 8, [1, 1]),
+            rec(16, "swa_match_inference", 4, [1, 1], kw),
+            rec(32, "swa", 4, [1, 1]),
+            rec(32, "swa_match_inference", 4, [1, 1], kw),
+        )
+    ]
+    lines = dr.table(recs).splitlines()
+    a16 = next(
+        x for x in lines if x.startswith("| mqar T=16 P=2 V=64 | SWA → MATCH at inference (a) (w 4, top_k 1")
+    )
+    a32 = next(
+        x for x in lines if x.startswith("| mqar T=32 P=2 V=64 | SWA → MATCH at inference (a) (w 4, top_k 1")
+    )
+    assert a16.endswith("| +100.0 [+100.0, +100.0] |") and a32.endswith("| +0.0 [+0.0, +0.0] |")
+    assert sum("| SWA (w " in x for x in lines) == 3

@@ -19,9 +19,10 @@ Per task and seed, with equal width and depth and the same training stream, the 
 Every variant is scored on the run's held-out set: accuracy overall and split by the distance from the
 query to its key, inside the window (``d < w``) or beyond it. Each finished variant leaves
 ``<out>/<task>_s<seed>/<variant>.json`` (resumable: finished variants are skipped; trained weights are
-saved for the variants that reuse them); ``--results`` gets ``results.md`` (mean ± std over seeds, and each variant's paired
-difference to SWA on the same held-out examples with a bootstrap interval) and ``runs.json`` (every variant's
-record: config, seed, curve, accuracy by distance, per-example counts).
+saved for the variants that reuse them); ``--results`` gets ``results.md`` (mean ± std over seeds, and each
+variant's paired difference to SWA on the same held-out examples with a bootstrap interval) and ``runs.json``
+(every variant's record: config, seed, curve, accuracy by distance, per-example counts). Records in an
+existing ``runs.json`` stand in for runs of the same task, seed and config, so seeds accumulate.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def configs(task: str, seed: int, a) -> dict:
     base = dict(task=task, seq_len=a.seq_len, steps=a.steps, seed=seed, lr=a.lr, **TASK_DEFAULTS[task])
     if task == "mqar":
         base["num_kv_pairs"] = a.pairs
+        if getattr(a, "vocab", None):
+            base["vocab_size"] = a.vocab
     return {
         "full": RunConfig(attention="full", **base),
         "swa": RunConfig(attention="sliding", window=a.window, **base),
@@ -86,10 +89,11 @@ def score(model, cfg: RunConfig, window: int) -> dict:
     }
 
 
-def paired(records: list[dict], variant: str, ref: str = "swa", n_boot: int = 2000, seed: int = 0) -> dict | None:
-    """``variant`` minus ``ref`` on the same held-out examples, per (task, seed) pair of records: ``mean`` (over
-    seeds of the per-seed mean of per-example accuracy differences) and a 95 % percentile bootstrap interval
-    (``lo``, ``hi``) that resamples examples within each seed. ``None`` when no seed has both records."""
+def paired(records: list[dict], variant: str, ref: str = "swa", n_boot: int = 2000, seed: int = 0):
+    """``variant`` minus ``ref`` on the same held-out examples, per (task, seed) pair of records: ``mean``
+    (over seeds of the per-seed mean of per-example accuracy differences) and a 95 % percentile bootstrap
+    interval (``lo``, ``hi``) that resamples examples within each seed; ``None`` when no seed has both
+    records."""
     by = {(r["seed"], r["variant"]): r for r in records}
     diffs = []
     for k in sorted({r["seed"] for r in records}):
@@ -115,9 +119,9 @@ def paired(records: list[dict], variant: str, ref: str = "swa", n_boot: int = 20
 def run_task_seed(task: str, seed: int, a, prior: list[dict] = ()) -> dict:
     """Every variant of one (task, seed); resumable. Returns {variant: record}. ``prior``: records committed
     with the results (``runs.json``), which stand in for a variant of the same task, seed and config."""
-    d = os.path.join(a.out, f"{task}_s{seed}")
-    os.makedirs(d, exist_ok=True)
     cfgs = configs(task, seed, a)
+    d = os.path.join(a.out, setting(dataclasses.asdict(cfgs["full"])).replace(" ", "_") + f"_s{seed}")
+    os.makedirs(d, exist_ok=True)
     out = {}
 
     def cfg_of(v):  # the config a variant's record carries
@@ -127,11 +131,18 @@ def run_task_seed(task: str, seed: int, a, prior: list[dict] = ()) -> dict:
             return dataclasses.replace(cfgs["match"], steps=max(1, round(a.ft_frac * a.steps)), warmup=0)
         return cfgs["match"]
 
+    def stem(v):  # the file name of a variant: what it depends on beyond the directory's setting
+        if v == "full":
+            return v
+        if v == "swa":
+            return f"swa_w{a.window}"
+        return f"{v}_w{a.window}_k{a.top_k}_b{a.block_size}"
+
     def done(v, committed=True):
-        p = os.path.join(d, f"{v}.json")
-        if os.path.exists(p):
-            return json.load(open(p))
         want = json.loads(json.dumps(dataclasses.asdict(cfg_of(v))))
+        p = os.path.join(d, f"{stem(v)}.json")
+        if os.path.exists(p) and (r := json.load(open(p)))["config"] == want:
+            return r
         for r in prior if committed else ():  # a record committed with the results, for the same settings
             if (r["task"], r["seed"], r["variant"]) == (task, seed, v) and "ex_correct" in r:
                 if r["config"] == want:
@@ -146,16 +157,16 @@ def run_task_seed(task: str, seed: int, a, prior: list[dict] = ()) -> dict:
         rec.update(score(model, cfg, a.window))
         if trained is not None:
             rec.update(steps=trained["steps"], curve=trained["curve"], time_s=round(trained["time_s"], 1))
-            save_run(model, cfg, os.path.join(d, f"{v}.safetensors"))
-        with open(os.path.join(d, f"{v}.json.tmp"), "w") as f:
+            save_run(model, cfg, os.path.join(d, f"{stem(v)}.safetensors"))
+        with open(os.path.join(d, f"{stem(v)}.json.tmp"), "w") as f:
             json.dump(rec, f)
-        os.replace(os.path.join(d, f"{v}.json.tmp"), os.path.join(d, f"{v}.json"))
+        os.replace(os.path.join(d, f"{stem(v)}.json.tmp"), os.path.join(d, f"{stem(v)}.json"))
         return rec
 
     def trained(v):  # the saved weights of a trained variant (train it first if needed)
-        if not os.path.exists(os.path.join(d, f"{v}.safetensors")):
+        if done(v, committed=False) is None or not os.path.exists(os.path.join(d, f"{stem(v)}.safetensors")):
             run(v, committed=False)  # a committed record has no weights: train again (the same run)
-        return load_run(os.path.join(d, f"{v}.safetensors"))[0]
+        return load_run(os.path.join(d, f"{stem(v)}.safetensors"))[0]
 
     def run(v, committed=True):
         if (rec := done(v, committed)) is not None:
@@ -185,14 +196,33 @@ def run_task_seed(task: str, seed: int, a, prior: list[dict] = ()) -> dict:
 def table(records: list[dict]) -> str:
     """Mean ± std over seeds per (task, variant): accuracy overall, inside the window, beyond it."""
     lines = [
-        "| task | variant | seeds | accuracy | inside the window | beyond the window | − SWA, paired [95 % CI] |",
+        "| task | variant | seeds | accuracy | inside the window | beyond the window "
+        "| − SWA, paired [95 % CI] |",
         "|---|---|---|---|---|---|---|",
     ]
 
-    def pd(rs, v):
-        if v == "swa":
+    def key(r):
+        return setting(r["config"]) if "config" in r else r["task"]
+
+    def label(r):
+        cfg = r.get("config")
+        if cfg is None or r["variant"] == "full":
+            return LABELS[r["variant"]]
+        kw = dict(tuple(p) for p in cfg["attn_kwargs"])
+        extra = f", top_k {kw['top_k']}, B {kw['block_size']}" if kw else ""
+        return f"{LABELS[r['variant']]} (w {cfg['window']}{extra})"
+
+    def pd(rs):
+        v = rs[0]["variant"]
+        if v in ("swa", "full"):
             return "–"
-        d = paired([r for r in records if r["task"] == rs[0]["task"]], v)
+        w = rs[0].get("config", {}).get("window")
+        ref = [
+            r
+            for r in records
+            if key(r) == key(rs[0]) and r["variant"] == "swa" and r.get("config", {}).get("window") == w
+        ]
+        d = paired(rs + ref, v)
         return "–" if d is None else f"{100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
 
     def ms(vals):
@@ -202,14 +232,22 @@ def table(records: list[dict]) -> str:
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
         return f"{100 * statistics.fmean(vals):.1f} ± {100 * sd:.1f}"
 
-    tasks = list(dict.fromkeys(r["task"] for r in records))
-    for task in tasks:
+    for group in dict.fromkeys(key(r) for r in records):
         for v in VARIANTS:
-            rs = [r for r in records if r["task"] == task and r["variant"] == v]
-            if rs:
-                cells = [ms([r[k] for r in rs]) for k in ("acc", "acc_inside", "acc_beyond")] + [pd(rs, v)]
-                lines.append(f"| {task} | {LABELS[v]} | {len(rs)} | " + " | ".join(cells) + " |")
+            for lab in dict.fromkeys(label(r) for r in records if key(r) == group and r["variant"] == v):
+                rs = [r for r in records if key(r) == group and r["variant"] == v and label(r) == lab]
+                cells = [ms([r[k] for r in rs]) for k in ("acc", "acc_inside", "acc_beyond")] + [pd(rs)]
+                lines.append(f"| {group} | {lab} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def setting(cfg: dict) -> str:
+    """The row group of a record: the task, its length and (MQAR) its pairs and vocabulary. Inside a group,
+    rows are labelled with the window and the retrieval, and a variant is paired with SWA of its window."""
+    out = f"{cfg['task']} T={cfg['seq_len']}"
+    if cfg["task"] == "mqar":
+        out += f" P={cfg['num_kv_pairs']} V={cfg['vocab_size']}"
+    return out
 
 
 def main(argv=None) -> None:
@@ -218,6 +256,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--pairs", type=int, default=8, help="MQAR key-value pairs")
+    p.add_argument("--vocab", type=int, default=None, help="MQAR vocabulary (default: the task's, 64)")
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--top_k", type=int, default=4)
     p.add_argument("--block_size", type=int, default=4)
@@ -236,6 +275,13 @@ def main(argv=None) -> None:
     for task in a.tasks:
         for seed in a.seeds:
             records += list(run_task_seed(task, seed, a, prior).values())
+    here = {(r["task"], r["seed"], r["variant"], json.dumps(r["config"], sort_keys=True)) for r in records}
+    records += [  # committed records of other settings or seeds stay in runs.json and the table
+        r
+        for r in prior
+        if "ex_correct" in r
+        and (r["task"], r["seed"], r["variant"], json.dumps(r["config"], sort_keys=True)) not in here
+    ]
     text = table(records)
     print(text)
     if a.results:
