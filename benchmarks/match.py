@@ -9,7 +9,9 @@ Per (T, D), forward and forward+backward, side by side:
 * ``match`` ``fast/match.py`` (Triton on CUDA, torch backend on CPU): w = 512 plus 8 retrieved blocks of 64
   keys (mean-key selection), joint mode.
 
-Each ``match`` row's note gives ``MATCH/SWA`` (target on an H200, bf16, T = 32K: <= 2) and ``full/MATCH``
+On CUDA, ``select`` rows time the Triton selection alone, the exact fp32 pass against the tensor-core band
+(``fast.match_triton.SELECT_TENSOR_CORES``). Each ``match`` row's note gives ``MATCH/SWA`` (target on an
+H200, bf16, T = 32K: <= 2) and ``full/MATCH``
 (target >= 8), and the block-major path's balance on these inputs: the longest list of queries that selected
 one block, and the most entries one program processes after the lists are cut into work items. On CPU the
 script also fits the exponent a of time ~ T^a over the measured lengths (``fit`` rows): the torch backend's
@@ -63,6 +65,24 @@ def work_balance(B, H, T, D, w, K, bs, device, dtype, backend) -> tuple[int, int
     _, starts = reverse_index(idx, T, bs)
     items = work_items(starts, idx.numel(), WORK_ITEM)
     return int((starts[1:] - starts[:-1]).max()), int((items[2] - items[1]).max())
+
+
+def select_rows(rows, B, H, T, D, w, K, bs, device, dtype, shape, warm, rep) -> None:
+    """Median time of the Triton selection with ``SELECT_TENSOR_CORES`` off and on, and their ratio."""
+    import fast.match_triton as mt
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k = (torch.randn(B, H, T, D, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+    old, ms = mt.SELECT_TENSOR_CORES, {}
+    try:
+        for tc in (False, True):
+            mt.SELECT_TENSOR_CORES = tc
+            f = lambda: mt.retrieve_triton(q, k, window=w, top_k=K, block_size=bs, scale=D**-0.5)
+            ms[tc] = median_ms(f, device=device, warmup=warm, rep=rep)
+            rows.append(dict(op="select", impl="band" if tc else "exact fp32", shape=shape, median_ms=ms[tc]))
+    finally:
+        mt.SELECT_TENSOR_CORES = old
+    rows.append(dict(op="select", impl="ratios", shape=shape, note=f"exact/band={ms[False] / ms[True]:.2f}"))
 
 
 def run(*, device: str, quick: bool) -> list[dict]:
@@ -125,6 +145,8 @@ def run(*, device: str, quick: bool) -> list[dict]:
             continue
         for name, fn in impls.items():
             measure(name, fn, T, D, shape)
+        if cuda:  # the selection alone: the exact fp32 pass against the tensor-core band
+            select_rows(rows, B, H, T, D, w, K, bs, device, dtype, shape, warm, rep)
         longest, item = work_balance(B, H, T, D, w, K, bs, device, dtype, backend)
         for op in ("fwd", "fwd+bwd"):
             m, s, f = (times[(n, op, T, D)] for n in ("match", "swa", "full"))

@@ -10,9 +10,12 @@ A model, not a measurement. Each kernel's time is ``max(FLOPs / peak FLOP rate, 
 launches x 4 us``: every kernel at its roofline, no occupancy or latency effects, so real kernels are slower
 (FlashAttention-3 reaches about 60-75 % of the bf16 peak). Bytes count what a kernel reads and writes once,
 with gathered rows counted per gather (no reuse across programs through L2) and atomic adds as a read and a
-write of fp32. The selection's FLOPs are fp32 CUDA-core FLOPs (its scores are "ieee" dots), at the fp32
-peak; its insertion loop is not counted. Every query is assumed to fill all ``top_k`` slots (true once
-``T >> w + top_k * block``).
+write of fp32. The selection (``--select``) is priced as the kernel's default runs it
+(``fast.match_triton.SELECT_TENSOR_CORES``): ``exact``, one fp32 pass, its FLOPs at the fp32 CUDA-core peak;
+or ``band``, two fp16 tensor-core passes over the candidates plus an fp32 re-scoring of ``KG`` band
+candidates per query row (gathered rows). The insertion loops are not counted, nor the band's
+fallbacks to the exact pass (none on generic data). Every query is assumed to fill all ``top_k`` slots
+(true once ``T >> w + top_k * block``).
 
 H100 SXM figures: 989 TFLOP/s dense bf16 tensor, 67 TFLOP/s fp32 CUDA core, 3.35 TB/s HBM3, 80 GB.
 """
@@ -30,6 +33,7 @@ LAUNCH_S = 4e-6
 GPU_BYTES = 80e9
 WORK_ITEM = 256  # fast.match_triton.WORK_ITEM
 BWD_ACC_BYTES = 2 * 2**30  # fast.match_triton.BWD_ACC_BYTES
+SELECT_GUARD = 8  # fast.match_triton.SELECT_GUARD
 
 
 def _k(name, flops=0.0, bytes_=0.0, launches=1, fp32=False):
@@ -51,22 +55,41 @@ def window_parts(B, Hq, Hkv, T, D, w, es=2):
     ]
 
 
-def match_step(B, Hq, Hkv, T, D, w, top_k, bs, es=2):
+def selection(B, Hq, Hkv, T, D, top_k, bs, es=2, select="exact"):
+    """The selection's rows: candidates (block summaries, fp32) streamed per 32-row query tile, half of them
+    on average (causal); ``band``: two fp16 tensor-core passes and ``KG`` gathered fp32 re-scorings per
+    query row; ``exact``: one fp32 CUDA-core pass."""
+    NB = math.ceil(T / bs)
+    E = B * Hkv * T * top_k
+    q_in = B * Hq * T * D * es + B * Hq * T * D  # read q, sum the group
+    stream = B * Hkv * math.ceil(T / 32) * NB / 2 * D * 4  # candidate bytes per pass
+    pairs = B * Hkv * T * (NB / 2)  # (query row, candidate) pairs
+    if select == "exact":
+        return [
+            _k("selection (exact, fp32)", 2.0 * pairs * D + B * Hq * T * D, q_in + stream + E * 8, fp32=True)
+        ]
+    KG = 1 << max(top_k + SELECT_GUARD - 1, 1).bit_length()
+    return [
+        _k("selection: fp16 band passes (tensor core)", 2 * 2.0 * pairs * D, q_in + 2 * stream + E * 8),
+        _k(
+            "selection: band re-scoring (fp32)",
+            2.0 * B * Hkv * T * KG * D,
+            B * Hkv * T * KG * D * 4,
+            launches=0,
+            fp32=True,
+        ),
+    ]
+
+
+def match_step(B, Hq, Hkv, T, D, w, top_k, bs, es=2, select="exact"):
     """Per-launch rows of one forward + backward of the block-major path (fast/match_triton.py)."""
     NB = math.ceil(T / bs)
     E = B * Hkv * T * top_k  # listed (query, slot) entries
     El = B * Hq * T * top_k  # ... per query head
     items = math.ceil(E / WORK_ITEM) + B * Hkv * NB
     nsub = math.ceil(bs / 64)
-    rows = [
-        _k("block summaries", B * Hkv * T * D, B * Hkv * T * D * es + B * Hkv * NB * D * 4),
-        _k(
-            "selection (fp32)",
-            2.0 * B * Hkv * T * (NB / 2) * D + B * Hq * T * D,
-            B * Hq * T * D * es + B * Hkv * math.ceil(T / 32) * NB / 2 * D * 4 + E * 8,
-            fp32=True,
-        ),
-    ]
+    rows = [_k("block summaries", B * Hkv * T * D, B * Hkv * T * D * es + B * Hkv * NB * D * 4)]
+    rows += selection(B, Hq, Hkv, T, D, top_k, bs, es, select)
     win = window_parts(B, Hq, Hkv, T, D, w, es)
     rows.append(win[0] | {"kernel": "window fwd (o_W fp32)"})
     rows.append(_k("reverse index + work items (torch)", 0, E * 8 * 22 + items * 24 * 4, launches=16))
@@ -118,8 +141,8 @@ def extra_memory(B, Hq, Hkv, T, D, top_k, bs):
     return max(fwd, bwd)
 
 
-def report(B, Hq, Hkv, T, D, w, top_k, bs, es=2) -> tuple[list[dict], dict]:
-    rows = match_step(B, Hq, Hkv, T, D, w, top_k, bs, es)
+def report(B, Hq, Hkv, T, D, w, top_k, bs, es=2, select="exact") -> tuple[list[dict], dict]:
+    rows = match_step(B, Hq, Hkv, T, D, w, top_k, bs, es, select)
     match_ms = sum(r["ms"] for r in rows)
     swa_ms = sum(r["ms"] for r in window_parts(B, Hq, Hkv, T, D, w, es))
     f = 2.0 * B * Hq * T * T * D  # causal: half of 4 T^2 D
@@ -145,8 +168,8 @@ def report(B, Hq, Hkv, T, D, w, top_k, bs, es=2) -> tuple[list[dict], dict]:
     return rows, summary
 
 
-def print_report(B, Hq, Hkv, T, D, w, top_k, bs, es=2) -> dict:
-    rows, s = report(B, Hq, Hkv, T, D, w, top_k, bs, es)
+def print_report(B, Hq, Hkv, T, D, w, top_k, bs, es=2, select="exact") -> dict:
+    rows, s = report(B, Hq, Hkv, T, D, w, top_k, bs, es, select)
     print(
         f"cost model, H100 peak: B{B} H{Hq}/{Hkv} T{T} D{D}, w = {w} + {top_k} blocks of {bs}, "
         "forward + backward"
@@ -182,8 +205,9 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--select", choices=["band", "exact"], default="exact", help="the selection's pricing")
     a = ap.parse_args(argv)
-    print_report(a.B, a.H, a.Hkv or a.H, a.T, a.D, a.window, a.top_k, a.block)
+    print_report(a.B, a.H, a.Hkv or a.H, a.T, a.D, a.window, a.top_k, a.block, select=a.select)
     return 0
 
 

@@ -34,6 +34,35 @@ Kernels and design choices
    "Equal" means equal computed fp32 scores: identical keys score identically when every element of the
    dot reduces over D in the same order (the compiled FMA dot; the interpreter's BLAS matmul may round a
    tile-edge row differently, so the tests pin ties with grid-valued inputs whose scores are exact).
+   **Tensor-core band** (``SELECT_TENSOR_CORES``, off by default): the exact pass above computes every
+   score as an fp32 CUDA-core dot. Instead, every score is first taken from an fp16 tensor-core ``tl.dot``
+   of unit vectors, rescaled in fp32: ``s~ = (q^ . c^) |q| |c| scale`` with ``q^ = q / |q|`` (the summed
+   group query) and ``c^ = c / |c|``, so no element over- or underflows fp16 whatever the inputs' size.
+   Its distance to the fp32 score is at most ``err = err_rel |scale| |q| |c|`` with ``err_rel = 2^-10 +
+   (D + 8) 2^-20`` (``select_error``): fp16 rounds each element to ``u = 2^-11`` relative (``2 u + u^2``
+   for a product, summed by Cauchy-Schwarz to ``|q^| |c^| = 1``), plus fp16's subnormal spacing and the
+   fp32 accumulation, normalisation and reference-dot rounding, each ``O(D 2^-24)``. A test shows the
+   bound is needed: on keys that are one vector plus small noise, no bound or a tenth of it loses members
+   of the exact top-k. Three passes over the tile's candidates:
+     1. ``tau`` = each row's ``top_k``-th largest lower bound ``s~ - err`` (a running top-k of values);
+        ``tau`` is at most the row's ``top_k``-th fp32 score;
+     2. the **band**: every candidate with ``s~ + err >= tau``, listed per row in index order (at most
+        ``KG = next_pow2(top_k + SELECT_GUARD)`` slots). A candidate outside it has an fp32 score below
+        ``tau``, so it is not in the exact top-k and cannot tie with its last entry;
+     3. the band's fp32 scores (a sum over D of fp32 products per (row, candidate)) go through the running
+        top-k above, in index order, so the tie rule holds unchanged.
+   A row whose band overflows ``KG`` (many candidates within ``err`` of the cut: exact ties, repeated keys)
+   sends its whole program to the exact pass (``fallbacks`` of ``_select`` reports which programs did).
+   The result is the exact pass's up to the order of the fp32 additions inside a score (the band sums over
+   D, the exact pass uses ``tl.dot``): on identical candidates both are exactly tied; on generic data they
+   agree (tested, including near-ties below fp16's resolution, inputs from 1e-20 to 1e4 and a negative
+   scale). Cost: two tensor-core products and a value-only running top-k per tile instead of one fp32
+   CUDA-core product, plus ``KG`` gathered rows per query row. Why off by default: at B1 H16 T32K D64,
+   8 blocks of 64, the cost model (``benchmarks/match_cost.py --select band|exact``) finds the exact pass
+   bound by streaming the candidates (1.2 GB at 0.36 ms against 0.26 ms of fp32 FLOPs) and prices the
+   band above it (two streams plus the gathered re-scoring), counting every re-read as HBM traffic; the
+   candidates of one (batch, kv head) are 128 KB, so on a GPU they are re-read from L2 and both passes may
+   be bound by arithmetic instead. ``benchmarks/match.py`` times both on CUDA (``select`` rows).
    ``top_k <= 32`` (``MAX_TOP_K``): larger values raise ``ValueError`` (use ``backend="torch"``).
    Token retrieval (``block_size == 1``) uses the same kernel with the keys as "summaries": its scoring
    is O(T^2 D), as for any exact token top-k; block retrieval scores O(T (T / B) D).
@@ -155,6 +184,8 @@ __all__ = [
 
 MAX_TOP_K = 32  # running top-k lives in registers: [BLOCK_M, next_pow2(top_k)] values + indices
 BLOCK_MAJOR_MIN_BLOCK = 16  # block_size from which the retrieved part is block-major (see _block_major)
+SELECT_TENSOR_CORES = False  # selection scores on tensor cores with an exact fp32 band (module docstring, 2.)
+SELECT_GUARD = 8  # band slots beyond top_k (rounded up to a power of two) before the exact fallback
 WORK_ITEM = 256  # listed (query, slot) entries per program of the block-major kernels (see work_items)
 BWD_ACC_BYTES = 2 * 2**30  # the backward's fp32 dq/dk/dv accumulators: batch elements at a time (see _bwd)
 
@@ -200,10 +231,68 @@ def match_summary_kernel(
 
 
 @triton.jit
+def _topk_insert(top_v, top_i, s, cand_i, KP: tl.constexpr):
+    """Offer one chunk of scores ``s [BM, N]`` (candidate indices ``cand_i``, ``[1, N]`` or ``[BM, N]``, each
+    larger than every index already in the list; -inf where not a candidate) to the running top-k
+    ``(top_v, top_i) [BM, KP]`` (the tie proof is in the module docstring)."""
+    worst = tl.min(top_v, axis=1)  # [BM]
+    go = tl.max(tl.max(tl.where(s > worst[:, None], 1, 0), axis=1), axis=0)
+    while go > 0:
+        best = tl.max(s, axis=1)  # [BM] the chunk's best remaining candidate per row
+        best_n = tl.min(tl.where(s == best[:, None], cand_i, 9223372036854775807), axis=1)
+        ins = best > worst  # strict: the list's equal scores have lower indices
+        is_worst = top_v == worst[:, None]
+        evict_i = tl.max(tl.where(is_worst, top_i, -KP - 2), axis=1)  # highest index among the worst
+        hit = ins[:, None] & is_worst & (top_i == evict_i[:, None])
+        top_v = tl.where(hit, best[:, None], top_v)
+        top_i = tl.where(hit, best_n[:, None], top_i)
+        s = tl.where(cand_i == best_n[:, None], float("-inf"), s)
+        worst = tl.min(top_v, axis=1)
+        go = tl.max(tl.max(tl.where(s > worst[:, None], 1, 0), axis=1), axis=0)
+    return top_v, top_i
+
+
+@triton.jit
+def _group_sum(q_base, q_mask, sqh, G, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The G query heads of a kv head summed in fp32: ``sum_g q_g . c = (sum_g q_g) . c``."""
+    qsum = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for g in range(0, G):
+        qsum += tl.load(q_base + g * sqh, mask=q_mask, other=0.0).to(tl.float32)
+    return qsum
+
+
+@triton.jit
+def _cand_chunk(c_base, start_n, sct, scd, offs_d, d_ok, n_hi, row_ok, pos, W, BS, BLOCK_N: tl.constexpr):
+    """One chunk of candidates: indices, fp32 vectors ``[BN, BD]`` and the ``[BM, BN]`` mask of the rows'
+    candidates (``n * BS <= pos - W``: the token, or the whole block, lies before the row's window)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_hi
+    cand = tl.load(
+        c_base + offs_n[:, None] * sct + offs_d[None, :] * scd,
+        mask=n_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    ok = row_ok[:, None] & n_ok[None, :] & (offs_n[None, :] * BS <= pos[:, None] - W)
+    return offs_n, cand, ok
+
+
+@triton.jit
+def _approx_scores(qhat, cand, qn, scale, err_rel):
+    """fp16 tensor-core scores of unit vectors, rescaled: ``(s, err)`` with ``|s - s_fp32| <= err`` for the
+    fp32 score ``s_fp32`` of the exact pass (``err_rel`` from ``_select``)."""
+    cn = tl.sqrt(tl.sum(cand * cand, axis=1))  # [BN]
+    chat = (cand / tl.maximum(cn, 1e-30)[:, None]).to(tl.float16)
+    mag = qn[:, None] * cn[None, :] * tl.abs(scale)
+    s = tl.dot(qhat, tl.trans(chat)) * mag * tl.where(scale < 0, -1.0, 1.0)
+    return s, mag * err_rel
+
+
+@triton.jit
 def match_select_kernel(
     q_ptr,  # [B, Hq, TQ, D] queries
     c_ptr,  # [B, Hkv, N, D] candidates: block summaries (fp32) or the keys themselves (block_size 1)
     idx_ptr,  # [B, Hkv, TQ, TOP_K] int64 selection (contiguous)
+    fb_ptr,  # [B * Hkv * cdiv(TQ, BLOCK_M)] int32: 1 where the program ran the exact fp32 pass
     sqb,
     sqh,
     sqt,
@@ -220,13 +309,17 @@ def match_select_kernel(
     W,
     BS,
     scale,
+    err_rel,
     TOP_K: tl.constexpr,
     KP: tl.constexpr,
+    KG: tl.constexpr,
+    TC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Running top-k over streamed candidate chunks (see the module docstring for the tie proof)."""
+    """Running top-k over streamed candidate chunks (see the module docstring for the tie proof and for the
+    tensor-core band ``TC``)."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // Hkv
@@ -236,14 +329,9 @@ def match_select_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < TQ
     d_ok = offs_d < D
-    qsum = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for g in range(0, G):
-        h = hk * G + g
-        qsum += tl.load(
-            q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
+    q_base = q_ptr + b * sqb + hk * G * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    c_base = c_ptr + b * scb + hk * sch
     slot = tl.arange(0, KP)
     slot_real = slot < TOP_K
     # empty slots: -inf with distinct negative indices (so exactly one is the eviction target); padding
@@ -253,32 +341,73 @@ def match_select_kernel(
     # candidates of the tile: indices n with n * BS <= pos_last - W
     pos_last = q_start + tl.minimum(pid_m * BLOCK_M + BLOCK_M, TQ) - 1
     n_hi = tl.maximum(pos_last - W + BS, 0) // BS
-    for start_n in range(0, n_hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_hi
-        cand = tl.load(
-            c_ptr + b * scb + hk * sch + offs_n[:, None] * sct + offs_d[None, :] * scd,
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)  # [BN, BD]
-        # fp32 "ieee" for every input dtype: a discrete choice, TF32 / bf16 rounding would move near-ties
-        s = tl.dot(qsum, tl.trans(cand), input_precision="ieee") * scale  # [BM, BN]
-        ok = row_ok[:, None] & n_ok[None, :] & (offs_n[None, :] * BS <= pos[:, None] - W)
-        s = tl.where(ok, s, float("-inf"))
-        worst = tl.min(top_v, axis=1)  # [BM]
-        go = tl.max(tl.max(tl.where(s > worst[:, None], 1, 0), axis=1), axis=0)
-        while go > 0:
-            best = tl.max(s, axis=1)  # [BM] the chunk's best remaining candidate per row
-            best_n = tl.min(tl.where(s == best[:, None], offs_n[None, :], 2147483647), axis=1).to(tl.int64)
-            ins = best > worst  # strict: the list's equal scores have lower indices
-            is_worst = top_v == worst[:, None]
-            evict_i = tl.max(tl.where(is_worst, top_i, -KP - 2), axis=1)  # highest index among the worst
-            hit = ins[:, None] & is_worst & (top_i == evict_i[:, None])
-            top_v = tl.where(hit, best[:, None], top_v)
-            top_i = tl.where(hit, best_n[:, None], top_i)
-            s = tl.where(offs_n[None, :] == best_n[:, None], float("-inf"), s)
-            worst = tl.min(top_v, axis=1)
-            go = tl.max(tl.max(tl.where(s > worst[:, None], 1, 0), axis=1), axis=0)
+    exact = True
+    if TC:  # (the summed query is loaded again where it is needed: fewer live registers in the passes)
+        qsum = _group_sum(q_base, q_mask, sqh, G, BLOCK_M, BLOCK_D)
+        qn = tl.sqrt(tl.sum(qsum * qsum, axis=1))  # [BM]
+        qhat = (qsum / tl.maximum(qn, 1e-30)[:, None]).to(tl.float16)
+        # pass 1: tau = the TOP_K-th largest lower bound s - err of each row (-inf below TOP_K candidates),
+        # a lower bound on the row's TOP_K-th fp32 score
+        lo_v = top_v
+        lo_i = top_i
+        for start_n in range(0, n_hi, BLOCK_N):
+            offs_n, cand, ok = _cand_chunk(
+                c_base, start_n, sct, scd, offs_d, d_ok, n_hi, row_ok, pos, W, BS, BLOCK_N
+            )
+            s, err = _approx_scores(qhat, cand, qn, scale, err_rel)
+            lo_v, lo_i = _topk_insert(
+                lo_v, lo_i, tl.where(ok, s - err, float("-inf")), offs_n[None, :].to(tl.int64), KP
+            )
+        tau = tl.min(lo_v, axis=1)
+        # pass 2: the band, every candidate whose upper bound s + err reaches tau (it holds the exact top-k),
+        # listed per row in index order; more than KG in some row (near-ties) -> the exact pass below
+        kslot = tl.arange(0, KG)
+        band = tl.full([BLOCK_M, KG], -1, tl.int64)
+        cnt = tl.zeros([BLOCK_M], tl.int32)
+        for start_n in range(0, n_hi, BLOCK_N):
+            offs_n, cand, ok = _cand_chunk(
+                c_base, start_n, sct, scd, offs_d, d_ok, n_hi, row_ok, pos, W, BS, BLOCK_N
+            )
+            s, err = _approx_scores(qhat, cand, qn, scale, err_rel)
+            inb = ok & (s + err >= tau[:, None])
+            go = tl.max(tl.max(tl.where(inb, 1, 0), axis=1), axis=0)
+            while go > 0:
+                first = tl.min(tl.where(inb, offs_n[None, :], 2147483647), axis=1)  # [BM]
+                has = first < 2147483647
+                band = tl.where(
+                    has[:, None] & (kslot[None, :] == cnt[:, None]), first[:, None].to(tl.int64), band
+                )
+                cnt += has.to(tl.int32)
+                inb = inb & (offs_n[None, :] != first[:, None])
+                go = tl.max(tl.max(tl.where(inb, 1, 0), axis=1), axis=0)
+        exact = tl.max(cnt, axis=0) > KG
+        if not exact:
+            # pass 3: fp32 scores of the band (each an fp32 sum over D), offered in index order
+            qsum = _group_sum(q_base, q_mask, sqh, G, BLOCK_M, BLOCK_D)
+            bs_ = tl.full([BLOCK_M, KG], float("-inf"), tl.float32)
+            for j in range(0, KG):
+                n_j = tl.sum(tl.where(kslot[None, :] == j, band, 0), axis=1)  # [BM]
+                have = n_j >= 0
+                c_j = tl.load(
+                    c_base + n_j[:, None] * sct + offs_d[None, :] * scd,
+                    mask=have[:, None] & d_ok[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                s_j = tl.sum(qsum * c_j, axis=1) * scale
+                bs_ = tl.where((kslot[None, :] == j) & have[:, None], s_j[:, None], bs_)
+            top_v, top_i = _topk_insert(top_v, top_i, bs_, band, KP)
+    if exact:
+        qsum = _group_sum(q_base, q_mask, sqh, G, BLOCK_M, BLOCK_D)
+        for start_n in range(0, n_hi, BLOCK_N):
+            offs_n, cand, ok = _cand_chunk(
+                c_base, start_n, sct, scd, offs_d, d_ok, n_hi, row_ok, pos, W, BS, BLOCK_N
+            )
+            # fp32 "ieee" for every input dtype: a discrete choice, TF32 / bf16 rounding would move near-ties
+            s = tl.dot(qsum, tl.trans(cand), input_precision="ieee") * scale  # [BM, BN]
+            top_v, top_i = _topk_insert(
+                top_v, top_i, tl.where(ok, s, float("-inf")), offs_n[None, :].to(tl.int64), KP
+            )
+    tl.store(fb_ptr + pid_bh * tl.num_programs(0) + pid_m, exact.to(tl.int32))
     # write in (score desc, index asc) order; taken entries become -inf, so empties come last as -1
     top_v = tl.where(slot_real[None, :], top_v, float("-inf"))
     out_base = idx_ptr + (pid_bh * TQ + offs_m) * TOP_K
@@ -948,7 +1077,14 @@ def block_summaries_triton(k, block_size):
     return summ
 
 
-def _select(q, k, *, window, top_k, block_size, scale, q_start=0, summaries=None):
+def select_error(D: int) -> float:
+    """``err_rel`` of the tensor-core band at head dim ``D``: ``|fp16 unit-vector score - fp32 score| <=
+    err_rel |scale| |q| |c|`` (the derivation is in the module docstring, 2.)."""
+    return 2.0**-10 + (D + 8) * 2.0**-20
+
+
+def _select(q, k, *, window, top_k, block_size, scale, q_start=0, summaries=None, fallbacks=None):
+    """``fallbacks``: a list that receives the int32 tensor of per-program flags (1: the exact fp32 pass)."""
     B, Hq, TQ, D = q.shape
     Hkv = k.shape[1]
     idx = empty((B, Hkv, TQ, top_k), dtype=torch.int64, device=q.device)
@@ -959,10 +1095,15 @@ def _select(q, k, *, window, top_k, block_size, scale, q_start=0, summaries=None
     else:
         cand = block_summaries_triton(k, block_size) if summaries is None else summaries
     BM, BN, warps = (64, 64, 4) if is_interpreting() else (32, 32, 4)  # fp32 dots: small GPU tile
+    if SELECT_TENSOR_CORES and not is_interpreting() and D > 64:
+        warps = 8  # the band's state at D = 128 spills at 4 warps (kernel_stats)
+    err_rel = select_error(D)
+    fb = torch.empty(B * Hkv * triton.cdiv(TQ, BM), dtype=torch.int32, device=q.device)
     match_select_kernel[(triton.cdiv(TQ, BM), B * Hkv)](
         q,
         cand,
         idx,
+        fb,
         *q.stride(),
         *cand.stride(),
         Hkv,
@@ -973,13 +1114,18 @@ def _select(q, k, *, window, top_k, block_size, scale, q_start=0, summaries=None
         window,
         block_size,
         float(scale),
+        err_rel,
         TOP_K=top_k,
         KP=_kp(top_k),
+        KG=triton.next_power_of_2(top_k + SELECT_GUARD),
+        TC=SELECT_TENSOR_CORES,
         BLOCK_M=BM,
         BLOCK_N=BN,
         BLOCK_D=_block_d(D),
         num_warps=warps,
     )
+    if fallbacks is not None:
+        fallbacks.append(fb)
     return idx
 
 

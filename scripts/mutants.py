@@ -407,6 +407,14 @@ MUTANTS: list[Mutant] = [
         "selection kernel: the newest candidate is never selectable",
     ),
     M(
+        "match-triton-band-overflow",
+        "fast/match_triton.py",
+        "exact = tl.max(cnt, axis=0) > KG",
+        "exact = tl.max(cnt, axis=0) > KG + 1",
+        "tests/test_match_triton.py",
+        "tensor-core selection band: a row one candidate over its slots is not sent to the exact pass",
+    ),
+    M(
         "match-triton-tie",
         "fast/match_triton.py",
         "ins = best > worst  # strict",

@@ -96,3 +96,22 @@ def test_the_cost_model_prices_causal_sdpa_and_the_window_by_their_pairs():
     assert s["sdpa_ms"] == pytest.approx(sdpa_flops / mc.PEAK_TC * 1e3 + 2 * mc.LAUNCH_S * 1e3, rel=1e-3)
     win = mc.window_parts(B, H, H, T, D, w)
     assert sum(r["flops"] for r in win) == pytest.approx(3.5 * 4 * D * B * H * T * w)
+
+
+def test_the_cost_model_prices_both_selections():
+    # (query row, candidate) pairs: T * NB / 2 per kv head; the exact pass 2 D fp32 flops each (+ the group
+    # sum), the band twice that on tensor cores plus KG = next_pow2(top_k + 8) re-scored candidates per row
+    from benchmarks import match_cost as mc
+
+    B, H, T, D, K, bs = 1, 4, 4096, 64, 8, 32
+    pairs = B * H * T * (T // bs) / 2
+    exact = mc.selection(B, H, H, T, D, K, bs, select="exact")
+    band = mc.selection(B, H, H, T, D, K, bs, select="band")
+    assert [r["kernel"] for r in exact] == ["selection (exact, fp32)"] and len(band) == 2
+    assert exact[0]["flops"] == 2 * pairs * D + B * H * T * D
+    assert band[0]["flops"] == 4 * pairs * D and band[1]["flops"] == 2 * B * H * T * 16 * D
+    assert (
+        mc.selection(B, H, H, T, D, 9, bs, select="band")[1]["flops"] == 2 * B * H * T * 32 * D
+    )  # 9 + 8 -> 32 slots
+    rows = {r["kernel"] for r in mc.match_step(B, H, H, T, D, 256, K, bs, select="exact")}
+    assert "selection (exact, fp32)" in rows and not any("band" in r for r in rows)

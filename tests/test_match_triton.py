@@ -226,6 +226,145 @@ def test_select_ties_lower_index_wins(block_size):
     assert row.tolist() == sorted(row.tolist()) and row[0] < 3 and (row % 3 == row[0] % 3).all(), row
 
 
+def _select_both(q, k, **cfg):
+    """(idx, per-program fallback flags) with the tensor-core band, and idx of the exact fp32 pass alone."""
+    fb = []
+    old = mt.SELECT_TENSOR_CORES
+    try:
+        mt.SELECT_TENSOR_CORES = True
+        band = mt._select(q.to(DEVICE), k.to(DEVICE), fallbacks=fb, **cfg).cpu()
+        mt.SELECT_TENSOR_CORES = False
+        exact = mt._select(q.to(DEVICE), k.to(DEVICE), **cfg).cpu()
+    finally:
+        mt.SELECT_TENSOR_CORES = old
+    return band, fb[0].cpu(), exact
+
+
+@pytest.mark.parametrize(
+    "Hq, Hkv, T, D, window, top_k, block_size, scale, q_start",
+    [
+        (4, 2, 77, 20, 9, 5, 1, 0.2236, 0),
+        (2, 1, 130, 16, 8, 8, 4, 0.25, 0),
+        (3, 3, 77, 24, 16, 3, 6, -0.2, 0),  # a negative scale
+        (1, 1, 200, 32, 16, 32, 1, 0.17, 0),  # top_k = MAX_TOP_K: a band of up to 64
+        (2, 2, 1, 16, 4, 2, 2, 0.25, 66),  # a decode row (a query offset)
+    ],
+)
+def test_select_tensor_core_band_equals_the_exact_pass(
+    Hq, Hkv, T, D, window, top_k, block_size, scale, q_start
+):
+    # standard normal data: the band (fp16 scores, fp32 re-scoring) picks what the fp32 pass picks, and
+    # does so without falling back
+    q, k, *_ = _inputs(2, Hq, Hkv, T, D, torch.float32, T + top_k, normal=True)
+    if q_start:
+        k = torch.randn(2, Hkv, q_start + T, D, generator=torch.Generator().manual_seed(1))
+    cfg = dict(window=window, top_k=top_k, block_size=block_size, scale=scale, q_start=q_start)
+    band, fb, exact = _select_both(q, k, **cfg)
+    assert torch.equal(band, exact) and not fb.any()
+    if q_start == 0:
+        assert torch.equal(
+            band, torch.from_numpy(oracle_idx(q, k, **{x: cfg[x] for x in cfg if x != "q_start"}))
+        )
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_select_near_ties_below_fp16_resolution(block_size):
+    # candidates that differ by 2^-14 of their size in one coordinate: fp16 unit-vector scores cannot
+    # order them (its resolution is 2^-11); the band holds them all (7 of 8 candidates, within its 16
+    # slots), the fp32 re-scoring orders them as float64 does, and no program falls back
+    T, D, w, K = 16, 16, 8, 2
+    base = torch.ones(D) / 4
+    n_cand = (T - w) // block_size + 1
+    keys = torch.stack([base + (j % n_cand) * 2.0**-14 * torch.eye(D)[0] for j in range(T)])
+    k = keys.repeat_interleave(block_size, 0)[:T] if block_size > 1 else keys
+    k = k.reshape(1, 1, T, D)
+    q = torch.ones(1, 1, T, D)
+    cfg = dict(window=w, top_k=K, block_size=block_size, scale=0.25)
+    band, fb, exact = _select_both(q, k, **cfg)
+    e = torch.from_numpy(oracle_idx(q, k, **cfg))
+    assert torch.equal(band, e) and torch.equal(exact, e) and not fb.any()
+    last = band[0, 0, -1].tolist()
+    assert last == sorted(last, reverse=True) and last[0] == (T - 1 - w) // block_size  # the largest offset
+
+
+@pytest.mark.parametrize("pert, seed", [(2.0**-6, 0), (2.0**-6, 1), (2.0**-10, 0)])
+def test_select_band_needs_its_error_bound(monkeypatch, pert, seed):
+    # keys that are one vector plus small noise: many scores lie within fp16's error of each row's cut.
+    # With the bound the band (or its fallback) selects what the exact pass selects; with no bound (2^-6
+    # noise) or a tenth of it (2^-10 noise) some row loses a member of its exact top-k, so this data does
+    # test the bound
+    T, D, K = 64, 16, 3
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(D, generator=g)
+    k = base + torch.randn(1, 1, T, D, generator=g) * pert
+    q = base + torch.randn(1, 1, T, D, generator=g) * 0.5
+    cfg = dict(window=8, top_k=K, block_size=1, scale=0.25)
+    band, fb, exact = _select_both(q, k, **cfg)
+    assert torch.equal(band, exact)
+    assert fb.any() == (pert < 2.0**-6)  # the 2^-6 data is decided by the band alone
+    real = mt.select_error
+    monkeypatch.setattr(mt, "select_error", (lambda D: 0.0) if pert == 2.0**-6 else (lambda D: real(D) / 10))
+    weak, fb, _ = _select_both(q, k, **cfg)
+    assert not torch.equal(weak, exact) and not fb.any()
+
+
+def test_select_error_bound_value():
+    # 2 u = 2^-10 for fp16's u = 2^-11, plus (D + 8) 2^-20 for u^2 and the O(D 2^-24) terms
+    assert mt.select_error(64) == 2.0**-10 + 72 * 2.0**-20
+    assert 2 * 2.0**-11 + 2.0**-22 < mt.select_error(16) < 2.0**-9
+
+
+def test_select_band_overflow_falls_back_to_the_exact_pass():
+    # 3 distinct key vectors repeated: dozens of candidates tie at each row's top score, more than the band
+    # holds; those programs run the exact fp32 pass, and the selection still follows the tie rule
+    T, D, w, K = 70, 16, 8, 5
+    g = torch.Generator().manual_seed(1)
+    base = torch.randint(-2, 3, (3, D), generator=g) / 2.0
+    k = base[torch.arange(T) % 3].reshape(1, 1, T, D)
+    q = torch.randint(-2, 3, (1, 1, T, D), generator=g) / 2.0
+    cfg = dict(window=w, top_k=K, block_size=1, scale=_scale(D))
+    band, fb, exact = _select_both(q, k, **cfg)
+    assert fb.any() and torch.equal(band, exact)
+    assert torch.equal(band, torch.from_numpy(oracle_idx(q, k, **cfg)))
+
+
+def test_select_band_one_candidate_over_its_slots_falls_back():
+    # top_k 3 -> 16 band slots. Keys 0..15 equal, key 16 the same plus 2^-14 (fp16 cannot tell them
+    # apart, fp32 can: it is the best), later keys far below. The last row's band has 17 members, one more
+    # than its slots: it must fall back, or it would lose key 16 (the last listed) and pick 0, 1, 2
+    T, D, w, K = 40, 16, 8, 3
+    v = torch.full((D,), 0.25)
+    k = (-v).repeat(T, 1)
+    k[:17] = v
+    k[16, 0] += 2.0**-14
+    k = k.reshape(1, 1, T, D)
+    q = torch.ones(1, 1, T, D)
+    cfg = dict(window=w, top_k=K, block_size=1, scale=0.25)
+    band, fb, exact = _select_both(q, k, **cfg)
+    assert fb.any() and torch.equal(band, exact)
+    assert band[0, 0, -1].tolist() == [16, 0, 1]
+
+
+@settings(max_examples=examples(6), deadline=None)
+@given(
+    mag=st.sampled_from([1e-20, 1e-3, 1.0, 1e4]),
+    T=st.integers(9, 90),
+    K=st.integers(1, 9),
+    bs=st.sampled_from([1, 3, 4]),
+    seed=st.integers(0, 2**16),
+)
+@example(mag=1e4, T=90, K=9, bs=1, seed=0)
+@example(mag=1e-20, T=33, K=4, bs=3, seed=1)
+def test_select_band_at_any_magnitude(mag, T, K, bs, seed):
+    # the band's error bound scales with |q| |c|: tiny and huge inputs (fp16 would under- or overflow
+    # without the unit-vector normalisation) select what the exact pass selects
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2, T, 16, generator=g) * mag
+    k = torch.randn(1, 1, T, 16, generator=g) * mag
+    band, fb, exact = _select_both(q, k, window=8, top_k=K, block_size=bs, scale=0.25)
+    assert torch.equal(band, exact)
+
+
 def test_select_top_k_exceeds_candidates_pads_minus_one():
     T, D, w, bs, K = 37, 16, 8, 4, 9  # at most 8 candidate blocks (position 36: blocks 0..7)
     q, k, *_ = _inputs(1, 2, 1, T, D, torch.float32, 5)

@@ -314,7 +314,8 @@ def _attention_workload(dtypes, heads=(64, 128), lengths=(4096,)):
 
 def _match_workload(heads=(64, 128)):
     """MATCH at the GPU tiles: bf16 and fp32, joint and gated, the gathered retrieved path (token
-    retrieval, top_k 8; blocks of 4, top_k 4) and the block-major one of the benchmark (8 blocks of 64)."""
+    retrieval, top_k 8; blocks of 4, top_k 4) and the block-major one of the benchmark (8 blocks of 64);
+    the selection also with its tensor-core band."""
     import torch
 
     from fast import match
@@ -337,6 +338,18 @@ def _match_workload(heads=(64, 128)):
                         backend="triton",
                     )
                     out.float().sum().backward()
+    # the selection with the tensor-core band (fast.match_triton.SELECT_TENSOR_CORES; off in the op above)
+    from fast import match_triton
+
+    band = match_triton.SELECT_TENSOR_CORES
+    try:
+        match_triton.SELECT_TENSOR_CORES = True
+        for D in heads:
+            for T, window, bs, top_k in ((1024, 64, 1, 8), (4096, 512, 64, 8)):
+                q = torch.zeros(1, 2, T, D, dtype=torch.bfloat16)
+                match_triton.retrieve_triton(q, q, window=window, top_k=top_k, block_size=bs, scale=D**-0.5)
+    finally:
+        match_triton.SELECT_TENSOR_CORES = band
 
 
 LADDER_T = 1024
