@@ -135,7 +135,7 @@ def test_table_means_and_spread_over_seeds():
 def test_table_groups_settings_and_pairs_with_the_same_window():
     # two MQAR lengths; at T = 16 two windows. (a) at w 4 pairs with SWA w 4 (+100), not with SWA w 8 (0)
     def rec(T, v, w, correct, kw=()):
-        cfg = {"task": "mqar", "seq_len": T, "num_kv_pairs": 2, "vocab_size": 64, "window": w}
+        cfg = {"task": "mqar", "seq_len": T, "num_kv_pairs": 2, "vocab_size": 64, "window": w, "lr": 0.003}
         cfg["attn_kwargs"] = [list(p) for p in kw]
         return {"task": "mqar", "seed": 0, "variant": v, "config": cfg, "acc": sum(correct) / 2}, {
             "acc_inside": None,
@@ -157,10 +157,14 @@ def test_table_groups_settings_and_pairs_with_the_same_window():
     ]
     lines = dr.table(recs).splitlines()
     a16 = next(
-        x for x in lines if x.startswith("| mqar T=16 P=2 V=64 | SWA → MATCH at inference (a) (w 4, top_k 1")
+        x
+        for x in lines
+        if x.startswith("| mqar T=16 P=2 V=64 lr=0.003 | SWA → MATCH at inference (a) (w 4, top_k 1")
     )
     a32 = next(
-        x for x in lines if x.startswith("| mqar T=32 P=2 V=64 | SWA → MATCH at inference (a) (w 4, top_k 1")
+        x
+        for x in lines
+        if x.startswith("| mqar T=32 P=2 V=64 lr=0.003 | SWA → MATCH at inference (a) (w 4, top_k 1")
     )
     assert a16.endswith("| +100.0 [+100.0, +100.0] |") and a32.endswith("| +0.0 [+0.0, +0.0] |")
     assert sum("| SWA (w " in x for x in lines) == 3

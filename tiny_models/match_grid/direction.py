@@ -242,12 +242,13 @@ def table(records: list[dict]) -> str:
 
 
 def setting(cfg: dict) -> str:
-    """The row group of a record: the task, its length and (MQAR) its pairs and vocabulary. Inside a group,
+    """The row group of a record: the task, its length, (MQAR) its pairs and vocabulary, and the learning
+    rate (the fine-tune of (b) is grouped with its pre-training's). Inside a group,
     rows are labelled with the window and the retrieval, and a variant is paired with SWA of its window."""
     out = f"{cfg['task']} T={cfg['seq_len']}"
     if cfg["task"] == "mqar":
         out += f" P={cfg['num_kv_pairs']} V={cfg['vocab_size']}"
-    return out
+    return out + f" lr={cfg['lr']:g}"
 
 
 def main(argv=None) -> None:
