@@ -41,7 +41,10 @@ def test_every_variant_from_the_right_weights_and_resume(tmp_path, monkeypatch):
     x, y = dr.heldout(dr.configs("mqar", 0, _args())["swa"])
     for r in recs.values():  # every labelled held-out position is in one distance bin
         assert 0.0 <= r["acc"] <= 1.0 and sum(b["n"] for b in r["by_distance"]) == int((y != -100).sum())
-    assert "SWA → MATCH at inference (a)" in (res / "results.md").read_text()
+    assert (
+        "SWA → MATCH at inference (a)" in (res / "results.md").read_text()
+        and (res / "direction.png").exists()
+    )
 
     def boom(*a, **k):
         raise AssertionError("a finished variant was trained again")

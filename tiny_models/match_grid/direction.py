@@ -21,8 +21,9 @@ query to its key, inside the window (``d < w``) or beyond it. Each finished vari
 ``<out>/<task>_s<seed>/<variant>.json`` (resumable: finished variants are skipped; trained weights are
 saved for the variants that reuse them); ``--results`` gets ``results.md`` (mean ± std over seeds, and each
 variant's paired difference to SWA on the same held-out examples with a bootstrap interval) and ``runs.json``
-(every variant's record: config, seed, curve, accuracy by distance, per-example counts). Records in an
-existing ``runs.json`` stand in for runs of the same task, seed and config, so seeds accumulate.
+(every variant's record: config, seed, curve, accuracy by distance, per-example counts) and
+``direction.png``. Records in an existing ``runs.json`` stand in for runs of the same task, seed and config,
+so seeds accumulate.
 """
 
 from __future__ import annotations
@@ -241,6 +242,38 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(records: list[dict], path: str) -> None:
+    """One panel per row group: accuracy beyond the window (bars: the mean over seeds, dots: each seed)
+    per variant, the paired difference to SWA with its interval in the label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(setting(r["config"]) for r in records if "config" in r))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4.2), squeeze=False)
+    for ax, group in zip(axes[0], groups, strict=True):
+        rs = [r for r in records if "config" in r and setting(r["config"]) == group]
+        names, means = [], []
+        for v in VARIANTS:
+            vals = [r["acc_beyond"] for r in rs if r["variant"] == v and r["acc_beyond"] is not None]
+            if not vals:
+                continue
+            d = paired(rs, v) if v not in ("swa", "full") else None
+            ci = "" if d is None else f"\n{100 * d['mean']:+.0f} [{100 * d['lo']:+.0f}, {100 * d['hi']:+.0f}]"
+            names.append(LABELS[v].replace(" (", "\n(") + ci)
+            means.append(100 * statistics.fmean(vals))
+            ax.scatter([len(names) - 1] * len(vals), [100 * x for x in vals], color="k", s=8, zorder=3)
+        ax.bar(range(len(names)), means, color="tab:blue", alpha=0.6)
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_ylim(0, 105)
+        ax.set_title(group, fontsize=9)
+        ax.set_ylabel("accuracy beyond the window (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def setting(cfg: dict) -> str:
     """The row group of a record: the task, its length, (MQAR) its pairs and vocabulary, and the learning
     rate (the fine-tune of (b) is grouped with its pre-training's). Inside a group,
@@ -292,6 +325,7 @@ def main(argv=None) -> None:
             f.write(f"Command: `python -m tiny_models.match_grid.direction {args}`\n\n{text}\n")
         with open(os.path.join(a.results, "runs.json"), "w") as f:
             json.dump(records, f)
+        plot(records, os.path.join(a.results, "direction.png"))
 
 
 if __name__ == "__main__":
