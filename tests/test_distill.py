@@ -66,6 +66,7 @@ def test_registry_has_every_method_and_ablation():
     assert resolve(_cfg("mgsr-no-scrg")).scrg_frequency == 0
     assert resolve(_cfg("mgsr-no-dackl")).token_loss == "forward_kl"
     assert resolve(_cfg("mgsr-no-span")).w_span == 0
+    assert resolve(_cfg("mgsr-no-sft")).w_sft == 0 and resolve(_cfg("mgsr-no-sft")).w_span == 1
     assert [resolve(_cfg(f"mgsr-scrg{f}")).scrg_frequency for f in (0, 1, 3, 5)] == [0, 1, 3, 5]
     divs = {
         "forward_kl",
@@ -80,7 +81,9 @@ def test_registry_has_every_method_and_ablation():
     assert "| mgsr | " in distill.describe()
 
 
-@pytest.mark.parametrize("method", [*BASELINES, "mgsr-no-scrg", "mgsr-no-dackl", "mgsr-no-span"])
+@pytest.mark.parametrize(
+    "method", [*BASELINES, "mgsr-no-scrg", "mgsr-no-dackl", "mgsr-no-span", "mgsr-no-sft"]
+)
 def test_each_method_lowers_its_own_loss_on_a_fixed_batch(method, examples):
     t, s = _models()
     d = Distiller(_cfg(method, gkd_lambda=1.0), t, s)

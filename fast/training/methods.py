@@ -471,6 +471,7 @@ _ABLATIONS = [
         (("token_loss", "forward_kl"),),
     ),
     Method("mgsr-no-span", _MGSR_SEQ, "CE(gt) + DAC-KL", _mgsr_build, _mgsr_objective, (("w_span", 0.0),)),
+    Method("mgsr-no-sft", _MGSR_SEQ, "DAC-KL + span", _mgsr_build, _mgsr_objective, (("w_sft", 0.0),)),
     *[
         Method(
             f"mgsr-scrg{f}",
