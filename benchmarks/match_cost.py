@@ -165,6 +165,10 @@ def report(B, Hq, Hkv, T, D, w, top_k, bs, es=2, select="exact") -> tuple[list[d
         io_gb=io / 1e9,
     )
     summary["fits_80gb"] = (summary["extra_gb"] + summary["io_gb"]) * 1e9 < GPU_BYTES
+    # the floor: MATCH attends w + top_k * bs keys per query where the window attends w; at the window
+    # kernel's efficiency and with a free selection and merge it costs (w + K B) / w times the window
+    floor = (min(w, T) + top_k * bs) / min(w, T)
+    summary.update(floor_over_swa=floor, sdpa_over_floor=sdpa_ms / (floor * swa_ms))
     return rows, summary
 
 
@@ -191,6 +195,10 @@ def print_report(B, Hq, Hkv, T, D, w, top_k, bs, es=2, select="exact") -> dict:
         f"SDPA / MATCH = {s['sdpa_over_match']:.2f} (target >= 5); extra memory {s['extra_gb']:.2f} GB, "
         "with q, k, v, o and the gradients "
         f"{s['extra_gb'] + s['io_gb']:.2f} GB ({'fits' if s['fits_80gb'] else 'does not fit'} 80 GB)"
+    )
+    print(
+        "floor (the attended keys alone, (w + top_k B) / w, at the window kernel's efficiency): "
+        f"MATCH / sliding >= {s['floor_over_swa']:.2f}, so SDPA / MATCH <= {s['sdpa_over_floor']:.2f} here"
     )
     return s
 

@@ -96,6 +96,10 @@ def test_the_cost_model_prices_causal_sdpa_and_the_window_by_their_pairs():
     assert s["sdpa_ms"] == pytest.approx(sdpa_flops / mc.PEAK_TC * 1e3 + 2 * mc.LAUNCH_S * 1e3, rel=1e-3)
     win = mc.window_parts(B, H, H, T, D, w)
     assert sum(r["flops"] for r in win) == pytest.approx(3.5 * 4 * D * B * H * T * w)
+    # the floor: 512 window keys + 8 x 64 retrieved = 2x the window's work
+    assert s["floor_over_swa"] == 2.0 and s["sdpa_over_floor"] == pytest.approx(
+        s["sdpa_ms"] / (2 * s["swa_ms"])
+    )
 
 
 def test_the_cost_model_prices_both_selections():
