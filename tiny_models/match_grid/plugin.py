@@ -18,7 +18,9 @@ def attended_fraction(seq_len: int, attention: str, window: int | None, attn_kwa
     """Mean over queries of keys attended / keys full causal attention attends (``t + 1`` at position t).
 
     Window ``w`` (NSA convention: w keys including the query itself); MATCH adds ``top_k`` tokens, or
-    ``top_k`` blocks of ``block_size`` tokens, from the out-of-window past (capped by how many exist).
+    ``top_k`` blocks of ``block_size`` tokens, from the out-of-window past (capped by how many exist). For
+    blocks this is an upper bound: a selected block that straddles the window's edge delivers only its keys
+    ``j <= t - w`` (fewer than ``block_size``), and which blocks are selected depends on the data.
     """
     seen = attention_cost(seq_len, attention, window, attn_kwargs)["attn_flops"]  # 4 flops per pair at D = 1
     return seen / (2 * seq_len * (seq_len + 1))  # full causal: seq_len (seq_len + 1) / 2 pairs
@@ -29,7 +31,8 @@ def attention_cost(
 ) -> dict:
     """Per head and layer over one sequence of ``seq_len`` queries (multiply-adds counted as 2 FLOPs):
 
-    * ``attn_flops``: ``4 D`` per attended (query, key) pair (``q.k`` and ``p v``), forward;
+    * ``attn_flops``: ``4 D`` per attended (query, key) pair (``q.k`` and ``p v``), forward; for block
+      retrieval an upper bound (every selected block counted whole, see ``attended_fraction``);
     * ``select_flops``: MATCH's scoring, ``2 D`` per (query, candidate): every out-of-window key for token
       retrieval (an O(T^2) ``q k^T``), every out-of-window block summary for block retrieval, plus the
       summaries themselves (``D`` per key);
