@@ -67,6 +67,7 @@ def test_registry_has_every_method_and_ablation():
     assert resolve(_cfg("mgsr-no-dackl")).token_loss == "forward_kl"
     assert resolve(_cfg("mgsr-no-span")).w_span == 0
     assert resolve(_cfg("mgsr-no-sft")).w_sft == 0 and resolve(_cfg("mgsr-no-sft")).w_span == 1
+    assert resolve(_cfg("mgsr-fixed-clip")).dac_fixed == (0.75, 0.375)
     assert [resolve(_cfg(f"mgsr-scrg{f}")).scrg_frequency for f in (0, 1, 3, 5)] == [0, 1, 3, 5]
     divs = {
         "forward_kl",
@@ -82,7 +83,7 @@ def test_registry_has_every_method_and_ablation():
 
 
 @pytest.mark.parametrize(
-    "method", [*BASELINES, "mgsr-no-scrg", "mgsr-no-dackl", "mgsr-no-span", "mgsr-no-sft"]
+    "method", [*BASELINES, "mgsr-no-scrg", "mgsr-no-dackl", "mgsr-no-span", "mgsr-no-sft", "mgsr-fixed-clip"]
 )
 def test_each_method_lowers_its_own_loss_on_a_fixed_batch(method, examples):
     t, s = _models()
@@ -103,6 +104,19 @@ def test_each_method_lowers_its_own_loss_on_a_fixed_batch(method, examples):
     rec = d.step(2, examples)  # and a full step (plan + objective + both optimisers) runs
     assert rec["loss"] == rec["loss"]
     assert rec["source"] in ("gt", "student", "teacher", "mixed", "fresh", "replay")
+
+
+def test_fixed_clipping_keeps_its_levels_and_trains_no_sub_network(examples):
+    # the fixed-clipping ablation: constant (u, l), no sub-network and no second optimiser; a step logs
+    # the constant levels, and its state round-trips without a DAC optimiser
+    t, s = _models()
+    d = Distiller(_cfg("mgsr-fixed-clip", init_threshold=0.0), t, s)
+    assert d.dac.mlp is None and d.dac_opt is None and not list(d.dac.parameters())
+    _, parts = d.objective(d.plan(1, examples))
+    assert float(parts["upper"]) == 0.75 and float(parts["lower"]) == 0.375
+    tensors, meta = d.state_tensors()
+    assert not any(k.startswith(("dacopt", "dac.")) for k in tensors)
+    d.load_state_tensors(tensors, meta)
 
 
 class _Spy:

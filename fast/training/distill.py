@@ -98,6 +98,8 @@ class DistillConfig:
     dac_k: int = 64
     dac_hidden: int = 256
     dac_lr: float | None = None  # None: the student's lr
+    # (upper, lower): constant levels instead of the sub-network (the paper's fixed-clipping ablation)
+    dac_fixed: tuple | None = None
     # bookkeeping
     eval_every: int = 50  # validation CE (adaptive schedule) + greedy ROUGE-L (checkpoint selection)
     eval_examples: int = 64
@@ -163,11 +165,20 @@ class Distiller:
         if self.method.objective is _mgsr_objective and cfg.token_loss == "dac_kl":
             g = torch.Generator().manual_seed(_seed(cfg.seed, 0, 0, 7))
             self.dac = DACKL(
-                k=cfg.dac_k, hidden=cfg.dac_hidden, backend=cfg.backend, generator=g, bounds=cfg.dac_bounds
+                k=cfg.dac_k,
+                hidden=cfg.dac_hidden,
+                backend=cfg.backend,
+                generator=g,
+                bounds=cfg.dac_bounds,
+                fixed_bounds=None if cfg.dac_fixed is None else tuple(cfg.dac_fixed),
             ).to(self.device)
-            self.dac_opt = torch.optim.AdamW(
-                self.dac.parameters(), lr=cfg.dac_lr or cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0
-            )
+            if cfg.dac_fixed is None:  # fixed levels: nothing to train
+                self.dac_opt = torch.optim.AdamW(
+                    self.dac.parameters(),
+                    lr=cfg.dac_lr or cfg.lr,
+                    betas=(cfg.beta1, cfg.beta2),
+                    weight_decay=0.0,
+                )
         self.buffer: collections.deque = collections.deque(maxlen=cfg.capacity)
         self.threshold = cfg.init_threshold
         self.prev_val: float | None = None

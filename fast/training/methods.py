@@ -472,6 +472,14 @@ _ABLATIONS = [
     ),
     Method("mgsr-no-span", _MGSR_SEQ, "CE(gt) + DAC-KL", _mgsr_build, _mgsr_objective, (("w_span", 0.0),)),
     Method("mgsr-no-sft", _MGSR_SEQ, "DAC-KL + span", _mgsr_build, _mgsr_objective, (("w_sft", 0.0),)),
+    Method(
+        "mgsr-fixed-clip",
+        _MGSR_SEQ,
+        _MGSR_LOSS.format("DAC-KL at fixed levels (0.75, 0.375), the sub-network's at zero output"),
+        _mgsr_build,
+        _mgsr_objective,
+        (("dac_fixed", (0.75, 0.375)),),
+    ),
     *[
         Method(
             f"mgsr-scrg{f}",
