@@ -18,12 +18,13 @@ Per task and seed, with equal width and depth and the same training stream, the 
 
 Every variant is scored on the run's held-out set: accuracy overall and split by the distance from the
 query to its key, inside the window (``d < w``) or beyond it. Each finished variant leaves
-``<out>/<task>_s<seed>/<variant>.json`` (resumable: finished variants are skipped; trained weights are
-saved for the variants that reuse them); ``--results`` gets ``results.md`` (mean ± std over seeds, and each
-variant's paired difference to SWA on the same held-out examples with a bootstrap interval) and ``runs.json``
-(every variant's record: config, seed, curve, accuracy by distance, per-example counts) and
-``direction.png``. Records in an existing ``runs.json`` stand in for runs of the same task, seed and config,
-so seeds accumulate.
+``<out>/<setting>_s<seed>/<variant + window, top_k, block>.json`` (resumable: finished variants of the same
+config are skipped; trained weights are saved for the variants that reuse them); ``--results`` gets
+``results.md`` (mean ± std over seeds, and each variant's paired difference to SWA on the same held-out
+examples with a bootstrap interval), ``runs.json`` (every variant's record: config, seed, curve, accuracy by
+distance, per-example counts), ``direction.png`` and ``curves.png`` (the training curves). Records in an
+existing ``runs.json`` stand in for runs of the same
+task, seed and config, so seeds accumulate.
 """
 
 from __future__ import annotations
@@ -274,6 +275,40 @@ def plot(records: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def plot_curves(records: list[dict], path: str) -> None:
+    """Held-out accuracy against the training step of every trained variant (one line per seed, one panel
+    per row group): a run stopped by the step budget while still rising shows as a line that ends high
+    and steep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(setting(r["config"]) for r in records if "config" in r))
+    colours = {"full": "k", "swa": "tab:red", "match_scratch": "tab:blue", "swa_match_finetune": "tab:green"}
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+    for ax, group in zip(axes[0], groups, strict=True):
+        for r in records:
+            if "config" not in r or setting(r["config"]) != group or not r.get("curve"):
+                continue
+            st, acc = zip(*r["curve"], strict=True)
+            first = r["variant"] not in {x.get_label() for x in ax.lines}
+            ax.plot(
+                st,
+                [100 * a for a in acc],
+                color=colours.get(r["variant"], "grey"),
+                lw=1,
+                label=r["variant"] if first else "_",
+            )
+        ax.set_title(group, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out accuracy (%)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def setting(cfg: dict) -> str:
     """The row group of a record: the task, its length, (MQAR) its pairs and vocabulary, and the learning
     rate (the fine-tune of (b) is grouped with its pre-training's). Inside a group,
@@ -326,6 +361,7 @@ def main(argv=None) -> None:
         with open(os.path.join(a.results, "runs.json"), "w") as f:
             json.dump(records, f)
         plot(records, os.path.join(a.results, "direction.png"))
+        plot_curves(records, os.path.join(a.results, "curves.png"))
 
 
 if __name__ == "__main__":
