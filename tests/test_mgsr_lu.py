@@ -20,6 +20,7 @@ from tiny_models.mgsr_lu import (
     summarise,
     table,
 )
+from tiny_models.model_io import load_model
 from tiny_models.tasks import TRAIN_FAMILIES, build_dataset
 
 
@@ -150,6 +151,17 @@ def test_driver_end_to_end(tmp_path):
     rec = json.loads((res / "runs" / "mgsr" / "seed0.json").read_text())
     assert [r["step"] for r in rec["log"]] == [3] and rec["steps"] == 3
     assert set(rec["scores"]["sampled"]) == set(mgsr_lu.HEADLINE) | set(mgsr_lu.NEAR_FLOOR)
+    # exported students: the scored checkpoint, a card with the tables' numbers, which the file reproduces
+    mgsr_lu.main([*argv, "--no_progress", "--export", "mgsr", "sft"])
+    card = json.loads((res / "students" / "mgsr.json").read_text())
+    rec = json.loads((runs / "mgsr" / "seed0" / "eval.json").read_text())
+    assert card["rougeL_mean"]["greedy"]["test"] == round(np.mean(rec["scores"]["greedy"]["test"]), 2)
+    assert "--export" not in card["command"] and (res / "students" / "README.md").exists()
+    model, _ = load_model(str(res / "students" / "mgsr.safetensors"))
+    again = mgsr_lu.score(model.eval(), mgsr_lu.eval_sets(2), 1)
+    for d in mgsr_lu.DECODINGS:
+        for s in mgsr_lu.HEADLINE:
+            assert round(np.mean(again[d][s]), 2) == card["rougeL_mean"][d][s]
     log = runs / "kd" / "seed0" / "log.jsonl"
     before = log.read_text()
     (runs / "kd" / "seed0" / "eval.json").unlink()
@@ -167,6 +179,8 @@ def test_driver_end_to_end(tmp_path):
         for m in summary[dec]:
             for s in mgsr_lu.HEADLINE:
                 assert again[dec][m][s]["mean"] == pytest.approx(summary[dec][m][s]["mean"], abs=0.01)
+    with pytest.raises(ValueError, match="checkpoint is needed"):  # scores alone cannot be exported
+        mgsr_lu.main([*argv, "--no_progress", "--export", "kd"])
     # a committed run is taken only for the same steps, samples and sets
     rec = json.loads((res / "runs" / "mgsr" / "seed0.json").read_text())
     sets = dict.fromkeys(rec["scores"]["greedy"])

@@ -462,6 +462,81 @@ def write_results(a, results: dict, sets: dict, cmd: str) -> str:
     return text
 
 
+def export_students(a, results: dict, methods, seed: int, cmd: str) -> None:
+    """Copy the scored (last) checkpoint of ``methods`` at training ``seed`` to
+    ``<results>/students/<method>.safetensors`` with a JSON card whose scores are the run's ``eval.json``
+    (the numbers of the tables), and write ``students/README.md``."""
+    import shutil
+
+    from fast.training.methods import METHODS
+
+    out = os.path.join(a.results, "students")
+    os.makedirs(out, exist_ok=True)
+    rows = [
+        "| file | method | trains on | loss | "
+        + " | ".join(f"{s} (greedy / sampled)" for s in HEADLINE)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(HEADLINE),
+    ]
+    for m in methods:
+        if (m, seed) not in results:
+            raise ValueError(f"--export {m}: no run with training seed {seed} among {sorted(results)}")
+        r = results[(m, seed)]
+        src = os.path.join(a.runs, m, f"seed{seed}", "model.safetensors")
+        if not os.path.exists(src):
+            raise ValueError(
+                f"--export {m}: {src} is missing (the run's checkpoint is needed, not only its scores)"
+            )
+        dst = os.path.join(out, f"{m}.safetensors")
+        shutil.copyfile(src, dst)
+        model, _ = load_model(dst)
+        recipe = METHODS["sft" if m == "sft-full" else m]
+        means = {d: {s: round(statistics.fmean(v), 2) for s, v in r["scores"][d].items()} for d in DECODINGS}
+        card = {
+            "method": m,
+            "label": LABELS.get(m, m),
+            "sequences": recipe.sequences if m != "sft-full" else "the full ground truth (L and U)",
+            "loss": recipe.loss,
+            "training_seed": seed,
+            "steps": r["steps"],
+            "labelled_per_family": a.labelled,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "file_bytes": os.path.getsize(dst),
+            "teacher": os.path.relpath(teacher_path(a), os.path.dirname(CKPT)),
+            "rougeL_mean": means,
+            "sampled_decodings": r["samples"],
+            "command": cmd,
+        }
+        with open(os.path.join(out, f"{m}.json"), "w") as f:
+            json.dump(card, f, indent=1)
+        cells = [f"{means['greedy'][s]:.1f} / {means['sampled'][s]:.1f}" for s in HEADLINE]
+        rows.append(
+            f"| `{m}.safetensors` | {LABELS.get(m, m)} | {card['sequences']} | {recipe.loss} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    text = [
+        "# Students of the labelled / unlabelled experiment (model cards)",
+        "",
+        f"The last checkpoint of training seed {seed} of each method ({r['steps']} steps from SFT(L),",
+        f"the student trained on {a.labelled} labelled examples per training family), fp32 with the model",
+        "config in the safetensors metadata (`tiny_models.model_io.load_model(path)` returns the model).",
+        "The scores are the mean ROUGE-L (x100) of the same evaluation as `../results.md`: greedy, and",
+        f"sampled at T = 1 (the mean of {r['samples']} decodings with shared seeds); `fresh` holds prompts",
+        "of another draw of the task generator. The JSON card next to each file has the rest.",
+        "",
+        f"Command: `{cmd}`",
+        "",
+        *rows,
+        "",
+        "Intended use: teaching and small experiments on the synthetic task families of",
+        "`tiny_models/tasks.py`.",
+        "",
+    ]
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write("\n".join(text))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=["sft", "kd", "imitkd", "distillm", "mgsr", "sft-full"])
@@ -482,6 +557,10 @@ def main(argv=None) -> None:
     p.add_argument("--device", default=None, help="override the preset's device")
     p.add_argument("--teacher_steps", type=int, default=None, help="override the gpu preset's teacher steps")
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument(
+        "--export", nargs="*", default=[], help="methods whose student is exported (with --results)"
+    )
+    p.add_argument("--export_seed", type=int, default=None, help="training seed of the exported students")
     a = p.parse_args(argv)
     a.device = a.device or PRESETS[a.preset]["device"]
     setup_process(a.device, PRESETS[a.preset]["threads"] or 0)
@@ -494,8 +573,13 @@ def main(argv=None) -> None:
         for m in a.methods:
             results[(m, seed)] = run(a, m, seed, (L, U, ds["valid"]), sets)
     if a.results:
-        cmd = "python -m tiny_models.mgsr_lu " + " ".join(argv if argv is not None else sys.argv[1:])
+        args = argv if argv is not None else sys.argv[1:]
+        cut = args.index("--export") if "--export" in args else len(args)  # the command that trained them
+        cmd = "python -m tiny_models.mgsr_lu " + " ".join(args[:cut])
         print(write_results(a, results, sets, cmd))
+        if a.export:
+            seed = a.seeds[0] if a.export_seed is None else a.export_seed
+            export_students(a, results, a.export, seed, cmd)
     elif all(("sft", k) in results for _, k in results):
         print(table(summarise(results, list(HEADLINE)), "greedy", list(HEADLINE)))
     else:  # no floor run among these: the greedy means only
