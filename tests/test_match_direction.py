@@ -92,7 +92,7 @@ def test_evaluate_rows_match_the_labelled_positions(monkeypatch):
     y[0, 1], y[0, 3], y[1, 4] = 1, 2, 3
     monkeypatch.setattr(rr, "logits_at", lambda model, xb, mask: torch.zeros(int(mask.sum()), 8))
     monkeypatch.setattr(rr, "key_distance", lambda xb, yb: torch.zeros_like(yb))
-    ev = rr.evaluate(torch.nn.Identity(), torch.zeros(2, 5, dtype=torch.long), y, batch=1)
+    ev = rr.evaluate(torch.nn.Linear(1, 1), torch.zeros(2, 5, dtype=torch.long), y, batch=1)
     assert ev["row"].tolist() == [0, 0, 1] and ev["correct"].tolist() == [False, False, False]
 
 

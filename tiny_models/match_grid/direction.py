@@ -2,6 +2,9 @@
 
     python -m tiny_models.match_grid.direction --tasks mqar mad_in_context mad_noisy mad_fuzzy \
         --seeds 0 1 2 --out runs/match_direction --results tiny_models/results/match/direction
+    # long context (Zoology-like MQAR; hours per seed on a CPU, minutes on one GPU):
+    python -m tiny_models.match_grid.direction --tasks mqar --seq_len 1024 --pairs 32 --vocab 1024 \
+        --window 64 --top_k 8 --block_size 16 --seeds 0 1 2 --device cuda --results ...
 
 Per task and seed, with equal width and depth and the same training stream, the variants are:
 
@@ -30,6 +33,7 @@ task, seed and config, so seeds accumulate.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -159,7 +163,7 @@ def run_task_seed(task: str, seed: int, a, prior: list[dict] = ()) -> dict:
         rec.update(score(model, cfg, a.window))
         if trained is not None:
             rec.update(steps=trained["steps"], curve=trained["curve"], time_s=round(trained["time_s"], 1))
-            save_run(model, cfg, os.path.join(d, f"{stem(v)}.safetensors"))
+            save_run(copy.deepcopy(model).cpu(), cfg, os.path.join(d, f"{stem(v)}.safetensors"))
         with open(os.path.join(d, f"{stem(v)}.json.tmp"), "w") as f:
             json.dump(rec, f)
         os.replace(os.path.join(d, f"{stem(v)}.json.tmp"), os.path.join(d, f"{stem(v)}.json"))
@@ -168,7 +172,7 @@ def run_task_seed(task: str, seed: int, a, prior: list[dict] = ()) -> dict:
     def trained(v):  # the saved weights of a trained variant (train it first if needed)
         if done(v, committed=False) is None or not os.path.exists(os.path.join(d, f"{stem(v)}.safetensors")):
             run(v, committed=False)  # a committed record has no weights: train again (the same run)
-        return load_run(os.path.join(d, f"{stem(v)}.safetensors"))[0]
+        return load_run(os.path.join(d, f"{stem(v)}.safetensors"))[0].to(a.device)
 
     def run(v, committed=True):
         if (rec := done(v, committed)) is not None:
@@ -176,18 +180,20 @@ def run_task_seed(task: str, seed: int, a, prior: list[dict] = ()) -> dict:
             return
         match_cfg = cfgs["match"]
         if v in ("full", "swa"):
-            t = train_run(cfgs[v], progress=not a.no_progress)
+            t = train_run(cfgs[v], progress=not a.no_progress, device=a.device)
             out[v] = record(v, cfgs[v], t["model"], t)
         elif v == "match_scratch":
-            t = train_run(match_cfg, progress=not a.no_progress)
+            t = train_run(match_cfg, progress=not a.no_progress, device=a.device)
             out[v] = record(v, match_cfg, t["model"], t)
         elif v in ("swa_match_inference", "full_match_probe"):
             src = trained("swa" if v == "swa_match_inference" else "full")
-            m = swapped(src, attention="match", window=a.window, attn_kwargs=match_cfg.attn_kwargs)
+            m = swapped(src, attention="match", window=a.window, attn_kwargs=match_cfg.attn_kwargs).to(
+                a.device
+            )
             out[v] = record(v, match_cfg, m)
         else:  # swa_match_finetune
             ft = cfg_of(v)
-            t = train_run(ft, progress=not a.no_progress, init=trained("swa").state_dict())
+            t = train_run(ft, progress=not a.no_progress, init=trained("swa").state_dict(), device=a.device)
             out[v] = record(v, ft, t["model"], t, init="swa")
 
     for v in VARIANTS:
@@ -334,6 +340,7 @@ def main(argv=None) -> None:
     p.add_argument("--ft_frac", type=float, default=0.1, help="fine-tune steps as a fraction of --steps")
     p.add_argument("--out", default="runs/match_direction")
     p.add_argument("--results", default=None)
+    p.add_argument("--device", default="cpu", help="where the models train and are scored (cuda: Triton)")
     p.add_argument("--no_progress", action="store_true")
     a = p.parse_args(argv)
     use_match_chunk()

@@ -20,21 +20,25 @@ def evaluate(model: GPT, x: torch.Tensor, y: torch.Tensor, *, batch: int = 256) 
     """Accuracy over labelled positions, plus per-position correctness, key distances (for binning) and the
     example (row of ``x``) each position belongs to."""
     model.eval()
+    dev = next(model.parameters()).device  # the data stays where it is; the model's device runs it
     correct, dists, rows = [], [], []
     for i in range(0, len(x), batch):
-        xb, yb = x[i : i + batch], y[i : i + batch]
+        xb, yb = x[i : i + batch].cpu(), y[i : i + batch].cpu()
         mask = yb != IGNORE
-        correct.append(logits_at(model, xb, mask).argmax(-1) == yb[mask])
+        correct.append(logits_at(model, xb.to(dev), mask.to(dev)).argmax(-1).cpu() == yb[mask])
         dists.append(key_distance(xb, yb)[mask])
         rows.append(mask.nonzero()[:, 0] + i)  # row-major, the order of yb[mask]
     c, d = torch.cat(correct), torch.cat(dists)
     return {"acc": float(c.float().mean()), "correct": c, "dist": d, "row": torch.cat(rows)}
 
 
-def train_run(cfg: RunConfig, *, progress: bool = True, log=None, init: dict | None = None) -> dict:
+def train_run(
+    cfg: RunConfig, *, progress: bool = True, log=None, init: dict | None = None, device: str = "cpu"
+) -> dict:
     """Train one model; returns a dict: model, acc, curve [(step, acc)], steps, time_s, num_params, eval.
     ``init``: a state dict to start from (a fine-tune: the weights of a run trained with another attention;
-    fresh AdamW state and schedule).
+    fresh AdamW state and schedule). ``device``: where the model trains (the batches are drawn on the CPU,
+    as everywhere, so a run's data does not depend on it); the returned model stays there.
 
     The step loop and the schedule are ``fast.training``'s (``run_loop``, ``lr_at``): fresh batches every
     step, cross-entropy on the labelled positions only, clipping at 1, evaluation every ``eval_every`` steps
@@ -45,6 +49,7 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log=None, init: dict | N
     model = new_model(cfg)
     if init is not None:
         model.load_state_dict(init, strict=True)
+    model = model.to(device)
     opt = adamw(model, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     xe, ye = heldout(cfg)
     curve: list[tuple[int, float]] = []
@@ -53,6 +58,7 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log=None, init: dict | N
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         x, y = make_batch(training_config(cfg, step), cfg.batch_size, 1_000_003 * cfg.seed + step)
+        x, y = x.to(device), y.to(device)
         model.train()
         mask = y != IGNORE
         loss = F.cross_entropy(logits_at(model, x, mask), y[mask])
