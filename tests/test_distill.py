@@ -83,7 +83,16 @@ def test_registry_has_every_method_and_ablation():
 
 
 @pytest.mark.parametrize(
-    "method", [*BASELINES, "mgsr-no-scrg", "mgsr-no-dackl", "mgsr-no-span", "mgsr-no-sft", "mgsr-fixed-clip"]
+    "method",
+    [
+        *BASELINES,
+        "seqkd-fixed",
+        "mgsr-no-scrg",
+        "mgsr-no-dackl",
+        "mgsr-no-span",
+        "mgsr-no-sft",
+        "mgsr-fixed-clip",
+    ],
 )
 def test_each_method_lowers_its_own_loss_on_a_fixed_batch(method, examples):
     t, s = _models()
@@ -117,6 +126,33 @@ def test_fixed_clipping_keeps_its_levels_and_trains_no_sub_network(examples):
     tensors, meta = d.state_tensors()
     assert not any(k.startswith(("dacopt", "dac.")) for k in tensors)
     d.load_state_tensors(tensors, meta)
+
+
+def test_seqkd_fixed_generates_each_prompt_once_and_keeps_the_set_across_a_resume(monkeypatch, examples):
+    # DistiLLM's SeqKD: a prompt's teacher response is made the first time it is drawn, then reused; the
+    # set is part of the training state
+    t, s = _models()
+    calls = []
+    real = methods.generate_responses
+
+    def spy(model, prompts, **kw):
+        calls.append((model, [tuple(p) for p in prompts]))
+        return real(model, prompts, **kw)
+
+    monkeypatch.setattr(methods, "generate_responses", spy)
+    d = Distiller(_cfg("seqkd-fixed"), t, s)
+    batch = [examples[0], examples[1], examples[0]]  # a prompt twice in one batch: generated once
+    p1 = d.plan(1, batch)
+    assert len(calls) == 1 and calls[0][0] is t and len(calls[0][1]) == 2
+    assert p1.seqs[0] == p1.seqs[2] and p1.source == "teacher"
+    p2 = d.plan(2, [examples[1], examples[2]])  # only the new prompt is generated
+    assert len(calls) == 2 and calls[1][1] == [tuple(examples[2][0])]
+    assert p2.seqs[0] == p1.seqs[1]
+    tensors, meta = d.state_tensors()
+    d2 = Distiller(_cfg("seqkd-fixed"), *_models())
+    d2.load_state_tensors(tensors, meta)
+    assert d2.teacher_set == d.teacher_set and len(d2.teacher_set) == 3
+    assert d2.plan(3, [examples[2]]).seqs == [p2.seqs[1]] and len(calls) == 2  # nothing generated again
 
 
 class _Spy:

@@ -180,6 +180,7 @@ class Distiller:
                     weight_decay=0.0,
                 )
         self.buffer: collections.deque = collections.deque(maxlen=cfg.capacity)
+        self.teacher_set: dict = {}  # seqkd-fixed: prompt ids -> (teacher response, ended with EOS)
         self.threshold = cfg.init_threshold
         self.prev_val: float | None = None
         self.best_rouge = -1.0
@@ -391,6 +392,11 @@ class Distiller:
         flat = [t for inp, lab in self.buffer for t in (inp, lab)]
         tensors["buffer.len"] = torch.tensor([len(t) for t in flat], dtype=torch.int64)
         tensors["buffer.ids"] = torch.tensor([v for t in flat for v in t], dtype=torch.int64)
+        if self.teacher_set:
+            flat = [t for k, (r, _) in self.teacher_set.items() for t in (k, r)]
+            tensors["tset.len"] = torch.tensor([len(t) for t in flat], dtype=torch.int64)
+            tensors["tset.ids"] = torch.tensor([v for t in flat for v in t], dtype=torch.int64)
+            tensors["tset.ended"] = torch.tensor([e for _, e in self.teacher_set.values()], dtype=torch.int64)
         meta.update(
             threshold=repr(self.threshold), prev_val=repr(self.prev_val), best_rouge=repr(self.best_rouge)
         )
@@ -410,6 +416,17 @@ class Distiller:
             flat.append(ids[pos : pos + n])
             pos += n
         self.buffer.extend(zip(flat[0::2], flat[1::2], strict=True))
+        self.teacher_set = {}
+        if "tset.len" in tensors:
+            lens, ids = tensors["tset.len"].tolist(), tensors["tset.ids"].tolist()
+            pos, flat = 0, []
+            for n in lens:
+                flat.append(ids[pos : pos + n])
+                pos += n
+            ended = [bool(e) for e in tensors["tset.ended"].tolist()]
+            self.teacher_set = {
+                tuple(k): (r, e) for k, r, e in zip(flat[0::2], flat[1::2], ended, strict=True)
+            }
         self.threshold = float(meta["threshold"])
         self.prev_val = None if meta["prev_val"] == "None" else float(meta["prev_val"])
         self.best_rouge = float(meta["best_rouge"])

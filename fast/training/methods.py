@@ -13,6 +13,7 @@ method         sequences of a step                                          loss
 sft            ground truth                                                 CE
 kd             ground truth                                                 forward KL (teacher || student)
 seqkd          teacher samples (T = 1)                                      CE
+seqkd-fixed    a fixed teacher-generated set (each prompt's sample made once) forward KL (DistiLLM's SeqKD)
 rkl            ground truth                                                 reverse KL
 imitkd         student samples (T = 1)                                      forward KL
 gkd            student samples with prob. ``gkd_lambda``, else ground truth generalised JSD(beta)
@@ -130,6 +131,31 @@ def _seqkd_build(d, step, examples):
         eos_id=d.eos_id,
     )
     return Plan(gt=_gt(d, step, examples).gt, seqs=_with(d, pe, r, ended), source="teacher")
+
+
+def _seqkd_fixed_build(d, step, examples):
+    """SeqKD as DistiLLM runs it: one fixed teacher-generated set over the prompts. A prompt's teacher
+    response (T = ``gen_temperature``) is generated the first time the prompt is drawn and reused every
+    later time (``d.teacher_set``, saved with the training state, so a resumed run trains on the same set);
+    the loss is forward KL on it (``_FKL``). Generating lazily gives the same set as generating it all
+    first, for the prompts a run draws."""
+    pe = d.prompt_batch(examples)
+    keys = [tuple(int(t) for t in p) for p, _ in pe]
+    new = list(dict.fromkeys(k for k in keys if k not in d.teacher_set))
+    if new:
+        r, ended = generate_responses(
+            d.teacher,
+            [list(k) for k in new],
+            max_new_tokens=d.cfg.max_new_tokens,
+            temperature=d.cfg.gen_temperature,
+            generator=_gen(d.cfg, step, d.rank, 1, d.micro),
+            eos_id=d.eos_id,
+        )
+        d.teacher_set.update({k: (list(rr), e) for k, rr, e in zip(new, r, ended, strict=True)})
+    resp, ended = zip(*(d.teacher_set[k] for k in keys), strict=True)
+    plan = Plan(gt=_gt(d, step, examples).gt, seqs=_with(d, pe, list(resp), list(ended)), source="teacher")
+    plan.extra["teacher_set"] = len(d.teacher_set)
+    return plan
 
 
 def _student_build(d, step, examples):
@@ -503,7 +529,17 @@ _ABLATIONS = [
         for name in DIV_PARAMS
     ],
 ]
-METHODS: dict[str, Method] = {m.name: m for m in _BASE + _ABLATIONS}
+# baselines as their reference implementations run them, beside the simpler forms above
+_VARIANTS = [
+    Method(
+        "seqkd-fixed",
+        "a fixed teacher-generated set (each prompt's teacher sample, T=1, made once)",
+        "forward KL",
+        _seqkd_fixed_build,
+        _FKL,
+    ),
+]
+METHODS: dict[str, Method] = {m.name: m for m in _BASE + _VARIANTS + _ABLATIONS}
 BASELINES = tuple(m.name for m in _BASE)
 
 
