@@ -64,6 +64,13 @@ def test_every_variant_from_the_right_weights_and_resume(tmp_path, monkeypatch):
     calls.clear()
     dr.main([*ARGV[:-3], "--ft_frac", "0.75", "--no_progress", "--out", str(out), "--results", str(res)])
     assert sorted((c.attention, c.steps) for c, _, _ in calls) == [("match", 3), ("sliding", 4)]
+    # every command that made these records is listed once
+    cmds = (res / "commands.txt").read_text().splitlines()
+    assert (
+        len(cmds) == 2
+        and "--ft_frac 0.75" in cmds[1]
+        and all(c in (res / "results.md").read_text() for c in cmds)
+    )
 
 
 def _args():
@@ -171,3 +178,19 @@ def test_table_groups_settings_and_pairs_with_the_same_window():
     )
     assert a16.endswith("| +100.0 [+100.0, +100.0] |") and a32.endswith("| +0.0 [+0.0, +0.0] |")
     assert sum("| SWA (w " in x for x in lines) == 3
+
+
+def test_best_learning_rate_per_model():
+    # SWA at two rates (the better one, 1e-2, by the mean over two seeds), full at one: one row each,
+    # and no table when no setting has two rates
+    def rec(v, lr, acc, seed=0):
+        cfg = {"task": "mqar", "seq_len": 16, "num_kv_pairs": 2, "vocab_size": 64, "window": 4, "lr": lr}
+        return {"task": "mqar", "seed": seed, "variant": v, "config": cfg | {"attn_kwargs": []}, "acc": acc}
+
+    recs = [rec("swa", 3e-3, 0.5), rec("swa", 3e-3, 0.7, 1), rec("swa", 1e-2, 0.9), rec("swa", 1e-2, 0.6, 1)]
+    recs.append(rec("full", 3e-3, 1.0))
+    assert dr.best_lr_table(recs[-1:]) is None
+    lines = dr.best_lr_table(recs).splitlines()
+    swa = next(x for x in lines if "| SWA |" in x)
+    assert swa == "| mqar T=16 P=2 V=64 | SWA | 0.01 | 75.0 (2 seeds) | 0.003: 60.0, 0.01: 75.0 |"
+    assert any("| full (ceiling) | 0.003 | 100.0 (1 seeds)" in x for x in lines)

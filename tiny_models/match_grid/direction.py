@@ -315,6 +315,31 @@ def plot_curves(records: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def best_lr_table(records: list[dict]) -> str | None:
+    """Per setting (without the learning rate) and trained variant, the learning rate with the highest mean
+    accuracy over seeds, and every rate's mean (Zoology reports each model at its best rate). ``None`` when
+    no setting was run at more than one rate."""
+    groups: dict = {}
+    for r in records:
+        if "config" not in r or r["variant"] not in ("full", "swa", "match_scratch"):
+            continue
+        base = setting(r["config"]).rsplit(" lr=", 1)[0]
+        groups.setdefault((base, r["variant"]), {}).setdefault(r["config"]["lr"], []).append(r["acc"])
+    if not any(len(by_lr) > 1 for by_lr in groups.values()):
+        return None
+    lines = [
+        "| setting | model | best lr | accuracy at the best lr | mean accuracy per lr |",
+        "|---|---|---|---|---|",
+    ]
+    for (base, v), by_lr in groups.items():
+        means = {lr: statistics.fmean(accs) for lr, accs in sorted(by_lr.items())}
+        best = max(means, key=means.get)
+        n = len(by_lr[best])
+        per = ", ".join(f"{lr:g}: {100 * m:.1f}" for lr, m in means.items())
+        lines.append(f"| {base} | {LABELS[v]} | {best:g} | {100 * means[best]:.1f} ({n} seeds) | {per} |")
+    return "\n".join(lines)
+
+
 def setting(cfg: dict) -> str:
     """The row group of a record: the task, its length, (MQAR) its pairs and vocabulary, and the learning
     rate (the fine-tune of (b) is grouped with its pre-training's). Inside a group,
@@ -359,12 +384,21 @@ def main(argv=None) -> None:
         and (r["task"], r["seed"], r["variant"], json.dumps(r["config"], sort_keys=True)) not in here
     ]
     text = table(records)
+    if (sweep := best_lr_table(records)) is not None:
+        text += "\n\nThe best learning rate of each trained model (mean accuracy over seeds):\n\n" + sweep
     print(text)
     if a.results:
         os.makedirs(a.results, exist_ok=True)
-        args = " ".join(sys.argv[1:] if argv is None else argv)
+        cmd = "python -m tiny_models.match_grid.direction " + " ".join(sys.argv[1:] if argv is None else argv)
+        path = os.path.join(a.results, "commands.txt")
+        cmds = open(path).read().splitlines() if os.path.exists(path) else []
+        if cmd not in cmds:
+            with open(path, "a") as f:
+                f.write(cmd + "\n")
+            cmds.append(cmd)
         with open(os.path.join(a.results, "results.md"), "w") as f:
-            f.write(f"Command: `python -m tiny_models.match_grid.direction {args}`\n\n{text}\n")
+            listed = "\n".join(f"    {c}" for c in cmds)
+            f.write(f"Commands (every run of these records, `commands.txt`):\n\n{listed}\n\n{text}\n")
         with open(os.path.join(a.results, "runs.json"), "w") as f:
             json.dump(records, f)
         plot(records, os.path.join(a.results, "direction.png"))
