@@ -179,6 +179,10 @@ def test_driver_end_to_end(tmp_path):
         for m in summary[dec]:
             for s in mgsr_lu.HEADLINE:
                 assert again[dec][m][s]["mean"] == pytest.approx(summary[dec][m][s]["mean"], abs=0.01)
+    mgsr_lu.main([*argv, "--no_progress", "--methods", "sft", "kd", "--report", "ablations"])  # beside them
+    assert (res / "ablations.md").exists() and (res / "ablations_summary.json").exists()
+    assert set(json.loads((res / "ablations_summary.json").read_text())["greedy"]) == {"sft", "kd"}
+    assert set(json.loads((res / "summary.json").read_text())["greedy"]) == {"sft", "kd", "mgsr"}
     with pytest.raises(ValueError, match="checkpoint is needed"):  # scores alone cannot be exported
         mgsr_lu.main([*argv, "--no_progress", "--export", "kd"])
     # a committed run is taken only for the same steps, samples and sets

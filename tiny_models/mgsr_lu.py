@@ -21,7 +21,9 @@ generator, none of them seen in any split of this one) -- and on the near-floor 
 and ``unseen_families``, reported apart. ``--results`` gets ``results.md`` (the paired differences to SFT(L)
 and to KD with a bootstrap interval over prompts and the spread over seeds, the batch-source shares, the
 threshold and the SCRG revisions), ``curves.png``, ``deltas.png`` and one compact JSON per run in ``runs/``
-(its scores and its log every ``LOG_EVERY`` steps plus every validation step).
+(its scores and its log every ``LOG_EVERY`` steps plus every validation step). ``--report NAME`` writes
+``NAME.md``, ``NAME_summary.json``, ``NAME_curves.png`` and ``NAME_deltas.png`` instead, e.g. the
+ablations beside the main tables (the per-run files are shared).
 """
 
 from __future__ import annotations
@@ -387,7 +389,7 @@ def machinery_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plots(results: dict, summary: dict, out_dir: str) -> None:
+def plots(results: dict, summary: dict, out_dir: str, prefix: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -409,7 +411,7 @@ def plots(results: dict, summary: dict, out_dir: str) -> None:
     axes[1].set(xlabel="step", ylabel="validation CE (ground truth)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=120)
+    fig.savefig(os.path.join(out_dir, f"{prefix}curves.png"), dpi=120)
     plt.close(fig)
     fig, axes = plt.subplots(1, len(DECODINGS), figsize=(10, 3.6), sharey=True)
     others = [m for m in methods if m != "sft"]
@@ -431,7 +433,7 @@ def plots(results: dict, summary: dict, out_dir: str) -> None:
         ax.set_title(f"{dec}: ROUGE-L − SFT(L), 95 % CI over prompts", fontsize=9)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "deltas.png"), dpi=120)
+    fig.savefig(os.path.join(out_dir, f"{prefix}deltas.png"), dpi=120)
     plt.close(fig)
 
 
@@ -446,9 +448,10 @@ def write_results(a, results: dict, sets: dict, cmd: str) -> str:
         parts += [f"### {dec} decoding, near-floor sets", table(summary, dec, near)]
     parts += ["### The adaptive machinery", machinery_table(results)]
     text = "\n\n".join(parts) + "\n"
-    with open(os.path.join(a.results, "results.md"), "w") as f:
+    prefix = "" if a.report == "results" else f"{a.report}_"
+    with open(os.path.join(a.results, f"{a.report}.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(a.results, "summary.json"), "w") as f:
+    with open(os.path.join(a.results, f"{prefix}summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     for (m, k), r in results.items():
         os.makedirs(os.path.join(a.results, "runs", m), exist_ok=True)
@@ -458,7 +461,7 @@ def write_results(a, results: dict, sets: dict, cmd: str) -> str:
         }
         with open(os.path.join(a.results, "runs", m, f"seed{k}.json"), "w") as f:
             json.dump(slim, f, separators=(",", ":"))
-    plots(results, summary, a.results)
+    plots(results, summary, a.results, prefix)
     return text
 
 
@@ -561,6 +564,7 @@ def main(argv=None) -> None:
         "--export", nargs="*", default=[], help="methods whose student is exported (with --results)"
     )
     p.add_argument("--export_seed", type=int, default=None, help="training seed of the exported students")
+    p.add_argument("--report", default="results", help="the tables' name: <report>.md (module docstring)")
     a = p.parse_args(argv)
     a.device = a.device or PRESETS[a.preset]["device"]
     setup_process(a.device, PRESETS[a.preset]["threads"] or 0)
