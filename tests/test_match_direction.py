@@ -114,6 +114,7 @@ def test_paired_difference_and_interval():
     ]
     d = dr.paired(recs, "swa_match_inference")
     assert d["mean"] == pytest.approx(0.375) and d["seeds"] == 2
+    assert d["sd"] == pytest.approx(0.125 * 2**0.5)  # the per-seed means 0.5 and 0.25
     # the bootstrap means lie between the extremes a resample can give: (0 + 0) / 2 and (1 + 0.5) / 2
     assert 0.0 <= d["lo"] < 0.375 < d["hi"] <= 0.75
     same = [dict(r, variant="swa") for r in recs if r["variant"] == "swa"]

@@ -97,9 +97,10 @@ def score(model, cfg: RunConfig, window: int) -> dict:
 
 def paired(records: list[dict], variant: str, ref: str = "swa", n_boot: int = 2000, seed: int = 0):
     """``variant`` minus ``ref`` on the same held-out examples, per (task, seed) pair of records: ``mean``
-    (over seeds of the per-seed mean of per-example accuracy differences) and a 95 % percentile bootstrap
-    interval (``lo``, ``hi``) that resamples examples within each seed; ``None`` when no seed has both
-    records."""
+    (over seeds of the per-seed mean of per-example accuracy differences), a 95 % percentile bootstrap
+    interval (``lo``, ``hi``) that resamples examples within each seed (the spread over held-out examples,
+    not over training runs) and ``sd``, the standard deviation over seeds of the per-seed mean (0 for
+    one seed); ``None`` when no seed has both records."""
     by = {(r["seed"], r["variant"]): r for r in records}
     diffs = []
     for k in sorted({r["seed"] for r in records}):
@@ -114,10 +115,12 @@ def paired(records: list[dict], variant: str, ref: str = "swa", n_boot: int = 20
         return None
     rng = np.random.default_rng(seed)
     boot = np.mean([d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1) for d in diffs], axis=0)
+    per_seed = [float(d.mean()) for d in diffs]
     return {
-        "mean": float(np.mean([d.mean() for d in diffs])),
+        "mean": float(np.mean(per_seed)),
         "lo": float(np.percentile(boot, 2.5)),
         "hi": float(np.percentile(boot, 97.5)),
+        "sd": float(np.std(per_seed, ddof=1)) if len(diffs) > 1 else 0.0,
         "seeds": len(diffs),
     }
 
@@ -205,7 +208,7 @@ def table(records: list[dict]) -> str:
     """Mean ± std over seeds per (task, variant): accuracy overall, inside the window, beyond it."""
     lines = [
         "| task | variant | seeds | accuracy | inside the window | beyond the window "
-        "| − SWA, paired [95 % CI] |",
+        "| − SWA, paired [95 % CI over examples] ± sd over seeds |",
         "|---|---|---|---|---|---|---|",
     ]
 
@@ -231,7 +234,10 @@ def table(records: list[dict]) -> str:
             if key(r) == key(rs[0]) and r["variant"] == "swa" and r.get("config", {}).get("window") == w
         ]
         d = paired(rs + ref, v)
-        return "–" if d is None else f"{100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+        if d is None:
+            return "–"
+        sd = f" ± {100 * d['sd']:.1f}" if d["seeds"] > 1 else ""
+        return f"{100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]{sd}"
 
     def ms(vals):
         vals = [v for v in vals if v is not None]
