@@ -144,9 +144,12 @@ def plot(curves: dict, w: int, path: str) -> None:
         c = np.asarray(c)
         k = max(1, len(c) // 64)  # smooth over k positions
         sm = np.convolve(c, np.ones(k) / k, mode="valid")
-        ax.plot(np.arange(len(sm)) + k // 2, sm, label=LABELS[v])
-    ax.axvline(w, color="k", lw=0.6, ls="--")
-    ax.set(xlabel="position in the context", ylabel="held-out loss (nats / byte)", xscale="symlog")
+        ax.plot(np.arange(len(sm)) + k // 2 + 1, sm, label=LABELS[v])
+    ax.axvline(w + 1, color="k", lw=0.6, ls="--")  # the first position whose window misses a key
+    n = max(len(np.asarray(c)) for c in curves.values())
+    ax.set(xlabel="position in the context (1-based, log scale)", ylabel="held-out loss (nats / byte)")
+    ax.set_xscale("log")
+    ax.set_xlim(1, n)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
