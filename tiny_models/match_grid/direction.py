@@ -263,10 +263,20 @@ def plot(records: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(dict.fromkeys(setting(r["config"]) for r in records if "config" in r))
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4.2), squeeze=False)
-    for ax, group in zip(axes[0], groups, strict=True):
-        rs = [r for r in records if "config" in r and setting(r["config"]) == group]
+    panels = list(  # one per setting and window (full attention, which has none, goes in each)
+        dict.fromkeys(
+            (setting(r["config"]), r["config"]["window"])
+            for r in records
+            if "config" in r and r["config"]["window"] is not None
+        )
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    for ax, (group, w) in zip(axes[0], panels, strict=True):
+        rs = [
+            r
+            for r in records
+            if "config" in r and setting(r["config"]) == group and r["config"]["window"] in (w, None)
+        ]
         names, means = [], []
         for v in VARIANTS:
             vals = [r["acc_beyond"] for r in rs if r["variant"] == v and r["acc_beyond"] is not None]
@@ -280,7 +290,7 @@ def plot(records: list[dict], path: str) -> None:
         ax.bar(range(len(names)), means, color="tab:blue", alpha=0.6)
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
         ax.set_ylim(0, 105)
-        ax.set_title(group, fontsize=9)
+        ax.set_title(f"{group} w={w}", fontsize=9)
         ax.set_ylabel("accuracy beyond the window (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -395,7 +405,8 @@ def main(argv=None) -> None:
     print(text)
     if a.results:
         os.makedirs(a.results, exist_ok=True)
-        cmd = "python -m tiny_models.match_grid.direction " + " ".join(sys.argv[1:] if argv is None else argv)
+        words = [w for w in (sys.argv[1:] if argv is None else argv) if w != "--no_progress"]  # no effect
+        cmd = "python -m tiny_models.match_grid.direction " + " ".join(words)
         path = os.path.join(a.results, "commands.txt")
         cmds = open(path).read().splitlines() if os.path.exists(path) else []
         if cmd not in cmds:
