@@ -115,7 +115,7 @@ def _expected(d, plan):
         return _ce(lg, yg)
     if name == "seqkd":
         return _ce(ls, y)
-    if name in ("kd", "imitkd"):
+    if name in ("kd", "imitkd", "seqkd-fixed"):
         return _div("forward_kl", lt, ls, y)
     if name == "rkl":
         return _div("reverse_kl", lt, ls, y)
