@@ -73,15 +73,12 @@ def select_rows(rows, B, H, T, D, w, K, bs, device, dtype, shape, warm, rep) -> 
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k = (torch.randn(B, H, T, D, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
-    old, ms = mt.SELECT_TENSOR_CORES, {}
-    try:
-        for tc in (False, True):
-            mt.SELECT_TENSOR_CORES = tc
+    ms = {}
+    for tc in (False, True):
+        with mt.select_tensor_cores(tc):
             f = lambda: mt.retrieve_triton(q, k, window=w, top_k=K, block_size=bs, scale=D**-0.5)
             ms[tc] = median_ms(f, device=device, warmup=warm, rep=rep)
-            rows.append(dict(op="select", impl="band" if tc else "exact fp32", shape=shape, median_ms=ms[tc]))
-    finally:
-        mt.SELECT_TENSOR_CORES = old
+        rows.append(dict(op="select", impl="band" if tc else "exact fp32", shape=shape, median_ms=ms[tc]))
     rows.append(dict(op="select", impl="ratios", shape=shape, note=f"exact/band={ms[False] / ms[True]:.2f}"))
 
 

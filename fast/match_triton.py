@@ -154,6 +154,8 @@ Kernels are launched with fixed tiles (one config, no autotuning): the GPU tile 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -1075,6 +1077,17 @@ def block_summaries_triton(k, block_size):
             BLOCK_D=_block_d(D),
         )
     return summ
+
+
+@contextlib.contextmanager
+def select_tensor_cores(on: bool):
+    """``SELECT_TENSOR_CORES`` set to ``on`` inside the block and restored after it."""
+    global SELECT_TENSOR_CORES
+    old, SELECT_TENSOR_CORES = SELECT_TENSOR_CORES, on
+    try:
+        yield
+    finally:
+        SELECT_TENSOR_CORES = old
 
 
 def select_error(D: int) -> float:

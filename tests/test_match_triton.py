@@ -229,14 +229,10 @@ def test_select_ties_lower_index_wins(block_size):
 def _select_both(q, k, **cfg):
     """(idx, per-program fallback flags) with the tensor-core band, and idx of the exact fp32 pass alone."""
     fb = []
-    old = mt.SELECT_TENSOR_CORES
-    try:
-        mt.SELECT_TENSOR_CORES = True
+    with mt.select_tensor_cores(True):
         band = mt._select(q.to(DEVICE), k.to(DEVICE), fallbacks=fb, **cfg).cpu()
-        mt.SELECT_TENSOR_CORES = False
+    with mt.select_tensor_cores(False):
         exact = mt._select(q.to(DEVICE), k.to(DEVICE), **cfg).cpu()
-    finally:
-        mt.SELECT_TENSOR_CORES = old
     return band, fb[0].cpu(), exact
 
 

@@ -235,14 +235,10 @@ def _workload(dtypes):
             )
         # the selection with the tensor-core band and with the exact pass (tokens, blocks; GQA)
         q, k = rnd(1, 4, 300, 64, dtype=dtype), rnd(1, 2, 300, 64, dtype=dtype)
-        band = match_triton.SELECT_TENSOR_CORES
-        try:
-            for tc in (True, False):
-                match_triton.SELECT_TENSOR_CORES = tc
+        for tc in (True, False):
+            with match_triton.select_tensor_cores(tc):
                 for bs, K in ((1, 5), (16, 3), (4, 32)):
                     match_triton.retrieve_triton(q, k, window=32, top_k=K, block_size=bs, scale=0.125)
-        finally:
-            match_triton.SELECT_TENSOR_CORES = band
         # span loss, plain and squared
         for squared in (False, True):
             t, s = rnd(2, 9, 300, dtype=dtype), rnd(2, 9, 300, dtype=dtype).requires_grad_()

@@ -341,15 +341,11 @@ def _match_workload(heads=(64, 128)):
     # the selection with the tensor-core band (fast.match_triton.SELECT_TENSOR_CORES; off in the op above)
     from fast import match_triton
 
-    band = match_triton.SELECT_TENSOR_CORES
-    try:
-        match_triton.SELECT_TENSOR_CORES = True
+    with match_triton.select_tensor_cores(True):
         for D in heads:
             for T, window, bs, top_k in ((1024, 64, 1, 8), (4096, 512, 64, 8)):
                 q = torch.zeros(1, 2, T, D, dtype=torch.bfloat16)
                 match_triton.retrieve_triton(q, q, window=window, top_k=top_k, block_size=bs, scale=D**-0.5)
-    finally:
-        match_triton.SELECT_TENSOR_CORES = band
 
 
 LADDER_T = 1024

@@ -131,6 +131,19 @@ RESUME_FREE = {
 }
 
 
+def _pack(tensors: dict, name: str, seqs: list) -> None:
+    """Token sequences of different lengths as two int64 tensors, ``<name>.len`` and ``<name>.ids``."""
+    tensors[f"{name}.len"] = torch.tensor([len(t) for t in seqs], dtype=torch.int64)
+    tensors[f"{name}.ids"] = torch.tensor([v for t in seqs for v in t], dtype=torch.int64)
+
+
+def _unpack(tensors: dict, name: str) -> list[list[int]]:
+    """The sequences :func:`_pack` stored under ``name``."""
+    lens, ids = tensors[f"{name}.len"].tolist(), tensors[f"{name}.ids"].tolist()
+    starts = np.cumsum([0, *lens]).tolist()
+    return [ids[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
 class Distiller:
     """One method's training state on a (teacher, student) pair: the student's and the bounds sub-network's
     AdamW, the replay buffer, DistiLLM's adaptive threshold. ``step(step, examples)`` runs one update;
@@ -389,13 +402,9 @@ class Distiller:
             tensors.update(t)
         if self.dac is not None:
             tensors.update({f"dac.{k}": v.clone() for k, v in self.dac.state_dict().items()})
-        flat = [t for inp, lab in self.buffer for t in (inp, lab)]
-        tensors["buffer.len"] = torch.tensor([len(t) for t in flat], dtype=torch.int64)
-        tensors["buffer.ids"] = torch.tensor([v for t in flat for v in t], dtype=torch.int64)
+        _pack(tensors, "buffer", [t for inp, lab in self.buffer for t in (inp, lab)])
         if self.teacher_set:
-            flat = [t for k, (r, _) in self.teacher_set.items() for t in (k, r)]
-            tensors["tset.len"] = torch.tensor([len(t) for t in flat], dtype=torch.int64)
-            tensors["tset.ids"] = torch.tensor([v for t in flat for v in t], dtype=torch.int64)
+            _pack(tensors, "tset", [t for k, (r, _) in self.teacher_set.items() for t in (k, r)])
             tensors["tset.ended"] = torch.tensor([e for _, e in self.teacher_set.values()], dtype=torch.int64)
         meta.update(
             threshold=repr(self.threshold), prev_val=repr(self.prev_val), best_rouge=repr(self.best_rouge)
@@ -409,21 +418,12 @@ class Distiller:
             load_optimizer(opt, tensors, pre, meta[f"{pre}.param_groups"])
         if self.dac is not None:
             self.dac.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("dac.")})
-        lens, ids = tensors["buffer.len"].tolist(), tensors["buffer.ids"].tolist()
+        flat = _unpack(tensors, "buffer")
         self.buffer.clear()
-        pos, flat = 0, []
-        for n in lens:
-            flat.append(ids[pos : pos + n])
-            pos += n
         self.buffer.extend(zip(flat[0::2], flat[1::2], strict=True))
         self.teacher_set = {}
         if "tset.len" in tensors:
-            lens, ids = tensors["tset.len"].tolist(), tensors["tset.ids"].tolist()
-            pos, flat = 0, []
-            for n in lens:
-                flat.append(ids[pos : pos + n])
-                pos += n
-            ended = [bool(e) for e in tensors["tset.ended"].tolist()]
+            flat, ended = _unpack(tensors, "tset"), [bool(e) for e in tensors["tset.ended"].tolist()]
             self.teacher_set = {
                 tuple(k): (r, e) for k, r, e in zip(flat[0::2], flat[1::2], ended, strict=True)
             }
