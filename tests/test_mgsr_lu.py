@@ -183,6 +183,12 @@ def test_driver_end_to_end(tmp_path):
     assert (res / "ablations.md").exists() and (res / "ablations_summary.json").exists()
     assert set(json.loads((res / "ablations_summary.json").read_text())["greedy"]) == {"sft", "kd"}
     assert set(json.loads((res / "summary.json").read_text())["greedy"]) == {"sft", "kd", "mgsr"}
+    # --only_done tabulates what is stored and trains nothing: rkl (never run) is named and left out
+    mgsr_lu.main(
+        [*argv, "--no_progress", "--methods", "sft", "rkl", "mgsr", "--report", "done", "--only_done"]
+    )
+    assert not runs.exists()
+    assert set(json.loads((res / "done_summary.json").read_text())["greedy"]) == {"sft", "mgsr"}
     with pytest.raises(ValueError, match="checkpoint is needed"):  # scores alone cannot be exported
         mgsr_lu.main([*argv, "--no_progress", "--export", "kd"])
     # a committed run is taken only for the same steps, samples and sets

@@ -227,15 +227,24 @@ def adaptive_stats(log: list[dict]) -> dict:
     return out
 
 
-def run(a, method, seed, split, sets) -> dict:
-    out = os.path.join(a.runs, method, f"seed{seed}")
-    done = os.path.join(out, "eval.json")
+def stored(a, method, seed, sets) -> dict | None:
+    """A scored run in ``<runs>`` or one committed with the results, when :func:`usable`; else None."""
+    done = os.path.join(a.runs, method, f"seed{seed}", "eval.json")
     committed = os.path.join(a.results, "runs", method, f"seed{seed}.json") if a.results else None
-    for path in (done, committed):  # a scored run here, or one committed with the results
+    for path in (done, committed):
         if path and os.path.exists(path):
             rec = json.load(open(path))
             if usable(rec, a, sets):
                 return rec
+    return None
+
+
+def run(a, method, seed, split, sets) -> dict:
+    out = os.path.join(a.runs, method, f"seed{seed}")
+    done = os.path.join(out, "eval.json")
+    rec = stored(a, method, seed, sets)
+    if rec is not None:
+        return rec
     if not os.path.exists(os.path.join(out, "model.safetensors")) or _unfinished(out, a.steps):
         _train(a, method, seed, split, out)
     model, _ = load_model(os.path.join(out, "model.safetensors"), device=a.device)
@@ -565,6 +574,11 @@ def main(argv=None) -> None:
     )
     p.add_argument("--export_seed", type=int, default=None, help="training seed of the exported students")
     p.add_argument("--report", default="results", help="the tables' name: <report>.md (module docstring)")
+    p.add_argument(
+        "--only_done",
+        action="store_true",
+        help="train nothing: tabulate the (method, seed) runs already scored, name the others",
+    )
     a = p.parse_args(argv)
     a.device = a.device or PRESETS[a.preset]["device"]
     setup_process(a.device, PRESETS[a.preset]["threads"] or 0)
@@ -575,6 +589,13 @@ def main(argv=None) -> None:
         L, U = labelled_split(ds["train"], a.labelled, seed)
         assert {e.family for e in L} == set(TRAIN_FAMILIES)
         for m in a.methods:
+            if a.only_done:
+                rec = stored(a, m, seed, sets)
+                if rec is None:
+                    print(f"--only_done: {m} seed {seed} not scored yet, left out", file=sys.stderr)
+                else:
+                    results[(m, seed)] = rec
+                continue
             results[(m, seed)] = run(a, m, seed, (L, U, ds["valid"]), sets)
     if a.results:
         args = argv if argv is not None else sys.argv[1:]
