@@ -105,6 +105,11 @@ def test_tables_from_fixture_runs():
     # per-prompt differences are +3 (seed 0) and +4 (seed 1) everywhere: the interval over prompts is a
     # point, the spread is over seeds
     assert row.split(" | ")[1:5] == ["2", "23.5", "+3.5 [+3.5, +3.5] ±0.7", "+1.5 [+1.5, +1.5] ±0.7 |"]
+    # another reference: the differences to it, under its name
+    other = summarise(results, ["test"], ref="mgsr")
+    assert other["greedy"]["kd"]["test"]["vs_ref"]["mean"] == pytest.approx(-1.5)
+    head = table(other, "greedy", ["test"], "mgsr").splitlines()[0]
+    assert head.endswith("test − mgsr |")
     m = next(line for line in machinery_table(results).splitlines() if line.startswith("| mgsr |"))
     assert m.split(" | ")[1:4] == ["0.60", "0.30", "0.10"]
     with pytest.raises(KeyError):

@@ -357,10 +357,11 @@ def _d(p) -> str:
     return f"{p['mean']:+.1f} [{p['lo']:+.1f}, {p['hi']:+.1f}] ±{p['sd']:.1f}"
 
 
-def table(summary: dict, dec: str, sets) -> str:
-    """One Markdown row per method: ROUGE-L, minus SFT(L) and minus KD (mean [95 % CI over prompts] ±sd over
-    seeds) for every set."""
-    cols = [c for s in sets for c in (f"{s}", f"{s} − SFT(L)", f"{s} − KD")]
+def table(summary: dict, dec: str, sets, ref: str = "kd") -> str:
+    """One Markdown row per method: ROUGE-L, minus SFT(L) and minus ``ref`` (KD unless told; mean [95 % CI
+    over prompts] ±sd over seeds) for every set."""
+    name = "KD" if ref == "kd" else ref
+    cols = [c for s in sets for c in (f"{s}", f"{s} − SFT(L)", f"{s} − {name}")]
     lines = ["| method | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for m, row in summary[dec].items():
         cells = []
@@ -450,11 +451,11 @@ def write_results(a, results: dict, sets: dict, cmd: str) -> str:
     os.makedirs(os.path.join(a.results, "runs"), exist_ok=True)
     headline = [s for s in HEADLINE if s in sets]
     near = [s for s in NEAR_FLOOR if s in sets]
-    summary = summarise(results, list(sets))
+    summary = summarise(results, list(sets), ref=a.ref)
     parts = [f"Command: `{cmd}`", "Prompts per set: " + ", ".join(f"{s} {len(v)}" for s, v in sets.items())]
     for dec in DECODINGS:
-        parts += [f"### {dec} decoding, headline sets", table(summary, dec, headline)]
-        parts += [f"### {dec} decoding, near-floor sets", table(summary, dec, near)]
+        parts += [f"### {dec} decoding, headline sets", table(summary, dec, headline, a.ref)]
+        parts += [f"### {dec} decoding, near-floor sets", table(summary, dec, near, a.ref)]
     parts += ["### The adaptive machinery", machinery_table(results)]
     text = "\n\n".join(parts) + "\n"
     prefix = "" if a.report == "results" else f"{a.report}_"
@@ -574,6 +575,7 @@ def main(argv=None) -> None:
     )
     p.add_argument("--export_seed", type=int, default=None, help="training seed of the exported students")
     p.add_argument("--report", default="results", help="the tables' name: <report>.md (module docstring)")
+    p.add_argument("--ref", default="kd", help="the second paired comparison of the tables (besides SFT(L))")
     p.add_argument(
         "--only_done",
         action="store_true",
