@@ -111,7 +111,10 @@ def test_tables_from_fixture_runs():
     head = table(other, "greedy", ["test"], "mgsr").splitlines()[0]
     assert head.endswith("test − mgsr |")
     m = next(line for line in machinery_table(results).splitlines() if line.startswith("| mgsr |"))
-    assert m.split(" | ")[1:4] == ["0.60", "0.30", "0.10"]
+    assert m.split(" | ")[1:6] == ["0.60", "0.30", "0.10", "0.00", "0.20"]
+    # a method that never samples from the student does not read the threshold: none is shown
+    k = next(line for line in machinery_table(results).splitlines() if line.startswith("| kd |"))
+    assert k.split(" | ")[5] == "–"
     with pytest.raises(KeyError):
         summarise({("kd", 0): results[("kd", 0)]}, ["test"])  # no floor run: no paired difference
 

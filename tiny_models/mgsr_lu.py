@@ -373,8 +373,8 @@ def table(summary: dict, dec: str, sets, ref: str = "kd") -> str:
 
 
 def machinery_table(results: dict) -> str:
-    """Per method (mean over seeds): batch-source shares, the threshold at the end, SCRG revisions per run
-    and the mean kept teacher mass of DAC-KL on student sequences."""
+    """Per method (mean over seeds): batch-source shares, the threshold at the end (methods that sample from
+    the student), SCRG revisions per run and the mean kept teacher mass of DAC-KL on student sequences."""
     lines = [
         "| method | ground truth | fresh samples | replay | other | threshold at end | SCRG revisions / run "
         "| kept mass |",
@@ -387,12 +387,15 @@ def machinery_table(results: dict) -> str:
             share.update(r["sources"])
         n = len(recs)
         other = sum(v for k, v in share.items() if k not in ("gt", "fresh", "replay")) / n
-        th = [r["threshold_end"] for r in recs if r.get("threshold_end") is not None]
+        # the threshold moves with the validation loss in every run; only the adaptive loop reads it
+        adaptive = share["fresh"] + share["replay"] > 0
+        th = [r["threshold_end"] for r in recs if r.get("threshold_end") is not None and adaptive]
         kept = [r["kept_off_gt"] for r in recs if r.get("kept_off_gt") is not None]
         lines.append(
             f"| {m} | {share['gt'] / n:.2f} | {share['fresh'] / n:.2f} | {share['replay'] / n:.2f} "
             f"| {other:.2f} | "
-            f"{statistics.fmean(th):.2f} | {statistics.fmean(r['scrg_revised'] for r in recs):.0f} | "
+            + (f"{statistics.fmean(th):.2f}" if th else "–")
+            + f" | {statistics.fmean(r['scrg_revised'] for r in recs):.0f} | "
             + (f"{statistics.fmean(kept):.2e}" if kept else "–")
             + " |"
         )
