@@ -202,10 +202,20 @@ def test_driver_end_to_end(tmp_path):
     # a committed run is taken only for the same steps, samples and sets
     rec = json.loads((res / "runs" / "mgsr" / "seed0.json").read_text())
     sets = dict.fromkeys(rec["scores"]["greedy"])
-    assert mgsr_lu.usable(rec, argparse.Namespace(steps=3, samples=1), sets)
-    assert not mgsr_lu.usable(rec, argparse.Namespace(steps=4, samples=1), sets)
-    assert not mgsr_lu.usable(rec, argparse.Namespace(steps=3, samples=3), sets)
-    assert not mgsr_lu.usable(rec, argparse.Namespace(steps=3, samples=1), {"test": None})
+
+    def ns(**kw):  # this test's options (base_steps 3), with kw changed
+        return argparse.Namespace(**{"steps": 3, "samples": 1, "base_steps": 3, **kw})
+
+    assert mgsr_lu.usable(rec, ns(), sets)
+    assert not mgsr_lu.usable(rec, ns(steps=4), sets)
+    assert not mgsr_lu.usable(rec, ns(samples=3), sets)
+    assert not mgsr_lu.usable(rec, ns(), {"test": None})
+    assert rec["init_threshold"] == 0.2 and rec["labelled"] == 20  # the setting is stored with the run
+    assert not mgsr_lu.usable(rec, ns(init_threshold=1.0), sets)
+    assert not mgsr_lu.usable(rec, ns(base_steps=600), sets)
+    old = {k: v for k, v in rec.items() if k not in mgsr_lu.SETTING}  # written before the setting was stored
+    assert mgsr_lu.usable(old, ns(base_steps=600, init_threshold=0.2), sets)  # the defaults of that time
+    assert not mgsr_lu.usable(old, ns(base_steps=600, labelled=10), sets)
 
 
 def test_score_greedy_and_the_mean_of_sampled_decodings_with_shared_seeds(monkeypatch):

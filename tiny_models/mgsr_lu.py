@@ -251,6 +251,7 @@ def run(a, method, seed, split, sets) -> dict:
     model.eval()
     log = read_log(out)
     rec = {"method": method, "seed": seed, "steps": a.steps, "samples": a.samples}
+    rec.update({k: getattr(a, k) for k in SETTING})
     rec["scores"] = score(model, sets, a.samples)
     rec["log"] = compact_log(log)
     rec.update(adaptive_stats(log))
@@ -259,13 +260,20 @@ def run(a, method, seed, split, sets) -> dict:
     return rec
 
 
+# the options that change a run besides its method, seed, steps and samples, with the values of records
+# written before they were stored
+SETTING = {"labelled": 20, "init_threshold": 0.2, "loss_eps": 0.1, "base_steps": 600}
+
+
 def usable(rec: dict, a, sets) -> bool:
-    """A stored run stands for this one when it was scored on the same sets, steps and sampled decodings."""
+    """A stored run stands for this one when it was scored on the same sets, steps and sampled decodings,
+    with the same :data:`SETTING`."""
     return (
         "scores" in rec
         and set(rec["scores"]["greedy"]) == set(sets)
         and rec.get("samples") == a.samples
         and rec.get("steps") == a.steps
+        and all(rec.get(k, v) == getattr(a, k, v) for k, v in SETTING.items())
     )
 
 
