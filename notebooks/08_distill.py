@@ -295,6 +295,26 @@ if os.path.exists(summary_path):
         )
 
 # %% [markdown]
+# Which part of MGSR does what: each ablation changes one thing and runs the same steps from the same
+# SFT(L) student. The other baselines and DAC-KL against the other divergences are in the results README.
+
+# %%
+import json  # noqa: E402
+
+for report in ("ablations", "baselines", "divergences"):
+    path = os.path.join(LU, f"{report}_summary.json")
+    if not os.path.exists(path):
+        continue
+    rows = json.load(open(path))
+    print(f"{report}: greedy ROUGE-L on test − SFT(L) [95 % interval over prompts] (seeds), sampled")
+    for m, row in rows["greedy"].items():
+        d, s = row["test"]["vs_floor"], rows["sampled"][m]["test"]["vs_floor"]
+        print(
+            f"  {m:22s} {d['mean']:+5.1f} [{d['lo']:+5.1f}, {d['hi']:+5.1f}] ({len(row['seeds'])})"
+            f"   sampled {s['mean']:+5.1f}"
+        )
+
+# %% [markdown]
 # The exported students ([`students/`](../tiny_models/results/mgsr_lu/students/)) hold the numbers of
 # their cards: re-scoring a few `fresh` prompts (another draw of the task generator) gives, prompt by
 # prompt, the scores the experiment recorded for them.
