@@ -190,8 +190,11 @@ def test_best_learning_rate_per_model():
 
     recs = [rec("swa", 3e-3, 0.5), rec("swa", 3e-3, 0.7, 1), rec("swa", 1e-2, 0.9), rec("swa", 1e-2, 0.6, 1)]
     recs.append(rec("full", 3e-3, 1.0))
+    wide = rec("swa", 3e-3, 1.0)  # another window is another model: not averaged with w = 4
+    wide["config"]["window"] = 8
     assert dr.best_lr_table(recs[-1:]) is None
-    lines = dr.best_lr_table(recs).splitlines()
-    swa = next(x for x in lines if "| SWA |" in x)
-    assert swa == "| mqar T=16 P=2 V=64 | SWA | 0.01 | 75.0 (2 seeds) | 0.003: 60.0, 0.01: 75.0 |"
+    lines = dr.best_lr_table([*recs, wide]).splitlines()
+    swa = next(x for x in lines if "| SWA (w 4) |" in x)
+    assert swa == "| mqar T=16 P=2 V=64 | SWA (w 4) | 0.01 | 75.0 (2 seeds) | 0.003: 60.0, 0.01: 75.0 |"
+    assert any("| SWA (w 8) | 0.003 | 100.0 (1 seeds) | 0.003: 100.0 |" in x for x in lines)
     assert any("| full (ceiling) | 0.003 | 100.0 (1 seeds)" in x for x in lines)

@@ -215,13 +215,7 @@ def table(records: list[dict]) -> str:
     def key(r):
         return setting(r["config"]) if "config" in r else r["task"]
 
-    def label(r):
-        cfg = r.get("config")
-        if cfg is None or r["variant"] == "full":
-            return LABELS[r["variant"]]
-        kw = dict(tuple(p) for p in cfg["attn_kwargs"])
-        extra = f", top_k {kw['top_k']}, B {kw['block_size']}" if kw else ""
-        return f"{LABELS[r['variant']]} (w {cfg['window']}{extra})"
+    label = model_label
 
     def pd(rs):
         v = rs[0]["variant"]
@@ -331,16 +325,26 @@ def plot_curves(records: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def model_label(r: dict) -> str:
+    """A variant with its window and retrieval (full attention: the variant alone)."""
+    cfg = r.get("config")
+    if cfg is None or r["variant"] == "full":
+        return LABELS[r["variant"]]
+    kw = dict(tuple(p) for p in cfg["attn_kwargs"])
+    extra = f", top_k {kw['top_k']}, B {kw['block_size']}" if kw else ""
+    return f"{LABELS[r['variant']]} (w {cfg['window']}{extra})"
+
+
 def best_lr_table(records: list[dict]) -> str | None:
-    """Per setting (without the learning rate) and trained variant, the learning rate with the highest mean
-    accuracy over seeds, and every rate's mean (Zoology reports each model at its best rate). ``None`` when
-    no setting was run at more than one rate."""
+    """Per setting (without the learning rate) and trained model (variant, window, retrieval), the learning
+    rate with the highest mean accuracy over seeds, and every rate's mean (Zoology reports each model at its
+    best rate). ``None`` when no setting was run at more than one rate."""
     groups: dict = {}
     for r in records:
         if "config" not in r or r["variant"] not in ("full", "swa", "match_scratch"):
             continue
         base = setting(r["config"]).rsplit(" lr=", 1)[0]
-        groups.setdefault((base, r["variant"]), {}).setdefault(r["config"]["lr"], []).append(r["acc"])
+        groups.setdefault((base, model_label(r)), {}).setdefault(r["config"]["lr"], []).append(r["acc"])
     if not any(len(by_lr) > 1 for by_lr in groups.values()):
         return None
     lines = [
@@ -352,7 +356,7 @@ def best_lr_table(records: list[dict]) -> str | None:
         best = max(means, key=means.get)
         n = len(by_lr[best])
         per = ", ".join(f"{lr:g}: {100 * m:.1f}" for lr, m in means.items())
-        lines.append(f"| {base} | {LABELS[v]} | {best:g} | {100 * means[best]:.1f} ({n} seeds) | {per} |")
+        lines.append(f"| {base} | {v} | {best:g} | {100 * means[best]:.1f} ({n} seeds) | {per} |")
     return "\n".join(lines)
 
 
