@@ -176,6 +176,9 @@ def test_driver_end_to_end(tmp_path):
     (res / "runs" / "kd" / "seed0.json").unlink()
     mgsr_lu.main([*argv, "--no_progress"])
     assert log.read_text() == before and (runs / "kd" / "seed0" / "eval.json").exists()
+    # a finished run of another setting is not re-scored as this one
+    with pytest.raises(ValueError, match="init_threshold"):
+        mgsr_lu.main([*argv, "--no_progress", "--init_threshold", "1.0"])
     # with the training directories gone, the committed per-run files (scores rounded to 0.01) stand in:
     # nothing is trained and the summary is rebuilt from them
     summary = json.loads((res / "summary.json").read_text())

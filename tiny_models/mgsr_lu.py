@@ -245,6 +245,12 @@ def run(a, method, seed, split, sets) -> dict:
     rec = stored(a, method, seed, sets)
     if rec is not None:
         return rec
+    if os.path.exists(
+        done
+    ):  # scored, but not usable: a checkpoint of another setting is not re-scored as this
+        old = json.load(open(done))
+        if diff := {k: old.get(k, v) for k, v in SETTING.items() if old.get(k, v) != getattr(a, k, v)}:
+            raise ValueError(f"{out} was trained with {diff}; give this setting its own --runs directory")
     if not os.path.exists(os.path.join(out, "model.safetensors")) or _unfinished(out, a.steps):
         _train(a, method, seed, split, out)
     model, _ = load_model(os.path.join(out, "model.safetensors"), device=a.device)

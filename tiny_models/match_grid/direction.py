@@ -215,8 +215,6 @@ def table(records: list[dict]) -> str:
     def key(r):
         return setting(r["config"]) if "config" in r else r["task"]
 
-    label = model_label
-
     def pd(rs):
         v = rs[0]["variant"]
         if v in ("swa", "full"):
@@ -242,8 +240,10 @@ def table(records: list[dict]) -> str:
 
     for group in dict.fromkeys(key(r) for r in records):
         for v in VARIANTS:
-            for lab in dict.fromkeys(label(r) for r in records if key(r) == group and r["variant"] == v):
-                rs = [r for r in records if key(r) == group and r["variant"] == v and label(r) == lab]
+            for lab in dict.fromkeys(
+                model_label(r) for r in records if key(r) == group and r["variant"] == v
+            ):
+                rs = [r for r in records if key(r) == group and r["variant"] == v and model_label(r) == lab]
                 cells = [ms([r[k] for r in rs]) for k in ("acc", "acc_inside", "acc_beyond")] + [pd(rs)]
                 lines.append(f"| {group} | {lab} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
