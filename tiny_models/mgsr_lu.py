@@ -47,6 +47,7 @@ from tiny_models.distill import as_pairs
 from tiny_models.evaluate import generate_responses
 from tiny_models.gpt import GPT, PAD, GPTConfig
 from tiny_models.model_io import load_model, saver
+from tiny_models.stats import paired_difference
 from tiny_models.tasks import IGNORE, TRAIN_FAMILIES, build_dataset, decode, example_ids
 
 CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
@@ -320,17 +321,11 @@ def paired(x: dict, y: dict, seeds, rng, n_boot: int = 2000) -> dict:
     """The paired difference x - y of per-prompt scores (``{seed: [per prompt]}``, the same prompts for every
     seed): ``mean`` (over prompts of the seed-averaged difference), a 95 % percentile bootstrap interval
     over prompts (``lo``, ``hi``) and ``sd``, the standard deviation over seeds of the per-seed mean
-    difference (0 for one seed)."""
+    difference (0 for one seed); ``tiny_models.stats.paired_difference``."""
     d = np.array([np.asarray(x[k]) - np.asarray(y[k]) for k in seeds])  # [seeds, prompts]
-    per_prompt = d.mean(0)
-    boot = per_prompt[rng.integers(0, len(per_prompt), (n_boot, len(per_prompt)))].mean(1)
-    per_seed = d.mean(1)
-    return {
-        "mean": float(per_prompt.mean()),
-        "lo": float(np.percentile(boot, 2.5)),
-        "hi": float(np.percentile(boot, 97.5)),
-        "sd": float(per_seed.std(ddof=1)) if len(seeds) > 1 else 0.0,
-    }
+    out = paired_difference(d, rng, n_boot)
+    del out["seeds"]
+    return out
 
 
 def summarise(results: dict, sets, floor="sft", ref="kd") -> dict:
