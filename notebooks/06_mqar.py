@@ -268,3 +268,37 @@ if recs:
         assert d["lo"] > 0, "switched on at inference, retrieval lifts a window-trained model beyond noise"
 else:
     print("no per-example direction records committed yet (see the results README for the command)")
+
+# %% [markdown]
+# ## 7. Natural text: what a window forgets, what retrieval brings back
+#
+# Byte-level language models on the plays (T = 1,024): full attention, a sliding window, the window plus MATCH
+# (trained), and the window model with MATCH switched on at inference. First the signal check: the trained
+# full model is cut, at inference, to windows of `w'` bytes; the extra loss at the positions the cut affects
+# says how far back the model reads, so how much there is for retrieval to bring back. Then the loss by
+# position, and each variant minus SWA on the same held-out windows. Commands and the discussion are in
+# [`tiny_models/results/match/text/`](../tiny_models/results/match/text/README.md).
+
+# %%
+import numpy as np  # noqa: E402
+
+from tiny_models.match_grid import text as lm  # noqa: E402
+
+for setting in ("w16", "w128"):
+    path = RESULTS / "text" / setting / "runs.json"
+    if not path.exists():
+        continue
+    res = {int(k): v for k, v in json.loads(path.read_text())["seeds"].items()}
+    cfg = next(iter(res.values()))["records"]["swa"]["config"]
+    print(f"window {cfg['window']}, seeds {sorted(res)}\n")
+    print(lm.probe_table(res), "\n")
+    print(lm.curve_table(res, cfg["block_size"], cfg["window"]), "\n")
+    print(lm.paired_table(res, cfg["window"]), "\n")
+    # the probe and the window agree on what a window of w cuts: full attention cut to w bytes loses what the
+    # trained window model lacks, give or take training noise
+    probe_w = np.mean([res[k]["probe"][str(cfg["window"])] for k in res])
+    print(f"full cut to w = {cfg['window']}: +{probe_w:.3f} nats / byte past the window")
+    plt.figure(figsize=(9, 5))
+    plt.imshow(plt.imread(RESULTS / "text" / setting / "loss_by_position.png"))
+    plt.axis("off")
+    plt.show()
