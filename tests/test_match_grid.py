@@ -177,6 +177,14 @@ def test_grid_runs_each_config_once_and_resumes(tmp_path, monkeypatch):
     assert mg.RunConfig.from_dict(rec["config"]) == runs[0] and 0.0 <= rec["acc"] <= 1.0
     rows = mg.summarise(again)
     assert all(r["n_seeds"] == 1 for r in rows) and mg.markdown_table(rows).count("\n") == len(rows) + 1
+    # the written results carry every run's own record beside the table
+    mg.write_results(again, str(tmp_path / "res"))
+    per_run = json.loads((tmp_path / "res" / "grid_runs.json").read_text())
+    assert sorted(r["name"] for r in per_run) == sorted(names)
+    by_name = {r["name"]: r for r in again}
+    for r in per_run:
+        assert r["acc"] == by_name[r["name"]]["acc"] and r["config"]["seed"] == 0 and r["curve"]
+    assert len(json.loads((tmp_path / "res" / "grid.json").read_text())) == len(rows)
 
 
 def test_grid_budget_matched_window_attends_the_largest_match_budget():

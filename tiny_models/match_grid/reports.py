@@ -111,7 +111,14 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_results(results: list[dict], dest: str) -> None:
+    """``grid.md`` and ``grid.json`` (the table: mean ± std over seeds per model), ``grid.png``, and
+    ``grid_runs.json``: every run's own record (name, config with its seed, accuracy, steps, time, attended
+    fraction, validation curve, accuracy by key-query distance), so each table row can be traced to its
+    runs."""
     os.makedirs(dest, exist_ok=True)
+    keep = ("name", "config", "acc", "steps", "time_s", "num_params", "attended", "curve", "by_distance")
+    with open(os.path.join(dest, "grid_runs.json"), "w") as f:
+        json.dump([{k: r[k] for k in keep if k in r} for r in sorted(results, key=lambda r: r["name"])], f)
     rows = summarise(results)
     with open(os.path.join(dest, "grid.md"), "w") as f:
         f.write(markdown_table(rows) + "\n")
