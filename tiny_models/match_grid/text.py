@@ -295,23 +295,36 @@ def probe_table(results: dict) -> str:
 
 
 def plot(curves: dict, w: int, path: str) -> None:
+    """Left: the loss at every position (smoothed, log position axis). Right: the trained variants minus SWA,
+    the differences the left panel's scale hides (the untrained inference variant is in the tables)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    for v, c in curves.items():
-        c = np.asarray(c)
-        k = max(1, len(c) // 64)  # smooth over k positions
-        sm = np.convolve(c, np.ones(k) / k, mode="valid")
-        ax.plot(np.arange(len(sm)) + k // 2 + 1, sm, label=LABELS[v])
-    ax.axvline(w + 1, color="k", lw=0.6, ls="--")  # the first position whose window misses a key
     n = max(len(np.asarray(c)) for c in curves.values())
-    ax.set(xlabel="position in the context (1-based, log scale)", ylabel="held-out loss (nats / byte)")
-    ax.set_xscale("log")
-    ax.set_xlim(1, n)
-    ax.legend(fontsize=8)
+    k = max(1, n // 64)  # smooth over k positions
+
+    def smooth(c):
+        return np.convolve(np.asarray(c), np.ones(k) / k, mode="valid")
+
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 3.8))
+    for v, c in curves.items():
+        sm = smooth(c)
+        ax0.plot(np.arange(len(sm)) + k // 2 + 1, sm, label=LABELS[v])
+    for v in ("full", "match"):
+        if v in curves and "swa" in curves:
+            sm = smooth(np.asarray(curves[v]) - np.asarray(curves["swa"]))
+            ax1.plot(np.arange(len(sm)) + k // 2 + 1, sm, label=f"{LABELS[v]} − SWA")
+    ax1.axhline(0, color="k", lw=0.6)
+    for ax in (ax0, ax1):
+        ax.axvline(w + 1, color="k", lw=0.6, ls="--")  # the first position whose window misses a key
+        ax.set_xscale("log")
+        ax.set_xlim(1, n)
+        ax.set_xlabel("position in the context (1-based, log scale)")
+        ax.legend(fontsize=8)
+    ax0.set_ylabel("held-out loss (nats / byte)")
+    ax1.set_ylabel("difference to SWA (nats / byte)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
