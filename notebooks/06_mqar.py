@@ -284,7 +284,7 @@ import numpy as np  # noqa: E402
 
 from tiny_models.match_grid import text as lm  # noqa: E402
 
-for setting in ("w16", "w128"):
+for setting in ("w8", "w16", "w128"):
     path = RESULTS / "text" / setting / "runs.json"
     if not path.exists():
         continue
