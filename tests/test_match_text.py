@@ -83,8 +83,8 @@ def test_context_use_probe_is_the_cut_models_extra_loss():
     base = tx.window_losses(model, wins)
     cut = tx.window_losses(tx.swapped(model, attention="sliding", window=4), wins)
     np.testing.assert_allclose(got[4], (cut[:, 4:] - base[:, 4:]).mean(1))
-    # the cut changes nothing before position w' (a window of w' keys holds every earlier key there): the probe
-    # averages only over the positions it cuts
+    # the cut changes nothing before position w' (a window of w' keys holds every earlier key there):
+    # the probe averages only over the positions it cuts
     cut23 = tx.window_losses(tx.swapped(model, attention="sliding", window=23), wins)
     np.testing.assert_allclose(cut23[:, :23], base[:, :23], rtol=0, atol=1e-5)
     np.testing.assert_allclose(got[23], cut23[:, 23] - base[:, 23])
