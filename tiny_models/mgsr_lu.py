@@ -246,9 +246,7 @@ def run(a, method, seed, split, sets) -> dict:
     rec = stored(a, method, seed, sets)
     if rec is not None:
         return rec
-    if os.path.exists(
-        done
-    ):  # scored, but not usable: a checkpoint of another setting is not re-scored as this
+    if os.path.exists(done):  # scored but not usable: a checkpoint of another setting is not re-scored
         old = json.load(open(done))
         if diff := {k: old.get(k, v) for k, v in SETTING.items() if old.get(k, v) != getattr(a, k, v)}:
             raise ValueError(f"{out} was trained with {diff}; give this setting its own --runs directory")
